@@ -1,0 +1,13 @@
+"""lowbit: an ONNX graph-rewriting compiler that turns exported models into low-bit ONNX.
+
+The repository root is this package; its folders are the subpackages:
+``lowbit.formats`` (exact number formats), ``lowbit.passes`` (graph passes),
+``lowbit.compiler`` (pipeline, recipes, CLI), ``lowbit.models`` (adapters, export, eval),
+``lowbit.runtime_ext`` (native ONNX Runtime ops), ``lowbit.bench`` (side-by-side benchmarks).
+"""
+
+__all__ = ["__version__", "LowbitError"]
+
+__version__ = "0.1.0"
+
+from lowbit.errors import LowbitError  # noqa: E402

@@ -1,0 +1,5 @@
+import sys
+
+from lowbit.compiler.cli import main
+
+sys.exit(main())
