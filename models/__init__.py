@@ -1,1 +1,7 @@
-"""lowbit.models."""
+"""lowbit.models: model adapters, ONNX export, calibration/evaluation data, evaluation.
+
+Modules: ``registry`` (resolve shipped names / HF dirs / .onnx files), ``export`` (ONNX export,
+cached), ``data`` (pydoc text split and token windows), ``evaluate`` (ORT perplexity, cosine,
+latency), ``footprint`` (size on disk, bits per weight); ``cli_export`` / ``cli_eval`` (commands).
+Importing this package imports nothing heavy: torch loads only inside export functions.
+"""

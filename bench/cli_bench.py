@@ -1,0 +1,50 @@
+"""``lowbit bench``: measure every contender side by side and write ``bench/RESULTS.md``.
+
+All contenders of a model section are built from the same FP32 export with the same calibration
+windows and evaluated on the same evaluation windows within one run (see
+:mod:`lowbit.bench.runner`). The report file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "run", "DEFAULT_OUTPUT"]
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), metavar="FILE",
+                        help=f"report to write (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--sections", metavar="LIST",
+                        help="comma-separated sections (default: all; smollm2, minilm, formats, ...)")
+    parser.add_argument("--contenders", metavar="LIST", help="comma-separated contender names (default: all)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    parser.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8)")
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.bench.runner import BenchConfig, run_bench
+    from lowbit.compiler.fsutil import atomic_path, check_writable_parent
+
+    out = Path(args.output)
+    check_writable_parent(out)  # fail now, not after twenty minutes of measuring
+    contenders = _split(args.contenders)
+    cfg = BenchConfig(seq_len=args.seq_len, eval_windows=args.windows, calib_windows=args.calib_windows,
+                      contenders=tuple(contenders) if contenders else None)
+    argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "lowbit" else ["bench"]
+    command = "lowbit " + " ".join(shlex.quote(a) for a in argv)
+    report = run_bench(cfg, command, _split(args.sections))
+    with atomic_path(out) as tmp:
+        tmp.write_text(report)
+    print(report)
+    return 0

@@ -1,0 +1,142 @@
+"""Registry of bench contenders: ways to turn an FP32 export into a (low-bit) ONNX model.
+
+A contender is a name, a description, a note on the weight grid it produces, the model kinds it
+applies to, and ``build(fp32_dir, ctx) -> (model_path, compile_seconds)``. ``ctx`` is a
+:class:`BuildContext`: the calibration data (token windows and ready-made ORT feeds, identical for
+every contender of a run) and a private ``work_dir`` to write into. ``compile_seconds`` is the
+wall time of the contender's own work, excluding the export.
+
+Registered here: FP32 (the export itself), ONNX Runtime ``quantize_static`` QDQ W8A8 and ONNX
+Runtime ``MatMulNBitsQuantizer`` 4-bit RTN. lowbit's recipes register themselves with
+:func:`register` from their own module.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+
+__all__ = ["BuildContext", "Contender", "CONTENDERS", "register", "contenders_for"]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every contender of one bench run shares."""
+
+    feeds: tuple[dict[str, np.ndarray], ...]  # calibration batches, keyed by model input name
+    windows: np.ndarray | None  # causal LMs: calibration token windows [N, T]; None for encoders
+    work_dir: Path  # the contender's own empty directory
+    description: str  # e.g. "8 windows x 512 tokens of the calibration split"
+
+    def __post_init__(self) -> None:
+        if not self.feeds:
+            raise LowbitError("a bench needs at least one calibration batch")
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    description: str
+    weight_grid: str  # the grid the weights end on, e.g. "int8 per-channel symmetric"
+    build: Callable[[Path, BuildContext], tuple[Path, float]] = field(repr=False)
+    kinds: frozenset[str] = frozenset({"causal-lm", "encoder"})
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() for c in self.name):
+            raise LowbitError(f"contender names are non-empty without spaces: {self.name!r}")
+        unknown = set(self.kinds) - {"causal-lm", "encoder"}
+        if unknown:
+            raise LowbitError(f"contender {self.name}: unknown model kinds {sorted(unknown)}")
+
+
+CONTENDERS: dict[str, Contender] = {}
+
+
+def register(contender: Contender) -> Contender:
+    """Add a contender (names are unique; registration order is the table order)."""
+    if contender.name in CONTENDERS:
+        raise LowbitError(f"contender {contender.name!r} is already registered")
+    CONTENDERS[contender.name] = contender
+    return contender
+
+
+def contenders_for(kind: str, names: list[str] | None = None) -> list[Contender]:
+    """Contenders applicable to ``kind``, optionally restricted to ``names`` (in that order)."""
+    if names is None:
+        return [c for c in CONTENDERS.values() if kind in c.kinds]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise LowbitError(f"unknown contender(s) {unknown}; known: {', '.join(CONTENDERS)}")
+    return [CONTENDERS[n] for n in names if kind in CONTENDERS[n].kinds]
+
+
+def _fp32(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
+    return fp32_dir / "model.onnx", 0.0
+
+
+def _ort_w8a8(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+
+    from lowbit.models.export import fix_ir_version
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(ctx.feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    out = ctx.work_dir / "model.onnx"
+    t0 = time.perf_counter()
+    # Linear layers only (MatMul/Gemm): the W8A8 that lowbit's recipes are compared with.
+    quantize_static(
+        str(fp32_dir / "model.onnx"), str(out), Reader(), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    seconds = time.perf_counter() - t0
+    fix_ir_version(out)
+    return out, seconds
+
+
+def _ort_w4_rtn(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from lowbit.models.export import fix_ir_version
+
+    out = ctx.work_dir / "model.onnx"
+    t0 = time.perf_counter()
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(fp32_dir / "model.onnx")), bits=4, block_size=32, is_symmetric=True,
+        op_types_to_quantize=("MatMul",),
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    seconds = time.perf_counter() - t0
+    fix_ir_version(out)
+    return out, seconds
+
+
+register(Contender("fp32", "FP32 export (torch dynamo, opset 23)", "FP32 as exported", _fp32))
+register(Contender(
+    "ort-w8a8",
+    "ONNX Runtime quantize_static, QDQ, MatMul/Gemm, MinMax calibration",
+    "int8 per-channel symmetric weights; uint8 per-tensor asymmetric activations",
+    _ort_w8a8,
+))
+register(Contender(
+    "ort-w4-rtn",
+    "ONNX Runtime MatMulNBitsQuantizer (RTN, weight-only, MatMulNBits op)",
+    "int4 symmetric, blocks of 32 along K; FP32 activations",
+    _ort_w4_rtn,
+    frozenset({"causal-lm"}),
+))

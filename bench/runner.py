@@ -1,0 +1,189 @@
+"""Run the bench: every contender on the same calibration and evaluation data, one report.
+
+The report is Markdown: a header (the command, a machine line), then one section per entry of
+:data:`SECTIONS`. A section is ``module:function`` returning a Markdown string; it is imported
+only when the bench runs, and sections whose module is not installed yet are left out (other
+engineers add sections, e.g. ``lowbit.bench.formats_bench:run``).
+
+Model sections (SmolLM2-135M, MiniLM-L6) build each contender from the FP32 export with one
+shared :class:`~lowbit.bench.contenders.BuildContext` and evaluate every result on one shared set
+of evaluation windows/texts, so the numbers are side by side in the strict sense.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.util
+import logging
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from lowbit.errors import LowbitError
+
+__all__ = ["BenchConfig", "SECTIONS", "machine_line", "run_bench", "smollm2_section", "minilm_section"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    seq_len: int = 512  # tokens per window (calibration and evaluation)
+    eval_windows: int = 8  # evaluation windows of the evaluation split
+    calib_windows: int = 8  # calibration windows of the calibration split
+    texts: int = 64  # encoder: evaluation paragraphs for the cosine; calibration uses as many
+    contenders: tuple[str, ...] | None = None  # restrict to these names (None: all registered)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or min(self.eval_windows, self.calib_windows, self.texts) < 1:
+            raise LowbitError("bench: seq_len must be >= 2 and window/text counts >= 1")
+
+
+# name -> "module:function" returning Markdown. Functions named in _TAKES_CONFIG get the
+# BenchConfig (they share its windows); the others are called without arguments.
+SECTIONS: dict[str, str] = {
+    "smollm2": "lowbit.bench.runner:smollm2_section",
+    "minilm": "lowbit.bench.runner:minilm_section",
+    "formats": "lowbit.bench.formats_bench:run",
+}
+_TAKES_CONFIG = {"smollm2", "minilm"}
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    versions = ", ".join(
+        f"{d} {_version(d)}" for d in ("onnxruntime", "onnx", "torch", "transformers", "optimum-onnx")
+    )
+    return f"{cpu}, {os.cpu_count()} cores, {now}; Python {platform.python_version()}, {versions}"
+
+
+def _resolve_section(name: str) -> Callable | None:
+    target = SECTIONS[name]
+    module_name, func_name = target.split(":")
+    if importlib.util.find_spec(module_name) is None:
+        log.info("bench section %s left out: %s is not installed", name, module_name)
+        return None
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def run_bench(cfg: BenchConfig, command: str, sections: list[str] | None = None) -> str:
+    """The whole Markdown report for ``sections`` (default: all available)."""
+    names = list(SECTIONS) if sections is None else sections
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise LowbitError(f"unknown bench section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    parts = ["# lowbit bench results", "", f"Command: `{command}`", "", f"Machine: {machine_line()}", ""]
+    for name in names:
+        func = _resolve_section(name)
+        if func is None:
+            continue
+        text = func(cfg) if name in _TAKES_CONFIG else func()
+        parts += [text.rstrip(), ""]
+    return "\n".join(parts)
+
+
+def _build_all(kind: str, fp32_dir: Path, ctx_args: dict, cfg: BenchConfig, root: Path) -> list:
+    from lowbit.bench.contenders import BuildContext, contenders_for
+
+    built = []
+    names = list(cfg.contenders) if cfg.contenders else None
+    for c in contenders_for(kind, names):
+        work = root / c.name
+        work.mkdir()
+        log.info("building %s", c.name)
+        path, seconds = c.build(fp32_dir, BuildContext(work_dir=work, **ctx_args))
+        built.append((c, path, seconds))
+    return built
+
+
+def smollm2_section(cfg: BenchConfig) -> str:
+    """SmolLM2-135M: perplexity, ratio to FP32, compile time, size, bits/weight per contender."""
+    from lowbit.models import data, evaluate, footprint
+    from lowbit.models.export import export_model
+    from lowbit.models.registry import SHIPPED, load_tokenizer
+
+    fp32_dir = export_model("smollm2-135m")
+    tok = load_tokenizer(fp32_dir)
+    calib = data.calibration_windows(tok, cfg.seq_len, cfg.calib_windows)
+    evalw = data.evaluation_windows(tok, cfg.seq_len, cfg.eval_windows)
+    ctx_args = {
+        "feeds": tuple({"input_ids": w[None, :]} for w in calib), "windows": calib,
+        "description": f"{cfg.calib_windows} windows x {cfg.seq_len} tokens of the calibration split",
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root:
+        for c, path, seconds in _build_all("causal-lm", fp32_dir, ctx_args, cfg, Path(root)):
+            ppl = evaluate.perplexity(path, evalw)
+            bits = footprint.linear_weight_bits(path)
+            rows.append((c, ppl, seconds, footprint.size_on_disk(path), bits.bits_per_weight))
+    base = next((r[1].ppl for r in rows if r[0].name == "fp32"), None)
+    lines = [
+        "## SmolLM2-135M-Instruct: perplexity",
+        "",
+        f"Source weights: {SHIPPED['smollm2-135m'].weight_grid}. A 4-bit block-32 asymmetric "
+        "quantizer reproduces them almost exactly; read 4-bit results with that in mind.",
+        f"Evaluation: {rows[0][1].windows} windows x {cfg.seq_len} tokens of the evaluation split "
+        f"(pydoc_data.topics, odd sorted keys), {rows[0][1].tokens} scored tokens, ORT CPU. "
+        f"Calibration: {ctx_args['description']} (even sorted keys).",
+        "",
+        "| contender | weight grid | ppl | ratio to FP32 | compile s | size MB | bits/weight (linear) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for c, ppl, seconds, size, bpw in rows:
+        ratio = f"{ppl.ppl / base:.3f}" if base else "-"
+        lines.append(f"| {c.name} | {c.weight_grid} | {ppl.ppl:.2f} | {ratio} | {seconds:.1f} | "
+                     f"{size / 1e6:.1f} | {bpw:.2f} |")
+    return "\n".join(lines)
+
+
+def minilm_section(cfg: BenchConfig) -> str:
+    """MiniLM-L6: mean cosine of pooled embeddings to the FP32 export, per contender."""
+    from lowbit.models import data, evaluate, footprint
+    from lowbit.models.export import export_model
+    from lowbit.models.registry import load_tokenizer
+
+    fp32_dir = export_model("minilm-l6")
+    tok = load_tokenizer(fp32_dir)
+    calib_texts = data.text_samples("calibration", cfg.texts)
+    eval_texts = data.text_samples("evaluation", cfg.texts)
+    feeds = []
+    for s in range(0, len(calib_texts), 16):
+        enc = tok(calib_texts[s : s + 16], padding=True, truncation=True, max_length=128, return_tensors="np")
+        feeds.append({k: enc[k].astype("int64") for k in ("input_ids", "attention_mask", "token_type_ids")})
+    ctx_args = {"feeds": tuple(feeds), "windows": None,
+                "description": f"{len(calib_texts)} paragraphs of the calibration split"}
+    lines = [
+        "## all-MiniLM-L6-v2: embedding cosine to FP32",
+        "",
+        f"Evaluation: mean cosine of mean-pooled embeddings over {len(eval_texts)} paragraphs of the "
+        f"evaluation split (max 128 tokens). Calibration: {ctx_args['description']}.",
+        "",
+        "| contender | weight grid | cosine to FP32 | compile s | size MB | bits/weight (linear) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root:
+        for c, path, seconds in _build_all("encoder", fp32_dir, ctx_args, cfg, Path(root)):
+            cos = evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok)
+            size, bpw = footprint.size_on_disk(path), footprint.linear_weight_bits(path).bits_per_weight
+            lines.append(f"| {c.name} | {c.weight_grid} | {cos:.5f} | {seconds:.1f} | {size / 1e6:.1f} | {bpw:.2f} |")
+    return "\n".join(lines)

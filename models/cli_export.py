@@ -1,0 +1,31 @@
+"""``lowbit export MODEL -o DIR [--with-past]``: write an ONNX export directory.
+
+MODEL is a shipped name (``smollm2-135m``, ``minilm-l6``) or a Hugging Face model directory.
+The export is cached (see :mod:`lowbit.models.export`); DIR receives a copy, written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lowbit.models.registry import SHIPPED
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help=f"shipped name ({', '.join(sorted(SHIPPED))}) or HF model directory")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="export directory to write")
+    parser.add_argument("--with-past", action="store_true",
+                        help="optimum export with KV-cache inputs (opset 18) instead of torch dynamo (opset 23)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.models.export import export_model
+
+    out = export_model(args.model, with_past=args.with_past, out_dir=args.output)
+    meta = json.loads((out / "lowbit_export.json").read_text())
+    print(f"exported {meta['model']} ({meta['kind']}, {meta['exporter']}, opset {meta['opset']}) -> {out}")
+    return 0

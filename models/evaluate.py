@@ -1,0 +1,223 @@
+"""Measure an ONNX model with ONNX Runtime (CPU): perplexity, embedding cosine, latency.
+
+Assumes the input conventions of lowbit/optimum exports: ``input_ids`` (always), optionally
+``attention_mask``, ``token_type_ids``, ``position_ids`` and ``past_key_values.N.key/value``
+(optimum's KV cache, fed empty for a full-window pass); outputs ``logits`` (causal LM) or
+``last_hidden_state`` (encoder) plus ``present.N.key/value`` for KV-cache models.
+
+Guarantees:
+
+* perplexity = exp(mean NLL) over non-overlapping windows; each window of T tokens scores
+  T-1 next-token predictions (positions 1..T-1 given the prefix), so ``tokens = windows*(T-1)``;
+  log-softmax in float64 accumulation.
+* embedding cosine: mean over texts of cos(pool(model), pool(reference)), pooling = mean of
+  ``last_hidden_state`` over the attention mask (MiniLM's pooling config).
+* latency: median wall time of ``repeats`` runs after one warm-up; prefill of ``prefill_tokens``
+  tokens (batch 1) and, for KV-cache models, one decode step on top of that prefill.
+
+A model ORT cannot load raises LowbitError with ORT's first message line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+from lowbit.models.registry import onnx_model_file
+
+__all__ = [
+    "PerplexityResult",
+    "LatencyResult",
+    "open_session",
+    "build_feeds",
+    "perplexity",
+    "pooled_embeddings",
+    "embedding_cosine",
+    "latency",
+]
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # scored tokens: windows * (seq_len - 1)
+    windows: int
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    prefill_ms: float  # median, batch 1
+    prefill_tokens: int
+    decode_ms: float | None  # median one-token step with a KV cache; None without a cache
+    repeats: int
+
+
+def open_session(model_path: str | os.PathLike, session_options: Any = None) -> Any:
+    """An ORT CPU InferenceSession for a .onnx file or a directory holding model.onnx."""
+    import onnxruntime as ort
+
+    f = onnx_model_file(model_path)
+    try:
+        return ort.InferenceSession(str(f), sess_options=session_options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LowbitError(f"{f}: ONNX Runtime cannot load it: {first[:300]}") from e
+
+
+def build_feeds(session: Any, input_ids: np.ndarray, *, attention_mask: np.ndarray | None = None,
+                past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Feeds for every session input given ``input_ids`` [B, T]; an empty KV cache unless
+    ``past`` (keyed by input name) is given."""
+    batch, seq = input_ids.shape
+    past = past or {}
+    past_len = next((v.shape[2] for v in past.values()), 0)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in session.get_inputs():
+        dtype = _NP_TYPES.get(inp.type)
+        if dtype is None:
+            raise LowbitError(f"model input {inp.name!r} has unsupported type {inp.type}")
+        if inp.name == "input_ids":
+            feeds[inp.name] = input_ids.astype(dtype)
+        elif inp.name == "attention_mask":
+            mask = attention_mask if attention_mask is not None else np.ones((batch, past_len + seq))
+            feeds[inp.name] = mask.astype(dtype)
+        elif inp.name == "token_type_ids":
+            feeds[inp.name] = np.zeros((batch, seq), dtype)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(dtype)
+        elif inp.name.startswith("past_key_values."):
+            if inp.name in past:
+                feeds[inp.name] = past[inp.name]
+            else:
+                # [batch, kv_heads, past_len, head_dim]: heads and head_dim are static in exports.
+                heads, head_dim = inp.shape[1], inp.shape[3]
+                if not (isinstance(heads, int) and isinstance(head_dim, int)):
+                    raise LowbitError(f"KV input {inp.name} has no static head dims: {inp.shape}")
+                feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype)
+        else:
+            raise LowbitError(f"model input {inp.name!r} is not one lowbit knows how to feed")
+    return feeds
+
+
+def _output_index(session: Any, name: str) -> int:
+    names = [o.name for o in session.get_outputs()]
+    if name not in names:
+        raise LowbitError(f"the model has no {name!r} output (outputs: {names[:4]})")
+    return names.index(name)
+
+
+def _window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Summed NLL of ids[1:] under logits[:-1] ([T, V] float logits)."""
+    pred = logits[:-1].astype(np.float64)
+    pred -= pred.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(pred).sum(axis=-1))
+    picked = pred[np.arange(len(ids) - 1), ids[1:]]
+    return float((log_z - picked).sum())
+
+
+def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_options: Any = None,
+               progress: bool = True) -> PerplexityResult:
+    """Perplexity of a causal LM over ``windows`` (int64 [N, T]), one window per run."""
+    from tqdm import tqdm
+
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
+        raise LowbitError(f"windows must be [N >= 1, T >= 2] token ids, got shape {windows.shape}")
+    session = open_session(model_path, session_options)
+    idx = _output_index(session, "logits")
+    total = 0.0
+    for row in tqdm(windows, desc=f"perplexity {Path(model_path).name}", unit="win",
+                    disable=not progress, leave=False):
+        logits = session.run(None, build_feeds(session, row[None, :]))[idx][0]
+        if not np.all(np.isfinite(logits)):
+            raise LowbitError(f"{model_path}: the model produced non-finite logits")
+        total += _window_nll(logits, row)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll = total / tokens
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=windows.shape[0])
+
+
+def pooled_embeddings(model_path: str | os.PathLike, texts: Sequence[str], tokenizer: Any, *,
+                      batch_size: int = 16, max_length: int = 128, session_options: Any = None,
+                      progress: bool = True) -> np.ndarray:
+    """Mean-pooled ``last_hidden_state`` per text: float64 [len(texts), hidden]."""
+    from tqdm import tqdm
+
+    session = open_session(model_path, session_options)
+    idx = _output_index(session, "last_hidden_state")
+    out = []
+    starts = range(0, len(texts), batch_size)
+    for s in tqdm(starts, desc=f"embed {Path(model_path).name}", unit="batch",
+                  disable=not progress, leave=False):
+        enc = tokenizer(list(texts[s : s + batch_size]), padding=True, truncation=True,
+                        max_length=max_length, return_tensors="np")
+        mask = enc["attention_mask"].astype(np.float64)
+        feeds = build_feeds(session, enc["input_ids"], attention_mask=enc["attention_mask"])
+        if "token_type_ids" in feeds and "token_type_ids" in enc:
+            feeds["token_type_ids"] = enc["token_type_ids"].astype(np.int64)
+        hidden = session.run(None, feeds)[idx].astype(np.float64)
+        out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
+    return np.concatenate(out)
+
+
+def embedding_cosine(model_path: str | os.PathLike, reference_path: str | os.PathLike,
+                     texts: Sequence[str], *, tokenizer: Any = None, session_options: Any = None,
+                     progress: bool = True) -> float:
+    """Mean cosine similarity of pooled embeddings of ``model_path`` vs ``reference_path``.
+
+    The tokenizer defaults to the one stored next to the reference model (an export dir).
+    """
+    from lowbit.models.registry import load_tokenizer
+
+    if not texts:
+        raise LowbitError("embedding_cosine needs at least one text")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(onnx_model_file(reference_path))
+    a = pooled_embeddings(model_path, texts, tok, session_options=session_options, progress=progress)
+    b = pooled_embeddings(reference_path, texts, tok, progress=progress)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(cos.mean())
+
+
+def _median_ms(fn: Any, repeats: int) -> float:
+    fn()  # warm-up: first run pays for allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def latency(model_path: str | os.PathLike, *, prefill_tokens: int = 128, repeats: int = 10,
+            session_options: Any = None) -> LatencyResult:
+    """Median prefill latency (batch 1) and, if the model has a KV cache, one decode step."""
+    if prefill_tokens < 2 or repeats < 1:
+        raise LowbitError("latency needs prefill_tokens >= 2 and repeats >= 1")
+    session = open_session(model_path, session_options)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(100, 1000, size=(1, prefill_tokens), dtype=np.int64)
+    feeds = build_feeds(session, ids)
+    prefill = _median_ms(lambda: session.run(None, feeds), repeats)
+    out_names = [o.name for o in session.get_outputs()]
+    present = [n for n in out_names if n.startswith("present.")]
+    decode = None
+    if present:
+        outs = dict(zip(out_names, session.run(None, feeds)))
+        past = {n.replace("present.", "past_key_values.", 1): outs[n] for n in present}
+        step = build_feeds(session, ids[:, -1:], past=past)
+        decode = _median_ms(lambda: session.run(None, step), repeats)
+    return LatencyResult(prefill_ms=prefill, prefill_tokens=prefill_tokens, decode_ms=decode,
+                         repeats=repeats)

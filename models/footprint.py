@@ -1,0 +1,150 @@
+"""Storage footprint of an ONNX model: size on disk and effective bits per linear weight.
+
+Pure ``onnx`` (no torch, no ORT). The weight data itself is never loaded: sizes come from each
+initializer's type and shape.
+
+Effective bits per weight counts, for every *linear site* (``MatMul`` / ``Gemm`` whose weight
+input is constant, and ``com.microsoft::MatMulNBits``), the bytes of every initializer that the
+weight is computed from, through layout ops (Transpose, Reshape, Cast, ...) and
+``DequantizeLinear`` chains including their scales and zero points (so FP8 scales of an int4 DQ,
+and the FP32 scale of those scales, all count). bits/weight = 8 * bytes / logical weight
+elements. A tensor shared by several sites is counted once. MatMuls between two activations
+(e.g. attention scores in opset-18 exports) are not linear sites.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from lowbit.errors import LowbitError
+from lowbit.models.registry import onnx_model_file
+
+__all__ = ["WeightBits", "load_graph_only", "size_on_disk", "linear_weight_bits", "tensor_bits"]
+
+# Ops that only move or reinterpret a weight: its storage is whatever feeds them.
+_LAYOUT_OPS = {"Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
+_SUBBYTE_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.FLOAT4E2M1: 4,
+}
+for _name in ("INT2", "UINT2"):  # opset 25 types, present in onnx >= 1.20
+    if hasattr(onnx.TensorProto, _name):
+        _SUBBYTE_BITS[getattr(onnx.TensorProto, _name)] = 2
+
+
+@dataclass(frozen=True)
+class WeightBits:
+    """Storage of the linear layers' weights."""
+
+    sites: int  # linear sites found
+    elements: int  # logical weight elements over distinct weights
+    bytes: int  # bytes of every initializer those weights are computed from
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.bytes / self.elements if self.elements else float("nan")
+
+
+def tensor_bits(data_type: int) -> int:
+    """Bits per element of an ONNX tensor type."""
+    if data_type in _SUBBYTE_BITS:
+        return _SUBBYTE_BITS[data_type]
+    return 8 * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+
+
+def load_graph_only(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto]:
+    """(the .onnx file, its ModelProto without external data); LowbitError if not ONNX."""
+    f = onnx_model_file(path)
+    try:
+        model = onnx.load(str(f), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends on a non-ONNX file
+        raise LowbitError(f"{f} is not an ONNX model ({type(e).__name__})") from e
+    if not model.graph.node:
+        raise LowbitError(f"{f} is not an ONNX model (empty graph)")
+    return f, model
+
+
+def size_on_disk(path: str | os.PathLike) -> int:
+    """Bytes of the .onnx file plus every external-data file it references."""
+    f, model = load_graph_only(path)
+    locations = set()
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return f.stat().st_size + sum((f.parent / loc).stat().st_size for loc in locations)
+
+
+class _Tracer:
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.inits[name].dims)
+
+    def storage(self, name: str) -> set[str] | None:
+        """Initializers ``name`` is computed from, or None if it depends on an activation."""
+        if name in self.inits:
+            return {name}
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in _LAYOUT_OPS:
+            found = self.storage(node.input[0])
+            # Reshape's shape input etc. are metadata, not weight storage.
+            return found
+        if node.op_type == "DequantizeLinear":
+            parts = [self.storage(i) for i in node.input if i]
+            if any(p is None for p in parts):
+                return None
+            return set().union(*parts)  # type: ignore[arg-type]
+        return None
+
+    def elements(self, name: str) -> int:
+        """Logical elements of a constant weight: follow DQ/layout ops to the data tensor."""
+        if name in self.inits:
+            return self.numel(name)
+        node = self.producer[name]
+        return self.elements(node.input[0])
+
+    def bytes(self, names: set[str]) -> int:
+        total = 0
+        for n in names:
+            t = self.inits[n]
+            total += math.ceil(self.numel(n) * tensor_bits(t.data_type) / 8)
+        return total
+
+
+def linear_weight_bits(path: str | os.PathLike) -> WeightBits:
+    """Effective storage of the linear layers of the model at ``path`` (see module docstring)."""
+    _, model = load_graph_only(path)
+    tracer = _Tracer(model.graph)
+    storage: set[str] = set()
+    seen_weights: set[str] = set()
+    elements = sites = 0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx"):
+            found = tracer.storage(node.input[1])
+            if found is None:
+                continue
+            sites += 1
+            if node.input[1] not in seen_weights:
+                seen_weights.add(node.input[1])
+                elements += tracer.elements(node.input[1])
+            storage |= found
+        elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            attrs = {a.name: a.i for a in node.attribute}
+            sites += 1
+            if node.input[1] not in seen_weights:
+                seen_weights.add(node.input[1])
+                elements += attrs["K"] * attrs["N"]
+            # B, scales, zero points, g_idx; the bias (input 5) is not weight storage.
+            storage |= {i for i in node.input[1:5] if i in tracer.inits}
+    return WeightBits(sites=sites, elements=elements, bytes=tracer.bytes(storage))
