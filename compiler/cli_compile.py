@@ -1,0 +1,40 @@
+"""``lowbit compile IN -o OUT --recipe NAME``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help=".onnx file, model directory (e.g. an export), or shipped model name")
+    parser.add_argument("-o", "--output", required=True, help="output .onnx file or directory")
+    parser.add_argument("-r", "--recipe", default="w8a8", help="recipe name (see `lowbit recipes`) or a .toml file")
+    parser.add_argument("-t", "--target", help="emission target, overrides the recipe's (qdq | qdq-fp4)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set weights.block_size=64 (repeatable)")
+    parser.add_argument("--calib-text", help="text file to calibrate on (default: the pydoc_data calibration split)")
+    parser.add_argument("--dump-dir", help="save the model after every pass into this directory")
+    parser.add_argument("--verify", action="store_true", help="check every function-preserving pass numerically")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.compiler.api import compile
+    from lowbit.compiler.fsutil import check_writable_parent
+
+    out = Path(args.output)
+    check_writable_parent(out)
+    if args.calib_text and not Path(args.calib_text).is_file():
+        raise LowbitError(f"--calib-text {args.calib_text}: no such file")
+    result = compile(args.input, args.recipe, target=args.target, calibration=args.calib_text,
+                     overrides=args.overrides, verify=args.verify, dump_dir=args.dump_dir)  # fmt: skip
+    path = result.save(out)
+    sites = result.report["sites"]
+    done = sum(1 for s in sites.values() if s.get("quantized"))
+    print(f"wrote {path}: {done}/{len(sites)} linear sites quantized with recipe "
+          f"'{result.recipe.name}' in {result.report['compile_seconds']:.1f}s")  # fmt: skip
+    return 0

@@ -1,0 +1,67 @@
+"""The compilation context: the model being compiled, its recipe, and shared analyses.
+
+Analyses (the linear-site map, calibration statistics, later sensitivities and clusters) are
+computed once and cached here. A pass that changes what an analysis describes calls
+``invalidate(name)``; the next ``get(name)`` recomputes it. Passes receive the context in their
+constructor and record what they did in ``ctx.report`` (a plain dict that becomes report.json).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.compiler.recipe import Recipe
+
+__all__ = ["CalibrationData", "CompileContext"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationData:
+    """Token windows for calibration: ``windows`` at the deploy length, ``probes`` at other
+    lengths (SLAC). Each window is a 1-D int64 array of token ids."""
+
+    windows: list[np.ndarray]
+    probes: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    source: str = ""
+
+
+class CompileContext:
+    def __init__(self, model: ir.Model, recipe: Recipe, calibration: CalibrationData | None = None) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.calibration = calibration
+        self.report: dict[str, Any] = {"recipe": recipe.to_dict(), "passes": [], "sites": {}}
+        self._analyses: dict[str, Any] = {}
+        self._builders: dict[str, Callable[[CompileContext], Any]] = {}
+
+    def register_analysis(self, name: str, builder: Callable[[CompileContext], Any]) -> None:
+        self._builders[name] = builder
+
+    def get(self, name: str) -> Any:
+        if name not in self._analyses:
+            if name not in self._builders:
+                raise KeyError(f"analysis {name!r} is not available; did its pass run?")
+            logger.debug("computing analysis %s", name)
+            self._analyses[name] = self._builders[name](self)
+        return self._analyses[name]
+
+    def put(self, name: str, value: Any) -> None:
+        self._analyses[name] = value
+
+    def has(self, name: str) -> bool:
+        return name in self._analyses or name in self._builders
+
+    def invalidate(self, *names: str) -> None:
+        for name in names:
+            self._analyses.pop(name, None)
+
+    @property
+    def sites(self):
+        return self.get("linear_sites")

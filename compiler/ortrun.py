@@ -1,0 +1,40 @@
+"""Run an in-memory ``onnx_ir`` model in ONNX Runtime (optionally exposing inner values).
+
+Always goes through a temporary file with external data, so models over 2 GB work too.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx_ir as ir
+import onnxruntime as ort
+
+__all__ = ["ort_session"]
+
+
+def ort_session(model: ir.Model, extra_outputs: Iterable[ir.Value] = (), *,
+                session_options: ort.SessionOptions | None = None) -> ort.InferenceSession:  # fmt: skip
+    """A CPU session over ``model`` whose outputs are the graph outputs plus ``extra_outputs``.
+
+    The model is left exactly as it was (extra outputs are added only while serializing).
+    """
+    graph = model.graph
+    original = list(graph.outputs)
+    added = [v for v in dict.fromkeys(extra_outputs) if v not in original]
+    for v in added:
+        if v.type is None:
+            v.type = ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.extend(added)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            ir.save(model, path, external_data="model.onnx.data")
+            opts = session_options or ort.SessionOptions()
+            opts.log_severity_level = 3
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(original)

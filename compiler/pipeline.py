@@ -1,0 +1,128 @@
+"""Build the pass pipeline from a recipe and run it with instrumentation.
+
+Each pass is wrapped in :class:`Instrumented`, an ``onnx_ir`` pass that records wall time and
+node counts, optionally dumps the model after the pass, and -- for passes declared
+function-preserving -- optionally checks numerically that the model's outputs did not change
+(``--verify``), failing with the pass's name. The wrapped passes run in an ``onnx_ir``
+``PassManager``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.compiler.context import CompileContext
+from lowbit.compiler.feeds import make_feed
+from lowbit.compiler.ortrun import ort_session
+from lowbit.errors import LowbitError
+from lowbit.passes.calibrate import CalibratePass
+from lowbit.passes.canonicalize import canonicalize_passes
+from lowbit.passes.emit_qdq import EmitQDQPass
+from lowbit.passes.linear_sites import find_linear_sites
+
+__all__ = ["Instrumented", "PipelineOptions", "build_pipeline", "run_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+# Relative max-abs tolerance for function-preserving passes: float32 reassociation in fused norms
+# and folded scales moves outputs by a few ulps of the largest logit (~1e-6 relative); 1e-4 leaves
+# room for long reductions while still catching any real change (a wrong scale moves >1e-2).
+VERIFY_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    verify: bool = False
+    dump_dir: Path | None = None
+    verify_tokens: int = 32
+
+
+class _Verifier:
+    """Reference outputs of the model on one fixed input, refreshed after each verified pass."""
+
+    def __init__(self, ctx: CompileContext, tokens: int) -> None:
+        if ctx.calibration is not None and ctx.calibration.windows:
+            self.ids = np.asarray(ctx.calibration.windows[0][:tokens], np.int64)
+        else:
+            self.ids = np.arange(tokens, dtype=np.int64) % 50
+        self.reference: list[np.ndarray] | None = None
+
+    def outputs(self, model: ir.Model) -> list[np.ndarray]:
+        session = ort_session(model)
+        return session.run(None, make_feed(session.get_inputs(), self.ids))
+
+    def check(self, name: str, model: ir.Model, before: list[np.ndarray]) -> float:
+        after = self.outputs(model)
+        worst = 0.0
+        for a, b in zip(before, after):
+            scale = max(float(np.abs(a).max()), 1e-12)
+            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()) / scale)
+        if worst > VERIFY_RTOL:
+            raise LowbitError(f"--verify: pass {name} changed the model outputs (relative max diff {worst:.3g} > {VERIFY_RTOL})")
+        self.reference = after
+        return worst
+
+
+class Instrumented(ir.passes.InPlacePass):
+    """Time, count, dump and (optionally) verify one inner pass."""
+
+    def __init__(self, inner: ir.passes.PassBase, ctx: CompileContext, index: int, *,
+                 preserving: bool, options: PipelineOptions, verifier: _Verifier | None) -> None:  # fmt: skip
+        super().__init__()
+        self.inner, self.ctx, self.index = inner, ctx, index
+        self.preserving, self.options, self.verifier = preserving, options, verifier
+        self.name = type(inner).__name__
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes_before = model.graph.num_nodes()
+        verify = self.verifier is not None and self.preserving
+        before = None
+        if verify:
+            before = self.verifier.reference or self.verifier.outputs(model)
+        start = time.perf_counter()
+        result = self.inner(model)
+        seconds = time.perf_counter() - start
+        if result.model is not model:
+            raise LowbitError(f"pass {self.name} returned a new model; lowbit pipelines are in place")
+        entry = {"pass": self.name, "seconds": round(seconds, 3), "modified": bool(result.modified),
+                 "nodes_before": nodes_before, "nodes_after": model.graph.num_nodes()}  # fmt: skip
+        if result.modified:
+            self.ctx.invalidate("linear_sites")
+            if self.verifier is not None and not verify:
+                self.verifier.reference = None  # a quantizing pass: later checks compare to the new model
+        if verify and result.modified:
+            entry["verified_rel_diff"] = self.verifier.check(self.name, model, before)
+        if self.options.dump_dir is not None:
+            path = self.options.dump_dir / f"{self.index:02d}_{self.name}.onnx"
+            ir.save(model, path, external_data=f"{path.name}.data")
+            entry["dump"] = str(path)
+        self.ctx.report["passes"].append(entry)
+        logger.info("%s: %.2fs, %d -> %d nodes", self.name, seconds, nodes_before, entry["nodes_after"])
+        return ir.passes.PassResult(model, modified=result.modified)
+
+
+def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]:
+    """(pass, function_preserving) in order, as the recipe asks."""
+    steps: list[tuple[ir.passes.PassBase, bool]] = [(p, True) for p in canonicalize_passes()]
+    if ctx.recipe.activations.format != "none":
+        steps.append((CalibratePass(ctx), True))
+    steps.append((EmitQDQPass(ctx), False))
+    return steps
+
+
+def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions()) -> None:
+    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
+    if options.dump_dir is not None:
+        options.dump_dir.mkdir(parents=True, exist_ok=True)
+    verifier = _Verifier(ctx, options.verify_tokens) if options.verify else None
+    wrapped = [
+        Instrumented(p, ctx, i, preserving=keeps, options=options, verifier=verifier)
+        for i, (p, keeps) in enumerate(build_pipeline(ctx))
+    ]
+    ir.passes.PassManager(wrapped, steps=1)(ctx.model)

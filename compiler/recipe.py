@@ -1,0 +1,206 @@
+"""Recipes: named TOML files mapped onto frozen, validated dataclasses.
+
+Every key is a dataclass field documented once, in its ``doc`` metadata; ``lowbit recipes``
+prints those docs. Unknown keys and bad values raise :class:`LowbitError` naming the key, so a
+typo never silently falls back to a default. ``--set section.key=value`` overrides any key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+__all__ = [
+    "ActivationSpec",
+    "CalibrationSpec",
+    "Recipe",
+    "SiteSpec",
+    "WeightSpec",
+    "available_recipes",
+    "describe_keys",
+    "load_recipe",
+    "parse_override",
+]
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+WEIGHT_FORMATS = (
+    "int8", "int4", "int2", "int3", "int5", "int6", "int7", "dint4", "dint3", "dint5",
+    "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "mxfp8", "none",
+)  # fmt: skip
+ACTIVATION_FORMATS = ("int8", "fp8_e4m3", "none")
+TARGETS = ("qdq", "qdq-fp4")
+
+
+def _doc(text: str, default: Any) -> Any:
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise LowbitError(f"recipe key '{key}': {message}")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    format: str = _doc("weight format (a lowbit.formats name, or 'none' to keep float)", "int8")
+    block_size: int = _doc("0 = one scale per output channel; >0 = blocks of this size along the reduction axis", 0)
+    symmetric: bool = _doc("symmetric (zero point 0) integer weights; false = asymmetric with zero point", True)
+    scale_method: str = _doc("weight scale chooser: absmax | mse (clip-ratio search)", "absmax")
+
+    def __post_init__(self) -> None:
+        _require(self.format in WEIGHT_FORMATS, "weights.format", f"{self.format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+        _require(self.block_size >= 0, "weights.block_size", "must be >= 0")
+        _require(self.scale_method in ("absmax", "mse"), "weights.scale_method", f"{self.scale_method!r} is not absmax or mse")
+        _require(self.symmetric or self.format.startswith("int"), "weights.symmetric", "only int formats can be asymmetric")
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    format: str = _doc("activation format at every linear-site input: int8 | fp8_e4m3 | none", "int8")
+    symmetric: bool = _doc("int8: symmetric signed int8; false = uint8 with a zero point (ORT's default)", False)
+    granularity: str = _doc("per_tensor | per_channel static scales from calibration", "per_tensor")
+    range: str = _doc("calibrated range: minmax | percentile", "minmax")
+    percentile: float = _doc("percentile of |x| per channel used when range = percentile", 99.99)
+
+    def __post_init__(self) -> None:
+        _require(self.format in ACTIVATION_FORMATS, "activations.format", f"{self.format!r} is not one of {', '.join(ACTIVATION_FORMATS)}")
+        _require(self.granularity in ("per_tensor", "per_channel"), "activations.granularity", f"{self.granularity!r} is not per_tensor or per_channel")
+        _require(self.range in ("minmax", "percentile"), "activations.range", f"{self.range!r} is not minmax or percentile")
+        _require(50.0 < self.percentile <= 100.0, "activations.percentile", "must be in (50, 100]")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    seq_len: int = _doc("deploy sequence length: calibration windows have this many tokens (SLAC)", 512)
+    windows: int = _doc("number of calibration windows at seq_len", 8)
+    slac_lengths: tuple[int, ...] = _doc("extra sequence lengths probed for the SLAC range table", (64, 128, 256))
+    slac_windows: int = _doc("windows per extra SLAC length", 2)
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 1, "calibration.seq_len", "must be >= 1")
+        _require(self.windows >= 1, "calibration.windows", "must be >= 1")
+        _require(all(n >= 1 for n in self.slac_lengths), "calibration.slac_lengths", "lengths must be >= 1")
+        _require(self.slac_windows >= 0, "calibration.slac_windows", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    exclude: tuple[str, ...] = _doc("fnmatch patterns over site names (weight initializer names) kept in float", ())
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = _doc("recipe name (file stem)", "custom")
+    description: str = _doc("one line shown by `lowbit recipes`", "")
+    target: str = _doc("emission target: qdq (standard ONNX, exact in ORT CPU) | qdq-fp4 (FLOAT4E2M1 + FP8 scales)", "qdq")
+    weights: WeightSpec = field(default_factory=WeightSpec, metadata={"doc": "weight quantization"})
+    activations: ActivationSpec = field(default_factory=ActivationSpec, metadata={"doc": "activation quantization"})
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec, metadata={"doc": "calibration (SLAC)"})
+    sites: SiteSpec = field(default_factory=SiteSpec, metadata={"doc": "which linear sites to quantize"})
+
+    def __post_init__(self) -> None:
+        _require(self.target in TARGETS, "target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(f"{prefix}{k}" for k in fields)
+            raise LowbitError(f"unknown recipe key '{dotted}' (known: {known})")
+        ftype = fields[key].type
+        sub = _SECTIONS.get(key) if not prefix else None
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise LowbitError(f"recipe key '{dotted}' must be a table")
+            kwargs[key] = _build(sub, value, f"{key}.")
+            continue
+        kwargs[key] = _coerce(value, ftype, dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the key check above
+        raise LowbitError(f"bad recipe section '{prefix or 'top'}': {e}") from e
+
+
+def _coerce(value: Any, ftype: str, key: str) -> Any:
+    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(ftype)
+    if ftype.startswith("tuple"):
+        if not isinstance(value, (list, tuple)):
+            raise LowbitError(f"recipe key '{key}' must be a list, got {value!r}")
+        return tuple(value)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        raise LowbitError(f"recipe key '{key}' must be {ftype}, got {value!r}")
+    return value
+
+
+_SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec, "sites": SiteSpec}
+
+
+def available_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.toml"))}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'weights.block_size=32'`` -> (['weights', 'block_size'], 32); values use TOML syntax,
+    bare words are strings."""
+    if "=" not in text:
+        raise LowbitError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load a named recipe (``recipes/NAME.toml``) or a TOML file, then apply overrides."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        recipes = available_recipes()
+        if str(name_or_path) not in recipes:
+            raise LowbitError(f"unknown recipe {str(name_or_path)!r} (known: {', '.join(recipes)})")
+        path = recipes[str(name_or_path)]
+    if not path.is_file():
+        raise LowbitError(f"recipe file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise LowbitError(f"recipe file {path} is not valid TOML: {e}") from e
+    data.setdefault("name", path.stem)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise LowbitError(f"override {item!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return _build(Recipe, data, "")
+
+
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """(dotted key, doc, default) for every recipe key, in declaration order."""
+    rows = []
+    for f in dataclasses.fields(Recipe):
+        if f.name in _SECTIONS:
+            for sf in dataclasses.fields(_SECTIONS[f.name]):
+                rows.append((f"{f.name}.{sf.name}", sf.metadata["doc"], sf.default))
+        else:
+            rows.append((f.name, f.metadata["doc"], f.default))
+    return rows

@@ -1,0 +1,74 @@
+"""The compile report: ``report.json`` (everything) and ``report.md`` (what a person reads).
+
+Holds the recipe, versions, per-pass timings and node counts, per-site formats and bits, and the
+SLAC range table. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lowbit.compiler.fsutil import atomic_path
+
+__all__ = ["render_markdown", "versions", "write"]
+
+_PACKAGES = ("onnx", "onnxruntime", "onnx-ir", "onnxscript", "numpy", "ml_dtypes")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    recipe = report.get("recipe", {})
+    lines = [f"# lowbit compile report: {recipe.get('name', '?')}", ""]
+    lines += [f"- input: `{report.get('input', '?')}`", f"- target: `{recipe.get('target', '?')}`",
+              f"- compile time: {report.get('compile_seconds', '?')} s",
+              f"- lowbit {report.get('lowbit_version', '?')}; " + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()),
+              f"- weights: `{recipe.get('weights')}`", f"- activations: `{recipe.get('activations')}`", ""]  # fmt: skip
+    lines += ["## Passes", ""]
+    lines += _table(["pass", "seconds", "modified", "nodes before", "nodes after", "verified rel. diff"],
+                    [[p["pass"], p["seconds"], p["modified"], p["nodes_before"], p["nodes_after"],
+                      p.get("verified_rel_diff", "")] for p in report.get("passes", [])])  # fmt: skip
+    sites = report.get("sites", {})
+    quantized = [s for s in sites.values() if s.get("quantized")]
+    lines += ["", "## Linear sites", "", f"{len(quantized)} quantized of {len(sites)}.", ""]
+    lines += _table(["site", "weights", "block", "bits/weight", "activations", "feeder"],
+                    [[name, s.get("weights", "float"), s.get("block_size", ""),
+                      f"{s['bits_per_weight']:.3f}" if "bits_per_weight" in s else "",
+                      s.get("activations", ""), s.get("feeder", s.get("reason", ""))]
+                     for name, s in sites.items()])  # fmt: skip
+    if report.get("slac"):
+        cal = report.get("calibration", {})
+        lines += ["", "## SLAC: activation range vs sequence length", "",
+                  f"Calibrated on {cal.get('windows')} windows of {cal.get('seq_len')} tokens "
+                  f"({cal.get('source')}); per tensor, absmax at each length / absmax at the deploy length.", ""]  # fmt: skip
+        lines += _table(["seq len", "tensors", "median ratio", "min ratio", "max ratio"],
+                        [[r["seq_len"], r["tensors"], f"{r['median_ratio']:.3f}", f"{r['min_ratio']:.3f}",
+                          f"{r['max_ratio']:.3f}"] for r in report["slac"]])  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict[str, Any], directory: Path, stem: str) -> tuple[Path, Path]:
+    json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(render_markdown(report))
+    return json_path, md_path

@@ -1,0 +1,168 @@
+"""SLAC: sequence-length-aware calibration with ONNX Runtime.
+
+Assumes the linear-site map is available in the context and calibration windows were given.
+Guarantees: the model is not modified (an analysis pass); afterwards ``ctx.get("activation_stats")``
+holds per-channel min / max / absmax (and a per-window percentile of |x| averaged over windows
+when the recipe asks for it) at every linear-site input and at attention K/V, gathered on windows
+of the *deploy* sequence length. Memory is bounded by one window's tapped activations plus the
+running per-channel reductions, however many windows are used.
+
+Why sequence length matters: outlier magnitudes grow with context (attention sinks, massive
+activations appear at specific positions), so ranges calibrated on short windows under-estimate
+the deploy-time range. The probe lengths in the recipe are run too, and the report gets a table
+of per-tensor absmax at each length relative to the deploy length.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from lowbit.compiler.context import CompileContext
+from lowbit.compiler.feeds import make_feed
+from lowbit.compiler.ortrun import ort_session
+from lowbit.errors import LowbitError
+
+__all__ = ["ActivationStats", "ChannelStats", "CalibratePass", "calibration_taps"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChannelStats:
+    """Running per-channel (last axis) statistics of one tensor."""
+
+    min: np.ndarray
+    max: np.ndarray
+    absmax: np.ndarray
+    percentile_sum: np.ndarray | None = None
+    windows: int = 0
+    sq_sum: np.ndarray | None = None  # sum of x^2 per channel: diag(X^T X) for sensitivity proxies
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, channels: int, with_percentile: bool) -> ChannelStats:
+        inf = np.full(channels, np.inf, np.float32)
+        return cls(inf.copy(), -inf, np.zeros(channels, np.float32),
+                   np.zeros(channels, np.float64) if with_percentile else None,
+                   sq_sum=np.zeros(channels, np.float64))  # fmt: skip
+
+    def update(self, x: np.ndarray, percentile: float | None) -> None:
+        x2 = x.reshape(-1, x.shape[-1])
+        np.minimum(self.min, x2.min(axis=0), out=self.min)
+        np.maximum(self.max, x2.max(axis=0), out=self.max)
+        self.absmax = np.maximum(self.min * -1, self.max)
+        if self.percentile_sum is not None and percentile is not None:
+            self.percentile_sum += np.percentile(np.abs(x2), percentile, axis=0)
+        self.sq_sum += np.einsum("tc,tc->c", x2, x2, dtype=np.float64)
+        self.windows += 1
+        self.tokens += x2.shape[0]
+
+    @property
+    def percentile(self) -> np.ndarray:
+        if self.percentile_sum is None or not self.windows:
+            raise ValueError("percentile statistics were not collected")
+        return (self.percentile_sum / self.windows).astype(np.float32)
+
+
+@dataclass
+class ActivationStats:
+    seq_len: int
+    by_value: dict[str, ChannelStats] = field(default_factory=dict)
+    slac: dict[str, dict[int, float]] = field(default_factory=dict)  # tap -> {length: absmax}
+
+    def __getitem__(self, name: str) -> ChannelStats:
+        return self.by_value[name]
+
+
+def _attention_kv(node: ir.Node) -> list[ir.Value]:
+    if node.op_type == "Attention":
+        return [node.inputs[1], node.inputs[2]]
+    kv = [node.inputs[1]]  # softmax(QK^T) @ V
+    probs = node.inputs[0].producer()
+    while probs is not None and probs.op_type in ("Softmax", "Mul", "Div", "Add", "Cast", "Where"):
+        probs = probs.inputs[0].producer()
+    if probs is not None and probs.op_type == "MatMul":
+        kv.append(probs.inputs[1])
+    return kv
+
+
+def calibration_taps(ctx: CompileContext) -> dict[str, ir.Value]:
+    """Values to observe: every linear-site input and attention K/V, by (possibly new) name."""
+    taps: dict[str, ir.Value] = {}
+    for i, site in enumerate(ctx.sites):
+        values = [site.input]
+        if site.feeder is not None and site.feeder.kind == "attention_v":
+            values += _attention_kv(site.feeder.node)
+        for v in values:
+            if v.name is None:
+                v.name = f"lowbit_tap_{i}_{len(taps)}"
+            taps.setdefault(v.name, v)
+    return taps
+
+
+class _TappedSession:
+    """An ORT session over the model with the tapped values as extra outputs."""
+
+    def __init__(self, model: ir.Model, taps: dict[str, ir.Value]) -> None:
+        self.session = ort_session(model, taps.values())
+        self.names = list(taps)
+
+    def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.names, make_feed(self.session.get_inputs(), ids))
+        return dict(zip(self.names, outs))
+
+
+class CalibratePass(ir.passes.InPlacePass):
+    """Collect activation statistics (SLAC) into ``ctx`` as the ``activation_stats`` analysis."""
+
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        data = self.ctx.calibration
+        if data is None or not data.windows:
+            raise LowbitError("this recipe quantizes activations and needs calibration data (--calib-text or a model directory with a tokenizer)")
+        spec = self.ctx.recipe.activations
+        pct = spec.percentile if spec.range == "percentile" else None
+        taps = calibration_taps(self.ctx)
+        session = _TappedSession(model, taps)
+        stats = ActivationStats(seq_len=int(len(data.windows[0])))
+        for ids in tqdm(data.windows, desc="calibrating", unit="window", leave=False):
+            for name, x in session.run(ids).items():
+                if x.dtype != np.float32 or x.ndim == 0:
+                    continue
+                if name not in stats.by_value:
+                    stats.by_value[name] = ChannelStats.empty(x.shape[-1], pct is not None)
+                stats.by_value[name].update(x, pct)
+        for name, s in stats.by_value.items():
+            stats.slac[name] = {stats.seq_len: float(s.absmax.max())}
+        for length, windows in sorted(data.probes.items()):
+            for ids in tqdm(windows, desc=f"SLAC probe {length}", unit="window", leave=False):
+                for name, x in session.run(ids).items():
+                    if name in stats.slac:
+                        prev = stats.slac[name].get(length, 0.0)
+                        stats.slac[name][length] = max(prev, float(np.abs(x).max()))
+        self.ctx.put("activation_stats", stats)
+        self.ctx.report["slac"] = slac_table(stats)
+        self.ctx.report["calibration"] = {"windows": len(data.windows), "seq_len": stats.seq_len,
+                                          "taps": len(stats.by_value), "source": data.source}  # fmt: skip
+        logger.info("calibrated %d tensors on %d windows of %d tokens", len(stats.by_value), len(data.windows), stats.seq_len)
+        return ir.passes.PassResult(model, modified=False)
+
+
+def slac_table(stats: ActivationStats) -> list[dict]:
+    """Per probe length: median and max over tensors of absmax(length) / absmax(deploy length)."""
+    lengths = sorted({n for per in stats.slac.values() for n in per})
+    rows = []
+    for n in lengths:
+        ratios = [per[n] / per[stats.seq_len] for per in stats.slac.values() if n in per and per[stats.seq_len] > 0]
+        if ratios:
+            rows.append({"seq_len": n, "tensors": len(ratios), "median_ratio": float(np.median(ratios)),
+                         "min_ratio": float(np.min(ratios)), "max_ratio": float(np.max(ratios))})  # fmt: skip
+    return rows

@@ -1,0 +1,211 @@
+"""Emit standard ONNX QDQ for every linear site: weights as DequantizeLinear chains over stored
+codes, activations as one QuantizeLinear/DequantizeLinear pair per shared input.
+
+Assumes: the linear-site map, and (when activations are quantized) ``activation_stats`` from
+calibration. Not function-preserving (it quantizes). Guarantees:
+
+- target ``qdq``: only standard ops and types ONNX Runtime CPU executes exactly (FACTS.md):
+  int8/uint8 codes, INT4/UINT4 codes (blocked or per-axis), FLOAT8E4M3FN codes. Formats whose
+  values are not a linear integer grid -- dINT, FP4 E2M1, NVFP4, MXFP4 -- are stored as int8 codes
+  of 2*value with half the scale: 2*v is an integer in [-12, 12], and (2v) * (s/2) rounds to the
+  same float32 as v * s, so the graph's decoded weight equals ``lowbit.formats.decode`` bit for bit.
+- target ``qdq-fp4``: FP4-element formats are stored as FLOAT4E2M1 codes; NVFP4 block scales as
+  FLOAT8E4M3FN codes dequantized by the FP32 global scale (DQ(DQ(f8 scale, global)) chain). Meant
+  for runtimes that implement FP4 (TensorRT-class); ORT CPU does not, so it is verified with
+  ``onnx.reference``.
+- the default opset is raised to 21 when blocked or 4-bit DQ needs it (23 for FLOAT4E2M1); ops in
+  exported LLM graphs keep their semantics across 18 -> 23 (only type lists grew).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from lowbit import formats
+from lowbit.compiler.context import CompileContext
+from lowbit.errors import LowbitError
+from lowbit.passes.linear_sites import LinearSite
+
+__all__ = ["EmitQDQPass", "ensure_opset", "weight_dq_nodes"]
+
+logger = logging.getLogger(__name__)
+
+_HALF_STEP_FORMATS = ("dint", "fp4_e2m1", "nvfp4", "mxfp4")  # stored as int8 codes of 2*value
+_FP4_FORMATS = ("fp4_e2m1", "nvfp4", "mxfp4")
+
+
+def ensure_opset(model: ir.Model, version: int) -> None:
+    current = model.opset_imports.get("", 1)
+    if current < version:
+        model.opset_imports[""] = version
+        model.graph.opset_imports[""] = version
+        for function in model.functions.values():  # model-local functions must match the model
+            function.opset_imports[""] = version
+    # ORT 1.31 accepts IR <= 13; opset 21 needs IR >= 10, opset 23 IR >= 11.
+    model.ir_version = min(max(model.ir_version, 10 if version <= 22 else 11), 11)
+
+
+def _const(graph: ir.Graph, array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _per_axis(scale: np.ndarray, axis: int) -> np.ndarray:
+    return scale.reshape(-1) if scale.shape[axis] == 1 else scale
+
+
+def _stored_codes(enc: formats.Encoded, fmt: str, target: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """(codes array with its ONNX dtype via ml_dtypes, float32 scale, zero point, scale kind)."""
+    values = enc.values()
+    scale = (enc.scale.astype(np.float32) * np.float32(enc.global_scale)).astype(np.float32)
+    if target == "qdq-fp4" and fmt.startswith(_FP4_FORMATS):
+        return values.astype(ml_dtypes.float4_e2m1fn), scale, None, "fp4"
+    if fmt.startswith(_HALF_STEP_FORMATS):
+        return (2 * values).astype(np.int8), (scale / np.float32(2)).astype(np.float32), None, "half"
+    if fmt.startswith("fp8") or fmt == "mxfp8":
+        return values.astype(ml_dtypes.float8_e4m3fn), scale, None, "fp8"
+    bits = formats.get_format(fmt).bits
+    if enc.zero_point is not None:  # asymmetric: unsigned codes with a zero point, like ONNX
+        dtype = ml_dtypes.uint4 if bits == 4 else np.uint8
+        return enc.codes.astype(dtype), scale, enc.zero_point.astype(dtype), "int"
+    dtype = ml_dtypes.int4 if bits == 4 else np.int8
+    return values.astype(np.int8).astype(dtype), scale, None, "int"
+
+
+def weight_dq_nodes(graph: ir.Graph, site: LinearSite, enc: formats.Encoded, fmt: str, target: str) -> tuple[list[ir.Node], ir.Value]:
+    """DequantizeLinear node(s) reproducing ``formats.decode(enc)`` for the site's weight."""
+    axis, block = site.reduction_axis, enc.block_size
+    codes, scale, zp, kind = _stored_codes(enc, fmt, target)
+    base = site.weight.name
+    blocked = block is not None and enc.scale.shape[axis] > 1
+    attrs = {"axis": axis, "block_size": int(block)} if blocked else {"axis": 1 - axis}
+    if not blocked:
+        scale = _per_axis(scale, axis)
+        zp = _per_axis(zp, axis) if zp is not None else None
+    nodes: list[ir.Node] = []
+    if kind == "fp4" and fmt == "nvfp4":  # FP8 block scales dequantized by the FP32 global scale
+        f8 = _const(graph, enc.scale.astype(np.float32).astype(ml_dtypes.float8_e4m3fn), f"{base}.scale_f8")
+        gs = _const(graph, np.array(enc.global_scale, np.float32), f"{base}.global_scale")
+        scale_node = ir.node("DequantizeLinear", [f8, gs], name=f"{base}.scale_dq")
+        scale_node.outputs[0].name = f"{base}.scale"
+        nodes.append(scale_node)
+        scale_value = scale_node.outputs[0]
+    else:
+        scale_value = _const(graph, scale, f"{base}.scale")
+    inputs = [_const(graph, codes, f"{base}.q"), scale_value]
+    if zp is not None:
+        inputs.append(_const(graph, zp, f"{base}.zero_point"))
+    dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{base}.dq")
+    dq.outputs[0].name = f"{base}.dequantized"
+    dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    nodes.append(dq)
+    return nodes, dq.outputs[0]
+
+
+def _activation_qparams(stats, spec) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Static activation scale/zero point from calibrated ranges: (scale, zero_point, axis)."""
+    lo, hi = stats.min.astype(np.float64), stats.max.astype(np.float64)
+    if spec.range == "percentile":
+        p = stats.percentile.astype(np.float64)
+        lo, hi = np.maximum(lo, -p), np.minimum(hi, p)
+    if spec.granularity == "per_tensor":
+        lo, hi = np.array(lo.min()), np.array(hi.max())
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    axis = -1 if spec.granularity == "per_channel" else None
+    if spec.format == "fp8_e4m3":
+        scale = np.maximum(-lo, hi) / 448.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return scale, np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), axis
+    if spec.symmetric:
+        scale = np.maximum(-lo, hi) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return scale, np.zeros(scale.shape, np.int8), axis
+    scale = (hi - lo) / 255.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, 255).astype(np.uint8)
+    return scale, zp, axis
+
+
+class EmitQDQPass(ir.passes.InPlacePass):
+    """Quantize every selected linear site's weight (and input) as the recipe says."""
+
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def _excluded(self, site: LinearSite) -> bool:
+        return any(fnmatch.fnmatch(site.name, pat) for pat in self.ctx.recipe.sites.exclude)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        recipe = self.ctx.recipe
+        wspec, aspec, target = recipe.weights, recipe.activations, recipe.target
+        if wspec.format == "none" and aspec.format == "none":
+            return ir.passes.PassResult(model, modified=False)
+        ensure_opset(model, 23 if target == "qdq-fp4" else 21)
+        stats = self.ctx.get("activation_stats") if aspec.format != "none" else None
+        graph, count = model.graph, 0
+        site_report = self.ctx.report["sites"]
+        for group in self.ctx.sites.input_groups():
+            chosen = [s for s in group if not self._excluded(s)]
+            for s in group:
+                if s not in chosen:
+                    site_report[s.name] = {"quantized": False, "reason": "excluded by sites.exclude"}
+            if not chosen:
+                continue
+            if stats is not None:
+                self._quantize_input(graph, chosen, stats)
+            for site in chosen:
+                if wspec.format != "none":
+                    self._quantize_weight(graph, site)
+                site_report.setdefault(site.name, {}).update(
+                    {"quantized": True, "activations": aspec.format, "feeder": site.feeder.describe(),
+                     "shape": [site.in_features, site.out_features]})  # fmt: skip
+                count += 1
+        self.ctx.invalidate("linear_sites")
+        logger.info("quantized %d linear sites", count)
+        return ir.passes.PassResult(model, modified=bool(count))
+
+    def _quantize_weight(self, graph: ir.Graph, site: LinearSite) -> None:
+        wspec = self.ctx.recipe.weights
+        w = site.weight.const_value.numpy()
+        if not np.isfinite(w).all():
+            raise LowbitError(f"weight {site.name} has {int((~np.isfinite(w)).sum())} NaN/Inf values")
+        block = wspec.block_size or None
+        if wspec.format in ("nvfp4", "mxfp4", "mxfp8") and block is None:
+            block = 16 if wspec.format == "nvfp4" else 32
+        enc = formats.encode(w, wspec.format, axis=site.reduction_axis, block_size=block,
+                             symmetric=wspec.symmetric, scale_method=wspec.scale_method)  # fmt: skip
+        nodes, dq_out = weight_dq_nodes(graph, site, enc, wspec.format, self.ctx.recipe.target)
+        consumer = site.weight_path[0] if site.weight_path else site.node
+        graph.insert_before(consumer, nodes)
+        consumer.replace_input_with(0 if site.weight_path else 1, dq_out)
+        spec = formats.get_format(wspec.format)
+        k = site.in_features
+        n_scales = int(np.prod(enc.scale.shape))
+        self.ctx.report["sites"].setdefault(site.name, {}).update(
+            {"weights": wspec.format, "block_size": block or 0,
+             "bits_per_weight": spec.bits + 32.0 * n_scales / w.size, "in_features": k})  # fmt: skip
+
+    def _quantize_input(self, graph: ir.Graph, sites: list[LinearSite], stats) -> None:
+        aspec = self.ctx.recipe.activations
+        x = sites[0].input
+        scale, zp, axis = _activation_qparams(stats[x.name], aspec)
+        base = x.name
+        attrs = {"axis": axis} if axis is not None else {}
+        s_val = _const(graph, scale, f"{base}.act_scale")
+        z_val = _const(graph, zp, f"{base}.act_zero_point")
+        q = ir.node("QuantizeLinear", [x, s_val, z_val], attrs, name=f"{base}.q")
+        q.outputs[0].name = f"{base}.quantized"
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s_val, z_val], attrs, name=f"{base}.dq")
+        dq.outputs[0].name = f"{base}.act_dequantized"
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        graph.insert_before(sites[0].node, [q, dq])
+        for site in sites:
+            site.node.replace_input_with(0, dq.outputs[0])

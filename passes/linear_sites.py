@@ -1,0 +1,173 @@
+"""Linear-site analysis: every MatMul/Gemm with a constant weight, and what feeds it.
+
+Assumes a canonicalized graph (norms fused into single nodes, see ``canonicalize``). Read-only:
+it never edits the graph. A *site* is a MatMul/Gemm whose weight operand is an initializer,
+directly or through weight-layout ops (Transpose, Reshape, Identity, Cast) -- e.g. a tied lm_head
+``MatMul(h, Transpose(embed_tokens.weight))``. For each site it records the reduction axis of the
+stored initializer, the activation input, the sibling sites sharing that input (q/k/v, gate/up),
+and the *feeder* that a scale or permutation can be folded into:
+
+- ``norm``: a RMSNormalization / LayerNormalization node (gamma/beta absorb x/s);
+- ``attention_v``: the input is attention output, linear in the v_proj output channels;
+- ``gated_linear``: the input is ``act(gate) * up``, linear in the up_proj output channels;
+- ``other``: anything else (reported, never folded into).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+__all__ = ["Feeder", "LinearSite", "LinearSiteMap", "find_linear_sites", "NORM_OPS"]
+
+logger = logging.getLogger(__name__)
+
+NORM_OPS = frozenset({("", "RMSNormalization"), ("", "LayerNormalization"), ("lowbit", "RMSNormalization")})
+_WEIGHT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast"})
+_ACT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze"})
+
+
+@dataclass
+class Feeder:
+    kind: str  # "norm" | "attention_v" | "gated_linear" | "other"
+    node: ir.Node | None  # the norm node, the attention/matmul node, or the gating Mul
+    producer_site: LinearSite | None = None  # v_proj for attention_v, up_proj for gated_linear
+
+    def describe(self) -> str:
+        if self.kind == "norm":
+            return f"norm {self.node.name}"
+        if self.producer_site is not None:
+            return f"{self.kind} of {self.producer_site.name}"
+        return f"other ({self.node.op_type if self.node else 'graph input'})"
+
+
+@dataclass
+class LinearSite:
+    node: ir.Node
+    weight: ir.Value  # the initializer
+    weight_path: tuple[ir.Node, ...]  # layout ops between the initializer and the node
+    reduction_axis: int  # axis of the *stored* initializer that is contracted
+    name: str
+    feeder: Feeder | None = None
+    siblings: list[LinearSite] = field(default_factory=list)
+
+    @property
+    def input(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.const_value.shape[self.reduction_axis])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.const_value.shape[1 - self.reduction_axis])
+
+
+def _trace_weight(value: ir.Value) -> tuple[ir.Value, tuple[ir.Node, ...]] | None:
+    path: list[ir.Node] = []
+    while value.const_value is None or not value.is_initializer():
+        node = value.producer()
+        if node is None or node.op_type not in _WEIGHT_LAYOUT_OPS or node.domain != "":
+            return None
+        path.append(node)
+        value = node.inputs[0]
+    return value, tuple(reversed(path))
+
+
+def _reduction_axis(site_node: ir.Node, weight: ir.Value, path: tuple[ir.Node, ...]) -> int | None:
+    """Axis of the 2-D stored initializer that the matmul contracts, or None if unsupported."""
+    if weight.const_value is None or len(weight.const_value.shape) != 2:
+        return None
+    axis = 0  # MatMul(x, W): W is [K, N]
+    if site_node.op_type == "Gemm" and site_node.attributes.get_int("transB", 0):
+        axis = 1
+    for node in reversed(path):  # undo layout ops from the node back to the initializer
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm", [1, 0])
+            axis = list(perm)[axis]
+        elif node.op_type == "Reshape":
+            return None  # reshaped weights: no stable channel axis
+    return axis
+
+
+def _walk_up(value: ir.Value) -> ir.Node | None:
+    node = value.producer()
+    while node is not None and node.op_type in _ACT_LAYOUT_OPS:
+        node = node.inputs[0].producer()
+    return node
+
+
+class LinearSiteMap:
+    """All linear sites of a graph, by node and by activation input."""
+
+    def __init__(self, sites: list[LinearSite]) -> None:
+        self.sites = sites
+        self.by_node = {id(s.node): s for s in sites}
+        self.groups: dict[int, list[LinearSite]] = {}
+        for s in sites:
+            self.groups.setdefault(id(s.input), []).append(s)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def input_groups(self) -> list[list[LinearSite]]:
+        """Sites grouped by shared activation input, in graph order."""
+        return list(self.groups.values())
+
+    def site_of_output(self, value: ir.Value) -> LinearSite | None:
+        node = _walk_up(value)
+        return self.by_node.get(id(node)) if node is not None else None
+
+    def _feeder(self, site: LinearSite) -> Feeder:
+        node = _walk_up(site.input)
+        if node is None:
+            return Feeder("other", None)
+        if (node.domain, node.op_type) in NORM_OPS:
+            return Feeder("norm", node)
+        if node.op_type == "Attention" and node.domain == "":
+            v_site = self.site_of_output(node.inputs[2])
+            return Feeder("attention_v", node, v_site) if v_site else Feeder("other", node)
+        if node.op_type == "MatMul" and id(node) not in self.by_node:
+            v_site = self.site_of_output(node.inputs[1])  # softmax(QK^T) @ V
+            if v_site is not None:
+                return Feeder("attention_v", node, v_site)
+        if node.op_type == "Mul":
+            for operand in node.inputs:
+                up = self.site_of_output(operand)
+                other = node.inputs[1] if operand is node.inputs[0] else node.inputs[0]
+                if up is not None and self.site_of_output(other) is not up:
+                    return Feeder("gated_linear", node, up)
+        return Feeder("other", node)
+
+
+def find_linear_sites(graph: ir.Graph) -> LinearSiteMap:
+    """Scan the main graph (subgraphs and functions are not visited) for linear sites."""
+    sites: list[LinearSite] = []
+    for node in graph:
+        if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        traced = _trace_weight(node.inputs[1])
+        if traced is None:
+            continue
+        weight, path = traced
+        axis = _reduction_axis(node, weight, path)
+        if axis is None:
+            logger.debug("site %s skipped: weight %s is not a 2-D matrix", node.name, weight.name)
+            continue
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            continue
+        sites.append(LinearSite(node, weight, path, axis, name=weight.name or node.name))
+    site_map = LinearSiteMap(sites)
+    for group in site_map.input_groups():
+        for s in group:
+            s.siblings = [o for o in group if o is not s]
+    for s in sites:
+        s.feeder = site_map._feeder(s)
+    logger.info("found %d linear sites in %d input groups", len(sites), len(site_map.groups))
+    return site_map
