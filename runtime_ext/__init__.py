@@ -1,1 +1,25 @@
-"""lowbit.runtime_ext."""
+"""lowbit.runtime_ext: native ONNX Runtime custom ops (domain ``lowbit``) and their fallbacks.
+
+Ops: ``MatMulLowbit`` (packed 4-bit weights x float32 or int8 activations), ``GatherLowbit``
+(packed 4-bit embedding tables), ``ReorderNorm`` (channel permutation fused with RMS/LayerNorm).
+The C++ library is built by ``runtime_ext/build.py`` (``make native``), never at import time;
+every node also has an ONNX FunctionProto fallback so models run where it is not registered.
+"""
+
+from lowbit.runtime_ext.library import library_path, session_options
+from lowbit.runtime_ext.nodes import (
+    DOMAIN,
+    attach_functions,
+    function_protos,
+    make_gather_node,
+    make_matmul_node,
+    make_reorder_norm_node,
+)
+from lowbit.runtime_ext.packing import pack_gather_table, pack_matmul_weight
+from lowbit.runtime_ext.specs import GatherSpec, MatMulSpec, NormSpec
+
+__all__ = [
+    "DOMAIN", "GatherSpec", "MatMulSpec", "NormSpec", "attach_functions", "function_protos",
+    "library_path", "make_gather_node", "make_matmul_node", "make_reorder_norm_node",
+    "pack_gather_table", "pack_matmul_weight", "session_options",
+]

@@ -1,0 +1,133 @@
+"""ONNX FunctionProto fallbacks of the lowbit ops (standard ONNX ops only).
+
+A model that carries these functions runs in any ONNX runtime: ORT inlines model-local functions
+at session creation (and, with constant weights, folds the whole decode into a float weight);
+when the native library is registered its kernels take precedence. One function per variant,
+keyed by the node's ``overload`` (see :mod:`lowbit.runtime_ext.specs`).
+
+Guarantees: decode = value_table[code] * fl(scale * global_scale), element for element the same
+float32 operations as :func:`lowbit.runtime_ext.reference.decode_weight` (bit-exact); matmul and
+norm results differ from the native kernels only by float32 summation order.
+Assumes: the model's default-domain opset is >= 18 (ReduceMax/ReduceMean take axes as an input,
+BitwiseAnd exists); the functions import exactly that opset, as the ONNX checker requires.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DOMAIN", "matmul_function", "gather_function", "reorder_norm_function"]
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from lowbit.errors import LowbitError
+from lowbit.runtime_ext.reference import e4m3_to_float, e8m0_to_float, value_table
+from lowbit.runtime_ext.specs import GatherSpec, MatMulSpec, NormSpec
+
+DOMAIN = "lowbit"
+MIN_OPSET = 18
+
+
+class _Body:
+    """Accumulates function-body nodes with unique local names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        self._n += 1
+        out = f"_{op_type.lower()}{self._n}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, array: np.ndarray) -> str:
+        return self.op("Constant", value=onnx.numpy_helper.from_array(np.asarray(array)))
+
+    def rename_last(self, name: str) -> str:
+        self.nodes[-1].output[0] = name
+        return name
+
+
+def _decode(b: _Body, spec: GatherSpec, codes: str, scales: str, gscale: str) -> str:
+    """Packed [R, D/2] codes -> float32 [R, D] weights."""
+    lo = b.op("BitwiseAnd", codes, b.const(np.uint8(0x0F)))
+    hi = b.op("BitShift", codes, b.const(np.uint8(4)), direction="RIGHT")
+    last = b.const(np.array([-1], np.int64))
+    pairs = b.op("Concat", b.op("Unsqueeze", lo, last), b.op("Unsqueeze", hi, last), axis=-1)
+    flat = b.const(np.array([0, -1], np.int64))  # [R, D/2, 2] -> [R, D]: low nibble first
+    idx = b.op("Cast", b.op("Reshape", pairs, flat), to=TensorProto.INT32)
+    values = b.op("Gather", b.const(value_table(spec.fmt)), idx, axis=0)
+    if spec.scale_dtype == "uint8":
+        table = (e4m3_to_float if spec.fmt == "nvfp4" else e8m0_to_float)(np.arange(256))
+        scales = b.op("Gather", b.const(table.astype(np.float32)),
+                      b.op("Cast", scales, to=TensorProto.INT32), axis=0)
+    eff = b.op("Mul", scales, gscale)  # fl(scale * global), as lowbit.formats.decode
+    blocked = b.op("Reshape", values, b.const(np.array([0, -1, spec.block_size], np.int64)))
+    weighted = b.op("Mul", blocked, b.op("Unsqueeze", eff, last))
+    return b.op("Reshape", weighted, flat)
+
+
+def _function(name: str, overload: str, inputs: list[str], b: _Body, attrs: list[str],
+              opset: int) -> onnx.FunctionProto:
+    if opset < MIN_OPSET:
+        raise LowbitError(f"lowbit fallback functions need default-domain opset >= {MIN_OPSET}, "
+                          f"the model has {opset}")
+    return helper.make_function(DOMAIN, name, inputs, ["Y"], b.nodes,
+                                [helper.make_opsetid("", opset)], attributes=attrs,
+                                overload=overload)
+
+
+def matmul_function(spec: MatMulSpec, opset: int) -> onnx.FunctionProto:
+    """MatMulLowbit(A, codes, scales, global_scale[, act_scale]) -> Y."""
+    b = _Body()
+    w = _decode(b, spec, "codes", "scales", "global_scale")
+    a = "A"
+    inputs = ["A", "codes", "scales", "global_scale"]
+    if spec.act_mode != "float32":
+        if spec.act_mode == "int8_static":
+            inputs.append("act_scale")
+            s = "act_scale"
+        else:
+            amax = b.op("ReduceMax", b.op("Abs", "A"), b.const(np.array([-1], np.int64)),
+                        keepdims=1)
+            s = b.op("Where", b.op("Greater", amax, b.const(np.float32(0))),
+                     b.op("Div", amax, b.const(np.float32(127))), b.const(np.float32(1)))
+        q = b.op("Clip", b.op("Round", b.op("Div", "A", s)), b.const(np.float32(-127)),
+                 b.const(np.float32(127)))
+        a = b.op("Mul", q, s)
+    b.op("MatMul", a, b.op("Transpose", w, perm=[1, 0]))
+    b.rename_last("Y")
+    return _function("MatMulLowbit", spec.overload, inputs, b,
+                     ["format", "block_size", "act_mode"], opset)
+
+
+def gather_function(spec: GatherSpec, opset: int) -> onnx.FunctionProto:
+    """GatherLowbit(table, scales, global_scale, indices) -> Y[*indices.shape, D]."""
+    b = _Body()
+    w = _decode(b, spec, "table", "scales", "global_scale")
+    b.op("Gather", w, "indices", axis=0)
+    b.rename_last("Y")
+    return _function("GatherLowbit", spec.overload, ["table", "scales", "global_scale", "indices"],
+                     b, ["format", "block_size"], opset)
+
+
+def reorder_norm_function(spec: NormSpec, opset: int) -> onnx.FunctionProto:
+    """ReorderNorm(x, perm, gamma[, beta]) -> norm(x)[..., perm] * gamma (+ beta)."""
+    b = _Body()
+    x = b.op("Gather", "x", "perm", axis=-1)  # statistics are permutation invariant
+    axes = b.const(np.array([-1], np.int64))
+    eps_node = helper.make_node("Constant", [], ["_eps"])
+    eps_node.attribute.append(helper.make_attribute_ref(
+        "value_float", onnx.AttributeProto.FLOAT, ref_attr_name="epsilon"))
+    b.nodes.append(eps_node)
+    if spec.kind == "layer":
+        x = b.op("Sub", x, b.op("ReduceMean", x, axes, keepdims=1))
+    ms = b.op("ReduceMean", b.op("Mul", x, x), axes, keepdims=1)
+    y = b.op("Mul", b.op("Div", x, b.op("Sqrt", b.op("Add", ms, "_eps"))), "gamma")
+    inputs = ["x", "perm", "gamma"]
+    if spec.has_beta:
+        inputs.append("beta")
+        b.op("Add", y, "beta")
+    b.rename_last("Y")
+    return _function("ReorderNorm", spec.overload, inputs, b, ["kind", "epsilon"], opset)

@@ -1,0 +1,106 @@
+"""What a lowbit node needs beyond its attributes, encoded in the node's ``overload`` string.
+
+ONNX functions are keyed by (domain, op_type, overload) and cannot branch on a string attribute,
+so each distinct variant of an op (format, block size, scale dtype, activation mode, norm kind)
+gets its own fallback FunctionProto, named by the overload. The native kernel ignores the
+overload and reads the attributes; both always describe the same variant because the node
+builders in :mod:`lowbit.runtime_ext.nodes` write both from one spec.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MatMulSpec", "GatherSpec", "NormSpec", "ACT_MODES", "SCALE_DTYPES", "NORM_KINDS"]
+
+import dataclasses
+
+from lowbit.errors import LowbitError
+from lowbit.runtime_ext.reference import FORMATS
+
+ACT_MODES = ("float32", "int8_dynamic", "int8_static")
+SCALE_DTYPES = ("float32", "uint8")  # uint8: E4M3 bits (nvfp4) or E8M0 bits (mxfp4)
+NORM_KINDS = ("rms", "layer")
+
+
+def _check_block(block_size: int, fmt: str) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
+            block_size == 16 or (block_size >= 32 and block_size % 32 == 0)):
+        raise LowbitError(f"{fmt}: block_size must be 16 or a positive multiple of 32 for the "
+                          f"lowbit ORT ops, got {block_size!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherSpec:
+    """A packed 4-bit table: element format, block size along the packed axis, scale dtype."""
+
+    fmt: str  # one of FORMATS
+    block_size: int  # 16 or a multiple of 32
+    scale_dtype: str = "float32"  # one of SCALE_DTYPES; uint8 only for nvfp4 / mxfp4
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise LowbitError(f"unknown 4-bit format {self.fmt!r}; expected one of {FORMATS}")
+        _check_block(self.block_size, self.fmt)
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        if self.scale_dtype == "uint8" and self.fmt not in ("nvfp4", "mxfp4"):
+            raise LowbitError(f"uint8 scales exist only for nvfp4 (E4M3) and mxfp4 (E8M0), "
+                              f"not {self.fmt}")
+
+    @property
+    def overload(self) -> str:
+        return f"{self.fmt}_b{self.block_size}_{self.scale_dtype}"
+
+    @classmethod
+    def from_overload(cls, overload: str) -> "GatherSpec":
+        fmt, block, scale_dtype = _split(overload, 3)
+        return cls(fmt, int(block[1:]), scale_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMulSpec(GatherSpec):
+    """A packed weight (see GatherSpec) plus how activations are treated."""
+
+    act_mode: str = "float32"  # one of ACT_MODES
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.act_mode not in ACT_MODES:
+            raise LowbitError(f"act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+
+    @property
+    def overload(self) -> str:
+        return f"{super().overload}_{self.act_mode}"
+
+    @classmethod
+    def from_overload(cls, overload: str) -> "MatMulSpec":
+        fmt, block, scale_dtype, act = _split(overload, 4)
+        return cls(fmt, int(block[1:]), scale_dtype, act)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """ReorderNorm variant: norm kind and whether a beta input is present."""
+
+    kind: str  # one of NORM_KINDS
+    has_beta: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORM_KINDS:
+            raise LowbitError(f"norm kind must be one of {NORM_KINDS}, got {self.kind!r}")
+
+    @property
+    def overload(self) -> str:
+        return f"{self.kind}_beta" if self.has_beta else self.kind
+
+    @classmethod
+    def from_overload(cls, overload: str) -> "NormSpec":
+        kind, _, beta = overload.partition("_")
+        return cls(kind, beta == "beta")
+
+
+def _split(overload: str, n: int) -> list[str]:
+    # int8_dynamic / int8_static contain an underscore: split from the left n-1 times.
+    parts = overload.split("_", n - 1)
+    if len(parts) != n or not parts[1].startswith("b") or not parts[1][1:].isdigit():
+        raise LowbitError(f"malformed lowbit overload {overload!r}")
+    return parts

@@ -1,0 +1,68 @@
+// 4-bit weight x float/int8 activation kernels behind MatMulLowbit and GatherLowbit.
+//
+// Weight layout (what lowbit.runtime_ext.pack_matmul_weight produces): codes uint8 [N, K/2],
+// row n holds column n of the math weight W[K, N] along K, two codes per byte, low nibble =
+// even k (lowbit.formats.pack_nibbles order); scales [N, K/block] (float32, or uint8 E4M3 bits
+// for nvfp4 / E8M0 bits for mxfp4); one float32 global scale. w[k, n] = value(code) *
+// fl(scale * global) exactly as lowbit.formats.decode.
+//
+// Activation order: kernels read activations "chunk-permuted": in each 16-element chunk of K,
+// the 8 even k first, then the 8 odd k (PermuteRow). This matches the order in which the low and
+// high nibbles of 8 bytes come out of the SIMD unpack, so weights never need reshuffling.
+//
+// Requires K % 16 == 0 and block in {16} U {32 x j}; the caller validates.
+// Dispatch: a portable scalar version and an AVX2+FMA version, chosen once per process.
+#pragma once
+
+#include "common.h"
+
+namespace lowbit {
+
+struct Weight {
+  const uint8_t* codes = nullptr;
+  int64_t N = 0, K = 0, block = 0;
+  Format format = Format::kDint4;
+  const float* scale_f32 = nullptr;
+  const uint8_t* scale_u8 = nullptr;
+  float byte_table[256];  // uint8 scale byte -> float32 (filled when scale_u8 is set)
+  float global = 1.0f;
+  // fl(scale * global): the decode scale of block b of row n.
+  inline float Scale(int64_t n, int64_t b) const {
+    const int64_t i = n * (K / block) + b;
+    return (scale_f32 ? scale_f32[i] : byte_table[scale_u8[i]]) * global;
+  }
+};
+
+// A row of K floats/int8 in chunk-permuted order.
+void PermuteRow(const float* a, float* out, int64_t K);
+void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K);
+
+// Symmetric int8 quantization of one row: q = clamp(rint(a / scale), -127, 127).
+void QuantizeRowI8(const float* a, int8_t* q, int64_t K, float scale);
+
+struct Kernels {
+  const char* name;
+  // y[n] for n in [n0, n1): dot(ap, w[:, n]); ap chunk-permuted float.
+  void (*gemv_f32)(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1);
+  // y[n] = a_scale * sum_b scale_b * int32 dot over block b; aq chunk-permuted int8.
+  void (*gemv_i8)(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
+                  int64_t n1);
+  // Decodes rows [n0, n0+nr), k in [k0, k0+kc) to out[r * ldo + j] in chunk-permuted order.
+  void (*decode_rows)(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
+                      float* out, int64_t ldo);
+  // C tile update: c[r * ldc + i] += sum_k ap[k * 16 + i] * wd[r * ldw + k], r < nr (<= 6).
+  void (*micro)(const float* ap, const float* wd, int64_t ldw, int64_t kc, int nr, float* c,
+                int64_t ldc);
+};
+
+const Kernels& SelectKernels();  // AVX2 when the CPU has it (and LOWBIT_ORT_ISA != "scalar")
+const Kernels& ScalarKernels();
+
+// Y[M, N] = A[M, K] @ W (float activations), multi-threaded via ctx.
+void MatMulF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
+               const Weight& w, float* Y);
+// int8 activations: per-row scales (dynamic) or one static scale.
+void MatMulI8(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
+              const Weight& w, const float* row_scales, float* Y);
+
+}  // namespace lowbit

@@ -1,0 +1,115 @@
+// lowbit::MatMulLowbit: Y[..., N] = A[..., K] @ W, W in packed 4-bit codes (see kernels.h).
+//
+// Inputs: A float32 [..., K]; codes uint8 [N, K/2]; scales float32 | uint8 [N, K/block]
+// (uint8: E4M3 bits for nvfp4, E8M0 bits for mxfp4); global_scale float32 (1 value);
+// act_scale float32 (1 value, only with act_mode=int8_static).
+// Attributes: format (dint4|nvfp4|int4|mxfp4), block_size (16 or a multiple of 32),
+// act_mode (float32 | int8_dynamic | int8_static, default float32).
+// int8 modes quantize A symmetrically: q = clamp(rint(a / s), -127, 127) with s = max|a_row|/127
+// per row (dynamic; 1 for an all-zero row) or the static act_scale, then Y = s * (q @ W).
+#include "ops.h"
+
+#include "kernels.h"
+
+namespace lowbit {
+
+const char* MatMulLowbit::kName = "MatMulLowbit";
+
+ONNXTensorElementDataType MatMulLowbit::InputType(size_t i) {
+  switch (i) {
+    case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float32 or uint8, checked below
+    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+}
+
+MatMulLowbit::MatMulLowbit(const OrtKernelInfo* info) {
+  format_ = ParseFormat(kName, GetStringAttr(info, "format", nullptr));
+  block_ = GetIntAttr(info, "block_size", 0, true);
+  if (block_ != 16 && (block_ < 32 || block_ % 32 != 0))
+    throw OpError("attribute 'block_size' must be 16 or a positive multiple of 32, got " +
+                  std::to_string(block_));
+  const std::string mode = GetStringAttr(info, "act_mode", "float32");
+  if (mode == "float32") act_mode_ = ActMode::kFloat;
+  else if (mode == "int8_dynamic") act_mode_ = ActMode::kInt8Dynamic;
+  else if (mode == "int8_static") act_mode_ = ActMode::kInt8Static;
+  else
+    throw OpError("attribute 'act_mode' must be float32, int8_dynamic or int8_static, got '" +
+                  mode + "'");
+}
+
+// Checks the weight inputs against A's K and fills `w`; shared with the fallback-free paths.
+static void BindWeight(const char* op, Format format, int64_t block, const Input& codes,
+                       const Input& scales, const Input& global, int64_t K, Weight& w) {
+  if (codes.shape.size() != 2)
+    throw OpError(std::string(op) + ": codes must be 2-D [N, K/2], got " + ShapeStr(codes.shape));
+  const int64_t N = codes.shape[0];
+  if (codes.shape[1] * 2 != K)
+    throw OpError(std::string(op) + ": codes " + ShapeStr(codes.shape) +
+                  " do not match the activations' last dimension K=" + std::to_string(K) +
+                  " (expected [N, " + std::to_string(K / 2) + "])");
+  if (K % 16 != 0 || K % block != 0)
+    throw OpError(std::string(op) + ": K=" + std::to_string(K) +
+                  " must be a multiple of 16 and of block_size=" + std::to_string(block));
+  const std::vector<int64_t> want{N, K / block};
+  if (scales.shape != want)
+    throw OpError(std::string(op) + ": scales must have shape " + ShapeStr(want) + ", got " +
+                  ShapeStr(scales.shape));
+  w.codes = codes.data<uint8_t>();
+  w.N = N;
+  w.K = K;
+  w.block = block;
+  w.format = format;
+  if (scales.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    w.scale_f32 = scales.data<float>();
+  } else if (scales.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 &&
+             (format == Format::kNvfp4 || format == Format::kMxfp4)) {
+    w.scale_u8 = scales.data<uint8_t>();
+    for (int b = 0; b < 256; ++b)
+      w.byte_table[b] = format == Format::kNvfp4 ? DecodeE4M3(uint8_t(b)) : DecodeE8M0(uint8_t(b));
+  } else {
+    throw OpError(std::string(op) +
+                  ": scales must be float32 (any format) or uint8 (E4M3 bits for nvfp4, E8M0 "
+                  "bits for mxfp4); format is " + FormatName(format));
+  }
+  w.global = ScalarFloat(op, "global_scale", global);
+}
+
+void MatMulLowbit::Compute(Ort::KernelContext& ctx) {
+  const Input a = GetInput(ctx, 0), codes = GetInput(ctx, 1), scales = GetInput(ctx, 2),
+              global = GetInput(ctx, 3), act_scale = GetInput(ctx, 4);
+  ExpectType(kName, "A", a, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  ExpectType(kName, "codes", codes, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+  if (a.shape.empty()) throw OpError(std::string(kName) + ": A must have rank >= 1");
+  const int64_t K = a.shape.back(), M = K > 0 ? NumElements(a.shape) / K : 0;
+  Weight w;
+  BindWeight(kName, format_, block_, codes, scales, global, K, w);
+
+  std::vector<int64_t> out_shape(a.shape.begin(), a.shape.end() - 1);
+  out_shape.push_back(w.N);
+  float* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
+  if (M == 0 || w.N == 0) return;
+  const float* A = a.data<float>();
+  const Kernels& kern = SelectKernels();
+
+  if (act_mode_ == ActMode::kFloat) return MatMulF32(ctx, kern, A, M, w, y);
+  std::vector<float> row_scales(static_cast<size_t>(M));
+  if (act_mode_ == ActMode::kInt8Static) {
+    if (!act_scale.present())
+      throw OpError(std::string(kName) + ": act_mode=int8_static needs input 4 (act_scale)");
+    const float s = ScalarFloat(kName, "act_scale", act_scale);
+    if (!(s > 0.0f) || std::isinf(s))
+      throw OpError(std::string(kName) + ": act_scale must be positive and finite, got " +
+                    std::to_string(s));
+    std::fill(row_scales.begin(), row_scales.end(), s);
+  } else {
+    for (int64_t m = 0; m < M; ++m) {
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(A[m * K + k]));
+      row_scales[m] = amax > 0.0f ? amax / 127.0f : 1.0f;
+    }
+  }
+  MatMulI8(ctx, kern, A, M, w, row_scales.data(), y);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,23 @@
+// Kernel classes of the lowbit ops (one .cc per op); registered in register.cc.
+#pragma once
+
+#include "common.h"
+
+namespace lowbit {
+
+class MatMulLowbit {
+ public:
+  static const char* kName;
+  static constexpr size_t kNumInputs = 5, kNumRequired = 4;
+  static ONNXTensorElementDataType InputType(size_t i);
+  explicit MatMulLowbit(const OrtKernelInfo* info);
+  void Compute(Ort::KernelContext& ctx);
+
+ private:
+  enum class ActMode { kFloat, kInt8Dynamic, kInt8Static };
+  Format format_;
+  int64_t block_;
+  ActMode act_mode_;
+};
+
+}  // namespace lowbit

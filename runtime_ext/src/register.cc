@@ -1,0 +1,24 @@
+// Library entry point: ORT calls RegisterCustomOps when the library is registered with
+// SessionOptions.register_custom_ops_library. Registers every op in domain "lowbit", version 1.
+#include "op_base.h"
+#include "ops.h"
+
+namespace {
+
+lowbit::LowbitOp<lowbit::MatMulLowbit> g_matmul;
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // ORT older than API 17: nothing we can report through
+  Ort::InitApi(api);
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* st = api->CreateCustomOpDomain("lowbit", &domain)) return st;
+  OrtCustomOp* ops[] = {&g_matmul};
+  for (OrtCustomOp* op : ops)
+    if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) return st;
+  // The domain must outlive every session using it; it is intentionally never released.
+  return api->AddCustomOpDomain(options, domain);
+}
