@@ -33,17 +33,24 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.bench.runner import BenchConfig, run_bench
+    from lowbit.bench.contenders import CONTENDERS
+    from lowbit.bench.runner import SECTIONS, BenchConfig, run_bench
     from lowbit.compiler.fsutil import atomic_path, check_writable_parent
+    from lowbit.errors import LowbitError
 
+    # Validate everything now, not after twenty minutes of measuring.
     out = Path(args.output)
-    check_writable_parent(out)  # fail now, not after twenty minutes of measuring
-    contenders = _split(args.contenders)
+    check_writable_parent(out)
+    contenders, sections = _split(args.contenders), _split(args.sections)
+    for kind, names, known in (("contender", contenders, CONTENDERS), ("section", sections, SECTIONS)):
+        unknown = [n for n in names or [] if n not in known]
+        if unknown:
+            raise LowbitError(f"unknown bench {kind}(s) {', '.join(unknown)}; known: {', '.join(known)}")
     cfg = BenchConfig(seq_len=args.seq_len, eval_windows=args.windows, calib_windows=args.calib_windows,
                       contenders=tuple(contenders) if contenders else None)
-    argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name == "lowbit" else ["bench"]
+    argv = sys.argv[1:] if "bench" in sys.argv[1:] else ["bench"]  # also right under pytest
     command = "lowbit " + " ".join(shlex.quote(a) for a in argv)
-    report = run_bench(cfg, command, _split(args.sections))
+    report = run_bench(cfg, command, sections)
     with atomic_path(out) as tmp:
         tmp.write_text(report)
     print(report)
