@@ -36,12 +36,16 @@ _KWARGS = {"absmax": {}, "percentile": {"percentile": 99.9},
 
 def choose_block_scales(fmt: ScaledFormat, xb: np.ndarray, blocking: Blocking, *,
                         symmetric: bool, method: str, weights: np.ndarray | None,
-                        tensor_amax: float, kwargs: dict[str, Any]) -> BlockScales:
-    """Per-block scales for the block view ``xb`` (finite float32) by ``method``."""
+                        block_amax: np.ndarray, kwargs: dict[str, Any]) -> BlockScales:
+    """Per-block scales for the block view ``xb`` (finite float32) by ``method``.
+
+    ``block_amax`` is ``blocking.block_absmax(xb)``, which the caller has already computed.
+    """
     opts = _options(fmt, method, weights, kwargs)
+    tensor_amax = float(block_amax.max())
     if method == "percentile":
         return _percentile(fmt, xb, blocking, symmetric, opts["percentile"], tensor_amax)
-    lo, hi, amax = _absmax_stats(xb, symmetric)
+    lo, hi, amax = _absmax_stats(xb, symmetric, block_amax)
     if method == "absmax":
         return scales_from_range(fmt, amax, tensor_amax=tensor_amax, lo=lo, hi=hi)
     wb = None
@@ -73,9 +77,9 @@ def _options(fmt: ScaledFormat, method: str, weights: np.ndarray | None,
     return opts
 
 
-def _absmax_stats(xb: np.ndarray, symmetric: bool):
+def _absmax_stats(xb: np.ndarray, symmetric: bool, block_amax: np.ndarray):
     if symmetric:
-        return None, None, np.abs(xb).max(axis=2, keepdims=True)
+        return None, None, block_amax
     # Zero padding is harmless here: the asymmetric range always includes 0.
     return xb.min(axis=2, keepdims=True), xb.max(axis=2, keepdims=True), None
 

@@ -180,12 +180,13 @@ def _prepare(x, fmt, axis, block_size, symmetric, method, scale, zero_point, glo
     blocking = Blocking.make(x.shape, axis, block_size, spec.name)
     if not symmetric and not spec.supports_asymmetric:
         raise LowbitError(f"{spec.name}: symmetric=False is only supported for int2..int8")
-    lo, hi = float(x.min()), float(x.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        bad = ~np.isfinite(x)
-        raise LowbitError(f"{spec.name}: input has {int(np.count_nonzero(bad))} non-finite "
-                          f"value(s) ({int(np.count_nonzero(np.isnan(x)))} NaN) out of {x.size}")
     xb = blocking.to_blocks(x)
+    block_amax = blocking.block_absmax(xb)  # NaN/Inf propagate: the finiteness check is free
+    if not np.all(np.isfinite(block_amax)):
+        n_nan = int(np.count_nonzero(np.isnan(x)))
+        n_inf = int(np.count_nonzero(np.isinf(x)))
+        raise LowbitError(f"{spec.name}: cannot encode a tensor with {n_nan + n_inf} non-finite "
+                          f"value(s) ({n_nan} NaN, {n_inf} Inf) out of {x.size}")
     if scale is not None:
         bs = _explicit(spec, blocking, symmetric, scale, zero_point, global_scale,
                        method, weights, kwargs)
@@ -195,7 +196,7 @@ def _prepare(x, fmt, axis, block_size, symmetric, method, scale, zero_point, glo
         if weights is not None:
             weights = _check_weights(spec, weights, x.shape)
         bs = choose_block_scales(spec, xb, blocking, symmetric=symmetric, method=method,
-                                 weights=weights, tensor_amax=max(-lo, hi), kwargs=kwargs)
+                                 weights=weights, block_amax=block_amax, kwargs=kwargs)
     return spec, blocking, xb, bs
 
 

@@ -70,7 +70,7 @@ class DintElement(ElementFormat):
         out += np.float32(0.0)  # -0.0 -> +0.0: the negative-zero code is never produced
         return out
 
-    def encode(self, y: np.ndarray, *, narrow: bool = False) -> np.ndarray:
+    def encode_reference(self, y: np.ndarray, *, narrow: bool = False) -> np.ndarray:
         y = np.asarray(y, dtype=np.float32)
         m = self.magnitude_codes(np.abs(y)).astype(np.uint8)
         sign = ((y < 0) & (m > 0)).astype(np.uint8) << np.uint8(self.bits - 1)

@@ -30,6 +30,7 @@ def cast_e8m0(x: np.ndarray) -> np.ndarray:
     safe = np.where(positive, x, np.float32(1.0))
     mant, exp = np.frexp(safe)  # mant in [0.5, 1): round up from 0.75 (= 1.5 x 2^(exp-1)) on
     e = exp.astype(np.int32) - 1 + (mant >= 0.75)
+    e[np.isposinf(x)] = C.E8M0_EMAX  # frexp(inf) has no meaningful exponent; saturate
     np.clip(e, C.E8M0_EMIN, C.E8M0_EMAX, out=e)
     out = np.ldexp(np.float32(1.0), e).astype(np.float32)
     out[~positive] = np.nan

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import sys
 
 import numpy as np
 
@@ -38,8 +39,21 @@ class ElementFormat(abc.ABC):
         """Nearest representable float32 values of ``y`` (``narrow``: symmetric code range)."""
 
     @abc.abstractmethod
+    def encode_reference(self, y: np.ndarray, *, narrow: bool = False) -> np.ndarray:
+        """uint8 codes (low ``bits`` bits) of ``round(y)``, computed arithmetically."""
+
     def encode(self, y: np.ndarray, *, narrow: bool = False) -> np.ndarray:
-        """uint8 codes (low ``bits`` bits) of ``round(y)``; same shape as ``y``."""
+        """uint8 codes (low ``bits`` bits) of ``round(y)``; same shape as ``y``; NaN-free input."""
+        table = _encode_table(self, narrow)
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        if table is None:
+            return self.encode_reference(y, narrow=narrow)
+        halves = y.reshape(-1).view(np.uint16)
+        lo_first = sys.byteorder == "little"
+        lo, hi = (halves[0::2], halves[1::2]) if lo_first else (halves[1::2], halves[0::2])
+        idx = np.left_shift(hi, 1, dtype=np.int32)
+        np.bitwise_or(idx, lo != 0, out=idx)
+        return table[idx].reshape(y.shape)
 
     @abc.abstractmethod
     def _table(self) -> np.ndarray:
@@ -63,5 +77,22 @@ class ElementFormat(abc.ABC):
 @functools.lru_cache(maxsize=None)
 def _cached_table(fmt: ElementFormat) -> np.ndarray:
     table = np.asarray(fmt._table(), dtype=np.float32)
+    table.setflags(write=False)
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_table(fmt: ElementFormat, narrow: bool) -> np.ndarray | None:
+    """The 2^17-entry code table of ``encode`` (see the module docstring), or None if unusable."""
+    idx = np.arange(1 << 17, dtype=np.uint32)
+    start = (idx >> 1) << 16
+    first = (start | (idx & 1)).view(np.float32)  # bucket start, or its successor if bit set
+    last = (start | np.where(idx & 1 == 1, 0xFFFF, 0).astype(np.uint32)).view(np.float32)
+    # NaN buckets are never looked up (encode's callers reject NaN); evaluate them as 0.
+    nan = np.isnan(first) | np.isnan(last)
+    first, last = np.where(nan, 0, first), np.where(nan, 0, last)
+    table = fmt.encode_reference(first, narrow=narrow)
+    if not np.array_equal(table, fmt.encode_reference(last, narrow=narrow)):
+        return None
     table.setflags(write=False)
     return table

@@ -58,7 +58,7 @@ class IntElement(ElementFormat):
         v += np.float32(0.0)  # -0.0 -> +0.0: integers have one zero
         return v
 
-    def encode(self, y: np.ndarray, *, narrow: bool = False) -> np.ndarray:
+    def encode_reference(self, y: np.ndarray, *, narrow: bool = False) -> np.ndarray:
         v = self.round(y, narrow=narrow)
         return v.astype(np.int8).view(np.uint8) & np.uint8(self.umax)
 
