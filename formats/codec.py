@@ -100,10 +100,11 @@ def cast(x: np.ndarray, fmt: str) -> np.ndarray:
         raise LowbitError(f"cast: {spec.name} is a block-scaled format; cast() takes an element "
                           f"format: {', '.join(elementwise)}")
     x = np.asarray(x, dtype=np.float32)
-    out = np.asarray(spec.element.round(x), dtype=np.float32)
     nan = np.isnan(x)
-    if np.any(nan):
-        out[nan] = np.nan
+    if not np.any(nan):
+        return np.asarray(spec.element.round(x), dtype=np.float32)
+    out = np.asarray(spec.element.round(np.where(nan, np.float32(0.0), x)), dtype=np.float32)
+    out[nan] = np.nan
     return out
 
 
