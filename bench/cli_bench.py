@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
     parser.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8)")
+    parser.add_argument("--calib-text", metavar="FILE", help="calibrate on this UTF-8 text instead of the pydoc split")
+    parser.add_argument("--eval-text", metavar="FILE", help="evaluate on this UTF-8 text instead of the pydoc split")
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.bench.runner import SECTIONS, BenchConfig, run_bench
     from lowbit.compiler.fsutil import atomic_path, check_writable_parent
     from lowbit.errors import LowbitError
+    from lowbit.models.data import read_text_file
 
     # Validate everything now, not after twenty minutes of measuring.
     out = Path(args.output)
@@ -47,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise LowbitError(f"unknown bench {kind}(s) {', '.join(unknown)}; known: {', '.join(known)}")
     cfg = BenchConfig(seq_len=args.seq_len, eval_windows=args.windows, calib_windows=args.calib_windows,
-                      contenders=tuple(contenders) if contenders else None)
+                      contenders=tuple(contenders) if contenders else None,
+                      calib_text=args.calib_text, eval_text=args.eval_text)
+    for f in (args.calib_text, args.eval_text):
+        if f is not None:
+            read_text_file(f)  # missing/empty text is an error now, not after the export
     argv = sys.argv[1:] if "bench" in sys.argv[1:] else ["bench"]  # also right under pytest
     command = "lowbit " + " ".join(shlex.quote(a) for a in argv)
     report = run_bench(cfg, command, sections)

@@ -38,6 +38,8 @@ class BenchConfig:
     calib_windows: int = 8  # calibration windows of the calibration split
     texts: int = 64  # encoder: evaluation paragraphs for the cosine; calibration uses as many
     contenders: tuple[str, ...] | None = None  # restrict to these names (None: all registered)
+    calib_text: str | None = None  # a user's UTF-8 text file instead of the calibration split
+    eval_text: str | None = None  # a user's UTF-8 text file instead of the evaluation split
 
     def __post_init__(self) -> None:
         if self.seq_len < 2 or min(self.eval_windows, self.calib_windows, self.texts) < 1:
@@ -124,11 +126,13 @@ def smollm2_section(cfg: BenchConfig) -> str:
 
     fp32_dir = export_model("smollm2-135m")
     tok = load_tokenizer(fp32_dir)
-    calib = data.calibration_windows(tok, cfg.seq_len, cfg.calib_windows)
-    evalw = data.evaluation_windows(tok, cfg.seq_len, cfg.eval_windows)
+    calib = data.calibration_windows(tok, cfg.seq_len, cfg.calib_windows, text_file=cfg.calib_text)
+    evalw = data.evaluation_windows(tok, cfg.seq_len, cfg.eval_windows, text_file=cfg.eval_text)
+    calib_source = cfg.calib_text or "the calibration split (pydoc_data.topics, even sorted keys)"
+    eval_source = cfg.eval_text or "the evaluation split (pydoc_data.topics, odd sorted keys)"
     ctx_args = {
         "feeds": tuple({"input_ids": w[None, :]} for w in calib), "windows": calib,
-        "description": f"{cfg.calib_windows} windows x {cfg.seq_len} tokens of the calibration split",
+        "description": f"{cfg.calib_windows} windows x {cfg.seq_len} tokens of {calib_source}",
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root:
@@ -142,9 +146,8 @@ def smollm2_section(cfg: BenchConfig) -> str:
         "",
         f"Source weights: {SHIPPED['smollm2-135m'].weight_grid}. A 4-bit block-32 asymmetric "
         "quantizer reproduces them almost exactly; read 4-bit results with that in mind.",
-        f"Evaluation: {rows[0][1].windows} windows x {cfg.seq_len} tokens of the evaluation split "
-        f"(pydoc_data.topics, odd sorted keys), {rows[0][1].tokens} scored tokens, ORT CPU. "
-        f"Calibration: {ctx_args['description']} (even sorted keys).",
+        f"Evaluation: {rows[0][1].windows} windows x {cfg.seq_len} tokens of {eval_source}, "
+        f"{rows[0][1].tokens} scored tokens, ORT CPU. Calibration: {ctx_args['description']}.",
         "",
         "| contender | weight grid | ppl | ratio to FP32 | compile s | size MB | bits/weight (linear) |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -164,8 +167,8 @@ def minilm_section(cfg: BenchConfig) -> str:
 
     fp32_dir = export_model("minilm-l6")
     tok = load_tokenizer(fp32_dir)
-    calib_texts = data.text_samples("calibration", cfg.texts)
-    eval_texts = data.text_samples("evaluation", cfg.texts)
+    calib_texts = data.text_samples("calibration", cfg.texts, text_file=cfg.calib_text)
+    eval_texts = data.text_samples("evaluation", cfg.texts, text_file=cfg.eval_text)
     feeds = []
     for s in range(0, len(calib_texts), 16):
         enc = tok(calib_texts[s : s + 16], padding=True, truncation=True, max_length=128, return_tensors="np")

@@ -56,7 +56,7 @@ WITH_PAST_OPSET = 18
 ORT_MAX_IR_VERSION = 11
 # Below this many weight bytes the model is one self-contained .onnx file.
 EXTERNAL_DATA_THRESHOLD = 256 * 2**20
-_EXPORT_FORMAT = 1  # bump when the layout of an export changes, to invalidate caches
+_EXPORT_FORMAT = 2  # bump when the layout of an export changes, to invalidate caches
 _META = "lowbit_export.json"
 
 
@@ -110,6 +110,8 @@ def fix_ir_version(onnx_file: Path) -> int:
         location=onnx_file.name + ".data",
         size_threshold=1024,
     )
+    for f in onnx_file.parent.glob(onnx_file.name + "*"):
+        f.chmod(0o644)  # onnx writes external data 0600; an export dir is meant to be shared
     return opset
 
 
@@ -125,7 +127,11 @@ def _export_dynamo(model: Any, kind: str, onnx_file: Path) -> None:
                 self.inner = inner
 
             def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-                return self.inner(input_ids=input_ids, use_cache=False).logits
+                # Explicit [batch, seq] positions: with HF's default [1, seq] the exported
+                # RotaryEmbedding gets batch-1 cos/sin caches, which ORT rejects for batch > 1.
+                batch, seq = input_ids.shape
+                positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+                return self.inner(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
         wrapper, names, outputs = LogitsOnly(model), ["input_ids"], ["logits"]
     else:

@@ -2,10 +2,12 @@
 
 Tolerances. The ORT graph computes the same FP32 math as torch in a different order (fused
 RMSNormalization/Attention kernels, other matmul blocking), so logits differ by float32
-rounding accumulated over 30 layers. SmolLM2's logits have magnitudes ~10-30; a float32 relative
-error of ~1e-6 per op grows to ~1e-4..1e-3 absolute after 30 layers. We allow 1e-2 absolute
-(well below any change of the predicted token: we also assert the argmax agrees almost
-everywhere) and 0.5% on perplexity (the issue's acceptance bound).
+rounding accumulated over 30 layers. SmolLM2's logits span about -25..40; float32 has a relative
+epsilon of 1.2e-7, i.e. ~5e-6 at |40|, and 30 layers of reordered sums amplify that by one to
+two orders of magnitude. Measured: max abs diff 7.4e-05 over 2 x 256 x 49152 logits. We allow
+1e-3 absolute (13x the measurement, still far below a change of the predicted token: the argmax
+is also asserted to agree almost everywhere) and 0.5% on perplexity (the issue's bound; measured
+15.7219 vs 15.7219).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def test_smollm2_logits_match_torch(smollm2_export, torch_smollm2, eval_windows)
     diff = float(np.abs(ort_logits - ref).max())
     print(f"max abs logit diff ORT vs torch: {diff:.2e} (logit range {ref.min():.1f}..{ref.max():.1f})")
     assert ort_logits.shape == ref.shape == (2, 256, 49152)
-    assert diff < 1e-2
+    assert diff < 1e-3
     assert (ort_logits.argmax(-1) == ref.argmax(-1)).mean() > 0.999
 
 
