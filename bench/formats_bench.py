@@ -58,10 +58,10 @@ def _machine() -> str:
             f"numpy {np.__version__}, load average at start {load}")
 
 
-def run(repeats: int = 5) -> str:
+def run(repeats: int = 5, shape: tuple[int, int] = SHAPE) -> str:
     """Measure every case and return the Markdown section (header, table, machine line)."""
     machine = _machine()
-    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     rows = []
     for label, fmt, axis, block in CASES:
         times = _time_case(x, fmt, axis, block, repeats)
@@ -70,7 +70,7 @@ def run(repeats: int = 5) -> str:
         rows.append(f"| {label} | {med:.3f} | {min(times):.3f} | {mbps:.0f} | "
                     f"{'yes' if med < GOAL_S else 'NO'} |")
     return "\n".join([
-        "## lowbit.formats: encode + pack of a 4096 x 4096 float32 matrix",
+        f"## lowbit.formats: encode + pack of a {shape[0]} x {shape[1]} float32 matrix",
         "",
         f"`python -m lowbit.bench.formats_bench` - median of {repeats} runs after a warm-up; "
         f"goal < {GOAL_S} s each.",
