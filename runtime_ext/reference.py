@@ -44,7 +44,7 @@ def e4m3_to_float(bits: np.ndarray) -> np.ndarray:
 def e8m0_to_float(bits: np.ndarray) -> np.ndarray:
     """E8M0 bytes -> float32 2^(b-127) (0xFF -> NaN)."""
     b = np.asarray(bits, np.uint8).astype(np.int32)
-    out = np.ldexp(np.float32(1.0), b - 127).astype(np.float32)
+    out = np.ldexp(np.float32(1.0), np.minimum(b, 254) - 127).astype(np.float32)
     return np.where(b == 255, np.float32(np.nan), out).astype(np.float32)
 
 

@@ -5,25 +5,22 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <memory>
 
 namespace lowbit {
 
-void PermuteRow(const float* a, float* out, int64_t K) {
-  for (int64_t c = 0; c < K; c += 16)
-    for (int i = 0; i < 8; ++i) {
+template <typename T>
+static void PermuteRowT(const T* a, T* out, int64_t K) {
+  for (int64_t c = 0; c < K; c += 32) {
+    const int64_t half = std::min<int64_t>(32, K - c) / 2;
+    for (int64_t i = 0; i < half; ++i) {
       out[c + i] = a[c + 2 * i];
-      out[c + 8 + i] = a[c + 2 * i + 1];
+      out[c + half + i] = a[c + 2 * i + 1];
     }
+  }
 }
 
-void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K) {
-  for (int64_t c = 0; c < K; c += 16)
-    for (int i = 0; i < 8; ++i) {
-      out[c + i] = a[c + 2 * i];
-      out[c + 8 + i] = a[c + 2 * i + 1];
-    }
-}
+void PermuteRow(const float* a, float* out, int64_t K) { PermuteRowT(a, out, K); }
+void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K) { PermuteRowT(a, out, K); }
 
 void QuantizeRowI8(const float* a, int8_t* q, int64_t K, float scale) {
   for (int64_t k = 0; k < K; ++k) {
@@ -37,71 +34,82 @@ namespace {
 
 // ---- scalar (portable baseline) -----------------------------------------------------------
 
-// Integer dot of one 16-chunk: 8 bytes of codes against chunk-permuted activations.
+// Dot of `len` (<= 32) k starting at a chunk boundary c (within one chunk of `chunk` elements),
+// codes of the chunk at `bytes`, chunk-permuted activations of the chunk at `ap`; `off` = first
+// even-index position inside the chunk. Accumulates in Acc (float or int32).
 template <typename A, typename Acc>
-inline Acc ChunkDot(const uint8_t* bytes, const A* ap, const int8_t* lut) {
+inline Acc ChunkDot(const uint8_t* bytes, const A* ap, const int8_t* lut, int64_t chunk,
+                    int64_t first, int64_t len) {
   Acc s = 0;
-  for (int i = 0; i < 8; ++i) {
+  const int64_t half = chunk / 2;
+  for (int64_t i = first / 2; i < (first + len) / 2; ++i) {
     s += static_cast<Acc>(ap[i]) * lut[bytes[i] & 0xF];
-    s += static_cast<Acc>(ap[8 + i]) * lut[bytes[i] >> 4];
+    s += static_cast<Acc>(ap[half + i]) * lut[bytes[i] >> 4];
   }
   return s;
 }
 
-void GemvF32Scalar(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
-  const int8_t* lut = IntTable(w.format);
-  const float mult = IntMultiplier(w.format);
-  const int64_t nb = w.K / w.block;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * (w.K / 2);
-    float acc = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      float bs = 0;
-      for (int64_t c = b * w.block; c < (b + 1) * w.block; c += 16)
-        bs += ChunkDot<float, float>(row + c / 2, ap + c, lut);
-      acc += bs * (w.Scale(n, b) * mult);
-    }
-    y[n] = acc;
+// Visits every (chunk, block) piece of a row in order: fn(chunk_start, chunk_len, first, len,
+// block). Pieces are 16 or more elements; blocks are 16 or multiples of 32, so a 32-chunk is one
+// block or two 16-blocks.
+template <typename Fn>
+inline void ForPieces(int64_t K, int64_t block, Fn&& fn) {
+  for (int64_t c = 0; c < K; c += 32) {
+    const int64_t chunk = std::min<int64_t>(32, K - c);
+    if (block == 16)
+      for (int64_t f = 0; f < chunk; f += 16) fn(c, chunk, f, int64_t(16), (c + f) / 16);
+    else
+      fn(c, chunk, int64_t(0), chunk, c / block);
   }
+}
+
+template <typename A, typename Acc>
+float RowScalar(const A* ap, const Weight& w, int64_t n, const int8_t* lut, float mult) {
+  const uint8_t* row = w.codes + n * (w.K / 2);
+  // Per-block sums first (integer in the int8 path), then scaled: the kernels' contract.
+  std::vector<Acc> sums(static_cast<size_t>(w.nb), Acc(0));
+  ForPieces(w.K, w.block, [&](int64_t c, int64_t chunk, int64_t f, int64_t len, int64_t b) {
+    sums[b] += ChunkDot<A, Acc>(row + c / 2, ap + c, lut, chunk, f, len);
+  });
+  float acc = 0;
+  for (int64_t b = 0; b < w.nb; ++b) acc += static_cast<float>(sums[b]) * (w.Scale(n, b) * mult);
+  return acc;
+}
+
+void GemvF32Scalar(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    y[n] = RowScalar<float, float>(ap, w, n, IntTable(w.format), IntMultiplier(w.format));
 }
 
 void GemvI8Scalar(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
                   int64_t n1) {
-  const int8_t* lut = IntTable(w.format);
-  const float mult = IntMultiplier(w.format);
-  const int64_t nb = w.K / w.block;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.codes + n * (w.K / 2);
-    float acc = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      int32_t bs = 0;
-      for (int64_t c = b * w.block; c < (b + 1) * w.block; c += 16)
-        bs += ChunkDot<int8_t, int32_t>(row + c / 2, aq + c, lut);
-      acc += static_cast<float>(bs) * (w.Scale(n, b) * mult);
-    }
-    y[n] = acc * a_scale;
-  }
+  for (int64_t n = n0; n < n1; ++n)
+    y[n] = RowScalar<int8_t, int32_t>(aq, w, n, IntTable(w.format), IntMultiplier(w.format)) *
+           a_scale;
 }
 
+// k0 and kc are multiples of 32 except that k0 + kc may end on K's 16-tail.
 void DecodeRowsScalar(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
                       float* out, int64_t ldo) {
   const float* table = ValueTable(w.format);
   for (int64_t r = 0; r < nr; ++r) {
     const uint8_t* row = w.codes + (n0 + r) * (w.K / 2);
-    for (int64_t c = k0; c < k0 + kc; c += 16) {
-      const float s = w.Scale(n0 + r, c / w.block);
+    for (int64_t c = k0; c < k0 + kc; c += 32) {
+      const int64_t half = std::min<int64_t>(32, w.K - c) / 2;
       float* o = out + r * ldo + (c - k0);
-      for (int i = 0; i < 8; ++i) {
+      for (int64_t i = 0; i < half; ++i) {
+        // Even k = c + 2i and odd k = c + 2i + 1 share block (c + 2i) / block (block >= 16).
+        const float s = w.Scale(n0 + r, (c + 2 * i) / w.block);
         o[i] = table[row[c / 2 + i] & 0xF] * s;
-        o[8 + i] = table[row[c / 2 + i] >> 4] * s;
+        o[half + i] = table[row[c / 2 + i] >> 4] * s;
       }
     }
   }
 }
 
-void MicroScalar(const float* ap, const float* wd, int64_t ldw, int64_t kc, int nr, float* c,
+void MicroScalar(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c,
                  int64_t ldc) {
-  for (int r = 0; r < nr; ++r)
+  for (int r = 0; r < 6; ++r)
     for (int i = 0; i < 16; ++i) {
       float s = c[r * ldc + i];
       for (int64_t k = 0; k < kc; ++k) s += ap[k * 16 + i] * wd[r * ldw + k];
@@ -119,168 +127,204 @@ LB_AVX2 inline float HSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 16 bytes of codes (32 k) -> two 16-chunks of int8 values, each [8 even k | 8 odd k].
-LB_AVX2 inline void Unpack32(const uint8_t* p, __m128i lut, __m128i& c0, __m128i& c1) {
-  const __m128i mask = _mm_set1_epi8(0x0F);
+// 16 bytes of codes (one 32-chunk) -> 32 int8 values: low lane = the 16 even k, high lane = the
+// 16 odd k (the chunk-permuted order). lut16 holds the 16-entry table in both lanes.
+LB_AVX2 inline __m256i Unpack32(const uint8_t* p, __m256i lut16) {
   const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(x, mask));
-  const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 4), mask));
-  c0 = _mm_unpacklo_epi64(lo, hi);
-  c1 = _mm_unpackhi_epi64(lo, hi);
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(x, 4), x);
+  return _mm256_shuffle_epi8(lut16, _mm256_and_si256(both, _mm256_set1_epi8(0x0F)));
 }
 
-LB_AVX2 inline __m256 Lo8(__m128i c) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)); }
-LB_AVX2 inline __m256 Hi8(__m128i c) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+LB_AVX2 inline __m256 Cvt8(__m128i c) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)); }
+
+LB_AVX2 inline __m256i Lut16(Format f) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(IntTable(f))));
 }
 
-// One row's sum over [0, K32) where K32 = K rounded down to 32; a 16-tail is done by scalar code.
-LB_AVX2 float GemvRowF32Avx2(const float* ap, const uint8_t* row, const Weight& w, int64_t n,
-                             __m128i lut, float mult) {
-  const int64_t K32 = w.K & ~int64_t(31);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  __m128i c0, c1;
-  if (w.block == 16) {
-    for (int64_t k = 0; k < K32; k += 32) {
-      Unpack32(row + k / 2, lut, c0, c1);
-      __m256 b0 = _mm256_mul_ps(Lo8(c0), _mm256_loadu_ps(ap + k));
-      __m256 b1 = _mm256_mul_ps(Lo8(c1), _mm256_loadu_ps(ap + k + 16));
-      b0 = _mm256_fmadd_ps(Hi8(c0), _mm256_loadu_ps(ap + k + 8), b0);
-      b1 = _mm256_fmadd_ps(Hi8(c1), _mm256_loadu_ps(ap + k + 24), b1);
-      acc0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(w.Scale(n, k / 16) * mult), acc0);
-      acc1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(w.Scale(n, k / 16 + 1) * mult), acc1);
-    }
-  } else {
-    for (int64_t k = 0; k < K32; k += w.block) {
-      __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-      for (int64_t j = k; j < k + w.block; j += 32) {
-        Unpack32(row + j / 2, lut, c0, c1);
-        b0 = _mm256_fmadd_ps(Lo8(c0), _mm256_loadu_ps(ap + j), b0);
-        b1 = _mm256_fmadd_ps(Hi8(c0), _mm256_loadu_ps(ap + j + 8), b1);
-        b0 = _mm256_fmadd_ps(Lo8(c1), _mm256_loadu_ps(ap + j + 16), b0);
-        b1 = _mm256_fmadd_ps(Hi8(c1), _mm256_loadu_ps(ap + j + 24), b1);
-      }
-      acc0 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), _mm256_set1_ps(w.Scale(n, k / w.block) * mult),
-                             acc0);
-    }
+// Scales of blocks b and b+1 of row n, times mult: [s0, s0, s1, s1] in both lanes (lane layout
+// of the int32 partial sums of a 32-chunk holding two 16-blocks).
+LB_AVX2 inline __m256 PairScales(const Weight& w, int64_t i, float mult) {
+  const __m128 p = _mm_set_ps(w.ScaleAt(i + 1), w.ScaleAt(i + 1), w.ScaleAt(i), w.ScaleAt(i));
+  const __m128 m = _mm_mul_ps(p, _mm_set1_ps(mult));
+  return _mm256_set_m128(m, m);
+}
+
+// Float dot of one block of `cpb` 32-chunks (8 partial sums).
+LB_AVX2 inline __m256 BlockSumF32(const uint8_t* p, const float* a, int64_t cpb, __m256i lut) {
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  for (int64_t j = 0; j < cpb; ++j, p += 16, a += 32) {
+    const __m256i v = Unpack32(p, lut);
+    const __m128i ev = _mm256_castsi256_si128(v), od = _mm256_extracti128_si256(v, 1);
+    b0 = _mm256_fmadd_ps(Cvt8(ev), _mm256_loadu_ps(a), b0);
+    b1 = _mm256_fmadd_ps(Cvt8(_mm_srli_si128(ev, 8)), _mm256_loadu_ps(a + 8), b1);
+    b0 = _mm256_fmadd_ps(Cvt8(od), _mm256_loadu_ps(a + 16), b0);
+    b1 = _mm256_fmadd_ps(Cvt8(_mm_srli_si128(od, 8)), _mm256_loadu_ps(a + 24), b1);
   }
-  return HSum(_mm256_add_ps(acc0, acc1));
+  return _mm256_add_ps(b0, b1);
 }
 
 LB_AVX2 void GemvF32Avx2(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
-  const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(IntTable(w.format)));
+  const __m256i lut = Lut16(w.format);
   const int8_t* ilut = IntTable(w.format);
   const float mult = IntMultiplier(w.format);
-  const int64_t K32 = w.K & ~int64_t(31);
+  const int64_t K32 = w.K & ~int64_t(31), cpb = w.block / 32;  // chunks per block (block >= 32)
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * (w.K / 2);
-    float acc = GemvRowF32Avx2(ap, row, w, n, lut, mult);
-    if (K32 < w.K)  // K % 32 == 16: one trailing 16-block (block must be 16 then)
-      acc += ChunkDot<float, float>(row + K32 / 2, ap + K32, ilut) * (w.Scale(n, K32 / 16) * mult);
-    y[n] = acc;
+    int64_t si = n * w.nb;  // running scale index
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    if (w.block == 16) {
+      for (int64_t k = 0; k < K32; k += 32, si += 2) {
+        const __m256i v = Unpack32(row + k / 2, lut);
+        const __m128i ev = _mm256_castsi256_si128(v), od = _mm256_extracti128_si256(v, 1);
+        // Block 2j: even k at ev[0:8], odd k at od[0:8]; block 2j+1: the upper 8 of each.
+        __m256 b0 = _mm256_mul_ps(Cvt8(ev), _mm256_loadu_ps(ap + k));
+        __m256 b1 = _mm256_mul_ps(Cvt8(_mm_srli_si128(ev, 8)), _mm256_loadu_ps(ap + k + 8));
+        b0 = _mm256_fmadd_ps(Cvt8(od), _mm256_loadu_ps(ap + k + 16), b0);
+        b1 = _mm256_fmadd_ps(Cvt8(_mm_srli_si128(od, 8)), _mm256_loadu_ps(ap + k + 24), b1);
+        acc0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(w.ScaleAt(si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(w.ScaleAt(si + 1) * mult), acc1);
+      }
+    } else {
+      // Two blocks per step into two accumulators: consecutive blocks never wait on one FMA
+      // chain (a runtime-selected accumulator would be spilled to the stack by GCC).
+      const int64_t pair_end = w.nb & ~int64_t(1);
+      const uint8_t* p = row;
+      const float* a = ap;
+      for (int64_t b = 0; b < pair_end; b += 2, si += 2) {
+        const __m256 s0 = BlockSumF32(p, a, cpb, lut);
+        const __m256 s1 = BlockSumF32(p + 16 * cpb, a + 32 * cpb, cpb, lut);
+        acc0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(w.ScaleAt(si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(w.ScaleAt(si + 1) * mult), acc1);
+        p += 32 * cpb;
+        a += 64 * cpb;
+      }
+      if (pair_end < w.nb) {
+        acc0 = _mm256_fmadd_ps(BlockSumF32(p, a, cpb, lut), _mm256_set1_ps(w.ScaleAt(si) * mult),
+                               acc0);
+        ++si;
+      }
+    }
+    float total = HSum(_mm256_add_ps(acc0, acc1));
+    if (K32 < w.K)  // K % 32 == 16: one trailing 16-chunk, necessarily one 16-block
+      total += ChunkDot<float, float>(row + K32 / 2, ap + K32, ilut, 16, 0, 16) *
+               (w.ScaleAt(si) * mult);
+    y[n] = total;
   }
 }
 
-// int8 dot of 32 k: |w| (unsigned) x sign-corrected a (signed) -> 8 int32 partial sums; lanes
-// 0-3 belong to the first 16-chunk, 4-7 to the second. |w| <= 12, |a| <= 127: no saturation.
-LB_AVX2 inline __m256i Dot32I8(const uint8_t* p, const int8_t* aq, __m128i lut) {
-  __m128i c0, c1;
-  Unpack32(p, lut, c0, c1);
-  const __m256i wv = _mm256_set_m128i(c1, c0);
+// int8 dot of one 32-chunk: |w| (unsigned) x sign-corrected a (signed) -> 8 int32 sums; int32
+// lane j covers bytes 4j..4j+3 of the chunk-permuted vectors. |w| <= 12, |a| <= 127: the
+// int16 pair sums (<= 3048) never saturate.
+LB_AVX2 inline __m256i Dot32I8(const uint8_t* p, const int8_t* aq, __m256i lut) {
+  const __m256i wv = Unpack32(p, lut);
   const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq));
   const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
   return _mm256_madd_epi16(prod, _mm256_set1_epi16(1));
 }
 
+LB_AVX2 inline __m256i BlockDotI8(const uint8_t* p, const int8_t* a, int64_t cpb, __m256i lut) {
+  __m256i d = Dot32I8(p, a, lut);
+  for (int64_t j = 1; j < cpb; ++j) d = _mm256_add_epi32(d, Dot32I8(p + 16 * j, a + 32 * j, lut));
+  return d;
+}
+
 LB_AVX2 void GemvI8Avx2(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
                         int64_t n1) {
-  const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(IntTable(w.format)));
+  const __m256i lut = Lut16(w.format);
   const int8_t* ilut = IntTable(w.format);
   const float mult = IntMultiplier(w.format);
-  const int64_t K32 = w.K & ~int64_t(31);
+  const int64_t K32 = w.K & ~int64_t(31), cpb = w.block / 32;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * (w.K / 2);
-    __m256 acc = _mm256_setzero_ps();
+    int64_t si = n * w.nb;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     if (w.block == 16) {
-      for (int64_t k = 0; k < K32; k += 32) {
+      // int32 lanes 0,1,4,5 belong to the first 16-block of the chunk, 2,3,6,7 to the second.
+      int64_t k = 0;
+      for (; k + 64 <= K32; k += 64, si += 4) {
+        const __m256i d0 = Dot32I8(row + k / 2, aq + k, lut);
+        const __m256i d1 = Dot32I8(row + k / 2 + 16, aq + k + 32, lut);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), PairScales(w, si, mult), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), PairScales(w, si + 2, mult), acc1);
+      }
+      if (k < K32) {
         const __m256i d = Dot32I8(row + k / 2, aq + k, lut);
-        const __m256 s = _mm256_set_m128(_mm_set1_ps(w.Scale(n, k / 16 + 1) * mult),
-                                         _mm_set1_ps(w.Scale(n, k / 16) * mult));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), PairScales(w, si, mult), acc0);
+        si += 2;
       }
     } else {
-      for (int64_t k = 0; k < K32; k += w.block) {
-        __m256i d = _mm256_setzero_si256();
-        for (int64_t j = k; j < k + w.block; j += 32)
-          d = _mm256_add_epi32(d, Dot32I8(row + j / 2, aq + j, lut));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d),
-                              _mm256_set1_ps(w.Scale(n, k / w.block) * mult), acc);
+      const int64_t pair_end = w.nb & ~int64_t(1);
+      const uint8_t* p = row;
+      const int8_t* a = aq;
+      for (int64_t b = 0; b < pair_end; b += 2, si += 2) {
+        const __m256i d0 = BlockDotI8(p, a, cpb, lut);
+        const __m256i d1 = BlockDotI8(p + 16 * cpb, a + 32 * cpb, cpb, lut);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(w.ScaleAt(si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(w.ScaleAt(si + 1) * mult),
+                               acc1);
+        p += 32 * cpb;
+        a += 64 * cpb;
+      }
+      if (pair_end < w.nb) {
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BlockDotI8(p, a, cpb, lut)),
+                               _mm256_set1_ps(w.ScaleAt(si) * mult), acc0);
+        ++si;
       }
     }
-    float total = HSum(acc);
+    float total = HSum(_mm256_add_ps(acc0, acc1));
     if (K32 < w.K)
-      total += static_cast<float>(ChunkDot<int8_t, int32_t>(row + K32 / 2, aq + K32, ilut)) *
-               (w.Scale(n, K32 / 16) * mult);
+      total += static_cast<float>(ChunkDot<int8_t, int32_t>(row + K32 / 2, aq + K32, ilut, 16, 0,
+                                                            16)) * (w.ScaleAt(si) * mult);
     y[n] = total * a_scale;
   }
 }
 
 LB_AVX2 void DecodeRowsAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
                             float* out, int64_t ldo) {
-  const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(IntTable(w.format)));
+  const __m256i lut = Lut16(w.format);
   const float mult = IntMultiplier(w.format);
-  const int64_t kend = k0 + kc, k32 = k0 + ((kend - k0) & ~int64_t(31));
-  __m128i c0, c1;
+  const int64_t kend = k0 + kc, k32 = k0 + (kc & ~int64_t(31));
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t n = n0 + r;
     const uint8_t* row = w.codes + n * (w.K / 2);
     float* o = out + r * ldo - k0;
     for (int64_t k = k0; k < k32; k += 32) {
-      Unpack32(row + k / 2, lut, c0, c1);
-      // value * s == int_value * (mult * s) exactly: mult is a power of two.
+      const __m256i v = Unpack32(row + k / 2, lut);
+      const __m128i ev = _mm256_castsi256_si128(v), od = _mm256_extracti128_si256(v, 1);
+      // value * s == int_value * (mult * s) exactly: mult is a power of two. The first 8 even
+      // and 8 odd k lie in block k / block, the last 8 of each in block (k + 16) / block.
       const __m256 s0 = _mm256_set1_ps(w.Scale(n, k / w.block) * mult);
       const __m256 s1 = _mm256_set1_ps(w.Scale(n, (k + 16) / w.block) * mult);
-      _mm256_storeu_ps(o + k, _mm256_mul_ps(Lo8(c0), s0));
-      _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(Hi8(c0), s0));
-      _mm256_storeu_ps(o + k + 16, _mm256_mul_ps(Lo8(c1), s1));
-      _mm256_storeu_ps(o + k + 24, _mm256_mul_ps(Hi8(c1), s1));
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(Cvt8(ev), s0));
+      _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(Cvt8(_mm_srli_si128(ev, 8)), s1));
+      _mm256_storeu_ps(o + k + 16, _mm256_mul_ps(Cvt8(od), s0));
+      _mm256_storeu_ps(o + k + 24, _mm256_mul_ps(Cvt8(_mm_srli_si128(od, 8)), s1));
     }
     if (k32 < kend) DecodeRowsScalar(w, n, 1, k32, kend - k32, o + k32, ldo);
   }
 }
 
-template <int NR>
-LB_AVX2 void MicroAvx2T(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c,
-                        int64_t ldc) {
-  __m256 acc[NR][2];
-  for (int r = 0; r < NR; ++r) {
-    acc[r][0] = _mm256_loadu_ps(c + r * ldc);
-    acc[r][1] = _mm256_loadu_ps(c + r * ldc + 8);
-  }
+// 16 x 6 register tile: 12 named accumulators (an array of __m256 makes GCC spill them).
+LB_AVX2 void MicroAvx2(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c,
+                       int64_t ldc) {
+#define LB_LOAD(r) __m256 c##r##0 = _mm256_loadu_ps(c + r * ldc), c##r##1 = _mm256_loadu_ps(c + r * ldc + 8)
+  LB_LOAD(0); LB_LOAD(1); LB_LOAD(2); LB_LOAD(3); LB_LOAD(4); LB_LOAD(5);
+#undef LB_LOAD
+  const float *w0 = wd, *w1 = wd + ldw, *w2 = wd + 2 * ldw, *w3 = wd + 3 * ldw,
+              *w4 = wd + 4 * ldw, *w5 = wd + 5 * ldw;
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 a0 = _mm256_loadu_ps(ap + k * 16), a1 = _mm256_loadu_ps(ap + k * 16 + 8);
-    for (int r = 0; r < NR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(wd + r * ldw + k);
-      acc[r][0] = _mm256_fmadd_ps(a0, b, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(a1, b, acc[r][1]);
-    }
+    __m256 b;
+#define LB_STEP(r)                                \
+  b = _mm256_broadcast_ss(w##r + k);              \
+  c##r##0 = _mm256_fmadd_ps(a0, b, c##r##0);      \
+  c##r##1 = _mm256_fmadd_ps(a1, b, c##r##1)
+    LB_STEP(0); LB_STEP(1); LB_STEP(2); LB_STEP(3); LB_STEP(4); LB_STEP(5);
+#undef LB_STEP
   }
-  for (int r = 0; r < NR; ++r) {
-    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
-  }
-}
-
-LB_AVX2 void MicroAvx2(const float* ap, const float* wd, int64_t ldw, int64_t kc, int nr, float* c,
-                       int64_t ldc) {
-  switch (nr) {
-    case 6: return MicroAvx2T<6>(ap, wd, ldw, kc, c, ldc);
-    case 5: return MicroAvx2T<5>(ap, wd, ldw, kc, c, ldc);
-    case 4: return MicroAvx2T<4>(ap, wd, ldw, kc, c, ldc);
-    case 3: return MicroAvx2T<3>(ap, wd, ldw, kc, c, ldc);
-    case 2: return MicroAvx2T<2>(ap, wd, ldw, kc, c, ldc);
-    default: return MicroAvx2T<1>(ap, wd, ldw, kc, c, ldc);
-  }
+#define LB_STORE(r) _mm256_storeu_ps(c + r * ldc, c##r##0); _mm256_storeu_ps(c + r * ldc + 8, c##r##1)
+  LB_STORE(0); LB_STORE(1); LB_STORE(2); LB_STORE(3); LB_STORE(4); LB_STORE(5);
+#undef LB_STORE
 }
 
 const Kernels kScalar{"scalar", GemvF32Scalar, GemvI8Scalar, DecodeRowsScalar, MicroScalar};
@@ -290,10 +334,10 @@ const Kernels kAvx2{"avx2", GemvF32Avx2, GemvI8Avx2, DecodeRowsAvx2, MicroAvx2};
 constexpr int64_t kMR = 16;   // activation rows per micro tile (two ymm)
 constexpr int64_t kNR = 6;    // weight rows per micro tile
 constexpr int64_t kNB = 48;   // weight rows per thread task
-constexpr int64_t kKC = 256;  // K block kept in L1/L2
+constexpr int64_t kKC = 256;  // K block kept in L1/L2 (a multiple of 32: chunks never straddle)
 
-// Float GEMM for M >= kGemmMinRows: W decoded per (task rows x kKC) and multiplied against a
-// packed, chunk-permuted copy of A: Apack[mb][k][16].
+// Float GEMM: W decoded per (task rows x kKC) into float and multiplied against a packed,
+// chunk-permuted copy of A: Apack[mb][k][16].
 void GemmF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
              const Weight& w, float* Y) {
   const int64_t K = w.K, N = w.N, MB = (M + kMR - 1) / kMR, Mpad = MB * kMR;
@@ -309,15 +353,17 @@ void GemmF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64
   });
   ParallelRanges(ctx, static_cast<size_t>(N), kNB, [&](size_t s0, size_t s1) {
     const int64_t n0 = int64_t(s0), nb = int64_t(s1) - n0;
-    std::vector<float> wdec(static_cast<size_t>(nb * kKC)), cbuf(static_cast<size_t>(nb * Mpad), 0.f);
+    // Rows padded to a multiple of kNR with zero weights, so every micro tile is full.
+    const int64_t nbp = (nb + kNR - 1) / kNR * kNR;
+    std::vector<float> wdec(static_cast<size_t>(nbp * kKC), 0.f);
+    std::vector<float> cbuf(static_cast<size_t>(nbp * Mpad), 0.f);
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = std::min(kKC, K - k0);
       kern.decode_rows(w, n0, nb, k0, kc, wdec.data(), kKC);
       for (int64_t mb = 0; mb < MB; ++mb) {
         const float* ap = apack.data() + mb * K * kMR + k0 * kMR;
-        for (int64_t r = 0; r < nb; r += kNR)
-          kern.micro(ap, wdec.data() + r * kKC, kKC, kc, int(std::min(kNR, nb - r)),
-                     cbuf.data() + r * Mpad + mb * kMR, Mpad);
+        for (int64_t r = 0; r < nbp; r += kNR)
+          kern.micro(ap, wdec.data() + r * kKC, kKC, kc, cbuf.data() + r * Mpad + mb * kMR, Mpad);
       }
     }
     for (int64_t m = 0; m < M; ++m)
@@ -326,7 +372,8 @@ void GemmF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64
 }
 
 constexpr int64_t kGemmMinRows = 4;
-constexpr int64_t kGemvGrain = 16;  // weight rows per thread task in GEMV
+// Weight rows per GEMV thread task: >= 16 rows, at most ~32 tasks (ORT task overhead).
+inline size_t GemvGrain(int64_t N) { return size_t(std::max<int64_t>(16, (N + 31) / 32)); }
 
 }  // namespace
 
@@ -350,7 +397,7 @@ void MatMulF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int
   for (int64_t m = 0; m < M; ++m) {
     PermuteRow(A + m * w.K, ap.data(), w.K);
     float* y = Y + m * w.N;
-    ParallelRanges(ctx, static_cast<size_t>(w.N), kGemvGrain, [&](size_t n0, size_t n1) {
+    ParallelRanges(ctx, static_cast<size_t>(w.N), GemvGrain(w.N), [&](size_t n0, size_t n1) {
       kern.gemv_f32(ap.data(), w, y, int64_t(n0), int64_t(n1));
     });
   }
@@ -376,7 +423,7 @@ void MatMulI8(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int6
     PermuteRowI8(q.data(), qp.data(), K);
     float* y = Y + m * w.N;
     const float s = row_scales[m];
-    ParallelRanges(ctx, static_cast<size_t>(w.N), kGemvGrain, [&](size_t n0, size_t n1) {
+    ParallelRanges(ctx, static_cast<size_t>(w.N), GemvGrain(w.N), [&](size_t n0, size_t n1) {
       kern.gemv_i8(qp.data(), s, w, y, int64_t(n0), int64_t(n1));
     });
   }

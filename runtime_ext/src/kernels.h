@@ -6,9 +6,10 @@
 // for nvfp4 / E8M0 bits for mxfp4); one float32 global scale. w[k, n] = value(code) *
 // fl(scale * global) exactly as lowbit.formats.decode.
 //
-// Activation order: kernels read activations "chunk-permuted": in each 16-element chunk of K,
-// the 8 even k first, then the 8 odd k (PermuteRow). This matches the order in which the low and
-// high nibbles of 8 bytes come out of the SIMD unpack, so weights never need reshuffling.
+// Activation order: kernels read activations "chunk-permuted": K is cut into 32-element chunks
+// (plus one trailing 16-element chunk when K % 32 == 16); in a chunk of C elements the C/2 even
+// k come first, then the C/2 odd k (PermuteRow). That is the order in which the low and high
+// nibbles of C/2 bytes come out of the SIMD unpack, so weights never need reshuffling.
 //
 // Requires K % 16 == 0 and block in {16} U {32 x j}; the caller validates.
 // Dispatch: a portable scalar version and an AVX2+FMA version, chosen once per process.
@@ -20,15 +21,15 @@ namespace lowbit {
 
 struct Weight {
   const uint8_t* codes = nullptr;
-  int64_t N = 0, K = 0, block = 0;
+  int64_t N = 0, K = 0, block = 0, nb = 0;  // nb = K / block, blocks per row
   Format format = Format::kDint4;
   const float* scale_f32 = nullptr;
   const uint8_t* scale_u8 = nullptr;
   float byte_table[256];  // uint8 scale byte -> float32 (filled when scale_u8 is set)
   float global = 1.0f;
   // fl(scale * global): the decode scale of block b of row n.
-  inline float Scale(int64_t n, int64_t b) const {
-    const int64_t i = n * (K / block) + b;
+  inline float Scale(int64_t n, int64_t b) const { return ScaleAt(n * nb + b); }
+  inline float ScaleAt(int64_t i) const {
     return (scale_f32 ? scale_f32[i] : byte_table[scale_u8[i]]) * global;
   }
 };
@@ -50,9 +51,8 @@ struct Kernels {
   // Decodes rows [n0, n0+nr), k in [k0, k0+kc) to out[r * ldo + j] in chunk-permuted order.
   void (*decode_rows)(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
                       float* out, int64_t ldo);
-  // C tile update: c[r * ldc + i] += sum_k ap[k * 16 + i] * wd[r * ldw + k], r < nr (<= 6).
-  void (*micro)(const float* ap, const float* wd, int64_t ldw, int64_t kc, int nr, float* c,
-                int64_t ldc);
+  // C tile update: c[r * ldc + i] += sum_k ap[k * 16 + i] * wd[r * ldw + k], r < 6, i < 16.
+  void (*micro)(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c, int64_t ldc);
 };
 
 const Kernels& SelectKernels();  // AVX2 when the CPU has it (and LOWBIT_ORT_ISA != "scalar")

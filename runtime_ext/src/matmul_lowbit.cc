@@ -59,6 +59,7 @@ static void BindWeight(const char* op, Format format, int64_t block, const Input
   w.N = N;
   w.K = K;
   w.block = block;
+  w.nb = K / block;
   w.format = format;
   if (scales.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
     w.scale_f32 = scales.data<float>();
