@@ -47,7 +47,8 @@ def _measure(path: str, kind: str, args: argparse.Namespace, tokenizer: Any, dat
     bits = footprint.linear_weight_bits(path)
     row: dict[str, Any] = {
         "path": path, "kind": kind, "size_bytes": footprint.size_on_disk(path),
-        "linear_sites": bits.sites, "bits_per_weight": bits.bits_per_weight,
+        "linear_sites": bits.sites,
+        "bits_per_weight": bits.bits_per_weight if bits.sites else None,  # JSON has no NaN
     }
     if kind == "causal-lm":
         row["perplexity"] = asdict(evaluate.perplexity(path, data))
@@ -102,7 +103,8 @@ def _print(rows: list[dict], args: argparse.Namespace) -> None:
         pre = f"{lat['prefill_ms']:.1f}" if lat else "-"
         dec = f"{lat['decode_ms']:.2f}" if lat.get("decode_ms") is not None else "-"
         name = str(row["path"])[-40:]
-        print(f"{name:<40} {row['size_bytes'] / 1e6:>9.1f} {row['bits_per_weight']:>7.2f} {metric:>14} {pre:>11} {dec:>10}")
+        bpw = f"{row['bits_per_weight']:.2f}" if row["bits_per_weight"] is not None else "-"
+        print(f"{name:<40} {row['size_bytes'] / 1e6:>9.1f} {bpw:>7} {metric:>14} {pre:>11} {dec:>10}")
     if len(rows) == 2 and first["kind"] == "causal-lm":
         ratio = first["perplexity"]["ppl"] / rows[1]["perplexity"]["ppl"]
         print(f"ppl ratio to baseline: {ratio:.4f}")

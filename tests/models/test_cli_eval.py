@@ -1,0 +1,57 @@
+"""`lowbit eval` end to end on a tiny LM with a real tokenizer: printed table and JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lowbit.compiler.cli import main
+from lowbit.models.registry import SHIPPED, _package_dir
+
+VOCAB = 30522  # MiniLM's vocabulary: its tokenizer files give us real token ids
+
+
+@pytest.fixture
+def uniform_lm_dir(tmp_path: Path) -> Path:
+    """logits = 0 (ppl = VOCAB exactly), plus MiniLM's tokenizer files."""
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["bt"]),
+        helper.make_node("Concat", ["bt", "v"], ["shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["shape"], ["logits"],
+                         value=numpy_helper.from_array(np.zeros(1, np.float32))),
+    ]
+    graph = helper.make_graph(
+        nodes, "uniform", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", VOCAB])],
+        [numpy_helper.from_array(np.array([VOCAB], np.int64), "v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    d = tmp_path / "uniform"
+    d.mkdir()
+    onnx.save(model, d / "model.onnx")
+    src = _package_dir(SHIPPED["minilm-l6"].package) / "model"
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, d / name)
+    return d
+
+
+def test_eval_prints_and_writes_json(uniform_lm_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["eval", str(uniform_lm_dir), "--baseline", str(uniform_lm_dir), "--seq-len", "32",
+                 "--windows", "3", "--repeats", "2", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "3 windows x 32 tokens" in printed and "93 scored tokens" in printed
+    assert f"ppl {VOCAB:.3f}" in printed and "ppl ratio to baseline: 1.0000" in printed
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2
+    assert rows[0]["perplexity"]["ppl"] == pytest.approx(VOCAB, rel=1e-9)
+    assert rows[0]["perplexity"]["tokens"] == 3 * 31
+    assert rows[0]["linear_sites"] == 0 and rows[0]["bits_per_weight"] is None and rows[0]["latency"]["decode_ms"] is None
+    assert rows[0]["size_bytes"] == (uniform_lm_dir / "model.onnx").stat().st_size
