@@ -65,4 +65,10 @@ void MatMulF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int
 void MatMulI8(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
               const Weight& w, const float* row_scales, float* Y);
 
+// Validates codes [R, D/2], scales [R, D/block] (float32 or format-matching uint8) and the
+// one-value global scale against the unpacked length D, and fills `w` (MatMulLowbit, GatherLowbit).
+struct Input;
+void BindWeight(const char* op, Format format, int64_t block, const Input& codes,
+                const Input& scales, const Input& global, int64_t D, Weight& w);
+
 }  // namespace lowbit

@@ -29,6 +29,7 @@ MatMulLowbit::MatMulLowbit(const OrtKernelInfo* info) {
   if (block_ != 16 && (block_ < 32 || block_ % 32 != 0))
     throw OpError("attribute 'block_size' must be 16 or a positive multiple of 32, got " +
                   std::to_string(block_));
+
   const std::string mode = GetStringAttr(info, "act_mode", "float32");
   if (mode == "float32") act_mode_ = ActMode::kFloat;
   else if (mode == "int8_dynamic") act_mode_ = ActMode::kInt8Dynamic;
@@ -39,17 +40,17 @@ MatMulLowbit::MatMulLowbit(const OrtKernelInfo* info) {
 }
 
 // Checks the weight inputs against A's K and fills `w`; shared with the fallback-free paths.
-static void BindWeight(const char* op, Format format, int64_t block, const Input& codes,
+void BindWeight(const char* op, Format format, int64_t block, const Input& codes,
                        const Input& scales, const Input& global, int64_t K, Weight& w) {
   if (codes.shape.size() != 2)
     throw OpError(std::string(op) + ": codes must be 2-D [N, K/2], got " + ShapeStr(codes.shape));
   const int64_t N = codes.shape[0];
   if (codes.shape[1] * 2 != K)
     throw OpError(std::string(op) + ": codes " + ShapeStr(codes.shape) +
-                  " do not match the activations' last dimension K=" + std::to_string(K) +
+                  " do not match the unpacked length " + std::to_string(K) +
                   " (expected [N, " + std::to_string(K / 2) + "])");
   if (K % 16 != 0 || K % block != 0)
-    throw OpError(std::string(op) + ": K=" + std::to_string(K) +
+    throw OpError(std::string(op) + ": the packed axis length " + std::to_string(K) +
                   " must be a multiple of 16 and of block_size=" + std::to_string(block));
   const std::vector<int64_t> want{N, K / block};
   if (scales.shape != want)

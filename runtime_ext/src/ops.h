@@ -21,3 +21,33 @@ class MatMulLowbit {
 };
 
 }  // namespace lowbit
+
+namespace lowbit {
+
+class GatherLowbit {
+ public:
+  static const char* kName;
+  static constexpr size_t kNumInputs = 4, kNumRequired = 4;
+  static ONNXTensorElementDataType InputType(size_t i);
+  explicit GatherLowbit(const OrtKernelInfo* info);
+  void Compute(Ort::KernelContext& ctx);
+
+ private:
+  Format format_;
+  int64_t block_;
+};
+
+class ReorderNorm {
+ public:
+  static const char* kName;
+  static constexpr size_t kNumInputs = 4, kNumRequired = 3;
+  static ONNXTensorElementDataType InputType(size_t i);
+  explicit ReorderNorm(const OrtKernelInfo* info);
+  void Compute(Ort::KernelContext& ctx);
+
+ private:
+  bool layer_;  // LayerNorm (subtract the mean) vs RMSNorm
+  float epsilon_;
+};
+
+}  // namespace lowbit
