@@ -83,14 +83,20 @@ void MatMulLowbit::Compute(Ort::KernelContext& ctx) {
   ExpectType(kName, "A", a, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   ExpectType(kName, "codes", codes, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
   if (a.shape.empty()) throw OpError(std::string(kName) + ": A must have rank >= 1");
-  const int64_t K = a.shape.back(), M = K > 0 ? NumElements(a.shape) / K : 0;
+  const int64_t K = a.shape.back();
+  std::vector<int64_t> batch(a.shape.begin(), a.shape.end() - 1);
+  const int64_t M = NumElements(batch);
   Weight w;
   BindWeight(kName, format_, block_, codes, scales, global, K, w);
 
-  std::vector<int64_t> out_shape(a.shape.begin(), a.shape.end() - 1);
+  std::vector<int64_t> out_shape = batch;
   out_shape.push_back(w.N);
   float* y = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
   if (M == 0 || w.N == 0) return;
+  if (K == 0) {  // empty reduction: Y = 0
+    std::fill(y, y + M * w.N, 0.0f);
+    return;
+  }
   const float* A = a.data<float>();
   const Kernels& kern = SelectKernels();
 
