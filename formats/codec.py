@@ -167,8 +167,11 @@ def _to_layout(blocking: Blocking, bs: BlockScales) -> Scales:
                   np.float32(bs.global_scale), zp)
 
 
-def _prepare(x, fmt, axis, block_size, symmetric, method, scale, zero_point, global_scale,
-             weights, kwargs):
+def _prepare(x: np.ndarray, fmt: str, axis: int | None, block_size: int | None,
+             symmetric: bool, method: str, scale: np.ndarray | None,
+             zero_point: np.ndarray | None, global_scale: float | None,
+             weights: np.ndarray | None, kwargs: dict[str, Any],
+             ) -> tuple[ScaledFormat, Blocking, np.ndarray, BlockScales]:
     """Validate everything and return (spec, blocking, block view of x, per-block scales)."""
     spec = get_format(fmt)
     x = np.asarray(x, dtype=np.float32)
@@ -201,8 +204,9 @@ def _prepare(x, fmt, axis, block_size, symmetric, method, scale, zero_point, glo
     return spec, blocking, xb, bs
 
 
-def _explicit(spec, blocking, symmetric, scale, zero_point, global_scale, method, weights,
-              kwargs) -> BlockScales:
+def _explicit(spec: ScaledFormat, blocking: Blocking, symmetric: bool, scale: np.ndarray,
+              zero_point: np.ndarray | None, global_scale: float | None, method: str,
+              weights: np.ndarray | None, kwargs: dict[str, Any]) -> BlockScales:
     if weights is not None or kwargs or method != "absmax":
         raise LowbitError(f"{spec.name}: an explicit scale= cannot be combined with a scale "
                           "chooser (scale_method/weights/chooser options)")

@@ -5,6 +5,15 @@ float32 array into the nearest representable values (``round``) or straight into
 (``encode``), and decodes codes through a ``2**bits``-entry table. All rounding here saturates at
 the largest magnitude and never produces Inf; NaN passes through ``round`` (callers that must reject
 NaN, such as :func:`lowbit.formats.encode`, check before calling).
+
+Speed: ``encode`` (the hot path for 4096 x 4096 weights) looks codes up in a table indexed by the
+top 16 bits of the float32 input plus one bit saying whether its low 16 bits are nonzero. Every
+rounding threshold of these formats (midpoints such as 0.25, 5.5 or 127.5) has at most 7 mantissa
+bits, so it is the *first* value of a bucket, and within a bucket only that exact value (a tie)
+can round differently from the rest: the extra bit separates it. The table is built once per
+format from ``encode_reference`` (the arithmetic definition) and checked at both ends of every
+bucket (rounding is monotone, so that covers the bucket); if the check failed for some format,
+``encode`` would fall back to ``encode_reference`` for it.
 """
 
 from __future__ import annotations
