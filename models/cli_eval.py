@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
 
-__all__ = ["add_arguments", "run", "evaluate_path"]
+__all__ = ["add_arguments", "run", "EvalOptions", "evaluate_saved"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,16 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.seq_len < 2 or args.windows < 1 or args.texts < 1 or args.repeats < 1:
-        raise LowbitError("--seq-len must be >= 2 and --windows, --texts, --repeats >= 1")
-    if args.json:
-        from lowbit.compiler.fsutil import check_writable_parent
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``lowbit eval`` measures; the keyword arguments of :func:`evaluate_saved`."""
 
-        check_writable_parent(Path(args.json))
+    baseline: str | None = None  # reference model path (FP32 export): ratio / cosine to it
+    seq_len: int = 512  # tokens per perplexity window
+    windows: int = 8  # perplexity windows of the evaluation split
+    texts: int = 64  # encoder: paragraphs for the embedding cosine
+    eval_text: str | None = None  # a user's UTF-8 text file instead of the evaluation split
+    latency: bool = True  # measure prefill (and decode) latency
+    repeats: int = 10  # latency repetitions (median reported)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.windows < 1 or self.texts < 1 or self.repeats < 1:
+            raise LowbitError("--seq-len must be >= 2 and --windows, --texts, --repeats >= 1")
 
 
-def _measure(path: str, kind: str, args: argparse.Namespace, tokenizer: Any, data: Any) -> dict:
+def _measure(path: str, kind: str, opts: EvalOptions, tokenizer: Any, data: Any) -> dict:
     from lowbit.models import evaluate, footprint
 
     bits = footprint.linear_weight_bits(path)
@@ -52,48 +60,63 @@ def _measure(path: str, kind: str, args: argparse.Namespace, tokenizer: Any, dat
     }
     if kind == "causal-lm":
         row["perplexity"] = asdict(evaluate.perplexity(path, data))
-    elif args.baseline:
-        row["cosine"] = evaluate.embedding_cosine(path, args.baseline, data, tokenizer=tokenizer)
-    if not args.no_latency:
-        row["latency"] = asdict(evaluate.latency(path, repeats=args.repeats))
+    elif opts.baseline:
+        row["cosine"] = evaluate.embedding_cosine(path, opts.baseline, data, tokenizer=tokenizer)
+    if opts.latency:
+        row["latency"] = asdict(evaluate.latency(path, repeats=opts.repeats))
     return row
 
 
-def evaluate_path(args: argparse.Namespace) -> list[dict]:
-    """Rows of measurements: the model, then the baseline if given."""
-    from lowbit.models import data as textdata
-    from lowbit.models.registry import load_tokenizer, onnx_model_file, onnx_model_kind
+def _tokenizer(path: str, baseline: str | None) -> Any:
+    from lowbit.models.registry import load_tokenizer, onnx_model_file
 
-    kind = onnx_model_kind(onnx_model_file(args.path))
-    if args.baseline:
-        base_kind = onnx_model_kind(onnx_model_file(args.baseline))
-        if base_kind != kind:
-            raise LowbitError(f"{args.path} is a {kind} but the baseline is a {base_kind}")
     try:
-        tokenizer = load_tokenizer(onnx_model_file(args.path))
+        return load_tokenizer(onnx_model_file(path))
     except LowbitError:
-        if not args.baseline:
+        if not baseline:
             raise
         # A bare compiled .onnx may sit without tokenizer files; the baseline export has them.
-        tokenizer = load_tokenizer(onnx_model_file(args.baseline))
+        return load_tokenizer(onnx_model_file(baseline))
+
+
+def evaluate_saved(path: str | Path, **options: Any) -> dict[str, Any]:
+    """Measure the model at ``path`` (and its baseline) as ``lowbit eval`` does.
+
+    ``options`` are :class:`EvalOptions` fields. Returns ``{"model": row, "baseline": row or
+    None, "ppl_ratio": model ppl / baseline ppl or None}``; a row holds path, kind, size_bytes,
+    linear_sites, bits_per_weight, perplexity (PerplexityResult as dict) or cosine, latency.
+    """
+    from lowbit.models import data as textdata
+    from lowbit.models.registry import onnx_model_file, onnx_model_kind
+
+    opts = EvalOptions(**options)
+    path = str(path)
+    kind = onnx_model_kind(onnx_model_file(path))
+    if opts.baseline:
+        base_kind = onnx_model_kind(onnx_model_file(opts.baseline))
+        if base_kind != kind:
+            raise LowbitError(f"{path} is a {kind} but the baseline is a {base_kind}")
+    tokenizer = _tokenizer(path, opts.baseline)
     if kind == "causal-lm":
-        data = textdata.evaluation_windows(tokenizer, args.seq_len, args.windows, text_file=args.eval_text)
+        data = textdata.evaluation_windows(tokenizer, opts.seq_len, opts.windows, text_file=opts.eval_text)
     else:
-        data = textdata.text_samples("evaluation", args.texts, text_file=args.eval_text)
-    rows = [_measure(args.path, kind, args, tokenizer, data)]
-    if args.baseline:
-        rows.append(_measure(args.baseline, kind, args, tokenizer, data))
-    return rows
+        data = textdata.text_samples("evaluation", opts.texts, text_file=opts.eval_text)
+    model = _measure(path, kind, opts, tokenizer, data)
+    base = _measure(str(opts.baseline), kind, opts, tokenizer, data) if opts.baseline else None
+    ratio = None
+    if base is not None and kind == "causal-lm":
+        ratio = model["perplexity"]["ppl"] / base["perplexity"]["ppl"]
+    return {"model": model, "baseline": base, "ppl_ratio": ratio}
 
 
-def _print(rows: list[dict], args: argparse.Namespace) -> None:
+def _print(result: dict[str, Any], opts: EvalOptions) -> None:
+    rows = [result["model"]] + ([result["baseline"]] if result["baseline"] else [])
     first = rows[0]
     if first["kind"] == "causal-lm":
         p = first["perplexity"]
-        source = args.eval_text or "pydoc_data.topics evaluation split (odd sorted keys)"
-        print(f"data: {p['windows']} windows x {args.seq_len} tokens of {source}; {p['tokens']} scored tokens")
-    header = f"{'model':<40} {'size MB':>9} {'bits/w':>7} {'metric':>14} {'prefill ms':>11} {'decode ms':>10}"
-    print(header)
+        source = opts.eval_text or "pydoc_data.topics evaluation split (odd sorted keys)"
+        print(f"data: {p['windows']} windows x {opts.seq_len} tokens of {source}; {p['tokens']} scored tokens")
+    print(f"{'model':<40} {'size MB':>9} {'bits/w':>7} {'metric':>14} {'prefill ms':>11} {'decode ms':>10}")
     for row in rows:
         if row["kind"] == "causal-lm":
             metric = f"ppl {row['perplexity']['ppl']:.3f}"
@@ -102,21 +125,24 @@ def _print(rows: list[dict], args: argparse.Namespace) -> None:
         lat = row.get("latency") or {}
         pre = f"{lat['prefill_ms']:.1f}" if lat else "-"
         dec = f"{lat['decode_ms']:.2f}" if lat.get("decode_ms") is not None else "-"
-        name = str(row["path"])[-40:]
         bpw = f"{row['bits_per_weight']:.2f}" if row["bits_per_weight"] is not None else "-"
+        name = str(row["path"])[-40:]
         print(f"{name:<40} {row['size_bytes'] / 1e6:>9.1f} {bpw:>7} {metric:>14} {pre:>11} {dec:>10}")
-    if len(rows) == 2 and first["kind"] == "causal-lm":
-        ratio = first["perplexity"]["ppl"] / rows[1]["perplexity"]["ppl"]
-        print(f"ppl ratio to baseline: {ratio:.4f}")
+    if result["ppl_ratio"] is not None:
+        print(f"ppl ratio to baseline: {result['ppl_ratio']:.4f}")
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
-    rows = evaluate_path(args)
-    _print(rows, args)
-    if args.json:
-        from lowbit.compiler.fsutil import atomic_path
+    from lowbit.compiler.fsutil import atomic_path, check_writable_parent
 
+    opts = EvalOptions(baseline=args.baseline, seq_len=args.seq_len, windows=args.windows,
+                       texts=args.texts, eval_text=args.eval_text, latency=not args.no_latency,
+                       repeats=args.repeats)
+    if args.json:
+        check_writable_parent(Path(args.json))
+    result = evaluate_saved(args.path, **asdict(opts))
+    _print(result, opts)
+    if args.json:
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(rows, indent=2) + "\n")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0

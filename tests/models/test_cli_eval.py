@@ -49,9 +49,24 @@ def test_eval_prints_and_writes_json(uniform_lm_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "3 windows x 32 tokens" in printed and "93 scored tokens" in printed
     assert f"ppl {VOCAB:.3f}" in printed and "ppl ratio to baseline: 1.0000" in printed
-    rows = json.loads(out.read_text())
-    assert len(rows) == 2
-    assert rows[0]["perplexity"]["ppl"] == pytest.approx(VOCAB, rel=1e-9)
-    assert rows[0]["perplexity"]["tokens"] == 3 * 31
-    assert rows[0]["linear_sites"] == 0 and rows[0]["bits_per_weight"] is None and rows[0]["latency"]["decode_ms"] is None
-    assert rows[0]["size_bytes"] == (uniform_lm_dir / "model.onnx").stat().st_size
+    result = json.loads(out.read_text())
+    model = result["model"]
+    assert result["baseline"]["path"] == str(uniform_lm_dir) and result["ppl_ratio"] == 1.0
+    assert model["perplexity"]["ppl"] == pytest.approx(VOCAB, rel=1e-9)
+    assert model["perplexity"]["tokens"] == 3 * 31
+    assert model["linear_sites"] == 0 and model["bits_per_weight"] is None
+    assert model["latency"]["decode_ms"] is None
+    assert model["size_bytes"] == (uniform_lm_dir / "model.onnx").stat().st_size
+
+
+def test_evaluate_saved_is_the_api_of_eval(uniform_lm_dir):
+    from lowbit.errors import LowbitError
+    from lowbit.models.cli_eval import evaluate_saved
+
+    result = evaluate_saved(uniform_lm_dir, seq_len=16, windows=2, latency=False)
+    assert result["model"]["perplexity"]["tokens"] == 30 and "latency" not in result["model"]
+    assert result["baseline"] is None and result["ppl_ratio"] is None
+    with pytest.raises(LowbitError, match="--windows"):
+        evaluate_saved(uniform_lm_dir, windows=0)
+    with pytest.raises(TypeError):
+        evaluate_saved(uniform_lm_dir, window=2)  # a typo is an error, never ignored
