@@ -31,7 +31,8 @@ __all__ = ["SCALE_METHODS", "choose_block_scales"]
 
 SCALE_METHODS = ("absmax", "percentile", "mse", "weighted_mse")
 _KWARGS = {"absmax": {}, "percentile": {"percentile": 99.9},
-           "mse": {"min_ratio": 0.5, "n_grid": 26}, "weighted_mse": {"min_ratio": 0.5, "n_grid": 26}}
+           "mse": {"min_ratio": 0.5, "n_grid": 26},
+           "weighted_mse": {"min_ratio": 0.5, "n_grid": 26}}
 
 
 def choose_block_scales(fmt: ScaledFormat, xb: np.ndarray, blocking: Blocking, *,

@@ -38,7 +38,7 @@ def cast_e8m0(x: np.ndarray) -> np.ndarray:
 
 
 def encode_e8m0(scale: np.ndarray) -> np.ndarray:
-    """uint8 biased exponents of exact powers of two in [2^-127, 2^127]; anything else is an error."""
+    """uint8 biased exponents of exact powers of two in [2^-127, 2^127]; else LowbitError."""
     s = np.asarray(scale, dtype=np.float32)
     if s.size and not (np.all(s > 0) and np.all(np.isfinite(s))):
         raise LowbitError("E8M0 scales must be positive and finite")

@@ -63,7 +63,7 @@ class IntElement(ElementFormat):
         return v.astype(np.int8).view(np.uint8) & np.uint8(self.umax)
 
     def round_unsigned(self, y: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-        """Unsigned codes (float32 holding integers) ``clip(rint(y) + zp, 0, 2^b - 1)``, as ONNX Q."""
+        """Unsigned codes ``clip(rint(y) + zp, 0, 2^b - 1)`` as float32 integers (as ONNX Q)."""
         u = np.rint(np.asarray(y, dtype=np.float32))
         u += zero_point
         np.clip(u, 0, self.umax, out=u)

@@ -93,7 +93,8 @@ class MiniFloatElement(ElementFormat):
         mag_codes = codes & ((1 << (self.bits - 1)) - 1)
         exp = mag_codes >> self.mbits
         man = mag_codes & ((1 << self.mbits) - 1)
-        # Subnormal (exp 0): man * 2^(emin - mbits); normal: (2^mbits + man) * 2^(exp - bias - mbits).
+        # Subnormal (exp 0): man * 2^(emin - mbits);
+        # normal: (2^mbits + man) * 2^(exp - bias - mbits).
         sig = np.where(exp == 0, man, man + (1 << self.mbits)).astype(np.float64)
         mags = sig * np.exp2(np.maximum(exp, 1) - self.bias - self.mbits)
         # Codes beyond the largest finite value are NaN (E4M3FN: S.1111.111) or Inf/NaN (E5M2).
@@ -104,5 +105,6 @@ class MiniFloatElement(ElementFormat):
 
 
 FP8_E4M3 = MiniFloatElement("fp8_e4m3", C.E4M3_EBITS, C.E4M3_MBITS, C.E4M3_BIAS, C.E4M3_MAX)
-FP8_E5M2 = MiniFloatElement("fp8_e5m2", C.E5M2_EBITS, C.E5M2_MBITS, C.E5M2_BIAS, C.E5M2_MAX, has_inf=True)
+FP8_E5M2 = MiniFloatElement("fp8_e5m2", C.E5M2_EBITS, C.E5M2_MBITS, C.E5M2_BIAS, C.E5M2_MAX,
+                            has_inf=True)
 FP4_E2M1 = MiniFloatElement("fp4_e2m1", C.E2M1_EBITS, C.E2M1_MBITS, C.E2M1_BIAS, C.E2M1_MAX)

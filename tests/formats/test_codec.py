@@ -77,7 +77,8 @@ def test_requantizing_with_the_same_scales_is_the_identity(case):
 @given(cases(allow_asymmetric=False))
 def test_symmetric_formats_are_odd_functions(case):
     x, fmt, kwargs = case
-    np.testing.assert_array_equal(fake_quantize(-x, fmt, **kwargs), -fake_quantize(x, fmt, **kwargs))
+    np.testing.assert_array_equal(fake_quantize(-x, fmt, **kwargs),
+                                  -fake_quantize(x, fmt, **kwargs))
 
 
 @settings(max_examples=100, deadline=None)
@@ -110,7 +111,8 @@ def test_nan_and_inf_are_counted_and_the_format_named():
     x[2, 3] = np.nan
     x[3, 0] = -np.inf
     for fmt in ("nvfp4", "dint4"):
-        with pytest.raises(LowbitError, match=f"{fmt}: .* 3 non-finite value\\(s\\) \\(2 NaN, 1 Inf\\) out of 64"):
+        want = rf"{fmt}: .* 3 non-finite value\(s\) \(2 NaN, 1 Inf\) out of 64"
+        with pytest.raises(LowbitError, match=want):
             encode(x, fmt)
         with pytest.raises(LowbitError, match="2 NaN"):
             fake_quantize(x, fmt)

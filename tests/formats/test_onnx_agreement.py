@@ -1,7 +1,7 @@
 """lowbit.formats agrees bit for bit with ONNX's own Q/DQ semantics (onnx.reference evaluator).
 
 Not graph code in formats/: this test only checks that the contract "decode = what an ONNX
-DequantizeLinear (chain) computes from the codes and scales" holds, for the layouts the emitters use.
+DequantizeLinear (chain) computes from the codes and scales" holds for the emitters' layouts.
 """
 
 import ml_dtypes

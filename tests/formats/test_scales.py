@@ -7,7 +7,7 @@ from lowbit.formats import decode, encode, fake_quantize
 
 
 def _nvfp4_example() -> np.ndarray:
-    """2 x 32 tensor, blocks of 16 along the last axis; tensor amax 168 -> global 168/2688 = 1/16."""
+    """2 x 32, blocks of 16 along the last axis; tensor amax 168 -> global 168 / 2688 = 1/16."""
     x = np.zeros((2, 32), np.float32)
     # block (0, 0): amax 168 -> 168 / (6/16) = 448 -> E4M3 448; element scale 448/16 = 28
     x[0, :6] = [168.0, 14.0, 35.0, -42.0, 100.0, -7.0]
@@ -25,7 +25,8 @@ def test_nvfp4_hand_made_2x32():
     assert enc.block_size == 16 and enc.axis == 1
     assert enc.global_scale == np.float32(0.0625)
     assert enc.scale.tolist() == [[448.0, 2.75], [1.0, 0.28125]]
-    assert enc.scale_codes().tolist() == [[0x7E, 0x43], [0x38, 0x29]]  # E4M3: 0.28125 = 1.001b x 2^-2
+    # E4M3 bit patterns, e.g. 0.28125 = 1.001b x 2^-2 -> 0 0101 001
+    assert enc.scale_codes().tolist() == [[0x7E, 0x43], [0x38, 0x29]]
     v = enc.values()
     # 168/28 = 6; 14/28 = 0.5; 35/28 = 1.25 -> tie -> 1 (even code); -42/28 = -1.5; 100/28 = 3.57
     # -> 4; -7/28 = -0.25 -> tie -> -0 (even code 0, sign kept: code 0b1000)
