@@ -1,7 +1,8 @@
 """lowbit.runtime_ext: native ONNX Runtime custom ops (domain ``lowbit``) and their fallbacks.
 
 Ops: ``MatMulLowbit`` (packed 4-bit weights x float32 or int8 activations), ``GatherLowbit``
-(packed 4-bit embedding tables), ``ReorderNorm`` (channel permutation fused with RMS/LayerNorm).
+(packed 4-bit embedding tables), ``ReorderNorm`` (channel permutation fused with RMS/LayerNorm),
+``FgmpActQuant`` (FGMP's per-block FP8/NVFP4 activation quantizer).
 The C++ library is built by ``runtime_ext/build.py`` (``make native``), never at import time;
 every node also has an ONNX FunctionProto fallback so models run where it is not registered.
 """
@@ -11,15 +12,16 @@ from lowbit.runtime_ext.nodes import (
     DOMAIN,
     attach_functions,
     function_protos,
+    make_fgmp_node,
     make_gather_node,
     make_matmul_node,
     make_reorder_norm_node,
 )
 from lowbit.runtime_ext.packing import pack_gather_table, pack_matmul_weight
-from lowbit.runtime_ext.specs import GatherSpec, MatMulSpec, NormSpec
+from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, MatMulSpec, NormSpec
 
 __all__ = [
-    "DOMAIN", "GatherSpec", "MatMulSpec", "NormSpec", "attach_functions", "function_protos",
-    "library_path", "make_gather_node", "make_matmul_node", "make_reorder_norm_node",
+    "DOMAIN", "FgmpSpec", "GatherSpec", "MatMulSpec", "NormSpec", "attach_functions", "function_protos",
+    "library_path", "make_fgmp_node", "make_gather_node", "make_matmul_node", "make_reorder_norm_node",
     "pack_gather_table", "pack_matmul_weight", "session_options",
 ]

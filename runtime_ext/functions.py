@@ -14,7 +14,8 @@ BitwiseAnd exists); the functions import exactly that opset, as the ONNX checker
 
 from __future__ import annotations
 
-__all__ = ["DOMAIN", "matmul_function", "gather_function", "reorder_norm_function"]
+__all__ = ["DOMAIN", "matmul_function", "gather_function", "reorder_norm_function",
+           "fgmp_function"]
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ from onnx import TensorProto, helper
 
 from lowbit.errors import LowbitError
 from lowbit.runtime_ext.reference import e4m3_to_float, e8m0_to_float, value_table
-from lowbit.runtime_ext.specs import GatherSpec, MatMulSpec, NormSpec
+from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, MatMulSpec, NormSpec
 
 DOMAIN = "lowbit"
 MIN_OPSET = 18
@@ -131,3 +132,57 @@ def reorder_norm_function(spec: NormSpec, opset: int) -> onnx.FunctionProto:
         b.op("Add", y, "beta")
     b.rename_last("Y")
     return _function("ReorderNorm", spec.overload, inputs, b, ["kind", "epsilon"], opset)
+
+
+def _round_e2m1(b: _Body, y: str) -> str:
+    """Nearest E2M1 value (ties to the even code, saturating at 6) with standard ops: the grid
+    spacing is 0.5 below 2, 1 below 4 and 2 above, and Round is half-to-even on each."""
+    f = lambda v: b.const(np.float32(v))  # noqa: E731
+    a = b.op("Abs", y)
+    fine = b.op("Mul", b.op("Round", b.op("Mul", a, f(2))), f(0.5))
+    mid = b.op("Round", a)
+    coarse = b.op("Min", b.op("Mul", b.op("Round", b.op("Mul", a, f(0.5))), f(2)), f(6))
+    q = b.op("Where", b.op("Less", a, f(2)), fine,
+             b.op("Where", b.op("Less", a, f(4)), mid, coarse))
+    return b.op("Where", b.op("Less", y, f(0)), b.op("Neg", q), q)
+
+
+def _round_e4m3(b: _Body, y: str) -> str:
+    """Nearest E4M3FN value, saturating: QuantizeLinear to FLOAT8E4M3FN and back (scale 1)."""
+    one = b.const(np.float32(1))
+    zp = b.op("Constant", value=helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    return b.op("DequantizeLinear", b.op("QuantizeLinear", y, one, zp, saturate=1), one, zp)
+
+
+def fgmp_function(spec: FgmpSpec, opset: int) -> onnx.FunctionProto:
+    """FgmpActQuant(x, g2, threshold[, global_scale]) -> Y (see reference.fgmp_act_quant)."""
+    if opset < 19:
+        raise LowbitError(f"the FgmpActQuant fallback needs opset >= 19 (FP8), model has {opset}")
+    b = _Body()
+    f = lambda v: b.const(np.float32(v))  # noqa: E731
+    last = b.const(np.array([-1], np.int64))
+    shape = b.op("Shape", "x")
+    lead = b.op("Slice", shape, b.const(np.array([0], np.int64)), last)
+    xb = b.op("Reshape", "x", b.op("Concat", lead, b.const(np.array([-1, 16], np.int64)), axis=0))
+    amax = b.op("ReduceMax", b.op("Abs", xb), last, keepdims=1)
+    if spec.static_global:
+        g = "global_scale"
+    else:
+        t = b.op("Div", b.op("ReduceMax", b.op("Abs", "x"), keepdims=0), f(6 * 448))
+        g = b.op("Where", b.op("Greater", t, f(0)), t, f(1))
+    raw = b.op("Div", amax, b.op("Mul", f(6), g))
+    sb = _round_e4m3(b, b.op("Where", b.op("Greater", raw, f(0)), raw, f(1)))
+    sb = b.op("Where", b.op("Greater", sb, f(0)), sb, f(2.0 ** -9))
+    s4 = b.op("Mul", sb, g)
+    q4 = b.op("Mul", _round_e2m1(b, b.op("Div", xb, s4)), s4)
+    s8 = b.op("Div", amax, f(448))
+    s8 = b.op("Where", b.op("Greater", s8, f(0)), s8, f(1))
+    q8 = b.op("Mul", _round_e4m3(b, b.op("Div", xb, s8)), s8)
+    d = b.op("Sub", q4, q8)
+    w = b.op("Reshape", "g2", b.const(np.array([-1, 16], np.int64)))
+    p = b.op("ReduceSum", b.op("Mul", w, b.op("Mul", d, d)), last, keepdims=1)
+    y = b.op("Where", b.op("Greater", p, "threshold"), q8, q4)
+    b.op("Reshape", y, shape)
+    b.rename_last("Y")
+    inputs = ["x", "g2", "threshold"] + (["global_scale"] if spec.static_global else [])
+    return _function("FgmpActQuant", spec.overload, inputs, b, [], opset)

@@ -7,7 +7,8 @@ native kernel) and an ``overload`` naming its fallback function (see specs.py).
 
 from __future__ import annotations
 
-__all__ = ["make_matmul_node", "make_gather_node", "make_reorder_norm_node", "function_protos",
+__all__ = ["make_matmul_node", "make_gather_node", "make_reorder_norm_node", "make_fgmp_node",
+           "function_protos",
            "attach_functions", "DOMAIN"]
 
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ from onnx import helper
 
 from lowbit.errors import LowbitError
 from lowbit.runtime_ext import functions
-from lowbit.runtime_ext.specs import GatherSpec, MatMulSpec, NormSpec
+from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, MatMulSpec, NormSpec
 
 DOMAIN = functions.DOMAIN
 
@@ -61,7 +62,21 @@ def make_reorder_norm_node(x: str, perm: str, gamma: str, output: str, *, kind: 
                  epsilon=float(epsilon))
 
 
+def make_fgmp_node(x: str, g2: str, threshold: str, output: str, *,
+                   global_scale: str | None = None, name: str | None = None) -> onnx.NodeProto:
+    """``output`` = per-16-block FP8 or NVFP4 fake-quantization of ``x`` (FgmpActQuant).
+
+    ``g2``: per-channel Fisher weights [C]; ``threshold``: a block whose Fisher-weighted
+    perturbation exceeds it stays FP8; ``global_scale``: static NVFP4 per-tensor scale (else
+    amax(x) / 2688 at run time).
+    """
+    spec = FgmpSpec(global_scale is not None)
+    inputs = [x, g2, threshold] + ([global_scale] if global_scale else [])
+    return _node("FgmpActQuant", inputs, output, spec.overload, name)
+
+
 _BUILDERS = {
+    "FgmpActQuant": (FgmpSpec, functions.fgmp_function),
     "MatMulLowbit": (MatMulSpec, functions.matmul_function),
     "GatherLowbit": (GatherSpec, functions.gather_function),
     "ReorderNorm": (NormSpec, functions.reorder_norm_function),

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "FORMATS", "INT_TABLES", "INT_MULTIPLIER", "value_table", "e4m3_to_float", "e8m0_to_float",
     "unpack_codes", "decode_weight", "matmul", "quantize_rows_int8", "reorder_norm",
+    "fgmp_act_quant", "FGMP_BLOCK",
 ]
 
 import numpy as np
@@ -105,3 +106,41 @@ def reorder_norm(x: np.ndarray, perm: np.ndarray, gamma: np.ndarray, beta=None,
         y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + epsilon)
     y = y[..., np.asarray(perm)] * np.asarray(gamma, np.float64)
     return y if beta is None else y + np.asarray(beta, np.float64)
+
+
+FGMP_BLOCK = 16
+
+
+def fgmp_act_quant(x: np.ndarray, g2: np.ndarray, threshold: float,
+                   global_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """FgmpActQuant: per 16-block FP8 or NVFP4 fake-quantization; returns (y, fp8_mask).
+
+    Uses lowbit.formats' element rounding and scale rules (formats/scales.py): with
+    ``global_scale=None`` the two candidates equal ``fake_quantize(x, "nvfp4", -1, 16)`` and
+    ``fake_quantize(x, "fp8_e4m3", -1, 16)``. A block takes FP8 when
+    sum(g2 * (q_nvfp4 - q_fp8)^2) (float64) > threshold.
+    """
+    from lowbit.formats.minifloat import FP4_E2M1, FP8_E4M3
+
+    x = np.asarray(x, np.float32)
+    xb = x.reshape(*x.shape[:-1], -1, FGMP_BLOCK)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    if global_scale is None:
+        t = np.float32(np.abs(x).max()) if x.size else np.float32(0)
+        g = t / np.float32(6 * 448)
+        g = g if g > 0 else np.float32(1)
+    else:
+        g = np.float32(global_scale)
+    raw = amax / (np.float32(6) * g)
+    sb = FP8_E4M3.round(np.where(raw > 0, raw, np.float32(1)))
+    sb = np.where(sb > 0, sb, np.float32(2.0 ** -9)).astype(np.float32)
+    s4 = (sb * g).astype(np.float32)
+    q4 = FP4_E2M1.round(xb / s4) * s4
+    s8 = amax / np.float32(448)
+    s8 = np.where(s8 > 0, s8, np.float32(1)).astype(np.float32)
+    q8 = FP8_E4M3.round(xb / s8) * s8
+    w = np.asarray(g2, np.float64).reshape(-1, FGMP_BLOCK)
+    p = (w * (q4.astype(np.float64) - q8) ** 2).sum(-1, keepdims=True)
+    mask = p > threshold
+    y = np.where(mask, q8, q4).astype(np.float32)
+    return y.reshape(x.shape), mask[..., 0]

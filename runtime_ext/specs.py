@@ -9,7 +9,7 @@ builders in :mod:`lowbit.runtime_ext.nodes` write both from one spec.
 
 from __future__ import annotations
 
-__all__ = ["MatMulSpec", "GatherSpec", "NormSpec", "ACT_MODES", "SCALE_DTYPES", "NORM_KINDS"]
+__all__ = ["MatMulSpec", "GatherSpec", "NormSpec", "FgmpSpec", "ACT_MODES", "SCALE_DTYPES", "NORM_KINDS"]
 
 import dataclasses
 
@@ -96,6 +96,23 @@ class NormSpec:
     def from_overload(cls, overload: str) -> "NormSpec":
         kind, _, beta = overload.partition("_")
         return cls(kind, beta == "beta")
+
+
+@dataclasses.dataclass(frozen=True)
+class FgmpSpec:
+    """FgmpActQuant variant: NVFP4 global scale given as an input (static) or from amax(x)."""
+
+    static_global: bool = False
+
+    @property
+    def overload(self) -> str:
+        return "static" if self.static_global else "dynamic"
+
+    @classmethod
+    def from_overload(cls, overload: str) -> "FgmpSpec":
+        if overload not in ("static", "dynamic"):
+            raise LowbitError(f"malformed FgmpActQuant overload {overload!r}")
+        return cls(overload == "static")
 
 
 def _split(overload: str, n: int) -> list[str]:

@@ -43,6 +43,7 @@ const float* ValueTable(Format f);
 float DecodeE4M3(uint8_t bits);
 float DecodeE8M0(uint8_t bits);
 float RoundToE4M3(float x);  // round-to-nearest-even, saturating at 448; NaN stays NaN
+float RoundToE2M1(float x);  // nearest E2M1 value, ties to the even code, saturating at 6
 
 // Per-block scales as float32 (scale * global_scale, rounded once to float32, as
 // lowbit.formats.decode does), from either float32 scales or uint8 scale bytes.

@@ -99,4 +99,16 @@ float RoundToE4M3(float x) {
   return std::copysign(q, x);
 }
 
+float RoundToE2M1(float x) {
+  if (std::isnan(x)) return x;
+  const float a = std::fabs(x);
+  // Spacing 0.5 below 2, 1 below 4, 2 above; rint ties to even, which is the even code here
+  // (code = 2a below 2, a + 2 for 2..4, a / 2 + 4 above: even code <=> even multiple).
+  float q;
+  if (a < 2.0f) q = std::nearbyint(a * 2.0f) * 0.5f;
+  else if (a < 4.0f) q = std::nearbyint(a);
+  else q = std::min(std::nearbyint(a * 0.5f) * 2.0f, 6.0f);
+  return std::copysign(q, x);
+}
+
 }  // namespace lowbit

@@ -51,3 +51,16 @@ class ReorderNorm {
 };
 
 }  // namespace lowbit
+
+namespace lowbit {
+
+class FgmpActQuant {
+ public:
+  static const char* kName;
+  static constexpr size_t kNumInputs = 4, kNumRequired = 3;
+  static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  explicit FgmpActQuant(const OrtKernelInfo* info);
+  void Compute(Ort::KernelContext& ctx);
+};
+
+}  // namespace lowbit

@@ -8,6 +8,7 @@ namespace {
 lowbit::LowbitOp<lowbit::MatMulLowbit> g_matmul;
 lowbit::LowbitOp<lowbit::GatherLowbit> g_gather;
 lowbit::LowbitOp<lowbit::ReorderNorm> g_reorder_norm;
+lowbit::LowbitOp<lowbit::FgmpActQuant> g_fgmp;
 
 }  // namespace
 
@@ -18,7 +19,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api);
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = api->CreateCustomOpDomain("lowbit", &domain)) return st;
-  OrtCustomOp* ops[] = {&g_matmul, &g_gather, &g_reorder_norm};
+  OrtCustomOp* ops[] = {&g_matmul, &g_gather, &g_reorder_norm, &g_fgmp};
   for (OrtCustomOp* op : ops)
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) return st;
   // The domain must outlive every session using it; it is intentionally never released.

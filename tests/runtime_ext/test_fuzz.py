@@ -107,6 +107,21 @@ FIXED = [  # (case, expected substring of the outcome)
     ({"op": "ReorderNorm", "attrs": {"kind": "rms"},
       "feeds": [["x", [2, 8], "float32"], ["p", [8], "int32"], ["w", [8], "float32"]]},
      "tensor(int32)"),
+    ({"op": "FgmpActQuant", "attrs": {},
+      "feeds": [["x", [2, 32], "float32"], ["w", [32], "float32"], ["t", [], "float32"]]},
+     "ok 2x32"),
+    ({"op": "FgmpActQuant", "attrs": {},
+      "feeds": [["x", [2, 24], "float32"], ["w", [24], "float32"], ["t", [], "float32"]]},
+     "last dimension 24 must be a multiple of 16"),
+    ({"op": "FgmpActQuant", "attrs": {},
+      "feeds": [["x", [2, 32], "float32"], ["w", [16], "float32"], ["t", [], "float32"]]},
+     "g2 must have shape [32], got [16]"),
+    ({"op": "FgmpActQuant", "attrs": {},
+      "feeds": [["x", [2, 32], "float32"], ["w", [32], "float32"], ["t", [2], "float32"]]},
+     "input 'threshold' must hold one value"),
+    ({"op": "FgmpActQuant", "attrs": {},
+      "feeds": [["x", [2, 32], "float32"], ["w", [32], "float32"], ["t", [], "float32"],
+                ["gs", [1], "int64"]]}, "tensor(int64)"),
 ]
 
 
@@ -145,7 +160,7 @@ def test_bad_inputs_raise_clear_errors_without_crashing(native_lib):
             assert "[ONNXRuntimeError]" in got
 
 
-@pytest.mark.parametrize("op", ["MatMulLowbit", "GatherLowbit", "ReorderNorm"])
+@pytest.mark.parametrize("op", ["MatMulLowbit", "GatherLowbit", "ReorderNorm", "FgmpActQuant"])
 def test_errors_name_the_op(native_lib, op):
     case = next(c for c, want in FIXED if c["op"] == op and not want.startswith("ok"))
     proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps([case]),
