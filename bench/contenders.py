@@ -1,7 +1,8 @@
 """Registry of bench contenders: ways to turn an FP32 export into a (low-bit) ONNX model.
 
 A contender is a name, a description, a note on the weight grid it produces, the model kinds it
-applies to, and ``build(fp32_dir, ctx) -> (model_path, compile_seconds)``. ``ctx`` is a
+applies to, ``build(fp32_dir, ctx) -> (model_path, compile_seconds)`` and optionally a factory
+of the ORT SessionOptions its result must be run with. ``ctx`` is a
 :class:`BuildContext`: the calibration data (token windows and ready-made ORT feeds, identical for
 every contender of a run) and a private ``work_dir`` to write into. ``compile_seconds`` is the
 wall time of the contender's own work, excluding the export.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,6 +47,9 @@ class Contender:
     weight_grid: str  # the grid the weights end on, e.g. "int8 per-channel symmetric"
     build: Callable[[Path, BuildContext], tuple[Path, float]] = field(repr=False)
     kinds: frozenset[str] = frozenset({"causal-lm", "encoder"})
+    # Fresh onnxruntime.SessionOptions to evaluate the result with (e.g. a custom-op library
+    # registered); None: ORT's defaults.
+    session_options: Callable[[], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from lowbit.errors import LowbitError
 
@@ -52,6 +52,7 @@ SECTIONS: dict[str, str] = {
     "smollm2": "lowbit.bench.runner:smollm2_section",
     "minilm": "lowbit.bench.runner:minilm_section",
     "formats": "lowbit.bench.formats_bench:run",
+    "runtime": "lowbit.bench.runtime_bench:run",
 }
 _TAKES_CONFIG = {"smollm2", "minilm"}
 
@@ -118,6 +119,24 @@ def _build_all(kind: str, fp32_dir: Path, ctx_args: dict, cfg: BenchConfig, root
     return built
 
 
+def _session_pair(c: Any) -> tuple[Any, Any]:
+    """(the contender's session options, the same at ORT_ENABLE_BASIC).
+
+    BASIC keeps every QDQ pair as float DequantizeLinear -> MatMul, i.e. the quantization the
+    model *describes*; the default level fuses QDQ into int8 kernels (QLinearMatMul,
+    MatMulIntegerToFloat), i.e. what ONNX Runtime *runs*. Both are reported because they can
+    differ a lot (uint8 x int8 kernels on CPUs without VNNI can saturate).
+    """
+    import onnxruntime as ort
+
+    def fresh() -> Any:
+        return c.session_options() if c.session_options else ort.SessionOptions()
+
+    basic = fresh()
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return fresh(), basic
+
+
 def smollm2_section(cfg: BenchConfig) -> str:
     """SmolLM2-135M: perplexity, ratio to FP32, compile time, size, bits/weight per contender."""
     from lowbit.models import data, evaluate, footprint
@@ -137,9 +156,11 @@ def smollm2_section(cfg: BenchConfig) -> str:
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root:
         for c, path, seconds in _build_all("causal-lm", fp32_dir, ctx_args, cfg, Path(root)):
-            ppl = evaluate.perplexity(path, evalw)
+            default, basic = _session_pair(c)
+            ppl = evaluate.perplexity(path, evalw, session_options=default)
+            ppl_basic = evaluate.perplexity(path, evalw, session_options=basic).ppl
             bits = footprint.linear_weight_bits(path)
-            rows.append((c, ppl, seconds, footprint.size_on_disk(path), bits.bits_per_weight))
+            rows.append((c, ppl, ppl_basic, seconds, footprint.size_on_disk(path), bits.bits_per_weight))
     base = next((r[1].ppl for r in rows if r[0].name == "fp32"), None)
     lines = [
         "## SmolLM2-135M-Instruct: perplexity",
@@ -149,13 +170,18 @@ def smollm2_section(cfg: BenchConfig) -> str:
         f"Evaluation: {rows[0][1].windows} windows x {cfg.seq_len} tokens of {eval_source}, "
         f"{rows[0][1].tokens} scored tokens, ORT CPU. Calibration: {ctx_args['description']}.",
         "",
-        "| contender | weight grid | ppl | ratio to FP32 | compile s | size MB | bits/weight (linear) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "ppl: ONNX Runtime CPU with default session options (QDQ fused into int8 kernels). "
+        "ppl (QDQ in float): the same model at ORT_ENABLE_BASIC, which executes every "
+        "DequantizeLinear -> MatMul in float, i.e. the quantization the graph describes.",
+        "",
+        "| contender | weight grid | ppl | ratio to FP32 | ppl (QDQ in float) | compile s | size MB "
+        "| bits/weight (linear) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for c, ppl, seconds, size, bpw in rows:
+    for c, ppl, ppl_basic, seconds, size, bpw in rows:
         ratio = f"{ppl.ppl / base:.3f}" if base else "-"
-        lines.append(f"| {c.name} | {c.weight_grid} | {ppl.ppl:.2f} | {ratio} | {seconds:.1f} | "
-                     f"{size / 1e6:.1f} | {bpw:.2f} |")
+        lines.append(f"| {c.name} | {c.weight_grid} | {ppl.ppl:.2f} | {ratio} | {ppl_basic:.2f} | "
+                     f"{seconds:.1f} | {size / 1e6:.1f} | {bpw:.2f} |")
     return "\n".join(lines)
 
 
@@ -181,12 +207,16 @@ def minilm_section(cfg: BenchConfig) -> str:
         f"Evaluation: mean cosine of mean-pooled embeddings over {len(eval_texts)} paragraphs of the "
         f"evaluation split (max 128 tokens). Calibration: {ctx_args['description']}.",
         "",
-        "| contender | weight grid | cosine to FP32 | compile s | size MB | bits/weight (linear) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| contender | weight grid | cosine to FP32 | cosine (QDQ in float) | compile s | size MB "
+        "| bits/weight (linear) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root:
         for c, path, seconds in _build_all("encoder", fp32_dir, ctx_args, cfg, Path(root)):
-            cos = evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok)
+            default, basic = _session_pair(c)
+            cos = evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, session_options=default)
+            cos_b = evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, session_options=basic)
             size, bpw = footprint.size_on_disk(path), footprint.linear_weight_bits(path).bits_per_weight
-            lines.append(f"| {c.name} | {c.weight_grid} | {cos:.5f} | {seconds:.1f} | {size / 1e6:.1f} | {bpw:.2f} |")
+            lines.append(f"| {c.name} | {c.weight_grid} | {cos:.5f} | {cos_b:.5f} | {seconds:.1f} | "
+                         f"{size / 1e6:.1f} | {bpw:.2f} |")
     return "\n".join(lines)

@@ -128,6 +128,11 @@ def _window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
     return float((log_z - picked).sum())
 
 
+def _label(model_path: str | os.PathLike) -> str:
+    p = Path(model_path)
+    return p.parent.name if p.name == "model.onnx" else p.name
+
+
 def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_options: Any = None,
                progress: bool = True) -> PerplexityResult:
     """Perplexity of a causal LM over ``windows`` (int64 [N, T]), one window per run."""
@@ -139,7 +144,7 @@ def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_op
     session = open_session(model_path, session_options)
     idx = _output_index(session, "logits")
     total = 0.0
-    for row in tqdm(windows, desc=f"perplexity {Path(model_path).name}", unit="win",
+    for row in tqdm(windows, desc=f"perplexity {_label(model_path)}", unit="win",
                     disable=not progress, leave=False):
         logits = session.run(None, build_feeds(session, row[None, :]))[idx][0]
         if not np.all(np.isfinite(logits)):
@@ -160,7 +165,7 @@ def pooled_embeddings(model_path: str | os.PathLike, texts: Sequence[str], token
     idx = _output_index(session, "last_hidden_state")
     out = []
     starts = range(0, len(texts), batch_size)
-    for s in tqdm(starts, desc=f"embed {Path(model_path).name}", unit="batch",
+    for s in tqdm(starts, desc=f"embed {_label(model_path)}", unit="batch",
                   disable=not progress, leave=False):
         enc = tokenizer(list(texts[s : s + batch_size]), padding=True, truncation=True,
                         max_length=max_length, return_tensors="np")
