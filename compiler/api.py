@@ -46,7 +46,7 @@ def load_onnx(path: Path) -> ir.Model:
         onnx.checker.check_model(str(path))  # path form: handles > 2 GB and external data
         return ir.load(path)
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-        raise LowbitError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0]})") from e
+        raise LowbitError(f"{path}: not an ONNX model ({str(e).splitlines()[0].strip()})") from e
     except Exception as e:  # protobuf DecodeError and friends: corrupt or not ONNX at all
         raise LowbitError(f"{path}: not an ONNX model ({type(e).__name__})") from e
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
-__all__ = ["ort_session"]
+__all__ = ["ort_session", "run_on_tokens"]
 
 
 def ort_session(model: ir.Model, extra_outputs: Iterable[ir.Value] = (), *,
@@ -38,3 +38,11 @@ def ort_session(model: ir.Model, extra_outputs: Iterable[ir.Value] = (), *,
     finally:
         graph.outputs.clear()
         graph.outputs.extend(original)
+
+
+def run_on_tokens(model: ir.Model, ids) -> list:
+    """All graph outputs of ``model`` for one token window (feeds built from its inputs)."""
+    from lowbit.compiler.feeds import make_feed
+
+    session = ort_session(model)
+    return session.run(None, make_feed(session.get_inputs(), ids))

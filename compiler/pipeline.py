@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lowbit.compiler.context import CompileContext
-from lowbit.compiler.feeds import make_feed
-from lowbit.compiler.ortrun import ort_session
+from lowbit.compiler.ortrun import run_on_tokens
 from lowbit.errors import LowbitError
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import canonicalize_passes
@@ -54,8 +54,7 @@ class _Verifier:
         self.reference: list[np.ndarray] | None = None
 
     def outputs(self, model: ir.Model) -> list[np.ndarray]:
-        session = ort_session(model)
-        return session.run(None, make_feed(session.get_inputs(), self.ids))
+        return run_on_tokens(model, self.ids)
 
     def check(self, name: str, model: ir.Model, before: list[np.ndarray]) -> float:
         after = self.outputs(model)
@@ -113,6 +112,7 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
     if ctx.recipe.activations.format != "none":
         steps.append((CalibratePass(ctx), True))
     steps.append((EmitQDQPass(ctx), False))
+    steps.append((RemoveUnusedNodesPass(), True))  # the float weights the codes replaced
     return steps
 
 
@@ -125,4 +125,12 @@ def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions
         Instrumented(p, ctx, i, preserving=keeps, options=options, verifier=verifier)
         for i, (p, keeps) in enumerate(build_pipeline(ctx))
     ]
-    ir.passes.PassManager(wrapped, steps=1)(ctx.model)
+    try:
+        ir.passes.PassManager(wrapped, steps=1)(ctx.model)
+    except ir.passes.PassError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, LowbitError):
+            cause = cause.__cause__
+        if cause is not None:  # bad input found inside a pass: surface the user's message
+            raise cause from e
+        raise

@@ -8,7 +8,8 @@ calibration. Not function-preserving (it quantizes). Guarantees:
   int8/uint8 codes, INT4/UINT4 codes (blocked or per-axis), FLOAT8E4M3FN codes. Formats whose
   values are not a linear integer grid -- dINT, FP4 E2M1, NVFP4, MXFP4 -- are stored as int8 codes
   of 2*value with half the scale: 2*v is an integer in [-12, 12], and (2v) * (s/2) rounds to the
-  same float32 as v * s, so the graph's decoded weight equals ``lowbit.formats.decode`` bit for bit.
+  same float32 as v * s, so the graph's decoded weight equals ``lowbit.formats.decode`` bit for bit
+  (E2M1's negative-zero code becomes +0: int8 has no -0; it adds the same to every dot product).
 - target ``qdq-fp4``: FP4-element formats are stored as FLOAT4E2M1 codes; NVFP4 block scales as
   FLOAT8E4M3FN codes dequantized by the FP32 global scale (DQ(DQ(f8 scale, global)) chain). Meant
   for runtimes that implement FP4 (TensorRT-class); ORT CPU does not, so it is verified with
@@ -83,7 +84,7 @@ def weight_dq_nodes(graph: ir.Graph, site: LinearSite, enc: formats.Encoded, fmt
     """DequantizeLinear node(s) reproducing ``formats.decode(enc)`` for the site's weight."""
     axis, block = site.reduction_axis, enc.block_size
     codes, scale, zp, kind = _stored_codes(enc, fmt, target)
-    base = site.weight.name
+    base = site.name
     blocked = block is not None and enc.scale.shape[axis] > 1
     attrs = {"axis": axis, "block_size": int(block)} if blocked else {"axis": 1 - axis}
     if not blocked:
@@ -203,9 +204,12 @@ class EmitQDQPass(ir.passes.InPlacePass):
         z_val = _const(graph, zp, f"{base}.act_zero_point")
         q = ir.node("QuantizeLinear", [x, s_val, z_val], attrs, name=f"{base}.q")
         q.outputs[0].name = f"{base}.quantized"
+        q.outputs[0].type = ir.TensorType(z_val.dtype)
+        q.outputs[0].shape = x.shape
         dq = ir.node("DequantizeLinear", [q.outputs[0], s_val, z_val], attrs, name=f"{base}.dq")
         dq.outputs[0].name = f"{base}.act_dequantized"
         dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq.outputs[0].shape = x.shape
         graph.insert_before(sites[0].node, [q, dq])
         for site in sites:
             site.node.replace_input_with(0, dq.outputs[0])

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-__all__ = ["Feeder", "LinearSite", "LinearSiteMap", "find_linear_sites", "NORM_OPS"]
+__all__ = ["Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS", "find_linear_sites", "site_name"]
 
 logger = logging.getLogger(__name__)
 
 NORM_OPS = frozenset({("", "RMSNormalization"), ("", "LayerNormalization"), ("lowbit", "RMSNormalization")})
 _WEIGHT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast"})
-_ACT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze"})
+# Expand is GQA's repeat_kv: each kv channel is replicated to its query heads, so o_proj's input
+# stays linear in v_proj's output channels (a folded scale must then agree across the replicas).
+_ACT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Expand"})
+_WRAPPER_PREFIXES = ("inner.",)  # lowbit's export wrapper holds the HF model as `inner`
 
 
 @dataclass
@@ -91,6 +94,25 @@ def _reduction_axis(site_node: ir.Node, weight: ir.Value, path: tuple[ir.Node, .
         elif node.op_type == "Reshape":
             return None  # reshaped weights: no stable channel axis
     return axis
+
+
+def site_name(node: ir.Node, weight: ir.Value) -> str:
+    """A stable, readable name: the torch module path when the exporter recorded it
+    (``model.layers.0.self_attn.q_proj``), else the optimum node path or the weight name."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    name = None
+    if scopes:
+        parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]
+        modules = [p for p in parts[:-1] if p]  # the last entry is the aten op itself
+        name = modules[-1] if modules else None
+    if name is None and node.name and node.name.startswith("/") and node.name.count("/") > 1:
+        name = ".".join(node.name.strip("/").split("/")[:-1])
+    if name is None and weight.name and not weight.name.startswith(("val_", "onnx::")):
+        name = weight.name.removesuffix(".weight")
+    name = name or node.name or weight.name or "linear"
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
 
 
 def _walk_up(value: ir.Value) -> ir.Node | None:
@@ -162,7 +184,7 @@ def find_linear_sites(graph: ir.Graph) -> LinearSiteMap:
             continue
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             continue
-        sites.append(LinearSite(node, weight, path, axis, name=weight.name or node.name))
+        sites.append(LinearSite(node, weight, path, axis, name=site_name(node, weight)))
     site_map = LinearSiteMap(sites)
     for group in site_map.input_groups():
         for s in group:

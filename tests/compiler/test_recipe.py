@@ -1,0 +1,53 @@
+"""Recipes: every named recipe loads; unknown keys and bad values fail naming the key."""
+
+import pytest
+
+from lowbit.compiler.recipe import available_recipes, describe_keys, load_recipe, parse_override
+from lowbit.errors import LowbitError
+
+REQUIRED = {"w8a8", "w4a8-int4", "w4a8-dint4", "fp8", "nvfp4"}
+
+
+def test_required_recipes_exist_and_load():
+    names = set(available_recipes())
+    assert REQUIRED <= names
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.description
+
+
+def test_w4a8_dint4_values():
+    r = load_recipe("w4a8-dint4")
+    assert (r.weights.format, r.weights.block_size, r.activations.format) == ("dint4", 32, "int8")
+
+
+def test_overrides_apply_with_toml_types():
+    r = load_recipe("w8a8", ["weights.block_size=64", "weights.format=int4", "calibration.slac_lengths=[32, 64]", "target=qdq-fp4"])
+    assert r.weights.block_size == 64 and r.weights.format == "int4"
+    assert r.calibration.slac_lengths == (32, 64) and r.target == "qdq-fp4"
+    assert parse_override("activations.percentile=99.9") == (["activations", "percentile"], 99.9)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("weights.formt=int4", "unknown recipe key 'weights.formt'"),
+    ("bogus=1", "unknown recipe key 'bogus'"),
+    ("weights.format=int12", "recipe key 'weights.format': 'int12' is not one of"),
+    ("weights.block_size=-1", "recipe key 'weights.block_size': must be >= 0"),
+    ("weights.block_size=abc", "recipe key 'weights.block_size' must be int"),
+    ("activations.granularity=per_row", "recipe key 'activations.granularity'"),
+    ("target=tpu", "recipe key 'target': 'tpu' is not one of"),
+])  # fmt: skip
+def test_bad_keys_and_values_are_errors(override, message):
+    with pytest.raises(LowbitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe("w8a8", [override])
+
+
+def test_unknown_recipe_name_lists_known():
+    with pytest.raises(LowbitError, match=r"unknown recipe 'w9a9' \(known: .*w8a8"):
+        load_recipe("w9a9")
+
+
+def test_every_key_is_documented():
+    keys = describe_keys()
+    assert len(keys) >= 15
+    assert all(doc for _, doc, _ in keys)
