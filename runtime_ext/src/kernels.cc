@@ -4,23 +4,25 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 
 namespace lowbit {
 
 template <typename T>
-static void PermuteRowT(const T* a, T* out, int64_t K) {
-  for (int64_t c = 0; c < K; c += 32) {
-    const int64_t half = std::min<int64_t>(32, K - c) / 2;
+static void PermuteRowT(const T* a, T* out, int64_t K, int64_t chunk) {
+  // Same order as PermPos, without a division per element.
+  for (int64_t base = 0; base < K; base += chunk) {
+    const int64_t half = std::min(chunk, K - base) / 2;
     for (int64_t i = 0; i < half; ++i) {
-      out[c + i] = a[c + 2 * i];
-      out[c + half + i] = a[c + 2 * i + 1];
+      out[base + i] = a[base + 2 * i];
+      out[base + half + i] = a[base + 2 * i + 1];
     }
   }
 }
 
-void PermuteRow(const float* a, float* out, int64_t K) { PermuteRowT(a, out, K); }
-void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K) { PermuteRowT(a, out, K); }
+void PermuteRow(const float* a, float* out, int64_t K) { PermuteRowT(a, out, K, kChunkF32); }
+void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K) { PermuteRowT(a, out, K, kChunkI8); }
 
 void QuantizeRowI8(const float* a, int8_t* q, int64_t K, float scale) {
   for (int64_t k = 0; k < K; ++k) {
@@ -34,76 +36,50 @@ namespace {
 
 // ---- scalar (portable baseline) -----------------------------------------------------------
 
-// Dot of `len` (<= 32) k starting at a chunk boundary c (within one chunk of `chunk` elements),
-// codes of the chunk at `bytes`, chunk-permuted activations of the chunk at `ap`; `off` = first
-// even-index position inside the chunk. Accumulates in Acc (float or int32).
+inline int Code(const uint8_t* row, int64_t k) {
+  return (k & 1) ? row[k / 2] >> 4 : row[k / 2] & 0xF;
+}
+
+// Dot over k in [k0, k1) of chunk-permuted activations `ap` with the codes of `row`.
 template <typename A, typename Acc>
-inline Acc ChunkDot(const uint8_t* bytes, const A* ap, const int8_t* lut, int64_t chunk,
-                    int64_t first, int64_t len) {
+inline Acc RangeDot(const uint8_t* row, const A* ap, const int8_t* lut, int64_t k0, int64_t k1,
+                    int64_t K, int64_t chunk) {
   Acc s = 0;
-  const int64_t half = chunk / 2;
-  for (int64_t i = first / 2; i < (first + len) / 2; ++i) {
-    s += static_cast<Acc>(ap[i]) * lut[bytes[i] & 0xF];
-    s += static_cast<Acc>(ap[half + i]) * lut[bytes[i] >> 4];
-  }
+  for (int64_t k = k0; k < k1; ++k) s += static_cast<Acc>(ap[PermPos(k, K, chunk)]) * lut[Code(row, k)];
   return s;
 }
 
-// Visits every (chunk, block) piece of a row in order: fn(chunk_start, chunk_len, first, len,
-// block). Pieces are 16 or more elements; blocks are 16 or multiples of 32, so a 32-chunk is one
-// block or two 16-blocks.
-template <typename Fn>
-inline void ForPieces(int64_t K, int64_t block, Fn&& fn) {
-  for (int64_t c = 0; c < K; c += 32) {
-    const int64_t chunk = std::min<int64_t>(32, K - c);
-    if (block == 16)
-      for (int64_t f = 0; f < chunk; f += 16) fn(c, chunk, f, int64_t(16), (c + f) / 16);
-    else
-      fn(c, chunk, int64_t(0), chunk, c / block);
-  }
-}
-
+// Per-block sums first (integer in the int8 path), then scaled: the kernels' contract.
 template <typename A, typename Acc>
-float RowScalar(const A* ap, const Weight& w, int64_t n, const int8_t* lut, float mult) {
+float RowScalar(const A* ap, const Weight& w, int64_t n, int64_t chunk) {
   const uint8_t* row = w.codes + n * (w.K / 2);
-  // Per-block sums first (integer in the int8 path), then scaled: the kernels' contract.
-  std::vector<Acc> sums(static_cast<size_t>(w.nb), Acc(0));
-  ForPieces(w.K, w.block, [&](int64_t c, int64_t chunk, int64_t f, int64_t len, int64_t b) {
-    sums[b] += ChunkDot<A, Acc>(row + c / 2, ap + c, lut, chunk, f, len);
-  });
+  const int8_t* lut = IntTable(w.format);
+  const float mult = IntMultiplier(w.format);
   float acc = 0;
-  for (int64_t b = 0; b < w.nb; ++b) acc += static_cast<float>(sums[b]) * (w.Scale(n, b) * mult);
+  for (int64_t b = 0; b < w.nb; ++b)
+    acc += static_cast<float>(RangeDot<A, Acc>(row, ap, lut, b * w.block, (b + 1) * w.block, w.K,
+                                               chunk)) * (w.Scale(n, b) * mult);
   return acc;
 }
 
 void GemvF32Scalar(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
-    y[n] = RowScalar<float, float>(ap, w, n, IntTable(w.format), IntMultiplier(w.format));
+  for (int64_t n = n0; n < n1; ++n) y[n] = RowScalar<float, float>(ap, w, n, kChunkF32);
 }
 
 void GemvI8Scalar(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
                   int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
-    y[n] = RowScalar<int8_t, int32_t>(aq, w, n, IntTable(w.format), IntMultiplier(w.format)) *
-           a_scale;
+  for (int64_t n = n0; n < n1; ++n) y[n] = RowScalar<int8_t, int32_t>(aq, w, n, kChunkI8) * a_scale;
 }
 
-// k0 and kc are multiples of 32 except that k0 + kc may end on K's 16-tail.
+// k0 is a multiple of 8 and kc of 8 (float chunk), so the float order restarts at k0.
 void DecodeRowsScalar(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
                       float* out, int64_t ldo) {
   const float* table = ValueTable(w.format);
   for (int64_t r = 0; r < nr; ++r) {
     const uint8_t* row = w.codes + (n0 + r) * (w.K / 2);
-    for (int64_t c = k0; c < k0 + kc; c += 32) {
-      const int64_t half = std::min<int64_t>(32, w.K - c) / 2;
-      float* o = out + r * ldo + (c - k0);
-      for (int64_t i = 0; i < half; ++i) {
-        // Even k = c + 2i and odd k = c + 2i + 1 share block (c + 2i) / block (block >= 16).
-        const float s = w.Scale(n0 + r, (c + 2 * i) / w.block);
-        o[i] = table[row[c / 2 + i] & 0xF] * s;
-        o[half + i] = table[row[c / 2 + i] >> 4] * s;
-      }
-    }
+    float* o = out + r * ldo - k0;
+    for (int64_t k = k0; k < k0 + kc; ++k)
+      o[PermPos(k, w.K, kChunkF32)] = table[Code(row, k)] * w.Scale(n0 + r, k / w.block);
   }
 }
 
@@ -127,62 +103,133 @@ LB_AVX2 inline float HSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 16 bytes of codes (one 32-chunk) -> 32 int8 values: low lane = the 16 even k, high lane = the
-// 16 odd k (the chunk-permuted order). lut16 holds the 16-entry table in both lanes.
-LB_AVX2 inline __m256i Unpack32(const uint8_t* p, __m256i lut16) {
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(x, 4), x);
-  return _mm256_shuffle_epi8(lut16, _mm256_and_si256(both, _mm256_set1_epi8(0x0F)));
+// 16 bytes of codes (one 32-chunk) -> 32 codes (0..15): low lane = the 16 even k, high lane =
+// the 16 odd k. Broadcast-load + per-lane shift: no cross-lane shuffle.
+LB_AVX2 inline __m256i Codes32(const uint8_t* p) {
+  const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i sh = _mm256_srlv_epi32(x, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+  return _mm256_and_si256(sh, _mm256_set1_epi8(0x0F));
 }
 
-LB_AVX2 inline __m256 Cvt8(__m128i c) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)); }
+// Codes -> int8 values via the 16-entry table in both lanes (int8 path).
+LB_AVX2 inline __m256i Unpack32(const uint8_t* p, __m256i lut16) {
+  return _mm256_shuffle_epi8(lut16, Codes32(p));
+}
 
 LB_AVX2 inline __m256i Lut16(Format f) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(IntTable(f))));
 }
 
+// Float path: every table value (an integer of magnitude <= 12) is a float32 whose low 16 bits
+// are zero, so two byte tables (bits 16-23 and 24-31) plus in-lane interleaves with zero build
+// the float32 bit patterns directly: no int->float conversion.
+struct FloatBytes {
+  uint8_t b2[16], b3[16];
+};
+const FloatBytes& FloatBytesOf(Format f) {
+  static const std::array<FloatBytes, 4> tables = [] {
+    std::array<FloatBytes, 4> out{};
+    const Format fs[4] = {Format::kDint4, Format::kNvfp4, Format::kInt4, Format::kMxfp4};
+    for (int i = 0; i < 4; ++i)
+      for (int c = 0; c < 16; ++c) {
+        const float v = static_cast<float>(IntTable(fs[i])[c]);
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof(bits));  // low 16 bits are 0 for integers |v| <= 12
+        out[static_cast<int>(fs[i])].b2[c] = static_cast<uint8_t>(bits >> 16);
+        out[static_cast<int>(fs[i])].b3[c] = static_cast<uint8_t>(bits >> 24);
+      }
+    return out;
+  }();
+  return tables[static_cast<int>(f)];
+}
+
+struct F32Luts {
+  __m256i b2, b3;
+};
+
+LB_AVX2 inline F32Luts LoadF32Luts(Format f) {
+  const FloatBytes& t = FloatBytesOf(f);
+  return {_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.b2))),
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.b3)))};
+}
+
+// One 32-chunk -> four vectors of 8 float values; v0, v1 hold k 0..15 and v2, v3 k 16..31, each
+// 8-group of k as [4 even | 4 odd] (the float activation order, chunk 8).
+LB_AVX2 inline void Floats32(const uint8_t* p, const F32Luts& t, __m256& v0, __m256& v1,
+                             __m256& v2, __m256& v3) {
+  const __m256i c = Codes32(p);
+  const __m256i lo = _mm256_shuffle_epi8(t.b2, c), hi = _mm256_shuffle_epi8(t.b3, c);
+  const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+  const __m256i z = _mm256_setzero_si256();
+  // Per lane: w0 words = k 0..14 step 2 (low lane) / 1..15 (high lane); w1 = k 16..30 / 17..31.
+  // unpack*_epi16 keeps lanes, so a vector = [4 even k (low lane) | 4 odd k (high lane)]: in
+  // memory order that is lanes 0-3 then 4-7, matching [even4 | odd4] of an 8-group.
+  v0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w0));
+  v1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w0));
+  v2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w1));
+  v3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w1));
+}
+
+// fl(scale * global) of scale i; the scale dtype is a template parameter so the hot loops carry
+// no per-block branch.
+template <bool kBytes>
+inline float Sc(const Weight& w, int64_t i) {
+  return (kBytes ? w.byte_table[w.scale_u8[i]] : w.scale_f32[i]) * w.global;
+}
+
 // Scales of blocks b and b+1 of row n, times mult: [s0, s0, s1, s1] in both lanes (lane layout
 // of the int32 partial sums of a 32-chunk holding two 16-blocks).
+template <bool kBytes>
 LB_AVX2 inline __m256 PairScales(const Weight& w, int64_t i, float mult) {
-  const __m128 p = _mm_set_ps(w.ScaleAt(i + 1), w.ScaleAt(i + 1), w.ScaleAt(i), w.ScaleAt(i));
+  const __m128 p = _mm_set_ps(Sc<kBytes>(w, i + 1), Sc<kBytes>(w, i + 1), Sc<kBytes>(w, i), Sc<kBytes>(w, i));
   const __m128 m = _mm_mul_ps(p, _mm_set1_ps(mult));
   return _mm256_set_m128(m, m);
 }
 
+// Float dot of one 32-chunk as a short tree (no long FMA chain).
+LB_AVX2 inline __m256 ChunkSumF32(const uint8_t* p, const float* a, const F32Luts& t) {
+  __m256 v0, v1, v2, v3;
+  Floats32(p, t, v0, v1, v2, v3);
+  const __m256 s01 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(a + 8), _mm256_mul_ps(v0, _mm256_loadu_ps(a)));
+  const __m256 s23 =
+      _mm256_fmadd_ps(v3, _mm256_loadu_ps(a + 24), _mm256_mul_ps(v2, _mm256_loadu_ps(a + 16)));
+  return _mm256_add_ps(s01, s23);
+}
+
 // Float dot of one block of `cpb` 32-chunks (8 partial sums).
-LB_AVX2 inline __m256 BlockSumF32(const uint8_t* p, const float* a, int64_t cpb, __m256i lut) {
-  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+LB_AVX2 inline __m256 BlockSumF32(const uint8_t* p, const float* a, int64_t cpb, const F32Luts& t) {
+  if (cpb == 1) return ChunkSumF32(p, a, t);
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), v0, v1, v2, v3;
   for (int64_t j = 0; j < cpb; ++j, p += 16, a += 32) {
-    const __m256i v = Unpack32(p, lut);
-    const __m128i ev = _mm256_castsi256_si128(v), od = _mm256_extracti128_si256(v, 1);
-    b0 = _mm256_fmadd_ps(Cvt8(ev), _mm256_loadu_ps(a), b0);
-    b1 = _mm256_fmadd_ps(Cvt8(_mm_srli_si128(ev, 8)), _mm256_loadu_ps(a + 8), b1);
-    b0 = _mm256_fmadd_ps(Cvt8(od), _mm256_loadu_ps(a + 16), b0);
-    b1 = _mm256_fmadd_ps(Cvt8(_mm_srli_si128(od, 8)), _mm256_loadu_ps(a + 24), b1);
+    Floats32(p, t, v0, v1, v2, v3);
+    b0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(a), b0);
+    b1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(a + 8), b1);
+    b0 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(a + 16), b0);
+    b1 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(a + 24), b1);
   }
   return _mm256_add_ps(b0, b1);
 }
 
-LB_AVX2 void GemvF32Avx2(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
-  const __m256i lut = Lut16(w.format);
+template <bool kBytes>
+LB_AVX2 void GemvF32T(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const F32Luts t = LoadF32Luts(w.format);
   const int8_t* ilut = IntTable(w.format);
   const float mult = IntMultiplier(w.format);
   const int64_t K32 = w.K & ~int64_t(31), cpb = w.block / 32;  // chunks per block (block >= 32)
+  __m256 v0, v1, v2, v3;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * (w.K / 2);
     int64_t si = n * w.nb;  // running scale index
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     if (w.block == 16) {
       for (int64_t k = 0; k < K32; k += 32, si += 2) {
-        const __m256i v = Unpack32(row + k / 2, lut);
-        const __m128i ev = _mm256_castsi256_si128(v), od = _mm256_extracti128_si256(v, 1);
-        // Block 2j: even k at ev[0:8], odd k at od[0:8]; block 2j+1: the upper 8 of each.
-        __m256 b0 = _mm256_mul_ps(Cvt8(ev), _mm256_loadu_ps(ap + k));
-        __m256 b1 = _mm256_mul_ps(Cvt8(_mm_srli_si128(ev, 8)), _mm256_loadu_ps(ap + k + 8));
-        b0 = _mm256_fmadd_ps(Cvt8(od), _mm256_loadu_ps(ap + k + 16), b0);
-        b1 = _mm256_fmadd_ps(Cvt8(_mm_srli_si128(od, 8)), _mm256_loadu_ps(ap + k + 24), b1);
-        acc0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(w.ScaleAt(si) * mult), acc0);
-        acc1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(w.ScaleAt(si + 1) * mult), acc1);
+        Floats32(row + k / 2, t, v0, v1, v2, v3);  // v0, v1: block si; v2, v3: block si + 1
+        const __m256 b0 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(ap + k + 8),
+                                          _mm256_mul_ps(v0, _mm256_loadu_ps(ap + k)));
+        const __m256 b1 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(ap + k + 24),
+                                          _mm256_mul_ps(v2, _mm256_loadu_ps(ap + k + 16)));
+        acc0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(Sc<kBytes>(w, si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(Sc<kBytes>(w, si + 1) * mult), acc1);
       }
     } else {
       // Two blocks per step into two accumulators: consecutive blocks never wait on one FMA
@@ -191,23 +238,23 @@ LB_AVX2 void GemvF32Avx2(const float* ap, const Weight& w, float* y, int64_t n0,
       const uint8_t* p = row;
       const float* a = ap;
       for (int64_t b = 0; b < pair_end; b += 2, si += 2) {
-        const __m256 s0 = BlockSumF32(p, a, cpb, lut);
-        const __m256 s1 = BlockSumF32(p + 16 * cpb, a + 32 * cpb, cpb, lut);
-        acc0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(w.ScaleAt(si) * mult), acc0);
-        acc1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(w.ScaleAt(si + 1) * mult), acc1);
+        const __m256 s0 = BlockSumF32(p, a, cpb, t);
+        const __m256 s1 = BlockSumF32(p + 16 * cpb, a + 32 * cpb, cpb, t);
+        acc0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(Sc<kBytes>(w, si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(Sc<kBytes>(w, si + 1) * mult), acc1);
         p += 32 * cpb;
         a += 64 * cpb;
       }
       if (pair_end < w.nb) {
-        acc0 = _mm256_fmadd_ps(BlockSumF32(p, a, cpb, lut), _mm256_set1_ps(w.ScaleAt(si) * mult),
+        acc0 = _mm256_fmadd_ps(BlockSumF32(p, a, cpb, t), _mm256_set1_ps(Sc<kBytes>(w, si) * mult),
                                acc0);
         ++si;
       }
     }
     float total = HSum(_mm256_add_ps(acc0, acc1));
     if (K32 < w.K)  // K % 32 == 16: one trailing 16-chunk, necessarily one 16-block
-      total += ChunkDot<float, float>(row + K32 / 2, ap + K32, ilut, 16, 0, 16) *
-               (w.ScaleAt(si) * mult);
+      total += RangeDot<float, float>(row, ap, ilut, K32, w.K, w.K, kChunkF32) *
+               (Sc<kBytes>(w, si) * mult);
     y[n] = total;
   }
 }
@@ -228,8 +275,9 @@ LB_AVX2 inline __m256i BlockDotI8(const uint8_t* p, const int8_t* a, int64_t cpb
   return d;
 }
 
-LB_AVX2 void GemvI8Avx2(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
-                        int64_t n1) {
+template <bool kBytes>
+LB_AVX2 void GemvI8T(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
+                     int64_t n1) {
   const __m256i lut = Lut16(w.format);
   const int8_t* ilut = IntTable(w.format);
   const float mult = IntMultiplier(w.format);
@@ -244,12 +292,12 @@ LB_AVX2 void GemvI8Avx2(const int8_t* aq, float a_scale, const Weight& w, float*
       for (; k + 64 <= K32; k += 64, si += 4) {
         const __m256i d0 = Dot32I8(row + k / 2, aq + k, lut);
         const __m256i d1 = Dot32I8(row + k / 2 + 16, aq + k + 32, lut);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), PairScales(w, si, mult), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), PairScales(w, si + 2, mult), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), PairScales<kBytes>(w, si, mult), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), PairScales<kBytes>(w, si + 2, mult), acc1);
       }
       if (k < K32) {
         const __m256i d = Dot32I8(row + k / 2, aq + k, lut);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), PairScales(w, si, mult), acc0);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), PairScales<kBytes>(w, si, mult), acc0);
         si += 2;
       }
     } else {
@@ -259,46 +307,57 @@ LB_AVX2 void GemvI8Avx2(const int8_t* aq, float a_scale, const Weight& w, float*
       for (int64_t b = 0; b < pair_end; b += 2, si += 2) {
         const __m256i d0 = BlockDotI8(p, a, cpb, lut);
         const __m256i d1 = BlockDotI8(p + 16 * cpb, a + 32 * cpb, cpb, lut);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(w.ScaleAt(si) * mult), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(w.ScaleAt(si + 1) * mult),
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(Sc<kBytes>(w, si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(Sc<kBytes>(w, si + 1) * mult),
                                acc1);
         p += 32 * cpb;
         a += 64 * cpb;
       }
       if (pair_end < w.nb) {
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BlockDotI8(p, a, cpb, lut)),
-                               _mm256_set1_ps(w.ScaleAt(si) * mult), acc0);
+                               _mm256_set1_ps(Sc<kBytes>(w, si) * mult), acc0);
         ++si;
       }
     }
     float total = HSum(_mm256_add_ps(acc0, acc1));
     if (K32 < w.K)
-      total += static_cast<float>(ChunkDot<int8_t, int32_t>(row + K32 / 2, aq + K32, ilut, 16, 0,
-                                                            16)) * (w.ScaleAt(si) * mult);
+      total += static_cast<float>(RangeDot<int8_t, int32_t>(row, aq, ilut, K32, w.K, w.K,
+                                                            kChunkI8)) * (Sc<kBytes>(w, si) * mult);
     y[n] = total * a_scale;
   }
 }
 
+LB_AVX2 void GemvF32Avx2(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  if (w.scale_u8) GemvF32T<true>(ap, w, y, n0, n1);
+  else GemvF32T<false>(ap, w, y, n0, n1);
+}
+
+LB_AVX2 void GemvI8Avx2(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
+                        int64_t n1) {
+  if (w.scale_u8) GemvI8T<true>(aq, a_scale, w, y, n0, n1);
+  else GemvI8T<false>(aq, a_scale, w, y, n0, n1);
+}
+
 LB_AVX2 void DecodeRowsAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
                             float* out, int64_t ldo) {
-  const __m256i lut = Lut16(w.format);
+  const F32Luts t = LoadF32Luts(w.format);
   const float mult = IntMultiplier(w.format);
   const int64_t kend = k0 + kc, k32 = k0 + (kc & ~int64_t(31));
+  __m256 v0, v1, v2, v3;
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t n = n0 + r;
     const uint8_t* row = w.codes + n * (w.K / 2);
     float* o = out + r * ldo - k0;
     for (int64_t k = k0; k < k32; k += 32) {
-      const __m256i v = Unpack32(row + k / 2, lut);
-      const __m128i ev = _mm256_castsi256_si128(v), od = _mm256_extracti128_si256(v, 1);
-      // value * s == int_value * (mult * s) exactly: mult is a power of two. The first 8 even
-      // and 8 odd k lie in block k / block, the last 8 of each in block (k + 16) / block.
+      Floats32(row + k / 2, t, v0, v1, v2, v3);
+      // value * s == int_value * (mult * s) exactly: mult is a power of two. k..k+15 lie in
+      // block k / block, k+16..k+31 in block (k + 16) / block.
       const __m256 s0 = _mm256_set1_ps(w.Scale(n, k / w.block) * mult);
       const __m256 s1 = _mm256_set1_ps(w.Scale(n, (k + 16) / w.block) * mult);
-      _mm256_storeu_ps(o + k, _mm256_mul_ps(Cvt8(ev), s0));
-      _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(Cvt8(_mm_srli_si128(ev, 8)), s1));
-      _mm256_storeu_ps(o + k + 16, _mm256_mul_ps(Cvt8(od), s0));
-      _mm256_storeu_ps(o + k + 24, _mm256_mul_ps(Cvt8(_mm_srli_si128(od, 8)), s1));
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(v0, s0));
+      _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(v1, s0));
+      _mm256_storeu_ps(o + k + 16, _mm256_mul_ps(v2, s1));
+      _mm256_storeu_ps(o + k + 24, _mm256_mul_ps(v3, s1));
     }
     if (k32 < kend) DecodeRowsScalar(w, n, 1, k32, kend - k32, o + k32, ldo);
   }

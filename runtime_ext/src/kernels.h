@@ -6,10 +6,11 @@
 // for nvfp4 / E8M0 bits for mxfp4); one float32 global scale. w[k, n] = value(code) *
 // fl(scale * global) exactly as lowbit.formats.decode.
 //
-// Activation order: kernels read activations "chunk-permuted": K is cut into 32-element chunks
-// (plus one trailing 16-element chunk when K % 32 == 16); in a chunk of C elements the C/2 even
-// k come first, then the C/2 odd k (PermuteRow). That is the order in which the low and high
-// nibbles of C/2 bytes come out of the SIMD unpack, so weights never need reshuffling.
+// Activation order: kernels read activations "chunk-permuted": K is cut into chunks of C
+// elements (the last one may be shorter); inside a chunk the even k come first, then the odd k.
+// Float activations use C = 8 (PermuteRow), int8 activations C = 32 (PermuteRowI8). Those are
+// the orders in which the SIMD unpack emits the low and high nibbles of the packed bytes, so the
+// weights are never reshuffled at run time; only the (small) activation row is.
 //
 // Requires K % 16 == 0 and block in {16} U {32 x j}; the caller validates.
 // Dispatch: a portable scalar version and an AVX2+FMA version, chosen once per process.
@@ -34,7 +35,14 @@ struct Weight {
   }
 };
 
-// A row of K floats/int8 in chunk-permuted order.
+// Chunk sizes of the two activation orders, and the position of element k in that order.
+constexpr int64_t kChunkF32 = 8, kChunkI8 = 32;
+inline int64_t PermPos(int64_t k, int64_t K, int64_t chunk) {
+  const int64_t base = k - k % chunk, len = std::min(chunk, K - base), j = k - base;
+  return base + ((j & 1) ? len / 2 + j / 2 : j / 2);
+}
+
+// A row of K floats (chunk 8) / int8 (chunk 32) in chunk-permuted order.
 void PermuteRow(const float* a, float* out, int64_t K);
 void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K);
 
