@@ -18,6 +18,10 @@ from lowbit.errors import LowbitError
 __all__ = [
     "ActivationSpec",
     "CalibrationSpec",
+    "KVCacheSpec",
+    "ReorderSpec",
+    "RoundingSpec",
+    "SmoothSpec",
     "Recipe",
     "SiteSpec",
     "WeightSpec",
@@ -96,6 +100,54 @@ class SiteSpec:
     exclude: tuple[str, ...] = _doc("fnmatch patterns over site names (weight initializer names) kept in float", ())
 
 
+FEEDER_KINDS = ("norm", "attention_v", "gated_linear")
+
+
+@dataclass(frozen=True)
+class SmoothSpec:
+    method: str = _doc("equivalent per-channel scaling folded into producers: none | smoothquant | awq | aqas", "none")
+    alpha_grid: tuple[float, ...] = _doc("migration strengths searched per input group (the output-error objective picks one)", (0.0, 0.15, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85))
+    feeders: tuple[str, ...] = _doc("producer kinds scales may be folded into: norm | attention_v | gated_linear", FEEDER_KINDS)
+    sample_tokens: int = _doc("calibration rows kept per input group for the scale search (and OPTQ's X^T X uses all rows)", 512)
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("none", "smoothquant", "awq", "aqas"), "smooth.method", f"{self.method!r} is not none, smoothquant, awq or aqas")
+        _require(len(self.alpha_grid) > 0 and all(0.0 <= a <= 1.0 for a in self.alpha_grid), "smooth.alpha_grid", "needs values in [0, 1]")
+        _require(all(k in FEEDER_KINDS for k in self.feeders), "smooth.feeders", f"kinds must be among {', '.join(FEEDER_KINDS)}")
+        _require(self.sample_tokens >= 16, "smooth.sample_tokens", "must be >= 16")
+
+
+@dataclass(frozen=True)
+class ReorderSpec:
+    clusters: int = _doc("RPTQ: K-means clusters of channels by calibrated (min, max) per site input; 0 = off", 0)
+    feeders: tuple[str, ...] = _doc("inputs to cluster, by producer kind: norm (Gather + permuted gamma), gated_linear (permuted gate/up columns), attention_v (per-cluster scales only: GQA heads pin channel order)", FEEDER_KINDS)
+
+    def __post_init__(self) -> None:
+        _require(self.clusters >= 0, "reorder.clusters", "must be >= 0")
+        _require(all(k in FEEDER_KINDS for k in self.feeders), "reorder.feeders", f"kinds must be among {', '.join(FEEDER_KINDS)}")
+
+
+@dataclass(frozen=True)
+class RoundingSpec:
+    method: str = _doc("weight rounding: rtn (round to nearest) | optq (GPTQ second-order error compensation with X^T X)", "rtn")
+    damp: float = _doc("optq: damping added to the Hessian diagonal, as a fraction of its mean", 0.01)
+    act_order: bool = _doc("optq: quantize input channels in order of decreasing Hessian diagonal (per-channel scales only)", False)
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("rtn", "optq"), "rounding.method", f"{self.method!r} is not rtn or optq")
+        _require(0.0 < self.damp < 1.0, "rounding.damp", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    format: str = _doc("K/V (attention inputs) quantization: none | int8 | int4 (static, symmetric)", "none")
+    granularity: str = _doc("per_head: one scale per head | per_channel: one per head channel", "per_head")
+
+    def __post_init__(self) -> None:
+        _require(self.format in ("none", "int8", "int4"), "kv.format", f"{self.format!r} is not none, int8 or int4")
+        _require(self.granularity in ("per_head", "per_channel"), "kv.granularity", f"{self.granularity!r} is not per_head or per_channel")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = _doc("recipe name (file stem)", "custom")
@@ -105,6 +157,10 @@ class Recipe:
     activations: ActivationSpec = field(default_factory=ActivationSpec, metadata={"doc": "activation quantization"})
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec, metadata={"doc": "calibration (SLAC)"})
     sites: SiteSpec = field(default_factory=SiteSpec, metadata={"doc": "which linear sites to quantize"})
+    smooth: SmoothSpec = field(default_factory=SmoothSpec, metadata={"doc": "equivalent scale folding (SmoothQuant, AWQ, AQAS)"})
+    reorder: ReorderSpec = field(default_factory=ReorderSpec, metadata={"doc": "RPTQ channel clustering and reordering"})
+    rounding: RoundingSpec = field(default_factory=RoundingSpec, metadata={"doc": "weight rounding (RTN, OPTQ)"})
+    kv: KVCacheSpec = field(default_factory=KVCacheSpec, metadata={"doc": "KV (attention K/V input) quantization"})
 
     def __post_init__(self) -> None:
         _require(self.target in TARGETS, "target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
@@ -148,7 +204,8 @@ def _coerce(value: Any, ftype: str, key: str) -> Any:
     return value
 
 
-_SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec, "sites": SiteSpec}
+_SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec, "sites": SiteSpec,
+             "smooth": SmoothSpec, "reorder": ReorderSpec, "rounding": RoundingSpec, "kv": KVCacheSpec}
 
 
 def available_recipes() -> dict[str, Path]:
