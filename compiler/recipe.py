@@ -19,6 +19,7 @@ __all__ = [
     "ActivationSpec",
     "CalibrationSpec",
     "KVCacheSpec",
+    "PrecisionSpec",
     "ReorderSpec",
     "RoundingSpec",
     "SmoothSpec",
@@ -149,6 +150,25 @@ class KVCacheSpec:
 
 
 @dataclass(frozen=True)
+class PrecisionSpec:
+    enabled: bool = _doc("FGMP: weights.format (nvfp4) blocks of 16, the most sensitive kept in FP8 E4M3", False)
+    assignment: str = _doc("which blocks keep FP8: fgmp (Fisher impact, global threshold) | random | per_layer (whole sites)", "fgmp")
+    fp8_fraction: float = _doc("fraction of weight blocks kept in FP8 (ties at the threshold broken by position)", 0.3)
+    avg_bits: float = _doc("if > 0: target average bits per weight instead (NVFP4 block 4.5, FP8 block 8.0)", 0.0)
+    sensitivity: str = _doc("g^2 source: auto | fisher (side file or shipped model, torch) | proxy (diag(X^T X))", "auto")
+    fisher_file: str = _doc("npz of empirical Fisher keyed weight/<site> (lowbit.models.fisher); '' = compute or proxy", "")
+    clip: str = _doc("NVFP4 block scale chooser: fisher (sensitivity-weighted clip search) | mse | absmax", "fisher")
+    seed: int = _doc("random seed of assignment = random", 0)
+
+    def __post_init__(self) -> None:
+        _require(self.assignment in ("fgmp", "random", "per_layer"), "precision.assignment", f"{self.assignment!r} is not fgmp, random or per_layer")
+        _require(0.0 <= self.fp8_fraction <= 1.0, "precision.fp8_fraction", "must be in [0, 1]")
+        _require(self.avg_bits == 0.0 or 4.5 <= self.avg_bits <= 8.0, "precision.avg_bits", "must be 0 or in [4.5, 8.0]")
+        _require(self.sensitivity in ("auto", "fisher", "proxy"), "precision.sensitivity", f"{self.sensitivity!r} is not auto, fisher or proxy")
+        _require(self.clip in ("fisher", "mse", "absmax"), "precision.clip", f"{self.clip!r} is not fisher, mse or absmax")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = _doc("recipe name (file stem)", "custom")
     description: str = _doc("one line shown by `lowbit recipes`", "")
@@ -161,6 +181,7 @@ class Recipe:
     reorder: ReorderSpec = field(default_factory=ReorderSpec, metadata={"doc": "RPTQ channel clustering and reordering"})
     rounding: RoundingSpec = field(default_factory=RoundingSpec, metadata={"doc": "weight rounding (RTN, OPTQ)"})
     kv: KVCacheSpec = field(default_factory=KVCacheSpec, metadata={"doc": "KV (attention K/V input) quantization"})
+    precision: PrecisionSpec = field(default_factory=PrecisionSpec, metadata={"doc": "FGMP mixed NVFP4/FP8 weight blocks"})
 
     def __post_init__(self) -> None:
         _require(self.target in TARGETS, "target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
@@ -205,7 +226,8 @@ def _coerce(value: Any, ftype: str, key: str) -> Any:
 
 
 _SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec, "sites": SiteSpec,
-             "smooth": SmoothSpec, "reorder": ReorderSpec, "rounding": RoundingSpec, "kv": KVCacheSpec}
+             "smooth": SmoothSpec, "reorder": ReorderSpec, "rounding": RoundingSpec, "kv": KVCacheSpec,
+             "precision": PrecisionSpec}
 
 
 def available_recipes() -> dict[str, Path]:
