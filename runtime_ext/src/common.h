@@ -17,6 +17,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace lowbit {
@@ -89,7 +90,8 @@ void ParallelRanges(Ort::KernelContext& ctx, size_t total, size_t grain, Fn&& fn
   if (total == 0) return;
   size_t tasks = (total + grain - 1) / grain;
   if (tasks <= 1) { fn(size_t(0), total); return; }
-  struct Closure { Fn* fn; size_t total, grain; };
+  using F = std::remove_reference_t<Fn>;
+  struct Closure { F* fn; size_t total, grain; };
   Closure c{&fn, total, grain};
   ctx.ParallelFor(
       [](void* p, size_t i) {

@@ -397,11 +397,13 @@ constexpr int64_t kKC = 256;  // K block kept in L1/L2 (a multiple of 32: chunks
 
 // Float GEMM: W decoded per (task rows x kKC) into float and multiplied against a packed,
 // chunk-permuted copy of A: Apack[mb][k][16].
-void GemmF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
-             const Weight& w, float* Y) {
+// `par(total, grain, fn)` runs fn(begin, end) over [0, total) (ORT's pool, or serially).
+template <typename Par>
+void GemmF32Impl(Par&& par, const Kernels& kern, const float* A, int64_t M, const Weight& w,
+                 float* Y) {
   const int64_t K = w.K, N = w.N, MB = (M + kMR - 1) / kMR, Mpad = MB * kMR;
   std::vector<float> apack(static_cast<size_t>(Mpad * K), 0.0f);
-  ParallelRanges(ctx, static_cast<size_t>(MB), 1, [&](size_t b0, size_t b1) {
+  par(static_cast<size_t>(MB), size_t(1), [&](size_t b0, size_t b1) {
     std::vector<float> row(static_cast<size_t>(K));
     for (int64_t mb = int64_t(b0); mb < int64_t(b1); ++mb)
       for (int64_t i = 0; i < kMR && mb * kMR + i < M; ++i) {
@@ -410,7 +412,7 @@ void GemmF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64
         for (int64_t k = 0; k < K; ++k) dst[k * kMR] = row[k];
       }
   });
-  ParallelRanges(ctx, static_cast<size_t>(N), kNB, [&](size_t s0, size_t s1) {
+  par(static_cast<size_t>(N), size_t(kNB), [&](size_t s0, size_t s1) {
     const int64_t n0 = int64_t(s0), nb = int64_t(s1) - n0;
     // Rows padded to a multiple of kNR with zero weights, so every micro tile is full.
     const int64_t nbp = (nb + kNR - 1) / kNR * kNR;
@@ -428,6 +430,12 @@ void GemmF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < nb; ++r) Y[m * N + n0 + r] = cbuf[r * Mpad + m];
   });
+}
+
+void GemmF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
+             const Weight& w, float* Y) {
+  GemmF32Impl([&](size_t total, size_t grain, auto&& fn) { ParallelRanges(ctx, total, grain, fn); },
+              kern, A, M, w, Y);
 }
 
 constexpr int64_t kGemmMinRows = 4;
