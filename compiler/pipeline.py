@@ -22,9 +22,11 @@ from lowbit.compiler.context import CompileContext
 from lowbit.compiler.ortrun import run_on_tokens
 from lowbit.errors import LowbitError
 from lowbit.passes.calibrate import CalibratePass
+from lowbit.passes.capture import CapturePass
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.passes.smooth import SmoothPass
 
 __all__ = ["Instrumented", "PipelineOptions", "build_pipeline", "run_pipeline"]
 
@@ -109,8 +111,14 @@ class Instrumented(ir.passes.InPlacePass):
 def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]:
     """(pass, function_preserving) in order, as the recipe asks."""
     steps: list[tuple[ir.passes.PassBase, bool]] = [(p, True) for p in canonicalize_passes()]
-    if ctx.recipe.activations.format != "none":
+    recipe = ctx.recipe
+    smooth = recipe.smooth.method != "none"
+    if recipe.activations.format != "none" or smooth:
         steps.append((CalibratePass(ctx), True))
+    if smooth or recipe.rounding.method == "optq":
+        steps.append((CapturePass(ctx, recipe.smooth.sample_tokens), True))
+    if smooth:
+        steps.append((SmoothPass(ctx), True))
     steps.append((EmitQDQPass(ctx), False))
     steps.append((RemoveUnusedNodesPass(), True))  # the float weights the codes replaced
     return steps

@@ -1,0 +1,154 @@
+"""Where a per-channel transform of a linear-site input can be folded exactly, and the edits.
+
+Shared by the smooth (scales) and reorder (permutations) passes; no pass of its own. For one
+input group (sites sharing an input x), :func:`fold_target` finds the producer of x that can
+absorb ``x / s`` or ``x[..., perm]``:
+
+- ``norm``: x is a norm's output; the norm's gamma (and LayerNorm's beta) absorb the transform;
+- ``gated_linear``: x = act(gate) * up; up_proj's output columns absorb a scale, gate_proj's and
+  up_proj's columns together absorb a permutation (act is elementwise);
+- ``attention_v``: x is attention output; v_proj's output columns absorb a scale. With GQA each
+  v channel is replicated to ``g`` query heads, so a scale must be one value per *v* channel:
+  ``channel_map[c]`` is the v channel that o_proj input channel c reads.
+
+It refuses (returns a reason string) whenever folding would change anything but x: the group
+input has consumers outside the group, a weight or gamma initializer is shared (tied lm_head),
+a producer output feeds anything else. Weights are handled in (K, N) orientation -- K the
+reduction (input-channel) axis -- whatever the stored layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.passes.linear_sites import LinearSite
+
+__all__ = ["FoldTarget", "fold_target", "set_weight_kn", "weight_kn"]
+
+
+@dataclass
+class FoldTarget:
+    kind: str  # "norm" | "gated_linear" | "attention_v"
+    group: list[LinearSite]
+    norm: ir.Node | None = None
+    producer: LinearSite | None = None  # v_proj or up_proj
+    gate: LinearSite | None = None  # gate_proj (gated_linear only)
+    channel_map: np.ndarray | None = None  # consumer channel -> producer channel
+
+    @property
+    def channels(self) -> int:
+        return self.group[0].in_features
+
+    @property
+    def input(self) -> ir.Value:
+        return self.group[0].input
+
+    # --- scales: x -> x / s ------------------------------------------------------------------
+    def apply_scale(self, s: np.ndarray) -> None:
+        for site in self.group:
+            set_weight_kn(site, weight_kn(site) * s[:, None].astype(np.float32))
+        if self.kind == "norm":
+            for i in (1, 2):
+                if len(self.norm.inputs) > i and self.norm.inputs[i] is not None:
+                    _set_const(self.norm.inputs[i], _const(self.norm.inputs[i]) / s.astype(np.float32))
+            return
+        sp = producer_scale(self, s)
+        set_weight_kn(self.producer, weight_kn(self.producer) / sp[None, :].astype(np.float32))
+
+    # --- permutations: x -> x[..., perm] -------------------------------------------------------
+    def apply_permutation(self, perm: np.ndarray) -> None:
+        """Only for norm and gated_linear targets (see module docs); norm needs the caller to
+        reorder the norm *input* too (a Gather), which this method does not insert."""
+        for site in self.group:
+            set_weight_kn(site, weight_kn(site)[perm])
+        if self.kind == "norm":
+            for i in (1, 2):
+                if len(self.norm.inputs) > i and self.norm.inputs[i] is not None:
+                    _set_const(self.norm.inputs[i], _const(self.norm.inputs[i])[perm])
+            return
+        if self.kind != "gated_linear":
+            raise ValueError(f"{self.kind} inputs cannot be permuted without a Gather")
+        for site in (self.producer, self.gate):
+            set_weight_kn(site, weight_kn(site)[:, perm])
+
+
+def producer_scale(target: FoldTarget, s: np.ndarray) -> np.ndarray:
+    """Per producer channel scale from a consumer-channel scale constant on replicas."""
+    sp = np.ones(target.producer.out_features, np.float64)
+    sp[target.channel_map] = s
+    return sp
+
+
+def weight_kn(site: LinearSite) -> np.ndarray:
+    w = site.weight.const_value.numpy()
+    return w if site.reduction_axis == 0 else w.T
+
+
+def set_weight_kn(site: LinearSite, w_kn: np.ndarray) -> None:
+    w = w_kn if site.reduction_axis == 0 else w_kn.T
+    _set_const(site.weight, np.ascontiguousarray(w, dtype=np.float32))
+
+
+def _const(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
+
+
+def _set_const(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=value.name)
+
+
+def _private_initializer(value: ir.Value | None, users: int = 1) -> bool:
+    return value is not None and value.is_initializer() and value.const_value is not None and len(value.uses()) == users
+
+
+def _weights_private(sites: list[LinearSite]) -> bool:
+    return all(_private_initializer(s.weight) for s in sites)
+
+
+def _gqa_map(site: LinearSite, producer: LinearSite, attn: ir.Node) -> np.ndarray | str:
+    k, p = site.in_features, producer.out_features
+    if k == p:
+        return np.arange(k)
+    v = attn.inputs[2] if attn.op_type == "Attention" else attn.inputs[1]
+    head_dim = v.shape[-1] if v.shape is not None and len(v.shape) == 4 else None
+    if not isinstance(head_dim, int) or k % p or p % head_dim:
+        return f"GQA layout unknown (o input {k}, v output {p}, head dim {head_dim})"
+    group = k // p
+    c = np.arange(k)
+    return (c // head_dim // group) * head_dim + c % head_dim
+
+
+def fold_target(group: list[LinearSite], kinds: tuple[str, ...]) -> FoldTarget | str:
+    """The exact folding target of one input group, or why there is none."""
+    site = group[0]
+    feeder = site.feeder
+    if feeder is None or feeder.kind not in kinds:
+        return f"feeder {feeder.describe() if feeder else 'unknown'} not foldable here"
+    members = {id(s.node) for s in group}
+    if {id(n) for n in site.input.consumers()} != members or site.input.is_graph_output():
+        return "the input has consumers outside the group"
+    if not _weights_private(group):
+        return "a weight initializer is shared (e.g. a tied embedding)"
+    if feeder.kind == "norm":
+        norm = feeder.node
+        if norm.outputs[0] is not site.input:
+            return "layout ops between the norm and the sites"
+        params = [v for v in norm.inputs[1:3] if v is not None]
+        if not all(_private_initializer(v) for v in params):
+            return "norm gamma/beta are not private initializers"
+        return FoldTarget("norm", group, norm=norm)
+    producer = feeder.producer_site
+    if producer is None or not _weights_private([producer]) or len(producer.node.outputs[0].consumers()) != 1:
+        return "the producer's weight or output is shared"
+    if feeder.kind == "gated_linear":
+        siblings = producer.siblings
+        if len(siblings) != 1 or len(siblings[0].node.outputs[0].consumers()) != 1 or not _weights_private(siblings):
+            return "gate/up pair not recognised"
+        return FoldTarget("gated_linear", group, producer=producer, gate=siblings[0], channel_map=np.arange(site.in_features))
+    mapping = _gqa_map(site, producer, feeder.node)
+    if isinstance(mapping, str):
+        return mapping
+    return FoldTarget("attention_v", group, producer=producer, channel_map=mapping)

@@ -1,0 +1,146 @@
+"""Equivalent scale folding: x -> x / s at the producer, W -> diag(s) W at every consumer.
+
+Assumes the linear-site map, ``activation_stats`` (calibration) and ``site_capture`` (X^T X and a
+row sample per input group). Function-preserving in exact arithmetic (float32 moves outputs by a
+few ulps); touches only input groups whose producer can absorb the scale exactly (see
+:mod:`lowbit.passes.folding`): norms (gamma, beta), v_proj columns for o_proj (one scale per v
+channel under GQA), up_proj columns for down_proj. Every analysis keyed by a rescaled input is
+updated in closed form (:func:`lowbit.passes.capture.transform_channels`).
+
+Methods (``smooth.method``); each searches ``smooth.alpha_grid`` per input group and keeps the
+candidate with the smallest output error ``sum_sites ||X W - Qa(X / s) Qw(diag(s) W)||^2`` on the
+captured rows X, s = 1 (no scaling) always being a candidate:
+
+- ``smoothquant``: s = amax_x^a / amax_w^(1-a) (Xiao et al.); objective with the recipe's
+  *activation* quantizer only (weights float): it migrates activation outliers into weights.
+- ``awq``: s = mean|x|^a (Lin et al.); objective with the recipe's *weight* quantizer only.
+- ``aqas`` (activation-quantization-aware scaling): both candidate families, objective with
+  *both* quantizers applied -- the scale that is best for the W and A formats actually deployed.
+
+Quantizers in the objective: activations use the calibrated range divided by s (what emission
+will use); weights use the recipe format with absmax scales (cheap, the ranking is what matters).
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit import formats
+from lowbit.compiler.context import CompileContext
+from lowbit.passes.capture import transform_channels
+from lowbit.passes.emit_qdq import _activation_qparams
+from lowbit.passes.folding import FoldTarget, fold_target, weight_kn
+
+__all__ = ["SmoothPass", "candidate_scales", "fake_quantize_activations"]
+
+logger = logging.getLogger(__name__)
+
+_S_RANGE = 1e4  # scales are clipped to [1/_S_RANGE, _S_RANGE] around their geometric centre
+
+
+def fake_quantize_activations(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, aspec) -> np.ndarray:
+    """The recipe's static activation Q/DQ of ``x`` given per-channel calibrated lo/hi."""
+    if aspec.format == "none":
+        return x
+    stats = SimpleNamespace(min=lo, max=hi, percentile=np.maximum(-lo, hi))
+    scale, zp, _ = _activation_qparams(stats, aspec)
+    if aspec.format == "fp8_e4m3":
+        return formats.cast(x / scale, "fp8_e4m3") * scale
+    q_lo, q_hi = (-128, 127) if aspec.symmetric else (0, 255)
+    zp = zp.astype(np.float32)
+    return (np.clip(np.rint(x / scale) + zp, q_lo, q_hi) - zp) * scale
+
+
+def _fake_weights(w_kn: np.ndarray, wspec) -> np.ndarray:
+    if wspec.format == "none":
+        return w_kn
+    block = wspec.block_size or None
+    if wspec.format in ("nvfp4", "mxfp4", "mxfp8") and block is None:
+        block = 16 if wspec.format == "nvfp4" else 32
+    return formats.fake_quantize(w_kn, wspec.format, axis=0, block_size=block, symmetric=wspec.symmetric)
+
+
+def _reduce(values: np.ndarray, channel_map: np.ndarray) -> np.ndarray:
+    """Max over replicas, broadcast back: a scale must agree on replicated channels."""
+    out = np.zeros(channel_map.max() + 1, np.float64)
+    np.maximum.at(out, channel_map, values)
+    return out[channel_map]
+
+
+def candidate_scales(method: str, alphas, amax_x, mean_x, amax_w, channel_map) -> list[tuple[str, np.ndarray]]:
+    """(label, s) candidates; s is constant on channels that share a producer channel."""
+    amax_x, mean_x, amax_w = (_reduce(np.maximum(v, 1e-8), channel_map) for v in (amax_x, mean_x, amax_w))
+    out: list[tuple[str, np.ndarray]] = [("identity", np.ones_like(amax_x))]
+    for a in alphas:
+        if method in ("smoothquant", "aqas"):
+            out.append((f"smoothquant:{a}", amax_x**a / amax_w ** (1.0 - a)))
+        if method in ("awq", "aqas"):
+            out.append((f"awq:{a}", mean_x**a))
+    for i, (label, s) in enumerate(out):
+        s = s / np.exp(np.mean(np.log(s)))  # geometric centre 1: keeps gamma and W magnitudes sane
+        out[i] = (label, np.clip(s, 1.0 / _S_RANGE, _S_RANGE))
+    return out
+
+
+class SmoothPass(ir.passes.InPlacePass):
+    """Search and fold per-channel scales at every foldable input group."""
+
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        spec = self.ctx.recipe.smooth
+        report = self.ctx.report.setdefault("smooth", {"method": spec.method, "groups": {}})
+        folded = 0
+        for group in self.ctx.sites.input_groups():
+            target = fold_target(group, spec.feeders)
+            key = group[0].name
+            if isinstance(target, str):
+                report["groups"][key] = {"folded": False, "reason": target}
+                logger.debug("smooth: %s skipped: %s", key, target)
+                continue
+            label, s, err0, err = self._search(target)
+            if label != "identity":
+                target.apply_scale(s)
+                transform_channels(self.ctx, target.input.name, scale=s)
+                folded += 1
+            report["groups"][key] = {"folded": label != "identity", "feeder": target.kind, "choice": label,
+                                     "rel_error_before": err0, "rel_error_after": err,
+                                     "s_min": float(s.min()), "s_max": float(s.max())}  # fmt: skip
+        report["folded_groups"] = folded
+        logger.info("smooth (%s): folded scales into %d input groups", spec.method, folded)
+        return ir.passes.PassResult(model, modified=bool(folded))
+
+    def _search(self, target: FoldTarget) -> tuple[str, np.ndarray, float, float]:
+        recipe, spec = self.ctx.recipe, self.ctx.recipe.smooth
+        stats = self.ctx.get("activation_stats")[target.input.name]
+        x = self.ctx.get("site_capture")[target.input.name].sample
+        weights = [weight_kn(s).astype(np.float32) for s in target.group]
+        w_cat = np.concatenate(weights, axis=1)
+        ref = x @ w_cat
+        norm = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
+        use_act = spec.method in ("smoothquant", "aqas")
+        use_w = spec.method in ("awq", "aqas")
+        cands = candidate_scales(spec.method, spec.alpha_grid, stats.absmax.astype(np.float64),
+                                 np.abs(x).mean(axis=0).astype(np.float64), np.abs(w_cat).max(axis=1).astype(np.float64),
+                                 target.channel_map if target.channel_map is not None else np.arange(x.shape[1]))  # fmt: skip
+        best: tuple[float, str, np.ndarray] | None = None
+        err0 = float("nan")
+        for label, s in cands:
+            s32 = s.astype(np.float32)
+            xs = x / s32
+            if use_act:
+                xs = fake_quantize_activations(xs, stats.min / s32, stats.max / s32, recipe.activations)
+            out = np.concatenate([xs @ (_fake_weights(w * s32[:, None], recipe.weights) if use_w else w * s32[:, None])
+                                  for w in weights], axis=1)  # fmt: skip
+            err = float(np.sum((out - ref).astype(np.float64) ** 2)) / norm
+            if label == "identity":
+                err0 = err
+            if best is None or err < best[0]:
+                best = (err, label, s)
+        return best[1], best[2], err0, best[0]
