@@ -24,8 +24,10 @@ from lowbit.errors import LowbitError
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.capture import CapturePass
 from lowbit.passes.canonicalize import canonicalize_passes
+from lowbit.passes.emit_mixed import EmitMixedWeightsPass
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.passes.precision import AssignPrecisionPass
 from lowbit.passes.smooth import SmoothPass
 
 __all__ = ["Instrumented", "PipelineOptions", "build_pipeline", "run_pipeline"]
@@ -113,13 +115,18 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
     steps: list[tuple[ir.passes.PassBase, bool]] = [(p, True) for p in canonicalize_passes()]
     recipe = ctx.recipe
     smooth = recipe.smooth.method != "none"
-    if recipe.activations.format != "none" or smooth:
+    fgmp = recipe.precision.enabled
+    if recipe.activations.format != "none" or smooth or (fgmp and recipe.precision.sensitivity == "proxy"):
         steps.append((CalibratePass(ctx), True))
     if smooth or recipe.rounding.method == "optq":
         steps.append((CapturePass(ctx, recipe.smooth.sample_tokens), True))
     if smooth:
         steps.append((SmoothPass(ctx), True))
-    steps.append((EmitQDQPass(ctx), False))
+    if fgmp:  # after smoothing (it changes the weights), before emission
+        steps.append((AssignPrecisionPass(ctx), True))
+    steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only
+    if fgmp:
+        steps.append((EmitMixedWeightsPass(ctx), False))
     steps.append((RemoveUnusedNodesPass(), True))  # the float weights the codes replaced
     return steps
 

@@ -20,8 +20,10 @@ calibration. Not function-preserving (it quantizes). Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
+from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
@@ -134,6 +136,20 @@ def _activation_qparams(stats, spec) -> tuple[np.ndarray, np.ndarray, int | None
     return scale, zp, axis
 
 
+def _cluster_ranges(stats, labels: np.ndarray) -> SimpleNamespace:
+    """Per-channel min/max (and percentile) replaced by their cluster's extreme values."""
+    out = {}
+    pct = stats.percentile if stats.percentile_sum is not None and stats.windows else None
+    for attr, values, reduce in (("min", stats.min, np.minimum), ("max", stats.max, np.maximum), ("percentile", pct, np.maximum)):
+        if values is None:
+            continue
+        init = np.inf if reduce is np.minimum else -np.inf
+        per = np.full(labels.max() + 1, init)
+        reduce.at(per, labels, values)
+        out[attr] = per[labels].astype(np.float32)
+    return SimpleNamespace(**out)
+
+
 class EmitQDQPass(ir.passes.InPlacePass):
     """Quantize every selected linear site's weight (and input) as the recipe says."""
 
@@ -163,7 +179,7 @@ class EmitQDQPass(ir.passes.InPlacePass):
             if stats is not None:
                 self._quantize_input(graph, chosen, stats)
             for site in chosen:
-                if wspec.format != "none":
+                if wspec.format != "none" and not recipe.precision.enabled:  # FGMP emits its own
                     self._quantize_weight(graph, site)
                 site_report.setdefault(site.name, {}).update(
                     {"quantized": True, "activations": aspec.format, "feeder": site.feeder.describe(),
@@ -181,8 +197,11 @@ class EmitQDQPass(ir.passes.InPlacePass):
         block = wspec.block_size or None
         if wspec.format in ("nvfp4", "mxfp4", "mxfp8") and block is None:
             block = 16 if wspec.format == "nvfp4" else 32
-        enc = formats.encode(w, wspec.format, axis=site.reduction_axis, block_size=block,
-                             symmetric=wspec.symmetric, scale_method=wspec.scale_method)  # fmt: skip
+        # codes rounded by an earlier pass (OPTQ) for exactly this weight take precedence over RTN
+        enc = self.ctx.get("weight_encodings").get(site.name) if self.ctx.has("weight_encodings") else None
+        if enc is None:
+            enc = formats.encode(w, wspec.format, axis=site.reduction_axis, block_size=block,
+                                 symmetric=wspec.symmetric, scale_method=wspec.scale_method)  # fmt: skip
         nodes, dq_out = weight_dq_nodes(graph, site, enc, wspec.format, self.ctx.recipe.target)
         consumer = site.weight_path[0] if site.weight_path else site.node
         graph.insert_before(consumer, nodes)
@@ -197,7 +216,11 @@ class EmitQDQPass(ir.passes.InPlacePass):
     def _quantize_input(self, graph: ir.Graph, sites: list[LinearSite], stats) -> None:
         aspec = self.ctx.recipe.activations
         x = sites[0].input
-        scale, zp, axis = _activation_qparams(stats[x.name], aspec)
+        ranges = stats[x.name]
+        clusters = self.ctx.get("act_clusters").get(x.name) if self.ctx.has("act_clusters") else None
+        if clusters is not None:  # RPTQ: one range per cluster, as a per-channel scale vector
+            ranges, aspec = _cluster_ranges(ranges, clusters), dataclasses.replace(aspec, granularity="per_channel")
+        scale, zp, axis = _activation_qparams(ranges, aspec)
         base = x.name
         attrs = {"axis": axis} if axis is not None else {}
         s_val = _const(graph, scale, f"{base}.act_scale")

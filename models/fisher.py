@@ -1,0 +1,107 @@
+"""Empirical Fisher sensitivities of a torch causal LM, saved as an npz side file for FGMP.
+
+The only lowbit module besides the model adapters that imports torch. For every ``nn.Linear``
+(including a tied ``lm_head``) it accumulates, over the calibration windows:
+
+- ``weight/<module path>``: sum over windows of (dL/dW)^2, the diagonal empirical Fisher of the
+  language-model loss L (mean next-token cross-entropy of one window), shape **[out, in]** (torch
+  orientation; the ONNX pass transposes it for exports that store W as [in, out]);
+- ``act/<module path>``: sum over windows and tokens of (dL/dx)^2 per input channel, shape [in]
+  (the Fisher of the activation at the linear's input; siblings sharing an input get the same
+  vector because the hook sees the shared tensor's total gradient).
+
+Keys are torch module paths, which are exactly lowbit's ONNX site names (``LinearSite.name``),
+so the ONNX precision pass looks them up without knowing torch. Per-window squared gradients (not
+the squared mean gradient) make this the empirical Fisher over windows; only relative values
+matter to FGMP, which ranks blocks globally.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowbit.compiler.fsutil import atomic_path
+from lowbit.errors import LowbitError
+
+__all__ = ["ACT_PREFIX", "WEIGHT_PREFIX", "empirical_fisher", "load_fisher", "save_fisher"]
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_PREFIX = "weight/"
+ACT_PREFIX = "act/"
+
+
+def empirical_fisher(model: Any, windows: np.ndarray, *, progress: bool = True) -> dict[str, np.ndarray]:
+    """{"weight/<site>": [out, in], "act/<site>": [in]} float32 Fisher diagonals (see module doc).
+
+    ``model``: a torch causal LM returning ``.logits``; ``windows``: int64 token ids [N, T].
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    windows = np.asarray(windows, np.int64)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise LowbitError(f"Fisher windows must be [N, T >= 2] token ids, got shape {windows.shape}")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if not linears:
+        raise LowbitError("the torch model has no nn.Linear modules to compute sensitivities for")
+    w_acc = {n: torch.zeros_like(m.weight, dtype=torch.float64) for n, m in linears.items()}
+    a_acc = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    handles = [m.register_forward_pre_hook(_act_hook(n, a_acc)) for n, m in linears.items()]
+    model.eval()
+    try:
+        for row in tqdm(windows, desc="empirical Fisher", unit="window", disable=not progress, leave=False):
+            ids = torch.from_numpy(row[None, :])
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:])
+            loss.backward()
+            for n, m in linears.items():
+                w_acc[n] += m.weight.grad.double() ** 2
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    out = {f"{WEIGHT_PREFIX}{n}": w_acc[n].float().numpy() for n in linears}
+    out.update({f"{ACT_PREFIX}{n}": a_acc[n].float().numpy() for n in linears})
+    return out
+
+
+def _act_hook(name: str, acc: dict):
+    def hook(_module, args):
+        x = args[0]
+        if x.requires_grad:
+            x.register_hook(grad_hook)  # the gradient w.r.t. the input is only known in backward
+
+    def grad_hook(g):
+        acc[name].add_((g.double() ** 2).reshape(-1, g.shape[-1]).sum(0))
+        return None  # a tensor hook's return value would replace the gradient
+
+    return hook
+
+
+def save_fisher(fisher: dict[str, np.ndarray], path: str | Path, *, source: str) -> Path:
+    """Write the Fisher dict as an npz (atomically); ``source`` is recorded under ``meta/source``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **fisher, **{"meta/source": np.array(source)})
+    return path
+
+
+def load_fisher(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
+    """(Fisher dict, source description) from a :func:`save_fisher` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"Fisher side file {path} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        fisher = {k: data[k] for k in data.files if not k.startswith("meta/")}
+        source = str(data["meta/source"]) if "meta/source" in data.files else str(path)
+    bad = [k for k, v in fisher.items() if not np.isfinite(v).all() or (v < 0).any()]
+    if bad:
+        raise LowbitError(f"Fisher side file {path}: non-finite or negative values in {bad[:3]}")
+    return fisher, source

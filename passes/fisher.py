@@ -1,0 +1,128 @@
+"""Per-weight sensitivities (g^2) for FGMP, in the orientation of each site's stored initializer.
+
+Two sources, chosen by ``precision.sensitivity`` (the report records which one was used):
+
+- ``fisher``: the empirical Fisher diagonal (squared gradients of the LM loss, see
+  :mod:`lowbit.models.fisher`), read from ``precision.fisher_file`` or, when the compiled input is
+  a shipped model name, computed with torch on the calibration windows and cached under
+  ``$LOWBIT_CACHE/fisher``. Side-file arrays are in torch orientation [out, in]; dynamo exports
+  store MatMul weights as [in, out] (reduction axis 0), so those are transposed here.
+- ``proxy`` (any bare ONNX model): g^2[i, j] = sum over calibration tokens of x_i^2, i.e.
+  diag(X^T X) of the site's input along the reduction axis, broadcast over output channels. It is
+  the second moment of the output error ``dW x`` when input channels are uncorrelated, and needs
+  only ``ChannelStats.sq_sum`` from calibration.
+
+``auto`` takes ``fisher`` when it is available (a side file or a shipped model) and else ``proxy``.
+Read-only: no graph edits. Values are float32, finite, >= 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.compiler.context import CompileContext
+from lowbit.errors import LowbitError
+from lowbit.passes.linear_sites import LinearSite
+
+__all__ = ["Sensitivity", "fisher_for_site", "proxy_for_site", "site_sensitivities"]
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_PREFIX = "weight/"  # the key layout of lowbit.models.fisher (not imported: it is torch-side)
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    kind: str  # "fisher" | "proxy"
+    source: str  # where the values came from (file, model, or "diag(X^T X) from calibration")
+    by_site: dict[str, np.ndarray]  # site name -> g^2 shaped like the stored initializer
+
+
+def fisher_for_site(fisher: dict[str, np.ndarray], site: LinearSite) -> np.ndarray:
+    """The site's Fisher array from a side-file dict, oriented like its stored initializer."""
+    key = f"{_WEIGHT_PREFIX}{site.name}"
+    if key not in fisher:
+        raise LowbitError(f"the Fisher side file has no entry for site {site.name!r} (key {key!r})")
+    g2 = np.asarray(fisher[key], np.float32)
+    shape = tuple(site.weight.const_value.shape)
+    # torch orientation is [out, in]; the stored initializer is [out, in] iff reduction axis is 1
+    oriented = g2 if site.reduction_axis == 1 else g2.T
+    if oriented.shape != shape:
+        raise LowbitError(f"Fisher for {site.name} has shape {g2.shape} (torch [out, in]); the ONNX "
+                          f"weight is {shape} with reduction axis {site.reduction_axis}")
+    return np.ascontiguousarray(oriented)
+
+
+def proxy_for_site(sq_sum: np.ndarray, site: LinearSite) -> np.ndarray:
+    """diag(X^T X) of the input, broadcast along the output axis of the stored weight."""
+    shape = tuple(site.weight.const_value.shape)
+    sq = np.asarray(sq_sum, np.float32)
+    if sq.shape != (shape[site.reduction_axis],):
+        raise LowbitError(f"calibration statistics of {site.name} have {sq.shape} channels, weight is {shape}")
+    view = sq[:, None] if site.reduction_axis == 0 else sq[None, :]
+    return np.ascontiguousarray(np.broadcast_to(view, shape))
+
+
+def site_sensitivities(ctx: CompileContext, sites: list[LinearSite]) -> Sensitivity:
+    """g^2 for every site in ``sites`` from the source the recipe asks for (module doc)."""
+    spec = ctx.recipe.precision
+    fisher, source = None, ""
+    if spec.sensitivity in ("auto", "fisher"):
+        fisher, source = _fisher_dict(ctx)
+        if fisher is None and spec.sensitivity == "fisher":
+            raise LowbitError("precision.sensitivity = 'fisher' needs precision.fisher_file or a shipped "
+                              "model as input (its torch weights give the gradients)")
+    if fisher is not None:
+        return Sensitivity("fisher", source, {s.name: fisher_for_site(fisher, s) for s in sites})
+    if not ctx.has("activation_stats"):
+        raise LowbitError("the diag(X^T X) sensitivity proxy needs calibration statistics: give calibration "
+                          "data, or a Fisher file (precision.fisher_file)")
+    stats = ctx.get("activation_stats")
+    by_site = {}
+    for s in sites:
+        channel = stats.by_value.get(s.input.name)
+        if channel is None or channel.sq_sum is None:
+            raise LowbitError(f"no calibration statistics for the input of {s.name}; the proxy needs them")
+        by_site[s.name] = proxy_for_site(channel.sq_sum, s)
+    return Sensitivity("proxy", "diag(X^T X) of each site input over the calibration windows", by_site)
+
+
+def _fisher_dict(ctx: CompileContext) -> tuple[dict[str, np.ndarray] | None, str]:
+    from lowbit.models.fisher import load_fisher  # numpy-only helpers; torch is imported lazily
+
+    spec = ctx.recipe.precision
+    if spec.fisher_file:
+        return load_fisher(spec.fisher_file)
+    from lowbit.models.registry import SHIPPED
+
+    name = str(ctx.report.get("input", ""))
+    if name not in SHIPPED or ctx.calibration is None or not ctx.calibration.windows:
+        return None, ""
+    path = _cache_path(name, np.stack(ctx.calibration.windows))
+    if not path.is_file():
+        _compute(name, np.stack(ctx.calibration.windows), path)
+    return load_fisher(path)
+
+
+def _cache_path(model: str, windows: np.ndarray) -> Path:
+    from lowbit.models.export import cache_root
+
+    digest = hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest()[:16]
+    return cache_root() / "fisher" / f"{model}-{digest}.npz"
+
+
+def _compute(model: str, windows: np.ndarray, path: Path) -> None:
+    from lowbit.models.fisher import empirical_fisher, save_fisher
+    from lowbit.models.registry import load_torch_model, resolve_model
+
+    logger.info("computing the empirical Fisher of %s on %d windows (torch)", model, len(windows))
+    torch_model = load_torch_model(resolve_model(model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fisher = empirical_fisher(torch_model, windows)
+    save_fisher(fisher, path, source=f"empirical Fisher (torch autograd) of {model} on "
+                                    f"{windows.shape[0]}x{windows.shape[1]} calibration tokens")

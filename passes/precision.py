@@ -1,0 +1,230 @@
+"""FGMP: which weight blocks of 16 stay in FP8 E4M3 and which go to NVFP4 (an analysis pass).
+
+For every selected linear site (recipe ``precision``, ``weights.format = nvfp4``):
+
+1. g^2 per weight from :mod:`lowbit.passes.fisher` (empirical Fisher or the diag(X^T X) proxy).
+2. Both candidates: NVFP4 (blocks of 16 along the reduction axis; block scales chosen by
+   ``precision.clip``: ``fisher`` = the clip ratio minimising sum g^2 (v - Q(v))^2 per block, the
+   ``weighted_mse`` chooser of lowbit.formats) and FP8 E4M3 with one scale per output channel.
+3. Block impact ``sum_{block} g^2 (Q_nvfp4(v) - Q_fp8(v))^2`` (float64).
+4. One *global* choice across all sites of exactly ``k = floor(fraction * total_blocks + 0.5)``
+   FP8 blocks: ``fgmp`` takes the k highest impacts; ties are broken by position (site order of
+   the linear-site map, then row-major block index), so the count is always exactly k and the
+   reported threshold is the k-th highest impact (blocks above it are all FP8, blocks equal to it
+   are FP8 only up to k). Baselines at the same k: ``random`` (k uniformly random blocks, seeded) and
+   ``per_layer`` (whole sites, greedily by impact per block, while they fit into k; the achieved
+   count is <= k and reported).
+
+Bit accounting (documented once, here): an NVFP4 block costs 4.5 bits per weight (4-bit E2M1 +
+one 8-bit E4M3 scale per 16), an FP8 block 8.0 (its per-output-channel FP32 scale and the NVFP4
+per-tensor FP32 scale are amortised to ~0 and not counted); the 1-bit-per-block precision bitmap
+adds 1/16 bit per weight, reported separately. ``precision.avg_bits = b`` means
+``fraction = (b - 4.5) / 3.5``.
+
+Read-only (function-preserving): the result is the ``precision_assignment`` analysis that
+:mod:`lowbit.passes.emit_mixed` turns into two complementary DequantizeLinear branches.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit import formats
+from lowbit.compiler.context import CompileContext
+from lowbit.errors import LowbitError
+from lowbit.formats.blocking import Blocking
+from lowbit.passes.fisher import site_sensitivities
+from lowbit.passes.linear_sites import LinearSite
+
+__all__ = [
+    "BITMAP_BITS", "BLOCK", "FP8_BITS", "NVFP4_BITS", "AssignPrecisionPass", "Assignment",
+    "SiteChoice", "block_impact", "candidates", "choose_blocks", "fraction_for_bits", "mixed_weight",
+    "n_fp8_blocks", "per_layer_masks", "random_masks", "top_k_masks",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 16
+NVFP4_BITS = 4.5  # 4-bit E2M1 element + 8-bit E4M3 block scale / 16
+FP8_BITS = 8.0  # 8-bit E4M3 element; the per-channel FP32 scale is amortised over the channel
+BITMAP_BITS = 1.0 / BLOCK  # one precision bit per block of 16
+
+
+@dataclass(frozen=True, eq=False)
+class SiteChoice:
+    """Both quantizations of one weight and which blocks take FP8 (scale layout of ``q4``)."""
+
+    name: str
+    q4: formats.Encoded  # nvfp4, blocks of BLOCK along the reduction axis
+    q8: formats.Encoded  # fp8_e4m3, one scale per output channel
+    impact: np.ndarray  # float64, per block, scale layout of q4
+    fp8: np.ndarray  # bool, per block, scale layout of q4
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.impact.size)
+
+
+@dataclass(frozen=True, eq=False)
+class Assignment:
+    sites: dict[str, SiteChoice]
+    strategy: str
+    threshold: float  # impact of the k-th chosen block (fgmp); nan for the baselines
+    fp8_blocks: int
+    total_blocks: int
+    sensitivity: str  # "fisher" | "proxy"
+    sensitivity_source: str
+
+    @property
+    def fp8_fraction(self) -> float:
+        return self.fp8_blocks / max(self.total_blocks, 1)
+
+    @property
+    def avg_bits(self) -> float:
+        return NVFP4_BITS + (FP8_BITS - NVFP4_BITS) * self.fp8_fraction
+
+
+def fraction_for_bits(avg_bits: float) -> float:
+    if not NVFP4_BITS <= avg_bits <= FP8_BITS:
+        raise LowbitError(f"average bits {avg_bits} is outside [{NVFP4_BITS}, {FP8_BITS}]")
+    return (avg_bits - NVFP4_BITS) / (FP8_BITS - NVFP4_BITS)
+
+
+def n_fp8_blocks(total: int, fraction: float) -> int:
+    """The exact FP8 block count for a fraction: round half up of fraction * total."""
+    return int(np.floor(fraction * total + 0.5))
+
+
+def candidates(w: np.ndarray, g2: np.ndarray, axis: int, clip: str) -> tuple[formats.Encoded, formats.Encoded]:
+    """(NVFP4 encoding with the chosen clipping, per-output-channel FP8 encoding) of ``w``."""
+    if clip == "fisher":
+        mean = float(np.mean(g2, dtype=np.float64))
+        # only relative weights matter within a block; normalising keeps float32 away from underflow
+        weights = (g2 / mean).astype(np.float32) if mean > 0 else np.ones_like(w, np.float32)
+        q4 = formats.encode(w, "nvfp4", axis=axis, block_size=BLOCK, scale_method="weighted_mse", weights=weights)
+    else:
+        q4 = formats.encode(w, "nvfp4", axis=axis, block_size=BLOCK, scale_method=clip)
+    q8 = formats.encode(w, "fp8_e4m3", axis=axis, block_size=None)
+    return q4, q8
+
+
+def block_impact(q4: np.ndarray, q8: np.ndarray, g2: np.ndarray, axis: int) -> np.ndarray:
+    """sum over each block of 16 along ``axis`` of g2 * (q4 - q8)^2, float64, scale layout."""
+    b = Blocking.make(q4.shape, axis, BLOCK)
+    d = q4.astype(np.float64) - q8.astype(np.float64)
+    return b.scale_from_blocks(b.to_blocks(np.asarray(g2, np.float64) * d * d).sum(axis=2))
+
+
+def mixed_weight(choice: SiteChoice) -> np.ndarray:
+    """The mixed fake-quantized weight: FP8 values in FP8 blocks, NVFP4 values elsewhere."""
+    b = choice.q4.blocking
+    return np.where(b.expand(choice.fp8), formats.decode(choice.q8), formats.decode(choice.q4))
+
+
+def top_k_masks(scores: list[np.ndarray], k: int) -> tuple[list[np.ndarray], float]:
+    """Exactly ``k`` highest scores across all arrays (ties: earlier array, then earlier flat
+    index first) as bool masks; and the k-th highest score (nan when k = 0)."""
+    flat = np.concatenate([s.reshape(-1) for s in scores]) if scores else np.zeros(0)
+    if not 0 <= k <= flat.size:
+        raise LowbitError(f"cannot keep {k} FP8 blocks out of {flat.size}")
+    order = np.argsort(-flat, kind="stable")[:k]  # stable: equal scores keep positional order
+    chosen = np.zeros(flat.size, bool)
+    chosen[order] = True
+    threshold = float(flat[order[-1]]) if k else float("nan")
+    return _split(chosen, scores), threshold
+
+
+def random_masks(shapes: list[np.ndarray], k: int, seed: int) -> list[np.ndarray]:
+    """``k`` blocks chosen uniformly at random (without replacement) across all arrays."""
+    total = sum(s.size for s in shapes)
+    chosen = np.zeros(total, bool)
+    chosen[np.random.default_rng(seed).choice(total, size=k, replace=False)] = True
+    return _split(chosen, shapes)
+
+
+def per_layer_masks(scores: list[np.ndarray], k: int) -> list[np.ndarray]:
+    """Whole arrays (sites) in FP8, by decreasing mean impact per block, while they fit in ``k``."""
+    density = [float(s.mean()) if s.size else 0.0 for s in scores]
+    left, masks = k, [np.zeros(s.shape, bool) for s in scores]
+    for i in sorted(range(len(scores)), key=lambda j: -density[j]):
+        if scores[i].size <= left:
+            masks[i][...] = True
+            left -= scores[i].size
+    return masks
+
+
+def _split(chosen: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    out, start = [], 0
+    for s in like:
+        out.append(chosen[start:start + s.size].reshape(s.shape))
+        start += s.size
+    return out
+
+
+def choose_blocks(strategy: str, impacts: list[np.ndarray], k: int, seed: int = 0) -> tuple[list[np.ndarray], float]:
+    """FP8 masks for ``strategy`` (fgmp | random | per_layer) and the fgmp threshold (else nan)."""
+    if strategy == "fgmp":
+        return top_k_masks(impacts, k)
+    if strategy == "random":
+        return random_masks(impacts, k, seed), float("nan")
+    if strategy == "per_layer":
+        return per_layer_masks(impacts, k), float("nan")
+    raise LowbitError(f"unknown precision assignment {strategy!r}")
+
+
+class AssignPrecisionPass(ir.passes.InPlacePass):
+    """Compute the ``precision_assignment`` analysis (see module doc); never edits the graph."""
+
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def _selected(self) -> list[LinearSite]:
+        exclude = self.ctx.recipe.sites.exclude
+        return [s for s in self.ctx.sites if not any(fnmatch.fnmatch(s.name, p) for p in exclude)]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        recipe = self.ctx.recipe
+        spec = recipe.precision
+        if recipe.weights.format != "nvfp4":
+            raise LowbitError(f"precision.enabled mixes NVFP4 and FP8 blocks: set weights.format = 'nvfp4' "
+                              f"(got {recipe.weights.format!r})")
+        sites = self._selected()
+        sens = site_sensitivities(self.ctx, sites)
+        pending = []
+        for site in sites:
+            w = site.weight.const_value.numpy()
+            if not np.isfinite(w).all():
+                raise LowbitError(f"weight {site.name} has NaN/Inf values")
+            g2 = sens.by_site.pop(site.name)  # free each g^2 once used
+            q4, q8 = candidates(w, g2, site.reduction_axis, spec.clip)
+            impact = block_impact(formats.decode(q4), formats.decode(q8), g2, site.reduction_axis)
+            pending.append((site.name, q4, q8, impact))
+        total = sum(p[3].size for p in pending)
+        fraction = fraction_for_bits(spec.avg_bits) if spec.avg_bits > 0 else spec.fp8_fraction
+        k = n_fp8_blocks(total, fraction)
+        masks, threshold = choose_blocks(spec.assignment, [p[3] for p in pending], k, spec.seed)
+        choices = {name: SiteChoice(name, q4, q8, impact, m) for (name, q4, q8, impact), m in zip(pending, masks)}
+        result = Assignment(choices, spec.assignment, threshold, int(sum(int(m.sum()) for m in masks)), total,
+                            sens.kind, sens.source)  # fmt: skip
+        self.ctx.put("precision_assignment", result)
+        self.ctx.report["precision"] = _summary(result, fraction)
+        logger.info("%s: %d / %d blocks FP8 (%.4f), %.3f bits/weight, sensitivity %s", spec.assignment,
+                    result.fp8_blocks, total, result.fp8_fraction, result.avg_bits, sens.kind)  # fmt: skip
+        return ir.passes.PassResult(model, modified=False)
+
+
+def _summary(a: Assignment, requested: float) -> dict:
+    return {
+        "strategy": a.strategy, "requested_fp8_fraction": requested, "fp8_blocks": a.fp8_blocks,
+        "total_blocks": a.total_blocks, "fp8_fraction": a.fp8_fraction, "avg_bits": a.avg_bits,
+        "avg_bits_with_bitmap": a.avg_bits + BITMAP_BITS, "threshold": a.threshold,
+        "sensitivity": a.sensitivity, "sensitivity_source": a.sensitivity_source,
+        "bit_accounting": f"NVFP4 block {NVFP4_BITS}, FP8 block {FP8_BITS} bits/weight; bitmap {BITMAP_BITS}",
+        "per_site_fp8_fraction": {n: float(c.fp8.mean()) for n, c in a.sites.items()},
+    }  # fmt: skip
