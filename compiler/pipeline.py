@@ -28,6 +28,7 @@ from lowbit.passes.emit_mixed import EmitMixedWeightsPass
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.linear_sites import find_linear_sites
 from lowbit.passes.precision import AssignPrecisionPass
+from lowbit.passes.reorder import ReorderPass
 from lowbit.passes.smooth import SmoothPass
 
 __all__ = ["Instrumented", "PipelineOptions", "build_pipeline", "run_pipeline"]
@@ -122,6 +123,8 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
         steps.append((CapturePass(ctx, recipe.smooth.sample_tokens), True))
     if smooth:
         steps.append((SmoothPass(ctx), True))
+    if recipe.reorder.clusters and recipe.activations.format != "none":
+        steps.append((ReorderPass(ctx), True))
     if fgmp:  # after smoothing (it changes the weights), before emission
         steps.append((AssignPrecisionPass(ctx), True))
     steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only

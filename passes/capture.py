@@ -101,8 +101,10 @@ class CapturePass(ir.passes.InPlacePass):
         for ids in tqdm(data.windows, desc="capturing X^T X", unit="window", leave=False):
             outs = session.run(names, make_feed(session.get_inputs(), ids))
             for name, x in zip(names, outs):
-                x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                hess[name] = hess.get(name, 0.0) + x2.T @ x2
+                x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+                # float32 product per window (2x faster than float64, ~1e-6 relative over one
+                # window), float64 accumulation across windows
+                hess[name] = hess.get(name, 0.0) + (x2.T @ x2).astype(np.float64)
                 rows = rng.choice(x2.shape[0], size=min(per_window, x2.shape[0]), replace=False)
                 samples[name].append(x2[rows].astype(np.float32))
             tokens += int(np.prod(np.shape(ids)))

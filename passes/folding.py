@@ -108,6 +108,15 @@ def _weights_private(sites: list[LinearSite]) -> bool:
     return all(_private_initializer(s.weight) for s in sites)
 
 
+# act(gate) as exporters write it: SiLU = x * Sigmoid(x), GELU via Erf/Tanh arithmetic
+_ELEMENTWISE = frozenset({"Sigmoid", "Mul", "Silu", "Gelu", "FastGelu", "Tanh", "Erf", "Div", "Add", "Relu", "Softplus", "Pow"})
+
+
+def _elementwise_only(value: ir.Value) -> bool:
+    """Every consumer of the gate output is elementwise (a column permutation commutes)."""
+    return all(c.op_type in _ELEMENTWISE for c in value.consumers())
+
+
 def _gqa_map(site: LinearSite, producer: LinearSite, attn: ir.Node) -> np.ndarray | str:
     k, p = site.in_features, producer.out_features
     if k == p:
@@ -145,7 +154,7 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...]) -> FoldTarget |
         return "the producer's weight or output is shared"
     if feeder.kind == "gated_linear":
         siblings = producer.siblings
-        if len(siblings) != 1 or len(siblings[0].node.outputs[0].consumers()) != 1 or not _weights_private(siblings):
+        if len(siblings) != 1 or not _weights_private(siblings) or not _elementwise_only(siblings[0].node.outputs[0]):
             return "gate/up pair not recognised"
         return FoldTarget("gated_linear", group, producer=producer, gate=siblings[0], channel_map=np.arange(site.in_features))
     mapping = _gqa_map(site, producer, feeder.node)

@@ -1,0 +1,143 @@
+"""RPTQ reorder: cluster each site input's channels by calibrated (min, max), make every cluster
+contiguous, and give each cluster its own activation quantization range.
+
+Assumes the linear-site map and ``activation_stats``. Function-preserving (a permutation is exact
+in float32; the norm reduces over the same set of channels in another order, a few-ulp change).
+Per foldable input group (:mod:`lowbit.passes.folding`):
+
+- ``norm`` feeder: a ``Gather(axis=-1)`` reorders the *norm input* on its own branch, gamma/beta
+  are permuted, consumer weight rows are permuted; the residual stream keeps its order. The Gather
+  sits on the norm input rather than after the norm so that the tensor being quantized is born
+  contiguous (the Gather + norm pair is exactly the runtime's fused ReorderNorm op) and no extra
+  pass over the quantized tensor is needed.
+- ``gated_linear`` feeder (down_proj): gate_proj and up_proj output columns and down_proj rows are
+  permuted together -- no Gather at all.
+- ``attention_v`` feeder (o_proj): channels stay in place (GQA query heads share v channels and a
+  head's channels cannot leave it), only the per-cluster ranges are used.
+
+Guarantees: ``ctx.get("act_clusters")[input name]`` is the cluster label of every channel (after
+reordering, non-decreasing for permuted inputs); QDQ emission then uses one range per cluster
+(a per-channel scale vector constant within each cluster). ``activation_stats`` and
+``site_capture`` are permuted along. The report gets a PNG (base64) of per-channel ranges before
+and after reordering at the input with the widest range spread, with cluster boundaries.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from scipy.cluster.vq import kmeans2
+
+from lowbit.compiler.context import CompileContext
+from lowbit.passes.capture import transform_channels
+from lowbit.passes.folding import fold_target
+
+__all__ = ["ReorderPass", "cluster_channels", "range_plot_png"]
+
+logger = logging.getLogger(__name__)
+
+
+def cluster_channels(lo: np.ndarray, hi: np.ndarray, clusters: int, seed: int = 0) -> np.ndarray:
+    """K-means labels over (min, max) points, relabelled so label order = increasing range."""
+    points = np.stack([lo, hi], axis=1).astype(np.float64)
+    k = min(clusters, len(np.unique(points, axis=0)))
+    if k <= 1:
+        return np.zeros(len(lo), np.int64)
+    _, labels = kmeans2(points, k, minit="++", seed=seed)
+    used = np.unique(labels)
+    spread = np.array([np.max(hi[labels == c] - lo[labels == c]) for c in used])
+    rank = np.empty(labels.max() + 1, np.int64)
+    rank[used[np.argsort(spread, kind="stable")]] = np.arange(len(used))
+    return rank[labels]
+
+
+def _insert_gather(graph: ir.Graph, norm: ir.Node, perm: np.ndarray, name: str) -> None:
+    tensor = ir.tensor(perm.astype(np.int64), name=f"{name}.reorder_perm")
+    indices = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(indices)
+    x = norm.inputs[0]
+    gather = ir.node("Gather", [x, indices], {"axis": -1}, name=f"{name}.reorder")
+    gather.outputs[0].name = f"{name}.reordered"
+    gather.outputs[0].type = x.type
+    gather.outputs[0].shape = x.shape
+    graph.insert_before(norm, gather)
+    norm.replace_input_with(0, gather.outputs[0])
+
+
+class ReorderPass(ir.passes.InPlacePass):
+    """Cluster, permute and record per-cluster ranges at every foldable input group."""
+
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        spec = self.ctx.recipe.reorder
+        stats = self.ctx.get("activation_stats")
+        clusters: dict[str, np.ndarray] = {}
+        report = self.ctx.report.setdefault("reorder", {"clusters": spec.clusters, "groups": {}})
+        gathers, permuted, widest = 0, 0, (-1.0, None)
+        for group in self.ctx.sites.input_groups():
+            target = fold_target(group, spec.feeders)
+            key = group[0].name
+            if isinstance(target, str):
+                report["groups"][key] = {"reordered": False, "reason": target}
+                continue
+            name = target.input.name
+            lo, hi = stats[name].min.copy(), stats[name].max.copy()
+            labels = cluster_channels(lo, hi, spec.clusters)
+            entry = {"feeder": target.kind, "clusters": int(labels.max() + 1)}
+            if target.kind in ("norm", "gated_linear"):
+                perm = np.argsort(labels, kind="stable")
+                if target.kind == "norm":
+                    _insert_gather(model.graph, target.norm, perm, key)
+                    gathers += 1
+                target.apply_permutation(perm)
+                transform_channels(self.ctx, name, perm=perm)
+                labels_after = labels[perm]
+                permuted += 1
+                width = hi - lo  # the plotted input: the one whose widest channel stands out most
+                spread = float(width.max() / max(float(np.median(width)), 1e-12))
+                if spread > widest[0]:
+                    widest = (spread, (key, lo, hi, labels, perm))
+            else:
+                labels_after = labels
+            entry["reordered"] = target.kind != "attention_v"
+            clusters[name] = labels_after
+            report["groups"][key] = entry
+        self.ctx.put("act_clusters", clusters)
+        report.update({"gathers": gathers, "permuted_groups": permuted, "clustered_groups": len(clusters)})
+        if widest[1] is not None:
+            report["plot"] = {"site": widest[1][0], "png_base64": range_plot_png(*widest[1])}
+        logger.info("reorder: %d inputs clustered, %d permuted (%d Gathers)", len(clusters), permuted, gathers)
+        return ir.passes.PassResult(model, modified=bool(clusters))
+
+
+def range_plot_png(site: str, lo: np.ndarray, hi: np.ndarray, labels: np.ndarray, perm: np.ndarray) -> str:
+    """Base64 PNG: per-channel [min, max] before and after reordering, cluster boundaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharey=True)
+    ch = np.arange(len(lo))
+    axes[0].vlines(ch, lo, hi, linewidth=0.6, color="tab:blue")
+    axes[0].set_title(f"{site} input: per-channel range before reordering")
+    axes[1].vlines(ch, lo[perm], hi[perm], linewidth=0.6, color="tab:orange")
+    bounds = np.flatnonzero(np.diff(labels[perm])) + 0.5
+    for b in bounds:
+        axes[1].axvline(b, color="k", linewidth=0.8, linestyle="--")
+    axes[1].set_title(f"after RPTQ reordering ({len(bounds) + 1} clusters, dashed = boundaries)")
+    axes[1].set_xlabel("channel")
+    for ax in axes:
+        ax.set_ylabel("activation")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
