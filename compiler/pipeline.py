@@ -27,6 +27,7 @@ from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.emit_mixed import EmitMixedWeightsPass
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.passes.optq import OptqPass
 from lowbit.passes.precision import AssignPrecisionPass
 from lowbit.passes.reorder import ReorderPass
 from lowbit.passes.smooth import SmoothPass
@@ -125,6 +126,8 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
         steps.append((SmoothPass(ctx), True))
     if recipe.reorder.clusters and recipe.activations.format != "none":
         steps.append((ReorderPass(ctx), True))
+    if recipe.rounding.method == "optq" and recipe.weights.format != "none":
+        steps.append((OptqPass(ctx), True))  # analysis only: codes that emission writes
     if fgmp:  # after smoothing (it changes the weights), before emission
         steps.append((AssignPrecisionPass(ctx), True))
     steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only
