@@ -6,8 +6,9 @@ initializer's type and shape.
 Effective bits per weight counts, for every *linear site* (``MatMul`` / ``Gemm`` whose weight
 input is constant, and ``com.microsoft::MatMulNBits``), the bytes of every initializer that the
 weight is computed from, through layout ops (Transpose, Reshape, Cast, ...) and
-``DequantizeLinear`` chains including their scales and zero points (so FP8 scales of an int4 DQ,
-and the FP32 scale of those scales, all count). bits/weight = 8 * bytes / logical weight
+``DequantizeLinear`` / ``QuantizeLinear`` chains including their scales and zero points (so FP8
+scales of an int4 DQ, and the FP32 scale of those scales, all count; a weight quantized at run
+time by Q -> DQ counts at its stored FP32 size). bits/weight = 8 * bytes / logical weight
 elements. A tensor shared by several sites is counted once. MatMuls between two activations
 (e.g. attention scores in opset-18 exports) are not linear sites.
 """
@@ -100,7 +101,8 @@ class _Tracer:
             found = self.storage(node.input[0])
             # Reshape's shape input etc. are metadata, not weight storage.
             return found
-        if node.op_type == "DequantizeLinear":
+        if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            # Q of a constant (a weight quantized as if it were an activation) is constant too.
             parts = [self.storage(i) for i in node.input if i]
             if any(p is None for p in parts):
                 return None

@@ -233,3 +233,16 @@ def test_not_onnx_is_a_lowbit_error(tmp_path):
     f.write_text("hello")
     with pytest.raises(LowbitError, match="not an ONNX model"):
         footprint.linear_weight_bits(f)
+
+
+def test_weight_quantized_at_run_time_counts_as_stored(tmp_path):
+    # Transpose(W) -> Q -> DQ -> MatMul (ORT quantize_static on a tied lm_head): W stays FP32.
+    inits = [numpy_helper.from_array(np.ones((8, 4), np.float32), "w"),
+             numpy_helper.from_array(np.float32(0.1), "s"),
+             numpy_helper.from_array(np.uint8(128), "zp")]
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("QuantizeLinear", ["wt", "s", "zp"], ["wq"]),
+             helper.make_node("DequantizeLinear", ["wq", "s", "zp"], ["wd"]),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    bits = footprint.linear_weight_bits(_save(tmp_path, "qdq_rt", nodes, [_x_input(4)], [_y_output(8)], inits))
+    assert (bits.sites, bits.elements, bits.bytes) == (1, 32, 128 + 4 + 1)

@@ -135,3 +135,24 @@ def test_minilm_export_matches_torch_and_loads_in_optimum(minilm_export):
     ort_model = ORTModelForFeatureExtraction.from_pretrained(minilm_export)
     out = ort_model(**enc)
     assert tuple(out.last_hidden_state.shape) == tuple(hidden.shape)
+
+
+def test_export_cli_copies_the_cached_export(minilm_export, tmp_path, capsys):
+    from lowbit.compiler.cli import main
+
+    out = tmp_path / "mini"
+    assert main(["export", "minilm-l6", "-o", str(out)]) == 0
+    assert "exported minilm-l6 (encoder, torch.onnx dynamo, opset 23)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in minilm_export.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["mini"]  # no temp sibling left
+
+
+def test_eval_cli_on_kv_cache_export(smollm2_with_past_export, capsys):
+    from lowbit.compiler.cli import main
+
+    assert main(["eval", str(smollm2_with_past_export), "--seq-len", "128", "--windows", "1",
+                 "--repeats", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 windows x 128 tokens" in printed and "127 scored tokens" in printed
+    row = printed.strip().splitlines()[-1].split()
+    assert row[2] == "32.00" and float(row[-1]) > 0  # fp32 linear weights; a decode latency
