@@ -185,7 +185,7 @@ def smollm2_section(cfg: BenchConfig) -> str:
     lines += [
         "",
         "bits/weight (linear): stored bytes of every linear layer's weight (codes, scales, zero "
-        "points; lowbit.models.footprint) over its element count, over all 211 linear sites "
+        "points; lowbit.models.footprint) over its element count, over all linear sites "
         "including the tied lm_head (49152 x 576 = 28.3M of 134.5M weights). The lm_head reaches "
         "its MatMul through a Transpose of the shared embedding matrix, so a quantizer that only "
         "rewrites constant MatMul weights leaves it stored in FP32 (ORT W4: 210 MatMulNBits; "
