@@ -1,0 +1,98 @@
+"""RPTQ reorder: function-preserving on every norm form, Gathers only at norms, contiguous
+clusters, per-cluster activation scales in the emitted QDQ, and the range plot."""
+
+import base64
+from collections import Counter
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from lowbit.compiler.context import CalibrationData, CompileContext
+from lowbit.compiler.feeds import make_feed
+from lowbit.compiler.ortrun import ort_session, run_on_tokens
+from lowbit.compiler.recipe import load_recipe
+from lowbit.models.synthetic import tiny_decoder
+from lowbit.passes.calibrate import CalibratePass
+from lowbit.passes.canonicalize import canonicalize_passes
+from lowbit.passes.emit_qdq import EmitQDQPass
+from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.passes.reorder import ReorderPass, cluster_channels
+
+IDS = np.arange(20, dtype=np.int64) * 5 % 64
+
+
+def _reordered(norm, form, windows, clusters=4):
+    model = tiny_decoder(norm=norm, norm_form=form)
+    reference = run_on_tokens(model, IDS)[0]
+    ctx = CompileContext(model, load_recipe("w8a8", [f"reorder.clusters={clusters}"]), CalibrationData(windows))
+    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
+    for p in canonicalize_passes():
+        p(model)
+    CalibratePass(ctx)(model)
+    before = {k: (v.min.copy(), v.max.copy()) for k, v in ctx.get("activation_stats").by_value.items()}
+    ctx.invalidate("linear_sites")
+    assert ReorderPass(ctx)(model).modified
+    ctx.invalidate("linear_sites")
+    return model, ctx, reference, before
+
+
+@pytest.mark.parametrize("norm,form", [("rms", "fused"), ("rms", "decomposed"), ("layer", "fused"), ("layer", "decomposed")])
+def test_reorder_preserves_function(norm, form, token_windows):
+    model, ctx, reference, _ = _reordered(norm, form, token_windows)
+    out = run_on_tokens(model, IDS)[0]
+    assert np.abs(out - reference).max() / np.abs(reference).max() < 2e-6  # norm sums reordered
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["Gather"] == 1 + 5  # the embedding + one per norm (2 layers x 2 + final norm)
+    report = ctx.report["reorder"]
+    assert (report["gathers"], report["permuted_groups"], report["clustered_groups"]) == (5, 7, 9)
+
+
+def test_clusters_are_contiguous_and_stats_follow_the_permutation(token_windows):
+    model, ctx, _, before = _reordered("rms", "fused", token_windows)
+    clusters = ctx.get("act_clusters")
+    stats = ctx.get("activation_stats")
+    for group in ctx.sites.input_groups():
+        name = group[0].input.name
+        labels = clusters[name]
+        if group[0].feeder.kind != "attention_v":
+            assert np.all(np.diff(labels) >= 0), group[0].name  # contiguous after the permutation
+        lo_before = np.sort(before[name][0])
+        np.testing.assert_array_equal(np.sort(stats[name].min), lo_before)  # a permutation of it
+    # the fresh calibration of the reordered model agrees with the permuted statistics
+    fresh = CompileContext(model, ctx.recipe, ctx.calibration)
+    fresh.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
+    CalibratePass(fresh)(model)
+    for name, s in fresh.get("activation_stats").by_value.items():
+        if name in clusters:
+            np.testing.assert_allclose(s.max, stats[name].max, rtol=1e-5, atol=1e-6)
+
+
+def test_emitted_activation_scales_are_constant_within_each_cluster(token_windows):
+    model, ctx, reference, _ = _reordered("rms", "fused", token_windows)
+    EmitQDQPass(ctx)(model)
+    clusters = ctx.get("act_clusters")
+    checked = 0
+    for name, labels in clusters.items():
+        scale = model.graph.initializers[f"{name}.act_scale"].const_value.numpy()
+        assert scale.shape == labels.shape
+        for c in np.unique(labels):
+            assert np.unique(scale[labels == c]).size == 1
+        assert np.unique(scale).size == np.unique(labels).size
+        checked += 1
+    assert checked == 9
+    opts = ort.SessionOptions()  # per-channel activation zero points: ORT's int8 fusion refuses them
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort_session(model, session_options=opts)
+    out = session.run(None, make_feed(session.get_inputs(), IDS))[0]
+    assert np.abs(out - reference).max() / np.abs(reference).max() < 0.05
+
+
+def test_kmeans_labels_rank_clusters_by_range_and_plot_is_png(token_windows):
+    lo = np.array([-1.0, -1.1, -50.0, -0.9, -49.0, -10.0])
+    hi = np.array([1.0, 1.2, 60.0, 0.8, 55.0, 11.0])
+    labels = cluster_channels(lo, hi, 3)
+    assert labels.tolist() == [0, 0, 2, 0, 2, 1]
+    _, ctx, _, _ = _reordered("rms", "fused", token_windows)
+    png = base64.b64decode(ctx.report["reorder"]["plot"]["png_base64"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -1,0 +1,89 @@
+"""Scale folding: function-preserving on every norm form, exact analysis updates, GQA scales, and
+the search never picks a candidate worse than no scaling on its own objective."""
+
+import numpy as np
+import pytest
+
+from lowbit.compiler.context import CalibrationData, CompileContext
+from lowbit.compiler.ortrun import run_on_tokens
+from lowbit.compiler.recipe import load_recipe
+from lowbit.models.synthetic import tiny_decoder
+from lowbit.passes.calibrate import CalibratePass
+from lowbit.passes.canonicalize import canonicalize_passes
+from lowbit.passes.capture import CapturePass
+from lowbit.passes.folding import _gqa_map
+from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.passes.smooth import SmoothPass, candidate_scales
+
+IDS = np.arange(20, dtype=np.int64) * 3 % 64
+
+
+def _prepared(model, overrides, windows):
+    ctx = CompileContext(model, load_recipe("w4a8-dint4", overrides), CalibrationData(windows))
+    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
+    for p in canonicalize_passes():
+        p(model)
+    CalibratePass(ctx)(model)
+    CapturePass(ctx, 64)(model)
+    return ctx
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "awq", "aqas"])
+@pytest.mark.parametrize("norm,form", [("rms", "fused"), ("rms", "decomposed"), ("layer", "fused"), ("layer", "decomposed")])
+def test_smoothing_preserves_function_and_folds_every_feeder(norm, form, method, token_windows):
+    model = tiny_decoder(norm=norm, norm_form=form)
+    reference = run_on_tokens(model, IDS)[0]
+    ctx = _prepared(model, [f"smooth.method={method}"], token_windows)
+    ctx.invalidate("linear_sites")
+    assert SmoothPass(ctx)(model).modified
+    out = run_on_tokens(model, IDS)[0]
+    # float32: x/s then s*W reassociates every dot product: a few ulps of the largest logit
+    assert np.abs(out - reference).max() / np.abs(reference).max() < 2e-6
+    groups = ctx.report["smooth"]["groups"]
+    folded = {g["feeder"] for g in groups.values() if g["folded"]}
+    assert folded == {"norm", "attention_v", "gated_linear"}
+    for g in groups.values():
+        if g["folded"]:
+            assert g["rel_error_after"] < g["rel_error_before"]
+
+
+def test_analyses_follow_the_scales_exactly(token_windows):
+    """Stats and X^T X transformed in closed form equal a fresh calibration of the new model."""
+    model = tiny_decoder(norm="rms", norm_form="fused")
+    ctx = _prepared(model, ["smooth.method=aqas"], token_windows)
+    ctx.invalidate("linear_sites")
+    SmoothPass(ctx)(model)
+    updated_stats, updated_capture = ctx.get("activation_stats"), ctx.get("site_capture")
+    fresh = _prepared(model, ["smooth.method=aqas"], token_windows)
+    for name, cap in fresh.get("site_capture").items():
+        np.testing.assert_allclose(updated_capture[name].hessian, cap.hessian, rtol=1e-4, atol=1e-4 * np.abs(cap.hessian).max())
+        np.testing.assert_allclose(updated_stats[name].max, fresh.get("activation_stats")[name].max, rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_scale_map_shares_one_scale_per_kv_channel():
+    class _Site:  # the two numbers _gqa_map reads
+        def __init__(self, fin, fout):
+            self.in_features, self.out_features = fin, fout
+
+    class _V:
+        shape = (1, 6, 5, 4)
+
+    class _Attn:
+        op_type = "Attention"
+        inputs = (None, None, _V())
+
+    mapping = _gqa_map(_Site(24, 8), _Site(8, 8), _Attn())  # 6 query heads of dim 4, 2 kv heads
+    assert mapping.tolist()[:12] == [0, 1, 2, 3] * 3 and mapping.tolist()[12:] == [4, 5, 6, 7] * 3
+    amax = np.arange(1, 25, dtype=np.float64)
+    for _, s in candidate_scales("aqas", (0.5,), amax, amax, np.ones(24), mapping):
+        assert np.allclose(s.reshape(2, 3, 4), s.reshape(2, 3, 4)[:, :1, :])  # equal on replicas
+
+
+def test_shared_weights_are_never_rescaled(token_windows):
+    model = tiny_decoder(norm="rms", norm_form="fused")
+    ctx = CompileContext(model, load_recipe("w4a8-dint4"), CalibrationData(token_windows))
+    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
+    CalibratePass(ctx)(model)  # no constant folding: lm_head reads the tied embedding table
+    CapturePass(ctx, 64)(model)
+    SmoothPass(ctx)(model)
+    assert ctx.report["smooth"]["groups"]["embed_tokens"] == {"folded": False, "reason": "a weight initializer is shared (e.g. a tied embedding)"}
