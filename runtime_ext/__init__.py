@@ -17,11 +17,17 @@ from lowbit.runtime_ext.nodes import (
     make_matmul_node,
     make_reorder_norm_node,
 )
-from lowbit.runtime_ext.packing import pack_gather_table, pack_matmul_weight
+from lowbit.runtime_ext.packing import (
+    decode_mixed,
+    pack_gather_table,
+    pack_matmul_weight,
+    pack_mixed_matmul_weight,
+)
 from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, MatMulSpec, NormSpec
 
 __all__ = [
-    "DOMAIN", "FgmpSpec", "GatherSpec", "MatMulSpec", "NormSpec", "attach_functions", "function_protos",
+    "DOMAIN", "FgmpSpec", "GatherSpec", "MatMulSpec", "NormSpec", "attach_functions",
+    "decode_mixed", "function_protos",
     "library_path", "make_fgmp_node", "make_gather_node", "make_matmul_node", "make_reorder_norm_node",
-    "pack_gather_table", "pack_matmul_weight", "session_options",
+    "pack_gather_table", "pack_matmul_weight", "pack_mixed_matmul_weight", "session_options",
 ]

@@ -97,10 +97,34 @@ def matmul_function(spec: MatMulSpec, opset: int) -> onnx.FunctionProto:
         q = b.op("Clip", b.op("Round", b.op("Div", "A", s)), b.const(np.float32(-127)),
                  b.const(np.float32(127)))
         a = b.op("Mul", q, s)
+    if spec.fp8_blocks:
+        inputs += ["act_scale", "fp8_mask", "fp8_codes", "fp8_scales"]  # act_scale unused
+        w = _scatter_fp8_blocks(b, w)
     b.op("MatMul", a, b.op("Transpose", w, perm=[1, 0]))
     b.rename_last("Y")
     return _function("MatMulLowbit", spec.overload, inputs, b,
                      ["format", "block_size", "act_mode"], opset)
+
+
+def _scatter_fp8_blocks(b: _Body, w: str) -> str:
+    """Overwrite the FP8 blocks of decoded NVFP4 weights [N, K] with E4M3(code) * fp8_scale."""
+    last = b.const(np.array([-1], np.int64))
+    table = e4m3_to_float(np.arange(256)).astype(np.float32)
+    vals = b.op("Gather", b.const(table), b.op("Cast", "fp8_codes", to=TensorProto.INT32), axis=0)
+    vals = b.op("Mul", vals, b.op("Unsqueeze", "fp8_scales", last))  # [F, 16]
+    # Bit j of mask byte i is block 8 i + j (little-endian bit order).
+    bits = b.op("BitwiseAnd", b.op("BitShift", b.op("Unsqueeze", "fp8_mask", last),
+                                   b.const(np.arange(8, dtype=np.uint8)), direction="RIGHT"),
+                b.const(np.uint8(1)))
+    bits = b.op("Reshape", bits, b.const(np.array([0, -1], np.int64)))
+    nb = b.op("Slice", b.op("Shape", "scales"), b.const(np.array([1], np.int64)),
+              b.const(np.array([2], np.int64)))
+    bits = b.op("Slice", bits, b.const(np.array([0], np.int64)), nb,
+                b.const(np.array([1], np.int64)))
+    idx = b.op("Transpose", b.op("NonZero", bits), perm=[1, 0])  # [F, 2] row-major (n, b)
+    blocks = b.op("Reshape", w, b.const(np.array([0, -1, 16], np.int64)))
+    merged = b.op("ScatterND", blocks, idx, vals)
+    return b.op("Reshape", merged, b.const(np.array([0, -1], np.int64)))
 
 
 def gather_function(spec: GatherSpec, opset: int) -> onnx.FunctionProto:

@@ -32,8 +32,13 @@ def _node(op_type: str, inputs: list[str], output: str, overload: str, name: str
 
 def make_matmul_node(a: str, codes: str, scales: str, global_scale: str, output: str,
                      spec: MatMulSpec, *, act_scale: str | None = None,
+                     fp8: tuple[str, str, str] | None = None,
                      name: str | None = None) -> onnx.NodeProto:
-    """``output = a @ W`` with W packed by :func:`pack_matmul_weight` (inputs are value names)."""
+    """``output = a @ W`` with W packed by :func:`pack_matmul_weight` (inputs are value names).
+
+    ``fp8``: names of (fp8_mask, fp8_codes, fp8_scales) for mixed NVFP4/FP8 weights
+    (:func:`pack_mixed_matmul_weight`); required exactly when ``spec.fp8_blocks``.
+    """
     inputs = [a, codes, scales, global_scale]
     if spec.act_mode == "int8_static":
         if not act_scale:
@@ -41,6 +46,10 @@ def make_matmul_node(a: str, codes: str, scales: str, global_scale: str, output:
         inputs.append(act_scale)
     elif act_scale:
         raise LowbitError(f"act_scale is only used with act_mode=int8_static, not {spec.act_mode}")
+    if spec.fp8_blocks != (fp8 is not None):
+        raise LowbitError("pass fp8=(mask, codes, scales) exactly when spec.fp8_blocks is set")
+    if fp8 is not None:
+        inputs += ["", *fp8]  # input 4 (act_scale) stays empty
     return _node("MatMulLowbit", inputs, output, spec.overload, name, format=spec.fmt,
                  block_size=spec.block_size, act_mode=spec.act_mode)
 

@@ -16,7 +16,8 @@ Guarantees: ``reference.decode_weight(**packed.arrays, ...)`` equals ``lowbit.fo
 
 from __future__ import annotations
 
-__all__ = ["Packed", "pack_matmul_weight", "pack_gather_table", "pack_nibbles_rows"]
+__all__ = ["Packed", "pack_matmul_weight", "pack_gather_table", "pack_nibbles_rows",
+           "pack_mixed_matmul_weight", "decode_mixed"]
 
 import dataclasses
 
@@ -34,14 +35,25 @@ class Packed:
     scales: np.ndarray  # float32 | uint8 [R, D/block]
     global_scale: np.ndarray  # float32, shape []
     spec: GatherSpec  # format, block size, scale dtype
+    # Mixed NVFP4/FP8 (FGMP) weights only, else None: bit-packed FP8 block mask [R, ceil(nb/8)]
+    # (bit j of byte i = block 8 i + j), E4M3 codes [F, 16] and float32 scales [F] of the F FP8
+    # blocks in row-major (row, block) order.
+    fp8_mask: np.ndarray | None = None
+    fp8_codes: np.ndarray | None = None
+    fp8_scales: np.ndarray | None = None
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"codes": self.codes, "scales": self.scales, "global_scale": self.global_scale}
+        out = {"codes": self.codes, "scales": self.scales, "global_scale": self.global_scale}
+        if self.fp8_mask is not None:
+            out.update(fp8_mask=self.fp8_mask, fp8_codes=self.fp8_codes,
+                       fp8_scales=self.fp8_scales)
+        return out
 
     def matmul_spec(self, act_mode: str = "float32") -> MatMulSpec:
         s = self.spec
-        return MatMulSpec(s.fmt, s.block_size, s.scale_dtype, act_mode)
+        return MatMulSpec(s.fmt, s.block_size, s.scale_dtype, act_mode,
+                          fp8_blocks=self.fp8_mask is not None)
 
 
 def pack_nibbles_rows(codes: np.ndarray) -> np.ndarray:
@@ -90,3 +102,45 @@ def pack_gather_table(enc, *, scale_dtype: str = "float32") -> Packed:
         raise LowbitError(f"pack_gather_table: the table must be blocked along hidden (axis 1), "
                           f"got axis {enc.axis}")
     return _pack(enc, scale_dtype, "pack_gather_table")
+
+
+def pack_mixed_matmul_weight(w: np.ndarray, fp8_blocks: np.ndarray, *,
+                             scale_dtype: str = "uint8") -> Packed:
+    """FGMP mixed weights: W[K, N] in NVFP4 except the 16-blocks along K marked in
+    ``fp8_blocks`` ([K/16, N] bool), which are FP8 E4M3 with a float32 block scale (absmax/448).
+
+    Both encodings come from lowbit.formats (nvfp4 with its whole-tensor global scale; fp8_e4m3
+    per block of 16); :func:`decode_mixed` gives the exact weights the kernels use.
+    """
+    from lowbit import formats
+
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2 or w.shape[0] % 16:
+        raise LowbitError(f"mixed weights must be [K, N] with K % 16 == 0, got {w.shape}")
+    mask = np.asarray(fp8_blocks, bool)
+    if mask.shape != (w.shape[0] // 16, w.shape[1]):
+        raise LowbitError(f"fp8_blocks must have shape {(w.shape[0] // 16, w.shape[1])}, "
+                          f"got {mask.shape}")
+    base = _pack(formats.encode(w, "nvfp4", axis=0, block_size=16), scale_dtype,
+                 "pack_mixed_matmul_weight")
+    fp8 = formats.encode(w, "fp8_e4m3", axis=0, block_size=16)
+    rows_mask = mask.T  # [N, nb]
+    codes8 = fp8.codes.T.reshape(w.shape[1], -1, 16)[rows_mask]  # [F, 16], row-major (n, b)
+    scales8 = np.asarray(fp8.scale, np.float32).T[rows_mask]
+    # Zero the unused NVFP4 nibbles of FP8 blocks (they compress; the kernels never read them).
+    nib = base.codes.reshape(w.shape[1], -1, 8).copy()
+    nib[rows_mask] = 0
+    packed_mask = np.packbits(rows_mask, axis=1, bitorder="little")
+    return Packed(nib.reshape(base.codes.shape), base.scales, base.global_scale,
+                  base.spec, packed_mask, np.ascontiguousarray(codes8, np.uint8),
+                  np.ascontiguousarray(scales8, np.float32))
+
+
+def decode_mixed(w: np.ndarray, fp8_blocks: np.ndarray) -> np.ndarray:
+    """The float32 W[K, N] that :func:`pack_mixed_matmul_weight` stores (formats decode)."""
+    from lowbit import formats
+
+    q4 = formats.fake_quantize(w, "nvfp4", axis=0, block_size=16)
+    q8 = formats.fake_quantize(w, "fp8_e4m3", axis=0, block_size=16)
+    mask = np.repeat(np.asarray(fp8_blocks, bool), 16, axis=0)
+    return np.where(mask, q8, q4).astype(np.float32)

@@ -61,20 +61,26 @@ class MatMulSpec(GatherSpec):
     """A packed weight (see GatherSpec) plus how activations are treated."""
 
     act_mode: str = "float32"  # one of ACT_MODES
+    fp8_blocks: bool = False  # FGMP mixed weights: some 16-blocks stored as FP8 (nvfp4/16 only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.act_mode not in ACT_MODES:
             raise LowbitError(f"act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+        if self.fp8_blocks and (self.fmt, self.block_size, self.act_mode) != (
+                "nvfp4", 16, "float32"):
+            raise LowbitError("FP8 blocks (mixed NVFP4/FP8 weights) need nvfp4, block_size 16 "
+                              "and float32 activations")
 
     @property
     def overload(self) -> str:
-        return f"{super().overload}_{self.act_mode}"
+        return f"{super().overload}_{self.act_mode}" + ("_mixed" if self.fp8_blocks else "")
 
     @classmethod
     def from_overload(cls, overload: str) -> "MatMulSpec":
-        fmt, block, scale_dtype, act = _split(overload, 4)
-        return cls(fmt, int(block[1:]), scale_dtype, act)
+        mixed = overload.endswith("_mixed")
+        fmt, block, scale_dtype, act = _split(overload.removesuffix("_mixed"), 4)
+        return cls(fmt, int(block[1:]), scale_dtype, act, mixed)
 
 
 @dataclasses.dataclass(frozen=True)

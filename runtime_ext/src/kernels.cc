@@ -83,6 +83,81 @@ void DecodeRowsScalar(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64
   }
 }
 
+const float* E4m3Table() {
+  static const std::array<float, 256> t = [] {
+    std::array<float, 256> out{};
+    for (int c = 0; c < 256; ++c) out[c] = DecodeE4M3(static_cast<uint8_t>(c));
+    return out;
+  }();
+  return t.data();
+}
+
+// Index of the FP8 block that block b of row n is, when it is one.
+int64_t Fp8Index(const Weight& w, int64_t n, int64_t b) {
+  int64_t i = w.fp8_first[n];
+  for (int64_t j = 0; j < b; ++j) i += w.IsFp8(n, j);
+  return i;
+}
+
+void GemvMixedScalar(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const int8_t* lut = IntTable(w.format);
+  const float* e4m3 = E4m3Table();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    int64_t i = w.fp8_first[n];
+    float acc = 0;
+    for (int64_t b = 0; b < w.nb; ++b) {
+      float s = 0;
+      if (w.IsFp8(n, b)) {
+        for (int64_t j = 0; j < 16; ++j)
+          s += ap[PermPos(16 * b + j, w.K, kChunkF32)] * e4m3[w.fp8_codes[16 * i + j]];
+        acc += s * w.fp8_scales[i++];
+      } else {
+        s = RangeDot<float, float>(row, ap, lut, 16 * b, 16 * b + 16, w.K, kChunkF32);
+        acc += s * (w.Scale(n, b) * 0.5f);
+      }
+    }
+    y[n] = acc;
+  }
+}
+
+// The last block (b) of a row with K % 32 == 16, FP8 index i if it is FP8.
+void GemvMixedScalarTail(const float* ap, const Weight& w, int64_t n, int64_t b, int64_t i,
+                         float& out) {
+  const float* e4m3 = E4m3Table();
+  float s = 0;
+  if (w.IsFp8(n, b)) {
+    for (int64_t j = 0; j < 16; ++j)
+      s += ap[PermPos(16 * b + j, w.K, kChunkF32)] * e4m3[w.fp8_codes[16 * i + j]];
+    out = s * w.fp8_scales[i];
+  } else {
+    s = RangeDot<float, float>(w.codes + n * (w.K / 2), ap, IntTable(w.format), 16 * b, 16 * b + 16,
+                               w.K, kChunkF32);
+    out = s * (w.Scale(n, b) * 0.5f);
+  }
+}
+
+// DecodeRowsScalar for mixed weights (both ISAs use it in the GEMM path).
+void DecodeRowsMixed(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc, float* out,
+                     int64_t ldo) {
+  const float* table = ValueTable(w.format);
+  const float* e4m3 = E4m3Table();
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    float* o = out + r * ldo - k0;
+    int64_t i = Fp8Index(w, n, k0 / 16);
+    for (int64_t b = k0 / 16; b < (k0 + kc) / 16; ++b) {
+      const bool fp8 = w.IsFp8(n, b);
+      const float s = fp8 ? w.fp8_scales[i] : w.Scale(n, b);
+      for (int64_t k = 16 * b; k < 16 * b + 16; ++k)
+        o[PermPos(k, w.K, kChunkF32)] =
+            fp8 ? e4m3[w.fp8_codes[16 * i + (k - 16 * b)]] * s : table[Code(row, k)] * s;
+      i += fp8;
+    }
+  }
+}
+
 void MicroScalar(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c,
                  int64_t ldc) {
   for (int r = 0; r < 6; ++r)
@@ -338,6 +413,66 @@ LB_AVX2 void GemvI8Avx2(const int8_t* aq, float a_scale, const Weight& w, float*
   else GemvI8T<false>(aq, a_scale, w, y, n0, n1);
 }
 
+// 16 E4M3 codes (natural k order) -> two vectors of 8 floats in the float activation order
+// ([4 even | 4 odd] per 8-group). E4M3 -> float32 without a table: the 7 magnitude bits moved
+// to the float's exponent/mantissa position and multiplied by 2^120 (exact for normals and
+// subnormals alike); the sign bit copied. The NaN code is not supported (encoders never emit it).
+LB_AVX2 inline __m256 E4m3ToF32(__m128i bytes) {
+  const __m256i d = _mm256_cvtepu8_epi32(bytes);
+  const __m256i mag = _mm256_slli_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x7F)), 20);
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x80)), 24);
+  const __m256 two120 = _mm256_castsi256_ps(_mm256_set1_epi32(0x7B800000));
+  return _mm256_or_ps(_mm256_mul_ps(_mm256_castsi256_ps(mag), two120), _mm256_castsi256_ps(sign));
+}
+
+LB_AVX2 inline void Fp8Floats16(const uint8_t* p, __m256& v0, __m256& v1) {
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  const __m128i x = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), order);
+  v0 = E4m3ToF32(x);
+  v1 = E4m3ToF32(_mm_srli_si128(x, 8));
+}
+
+LB_AVX2 void GemvMixedAvx2(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const F32Luts t = LoadF32Luts(w.format);
+  const int64_t K32 = w.K & ~int64_t(31);
+  __m256 v0, v1, v2, v3;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    int64_t i = w.fp8_first[n];
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K32; k += 32) {
+      const int64_t b = k / 16;
+      Floats32(row + k / 2, t, v0, v1, v2, v3);
+      float s0, s1;
+      if (w.IsFp8(n, b)) {
+        Fp8Floats16(w.fp8_codes + 16 * i, v0, v1);
+        s0 = w.fp8_scales[i++];
+      } else {
+        s0 = w.Scale(n, b) * 0.5f;
+      }
+      if (w.IsFp8(n, b + 1)) {
+        Fp8Floats16(w.fp8_codes + 16 * i, v2, v3);
+        s1 = w.fp8_scales[i++];
+      } else {
+        s1 = w.Scale(n, b + 1) * 0.5f;
+      }
+      const __m256 b0 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(ap + k + 8),
+                                        _mm256_mul_ps(v0, _mm256_loadu_ps(ap + k)));
+      const __m256 b1 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(ap + k + 24),
+                                        _mm256_mul_ps(v2, _mm256_loadu_ps(ap + k + 16)));
+      acc0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(s0), acc0);
+      acc1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(s1), acc1);
+    }
+    float total = HSum(_mm256_add_ps(acc0, acc1));
+    if (K32 < w.K) {  // trailing 16-block
+      float tail = 0;
+      GemvMixedScalarTail(ap, w, n, K32 / 16, i, tail);
+      total += tail;
+    }
+    y[n] = total;
+  }
+}
+
 LB_AVX2 void DecodeRowsAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
                             float* out, int64_t ldo) {
   const F32Luts t = LoadF32Luts(w.format);
@@ -386,8 +521,9 @@ LB_AVX2 void MicroAvx2(const float* ap, const float* wd, int64_t ldw, int64_t kc
 #undef LB_STORE
 }
 
-const Kernels kScalar{"scalar", GemvF32Scalar, GemvI8Scalar, DecodeRowsScalar, MicroScalar};
-const Kernels kAvx2{"avx2", GemvF32Avx2, GemvI8Avx2, DecodeRowsAvx2, MicroAvx2};
+const Kernels kScalar{"scalar", GemvF32Scalar, GemvI8Scalar, DecodeRowsScalar, MicroScalar,
+                      GemvMixedScalar};
+const Kernels kAvx2{"avx2", GemvF32Avx2, GemvI8Avx2, DecodeRowsAvx2, MicroAvx2, GemvMixedAvx2};
 
 // ---- multi-row drivers ------------------------------------------------------------------------
 constexpr int64_t kMR = 16;   // activation rows per micro tile (two ymm)
@@ -420,7 +556,7 @@ void GemmF32Impl(Par&& par, const Kernels& kern, const float* A, int64_t M, cons
     std::vector<float> cbuf(static_cast<size_t>(nbp * Mpad), 0.f);
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = std::min(kKC, K - k0);
-      kern.decode_rows(w, n0, nb, k0, kc, wdec.data(), kKC);
+      (w.fp8_mask ? DecodeRowsMixed : kern.decode_rows)(w, n0, nb, k0, kc, wdec.data(), kKC);
       for (int64_t mb = 0; mb < MB; ++mb) {
         const float* ap = apack.data() + mb * K * kMR + k0 * kMR;
         for (int64_t r = 0; r < nbp; r += kNR)
@@ -465,7 +601,7 @@ void MatMulF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int
     PermuteRow(A + m * w.K, ap.data(), w.K);
     float* y = Y + m * w.N;
     ParallelRanges(ctx, static_cast<size_t>(w.N), GemvGrain(w.N), [&](size_t n0, size_t n1) {
-      kern.gemv_f32(ap.data(), w, y, int64_t(n0), int64_t(n1));
+      (w.fp8_mask ? kern.gemv_mixed : kern.gemv_f32)(ap.data(), w, y, int64_t(n0), int64_t(n1));
     });
   }
 }

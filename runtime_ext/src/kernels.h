@@ -33,6 +33,19 @@ struct Weight {
   inline float ScaleAt(int64_t i) const {
     return (scale_f32 ? scale_f32[i] : byte_table[scale_u8[i]]) * global;
   }
+
+  // Mixed NVFP4/FP8 weights (FGMP): bit b % 8 of fp8_mask[n * mask_stride + b / 8] marks block b
+  // of row n as FP8; the i-th FP8 block (row-major order over (n, b)) has 16 E4M3 codes at
+  // fp8_codes + 16 i (natural k order) and the float32 scale fp8_scales[i]. fp8_first[n] = index
+  // of row n's first FP8 block. Only with nvfp4, block 16, float32 activations.
+  const uint8_t* fp8_mask = nullptr;
+  int64_t mask_stride = 0;
+  const uint8_t* fp8_codes = nullptr;
+  const float* fp8_scales = nullptr;
+  std::vector<int64_t> fp8_first;
+  inline bool IsFp8(int64_t n, int64_t b) const {
+    return (fp8_mask[n * mask_stride + b / 8] >> (b % 8)) & 1;
+  }
 };
 
 // Chunk sizes of the two activation orders, and the position of element k in that order.
@@ -61,6 +74,8 @@ struct Kernels {
                       float* out, int64_t ldo);
   // C tile update: c[r * ldc + i] += sum_k ap[k * 16 + i] * wd[r * ldw + k], r < 6, i < 16.
   void (*micro)(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c, int64_t ldc);
+  // gemv_f32 for mixed NVFP4/FP8 weights (w.fp8_mask set).
+  void (*gemv_mixed)(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1);
 };
 
 const Kernels& SelectKernels();  // AVX2 when the CPU has it (and LOWBIT_ORT_ISA != "scalar")

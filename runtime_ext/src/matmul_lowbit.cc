@@ -2,7 +2,10 @@
 //
 // Inputs: A float32 [..., K]; codes uint8 [N, K/2]; scales float32 | uint8 [N, K/block]
 // (uint8: E4M3 bits for nvfp4, E8M0 bits for mxfp4); global_scale float32 (1 value);
-// act_scale float32 (1 value, only with act_mode=int8_static).
+// act_scale float32 (1 value, only with act_mode=int8_static); mixed NVFP4/FP8 (FGMP) weights
+// add fp8_mask uint8 [N, ceil(K/16/8)] (bit b%8 of byte b/8 = block b is FP8), fp8_codes uint8
+// [F, 16] (E4M3 bits of the F FP8 blocks, row-major over (n, b)) and fp8_scales float32 [F];
+// then format must be nvfp4, block_size 16, act_mode float32 (see kernels.h, Weight).
 // Attributes: format (dint4|nvfp4|int4|mxfp4), block_size (16 or a multiple of 32),
 // act_mode (float32 | int8_dynamic | int8_static, default float32).
 // int8 modes quantize A symmetrically: q = clamp(rint(a / s), -127, 127) with s = max|a_row|/127
@@ -17,7 +20,7 @@ const char* MatMulLowbit::kName = "MatMulLowbit";
 
 ONNXTensorElementDataType MatMulLowbit::InputType(size_t i) {
   switch (i) {
-    case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    case 1: case 5: case 6: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float32 or uint8, checked below
     default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
@@ -77,6 +80,42 @@ void BindWeight(const char* op, Format format, int64_t block, const Input& codes
   w.global = ScalarFloat(op, "global_scale", global);
 }
 
+// Validates the FGMP mixed-precision inputs and attaches them to `w`.
+static void BindFp8Blocks(const char* op, Ort::KernelContext& ctx, Weight& w) {
+  const Input mask = GetInput(ctx, 5), codes = GetInput(ctx, 6), scales = GetInput(ctx, 7);
+  if (!codes.present() || !scales.present())
+    throw OpError(std::string(op) + ": fp8_mask needs fp8_codes (input 6) and fp8_scales (input 7)");
+  if (w.format != Format::kNvfp4 || w.block != 16)
+    throw OpError(std::string(op) + ": FP8 blocks (fp8_mask) need format nvfp4 with block_size 16");
+  const int64_t stride = (w.nb + 7) / 8;
+  const std::vector<int64_t> want{w.N, stride};
+  if (mask.shape != want)
+    throw OpError(std::string(op) + ": fp8_mask must have shape " + ShapeStr(want) + ", got " +
+                  ShapeStr(mask.shape));
+  w.fp8_mask = mask.data<uint8_t>();
+  w.mask_stride = stride;
+  w.fp8_first.resize(static_cast<size_t>(w.N));
+  int64_t count = 0;
+  for (int64_t n = 0; n < w.N; ++n) {
+    w.fp8_first[n] = count;
+    for (int64_t j = 0; j < stride; ++j) {
+      const uint8_t byte = w.fp8_mask[n * stride + j];
+      const int64_t valid = std::min<int64_t>(8, w.nb - 8 * j);
+      if (valid < 8 && (byte >> valid) != 0)
+        throw OpError(std::string(op) + ": fp8_mask has bits set past the last block of row " +
+                      std::to_string(n));
+      count += __builtin_popcount(byte);
+    }
+  }
+  if (codes.shape != std::vector<int64_t>{count, 16} || scales.shape != std::vector<int64_t>{count})
+    throw OpError(std::string(op) + ": fp8_mask marks " + std::to_string(count) +
+                  " FP8 blocks, so fp8_codes must be [" + std::to_string(count) +
+                  ", 16] and fp8_scales [" + std::to_string(count) + "]; got " +
+                  ShapeStr(codes.shape) + " and " + ShapeStr(scales.shape));
+  w.fp8_codes = codes.data<uint8_t>();
+  w.fp8_scales = scales.data<float>();
+}
+
 void MatMulLowbit::Compute(Ort::KernelContext& ctx) {
   const Input a = GetInput(ctx, 0), codes = GetInput(ctx, 1), scales = GetInput(ctx, 2),
               global = GetInput(ctx, 3), act_scale = GetInput(ctx, 4);
@@ -88,6 +127,11 @@ void MatMulLowbit::Compute(Ort::KernelContext& ctx) {
   const int64_t M = NumElements(batch);
   Weight w;
   BindWeight(kName, format_, block_, codes, scales, global, K, w);
+  if (GetInput(ctx, 5).present()) {
+    if (act_mode_ != ActMode::kFloat)
+      throw OpError(std::string(kName) + ": FP8 blocks (fp8_mask) need act_mode=float32");
+    BindFp8Blocks(kName, ctx, w);
+  }
 
   std::vector<int64_t> out_shape = batch;
   out_shape.push_back(w.N);

@@ -8,7 +8,7 @@ namespace lowbit {
 class MatMulLowbit {
  public:
   static const char* kName;
-  static constexpr size_t kNumInputs = 5, kNumRequired = 4;
+  static constexpr size_t kNumInputs = 8, kNumRequired = 4;
   static ONNXTensorElementDataType InputType(size_t i);
   explicit MatMulLowbit(const OrtKernelInfo* info);
   void Compute(Ort::KernelContext& ctx);

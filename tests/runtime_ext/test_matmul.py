@@ -9,10 +9,6 @@ activations).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from onnx import TensorProto
@@ -128,21 +124,3 @@ def test_empty_batch_gives_empty_output(lb):
     packed = rx.pack_matmul_weight(_encoded(rng, 64, 8, "dint4", 32))
     sess = lb.session(_model(lb, packed, packed.matmul_spec(), 64), True)
     assert sess.run(None, {"A": np.zeros((0, 3, 64), np.float32)})[0].shape == (0, 3, 8)
-
-
-def test_scalar_baseline_matches_float64_reference(lb):
-    """The portable (non-AVX2) kernels, forced with LOWBIT_ORT_ISA=scalar in a fresh process."""
-    code = (
-        "import numpy as np, sys\n"
-        "sys.path.insert(0, %r)\n"
-        "import conftest, test_matmul as t, types\n"
-        "lb = types.SimpleNamespace(one_node_model=conftest.one_node_model, "
-        "session=conftest.sessions)\n"
-        "for case in t.CASES:\n"
-        "    t._check_case(lb, case, True, np.random.default_rng(3))\n"
-        "print('ok', len(t.CASES))\n" % os.path.dirname(__file__))
-    env = dict(os.environ, LOWBIT_ORT_ISA="scalar")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == f"ok {len(CASES)}"
