@@ -12,13 +12,15 @@ Two sources, chosen by ``precision.sensitivity`` (the report records which one w
   the second moment of the output error ``dW x`` when input channels are uncorrelated, and needs
   only ``ChannelStats.sq_sum`` from calibration.
 
-``auto`` takes ``fisher`` when it is available (a side file or a shipped model) and else ``proxy``.
+``auto`` takes ``fisher`` when it is available (a side file, a shipped model, or a lowbit export
+directory of one) and else ``proxy``.
 Read-only: no graph edits. Values are float32, finite, >= 0.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,13 +102,23 @@ def _fisher_dict(ctx: CompileContext) -> tuple[dict[str, np.ndarray] | None, str
         return load_fisher(spec.fisher_file)
     from lowbit.models.registry import SHIPPED
 
-    name = str(ctx.report.get("input", ""))
+    name = _torch_source(str(ctx.report.get("input", "")))
     if name not in SHIPPED or ctx.calibration is None or not ctx.calibration.windows:
         return None, ""
     path = _cache_path(name, np.stack(ctx.calibration.windows))
     if not path.is_file():
         _compute(name, np.stack(ctx.calibration.windows), path)
     return load_fisher(path)
+
+
+def _torch_source(label: str) -> str:
+    """The shipped model behind an input: its name, or the source recorded in a lowbit export
+    directory (``lowbit_export.json``, dynamo exports only: their site names are torch paths)."""
+    meta = Path(label) / "lowbit_export.json"
+    if label and meta.is_file():
+        info = json.loads(meta.read_text())
+        return str(info.get("model", "")) if not info.get("with_past") else ""
+    return label
 
 
 def _cache_path(model: str, windows: np.ndarray) -> Path:
