@@ -26,6 +26,7 @@ from lowbit.passes.capture import CapturePass
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.emit_mixed import EmitMixedWeightsPass
 from lowbit.passes.emit_qdq import EmitQDQPass
+from lowbit.passes.kv_quant import KvQuantPass
 from lowbit.passes.linear_sites import find_linear_sites
 from lowbit.passes.optq import OptqPass
 from lowbit.passes.precision import AssignPrecisionPass
@@ -128,6 +129,8 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
         steps.append((ReorderPass(ctx), True))
     if recipe.rounding.method == "optq" and recipe.weights.format != "none":
         steps.append((OptqPass(ctx), True))  # analysis only: codes that emission writes
+    if recipe.kv.format != "none":
+        steps.append((KvQuantPass(ctx), False))
     if fgmp:  # after smoothing (it changes the weights), before emission
         steps.append((AssignPrecisionPass(ctx), True))
     steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only

@@ -142,11 +142,11 @@ class RoundingSpec:
 @dataclass(frozen=True)
 class KVCacheSpec:
     format: str = _doc("K/V (attention inputs) quantization: none | int8 | int4 (static, symmetric)", "none")
-    granularity: str = _doc("per_head: one scale per head | per_channel: one per head channel", "per_head")
+    granularity: str = _doc("per_head: one scale per attention head | per_tensor: one scale per K or V", "per_head")
 
     def __post_init__(self) -> None:
         _require(self.format in ("none", "int8", "int4"), "kv.format", f"{self.format!r} is not none, int8 or int4")
-        _require(self.granularity in ("per_head", "per_channel"), "kv.granularity", f"{self.granularity!r} is not per_head or per_channel")
+        _require(self.granularity in ("per_head", "per_tensor"), "kv.granularity", f"{self.granularity!r} is not per_head or per_tensor")
 
 
 @dataclass(frozen=True)
