@@ -38,7 +38,7 @@ WEIGHT_FORMATS = (
     "int8", "int4", "int2", "int3", "int5", "int6", "int7", "dint4", "dint3", "dint5",
     "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "mxfp8", "none",
 )  # fmt: skip
-ACTIVATION_FORMATS = ("int8", "fp8_e4m3", "none")
+ACTIVATION_FORMATS = ("int8", "int4", "fp8_e4m3", "none")  # int4: symmetric only
 TARGETS = ("qdq", "qdq-fp4")
 
 
@@ -77,6 +77,7 @@ class ActivationSpec:
 
     def __post_init__(self) -> None:
         _require(self.format in ACTIVATION_FORMATS, "activations.format", f"{self.format!r} is not one of {', '.join(ACTIVATION_FORMATS)}")
+        _require(self.format != "int4" or self.symmetric, "activations.symmetric", "int4 activations are symmetric (set symmetric = true)")
         _require(self.granularity in ("per_tensor", "per_channel"), "activations.granularity", f"{self.granularity!r} is not per_tensor or per_channel")
         _require(self.range in ("minmax", "percentile"), "activations.range", f"{self.range!r} is not minmax or percentile")
         _require(50.0 < self.percentile <= 100.0, "activations.percentile", "must be in (50, 100]")
@@ -159,6 +160,8 @@ class PrecisionSpec:
     fisher_file: str = _doc("npz of empirical Fisher keyed weight/<site> (lowbit.models.fisher); '' = compute or proxy", "")
     clip: str = _doc("NVFP4 block scale chooser: fisher (sensitivity-weighted clip search) | mse | absmax", "fisher")
     seed: int = _doc("random seed of assignment = random", 0)
+    activations: str = _doc("static: activations.format QDQ | runtime: FgmpActQuant per block of 16 (needs activations.format = none)", "static")
+    act_fp8_fraction: float = _doc("runtime activations: fraction of FP8 token-blocks on calibration data (global threshold)", 0.3)
 
     def __post_init__(self) -> None:
         _require(self.assignment in ("fgmp", "random", "per_layer"), "precision.assignment", f"{self.assignment!r} is not fgmp, random or per_layer")
@@ -166,6 +169,8 @@ class PrecisionSpec:
         _require(self.avg_bits == 0.0 or 4.5 <= self.avg_bits <= 8.0, "precision.avg_bits", "must be 0 or in [4.5, 8.0]")
         _require(self.sensitivity in ("auto", "fisher", "proxy"), "precision.sensitivity", f"{self.sensitivity!r} is not auto, fisher or proxy")
         _require(self.clip in ("fisher", "mse", "absmax"), "precision.clip", f"{self.clip!r} is not fisher, mse or absmax")
+        _require(self.activations in ("static", "runtime"), "precision.activations", f"{self.activations!r} is not static or runtime")
+        _require(0.0 <= self.act_fp8_fraction <= 1.0, "precision.act_fp8_fraction", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,10 @@ def _activation_qparams(stats, spec) -> tuple[np.ndarray, np.ndarray, int | None
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         return scale, np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), axis
     if spec.symmetric:
-        scale = np.maximum(-lo, hi) / 127.0
+        qmax, dtype = (7.0, ml_dtypes.int4) if spec.format == "int4" else (127.0, np.int8)
+        scale = np.maximum(-lo, hi) / qmax
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        return scale, np.zeros(scale.shape, np.int8), axis
+        return scale, np.zeros(scale.shape, dtype), axis
     scale = (hi - lo) / 255.0
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     zp = np.clip(np.rint(-lo / scale), 0, 255).astype(np.uint8)

@@ -51,7 +51,7 @@ def fake_quantize_activations(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, asp
     scale, zp, _ = _activation_qparams(stats, aspec)
     if aspec.format == "fp8_e4m3":
         return formats.cast(x / scale, "fp8_e4m3") * scale
-    q_lo, q_hi = (-128, 127) if aspec.symmetric else (0, 255)
+    q_lo, q_hi = ((-8, 7) if aspec.format == "int4" else (-128, 127)) if aspec.symmetric else (0, 255)
     zp = zp.astype(np.float32)
     return (np.clip(np.rint(x / scale) + zp, q_lo, q_hi) - zp) * scale
 
