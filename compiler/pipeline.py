@@ -26,6 +26,7 @@ from lowbit.passes.capture import CapturePass
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.emit_mixed import EmitMixedWeightsPass
 from lowbit.passes.emit_qdq import EmitQDQPass
+from lowbit.passes.fgmp_act import FgmpActivationsPass
 from lowbit.passes.kv_quant import KvQuantPass
 from lowbit.passes.linear_sites import find_linear_sites
 from lowbit.passes.optq import OptqPass
@@ -133,6 +134,8 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
         steps.append((KvQuantPass(ctx), False))
     if fgmp:  # after smoothing (it changes the weights), before emission
         steps.append((AssignPrecisionPass(ctx), True))
+        if recipe.precision.activations == "runtime":
+            steps.append((FgmpActivationsPass(ctx), False))
     steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only
     if fgmp:
         steps.append((EmitMixedWeightsPass(ctx), False))

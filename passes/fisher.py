@@ -31,7 +31,7 @@ from lowbit.compiler.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.passes.linear_sites import LinearSite
 
-__all__ = ["Sensitivity", "fisher_for_site", "proxy_for_site", "site_sensitivities"]
+__all__ = ["Sensitivity", "activation_fisher", "fisher_for_site", "proxy_for_site", "site_sensitivities"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,18 +97,43 @@ def site_sensitivities(ctx: CompileContext, sites: list[LinearSite]) -> Sensitiv
 def _fisher_dict(ctx: CompileContext) -> tuple[dict[str, np.ndarray] | None, str]:
     from lowbit.models.fisher import load_fisher  # numpy-only helpers; torch is imported lazily
 
-    spec = ctx.recipe.precision
-    if spec.fisher_file:
-        return load_fisher(spec.fisher_file)
+    path = _fisher_path(ctx)
+    return load_fisher(path) if path is not None else (None, "")
+
+
+def _fisher_path(ctx: CompileContext) -> Path | None:
+    """The side file to use: the recipe's, or the cached (computed on first use) Fisher of a
+    shipped model; None when neither applies."""
     from lowbit.models.registry import SHIPPED
 
+    spec = ctx.recipe.precision
+    if spec.fisher_file:
+        return Path(spec.fisher_file)
     name = _torch_source(str(ctx.report.get("input", "")))
     if name not in SHIPPED or ctx.calibration is None or not ctx.calibration.windows:
-        return None, ""
+        return None
     path = _cache_path(name, np.stack(ctx.calibration.windows))
     if not path.is_file():
         _compute(name, np.stack(ctx.calibration.windows), path)
-    return load_fisher(path)
+    return path
+
+
+def activation_fisher(ctx: CompileContext, site: LinearSite) -> np.ndarray | None:
+    """The Fisher of the site's input channels (``act/<site>``, shape [in]) when the recipe's
+    sensitivity is a Fisher side file; None for the proxy (no gradients known)."""
+    if ctx.recipe.precision.sensitivity == "proxy":
+        return None
+    path = _fisher_path(ctx)
+    if path is None:
+        return None
+    key = f"act/{site.name}"
+    with np.load(path, allow_pickle=False) as data:  # lazy: reads only this array
+        if key not in data.files:
+            raise LowbitError(f"the Fisher side file {path} has no activation entry {key!r}")
+        g2 = np.asarray(data[key], np.float32)
+    if g2.shape != (site.in_features,) or not np.isfinite(g2).all():
+        raise LowbitError(f"activation Fisher of {site.name} has shape {g2.shape}, expected ({site.in_features},)")
+    return g2
 
 
 def _torch_source(label: str) -> str:

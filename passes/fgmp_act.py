@@ -1,0 +1,127 @@
+"""FGMP for activations: the runtime per-block FP8/NVFP4 choice (``lowbit.FgmpActQuant``) at every
+linear-site input, with one global threshold calibrated to a target FP8 block fraction.
+
+Assumes ``precision.activations = "runtime"`` and ``activations.format = "none"`` (this pass is
+then the activation quantizer). For each input group (sites sharing an input) it inserts
+``FgmpActQuant(x, g2, threshold)`` (dynamic NVFP4 global scale = amax(x) / 2688) in front of the
+sites: per block of 16 channels of each token, the block is fake-quantized to FP8 E4M3 when
+``sum g2 (Q_nvfp4(x) - Q_fp8(x))^2 > threshold`` and to NVFP4 otherwise (see
+:func:`lowbit.runtime_ext.reference.fgmp_act_quant`). ``g2`` is the activation Fisher
+(``act/<site>`` of the side file) or, for the proxy, ones (plain perturbation energy).
+
+Threshold: the perturbations of every token-block of every group over the calibration windows are
+pooled (across all layers); with k = round(fraction * count), the threshold is the (k+1)-th largest
+value, so exactly the k largest blocks exceed it on calibration data unless values tie there (the
+achieved calibration fraction is reported). The fallback FunctionProto from ``runtime_ext`` is
+attached, so any ORT runs the model; the native kernel is used when its library is registered.
+Not function-preserving (it quantizes).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit import formats
+from lowbit.compiler.context import CompileContext
+from lowbit.compiler.feeds import make_feed
+from lowbit.compiler.ortrun import ort_session
+from lowbit.errors import LowbitError
+from lowbit.passes.emit_qdq import ensure_opset
+from lowbit.passes.precision import BLOCK, n_fp8_blocks
+
+__all__ = ["FgmpActivationsPass", "activation_perturbation", "calibrated_threshold"]
+
+logger = logging.getLogger(__name__)
+
+
+def activation_perturbation(x: np.ndarray, g2: np.ndarray) -> np.ndarray:
+    """Per token-block sum g2 (Q_nvfp4(x) - Q_fp8(x))^2 as FgmpActQuant computes it (float64),
+    candidates with the op's dynamic scales: blocks of 16 on the last axis, amax(x) / 2688 global."""
+    x = np.asarray(x, np.float32)
+    d = formats.fake_quantize(x, "nvfp4", -1, BLOCK).astype(np.float64) - formats.fake_quantize(x, "fp8_e4m3", -1, BLOCK)
+    w = np.asarray(g2, np.float64)
+    return (w * d * d).reshape(*x.shape[:-1], -1, BLOCK).sum(-1)
+
+
+def calibrated_threshold(perturbations: np.ndarray, fraction: float) -> float:
+    """The threshold leaving exactly the k = round(fraction * n) largest values above it (no ties)."""
+    p = np.sort(np.asarray(perturbations, np.float64).reshape(-1))[::-1]
+    k = n_fp8_blocks(p.size, fraction)
+    if k >= p.size:
+        return -1.0  # perturbations are >= 0: every block FP8
+    return float(p[k])
+
+
+class FgmpActivationsPass(ir.passes.InPlacePass):
+    """Insert calibrated FgmpActQuant nodes at every linear-site input group (module doc)."""
+
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        recipe, data = self.ctx.recipe, self.ctx.calibration
+        if recipe.activations.format != "none":
+            raise LowbitError("precision.activations = 'runtime' quantizes activations itself: set activations.format = 'none'")
+        if data is None or not data.windows:
+            raise LowbitError("runtime FGMP activations need calibration windows for the threshold")
+        assignment = self.ctx.get("precision_assignment")
+        groups = [g for g in self.ctx.sites.input_groups() if any(s.name in assignment.sites for s in g)]
+        for g in groups:
+            if g[0].in_features % BLOCK:
+                raise LowbitError(f"FgmpActQuant needs channels divisible by {BLOCK}; {g[0].name} has {g[0].in_features}")
+        g2 = {id(g[0]): self._g2(g[0]) for g in groups}
+        session = ort_session(model, [g[0].input for g in groups])
+        names = [g[0].input.name for g in groups]
+        pooled = []
+        for ids in data.windows:
+            outs = session.run(names, make_feed(session.get_inputs(), ids))
+            pooled += [activation_perturbation(x, g2[id(g[0])]).reshape(-1) for g, x in zip(groups, outs)]
+        pooled = np.concatenate(pooled)
+        threshold = calibrated_threshold(pooled, recipe.precision.act_fp8_fraction)
+        for g in groups:
+            self._insert(model, g, g2[id(g[0])], threshold)
+        self._attach_function(model)
+        self.ctx.report.setdefault("precision", {})["activations"] = {
+            "mode": "runtime FgmpActQuant", "threshold": threshold, "groups": len(groups),
+            "calibration_fp8_fraction": float((pooled > threshold).mean()),
+            "requested_fp8_fraction": recipe.precision.act_fp8_fraction}  # fmt: skip
+        logger.info("FgmpActQuant at %d inputs, threshold %.4g", len(groups), threshold)
+        return ir.passes.PassResult(model, modified=bool(groups))
+
+    def _g2(self, site) -> np.ndarray:
+        from lowbit.passes.fisher import activation_fisher
+
+        g2 = activation_fisher(self.ctx, site)
+        return np.ones(site.in_features, np.float32) if g2 is None else g2
+
+    def _insert(self, model: ir.Model, group, g2: np.ndarray, threshold: float) -> None:
+        graph, x = model.graph, group[0].input
+        base = x.name or group[0].name
+        consts = []
+        for suffix, arr in ((".fgmp_g2", g2.astype(np.float32)), (".fgmp_threshold", np.array(threshold, np.float32))):
+            t = ir.tensor(arr, name=f"{base}{suffix}")
+            v = ir.Value(name=t.name, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype), const_value=t)
+            graph.register_initializer(v)
+            consts.append(v)
+        node = ir.node("FgmpActQuant", [x, *consts], domain="lowbit", overload="dynamic", name=f"{base}.fgmp")
+        node.outputs[0].name = f"{base}.fgmp_quantized"
+        node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        node.outputs[0].shape = x.shape
+        graph.insert_before(group[0].node, [node])
+        for site in group:
+            site.node.replace_input_with(0, node.outputs[0])
+
+    @staticmethod
+    def _attach_function(model: ir.Model) -> None:
+        from lowbit.runtime_ext.functions import fgmp_function
+        from lowbit.runtime_ext.specs import FgmpSpec
+
+        ensure_opset(model, 21)
+        model.opset_imports.setdefault("lowbit", 1)
+        model.graph.opset_imports.setdefault("lowbit", 1)
+        func = ir.serde.deserialize_function(fgmp_function(FgmpSpec(False), model.opset_imports[""]))
+        model.functions[func.identifier()] = func
