@@ -1,0 +1,371 @@
+// AVX2 + FMA kernels, compiled per function (__attribute__((target))) so the library keeps an
+// x86-64 baseline; chosen at run time by SelectKernels (kernels.cc). See kernels.h for layouts.
+#include <immintrin.h>
+
+#include <array>
+
+#include "kernels_impl.h"
+
+namespace lowbit {
+namespace detail {
+namespace {
+
+// ---- AVX2 + FMA -----------------------------------------------------------------------------
+#define LB_AVX2 __attribute__((target("avx2,fma")))
+
+LB_AVX2 inline float HSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 bytes of codes (one 32-chunk) -> 32 codes (0..15): low lane = the 16 even k, high lane =
+// the 16 odd k. Broadcast-load + per-lane shift: no cross-lane shuffle.
+LB_AVX2 inline __m256i Codes32(const uint8_t* p) {
+  const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i sh = _mm256_srlv_epi32(x, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+  return _mm256_and_si256(sh, _mm256_set1_epi8(0x0F));
+}
+
+// Codes -> int8 values via the 16-entry table in both lanes (int8 path).
+LB_AVX2 inline __m256i Unpack32(const uint8_t* p, __m256i lut16) {
+  return _mm256_shuffle_epi8(lut16, Codes32(p));
+}
+
+LB_AVX2 inline __m256i Lut16(Format f) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(IntTable(f))));
+}
+
+// Float path: every table value (an integer of magnitude <= 12) is a float32 whose low 16 bits
+// are zero, so two byte tables (bits 16-23 and 24-31) plus in-lane interleaves with zero build
+// the float32 bit patterns directly: no int->float conversion.
+struct FloatBytes {
+  uint8_t b2[16], b3[16];
+};
+const FloatBytes& FloatBytesOf(Format f) {
+  static const std::array<FloatBytes, 4> tables = [] {
+    std::array<FloatBytes, 4> out{};
+    const Format fs[4] = {Format::kDint4, Format::kNvfp4, Format::kInt4, Format::kMxfp4};
+    for (int i = 0; i < 4; ++i)
+      for (int c = 0; c < 16; ++c) {
+        const float v = static_cast<float>(IntTable(fs[i])[c]);
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof(bits));  // low 16 bits are 0 for integers |v| <= 12
+        out[static_cast<int>(fs[i])].b2[c] = static_cast<uint8_t>(bits >> 16);
+        out[static_cast<int>(fs[i])].b3[c] = static_cast<uint8_t>(bits >> 24);
+      }
+    return out;
+  }();
+  return tables[static_cast<int>(f)];
+}
+
+struct F32Luts {
+  __m256i b2, b3;
+};
+
+LB_AVX2 inline F32Luts LoadF32Luts(Format f) {
+  const FloatBytes& t = FloatBytesOf(f);
+  return {_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.b2))),
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.b3)))};
+}
+
+// One 32-chunk -> four vectors of 8 float values; v0, v1 hold k 0..15 and v2, v3 k 16..31, each
+// 8-group of k as [4 even | 4 odd] (the float activation order, chunk 8).
+LB_AVX2 inline void Floats32(const uint8_t* p, const F32Luts& t, __m256& v0, __m256& v1,
+                             __m256& v2, __m256& v3) {
+  const __m256i c = Codes32(p);
+  const __m256i lo = _mm256_shuffle_epi8(t.b2, c), hi = _mm256_shuffle_epi8(t.b3, c);
+  const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+  const __m256i z = _mm256_setzero_si256();
+  // Per lane: w0 words = k 0..14 step 2 (low lane) / 1..15 (high lane); w1 = k 16..30 / 17..31.
+  // unpack*_epi16 keeps lanes, so a vector = [4 even k (low lane) | 4 odd k (high lane)]: in
+  // memory order that is lanes 0-3 then 4-7, matching [even4 | odd4] of an 8-group.
+  v0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w0));
+  v1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w0));
+  v2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w1));
+  v3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w1));
+}
+
+// fl(scale * global) of scale i; the scale dtype is a template parameter so the hot loops carry
+// no per-block branch.
+template <bool kBytes>
+inline float Sc(const Weight& w, int64_t i) {
+  return (kBytes ? w.byte_table[w.scale_u8[i]] : w.scale_f32[i]) * w.global;
+}
+
+// Scales of blocks b and b+1 of row n, times mult: [s0, s0, s1, s1] in both lanes (lane layout
+// of the int32 partial sums of a 32-chunk holding two 16-blocks).
+template <bool kBytes>
+LB_AVX2 inline __m256 PairScales(const Weight& w, int64_t i, float mult) {
+  const __m128 p = _mm_set_ps(Sc<kBytes>(w, i + 1), Sc<kBytes>(w, i + 1), Sc<kBytes>(w, i), Sc<kBytes>(w, i));
+  const __m128 m = _mm_mul_ps(p, _mm_set1_ps(mult));
+  return _mm256_set_m128(m, m);
+}
+
+// Float dot of one 32-chunk as a short tree (no long FMA chain).
+LB_AVX2 inline __m256 ChunkSumF32(const uint8_t* p, const float* a, const F32Luts& t) {
+  __m256 v0, v1, v2, v3;
+  Floats32(p, t, v0, v1, v2, v3);
+  const __m256 s01 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(a + 8), _mm256_mul_ps(v0, _mm256_loadu_ps(a)));
+  const __m256 s23 =
+      _mm256_fmadd_ps(v3, _mm256_loadu_ps(a + 24), _mm256_mul_ps(v2, _mm256_loadu_ps(a + 16)));
+  return _mm256_add_ps(s01, s23);
+}
+
+// Float dot of one block of `cpb` 32-chunks (8 partial sums).
+LB_AVX2 inline __m256 BlockSumF32(const uint8_t* p, const float* a, int64_t cpb, const F32Luts& t) {
+  if (cpb == 1) return ChunkSumF32(p, a, t);
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), v0, v1, v2, v3;
+  for (int64_t j = 0; j < cpb; ++j, p += 16, a += 32) {
+    Floats32(p, t, v0, v1, v2, v3);
+    b0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(a), b0);
+    b1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(a + 8), b1);
+    b0 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(a + 16), b0);
+    b1 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(a + 24), b1);
+  }
+  return _mm256_add_ps(b0, b1);
+}
+
+template <bool kBytes>
+LB_AVX2 void GemvF32T(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const F32Luts t = LoadF32Luts(w.format);
+  const int8_t* ilut = IntTable(w.format);
+  const float mult = IntMultiplier(w.format);
+  const int64_t K32 = w.K & ~int64_t(31), cpb = w.block / 32;  // chunks per block (block >= 32)
+  __m256 v0, v1, v2, v3;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    int64_t si = n * w.nb;  // running scale index
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    if (w.block == 16) {
+      for (int64_t k = 0; k < K32; k += 32, si += 2) {
+        Floats32(row + k / 2, t, v0, v1, v2, v3);  // v0, v1: block si; v2, v3: block si + 1
+        const __m256 b0 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(ap + k + 8),
+                                          _mm256_mul_ps(v0, _mm256_loadu_ps(ap + k)));
+        const __m256 b1 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(ap + k + 24),
+                                          _mm256_mul_ps(v2, _mm256_loadu_ps(ap + k + 16)));
+        acc0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(Sc<kBytes>(w, si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(Sc<kBytes>(w, si + 1) * mult), acc1);
+      }
+    } else {
+      // Two blocks per step into two accumulators: consecutive blocks never wait on one FMA
+      // chain (a runtime-selected accumulator would be spilled to the stack by GCC).
+      const int64_t pair_end = w.nb & ~int64_t(1);
+      const uint8_t* p = row;
+      const float* a = ap;
+      for (int64_t b = 0; b < pair_end; b += 2, si += 2) {
+        const __m256 s0 = BlockSumF32(p, a, cpb, t);
+        const __m256 s1 = BlockSumF32(p + 16 * cpb, a + 32 * cpb, cpb, t);
+        acc0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(Sc<kBytes>(w, si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(Sc<kBytes>(w, si + 1) * mult), acc1);
+        p += 32 * cpb;
+        a += 64 * cpb;
+      }
+      if (pair_end < w.nb) {
+        acc0 = _mm256_fmadd_ps(BlockSumF32(p, a, cpb, t), _mm256_set1_ps(Sc<kBytes>(w, si) * mult),
+                               acc0);
+        ++si;
+      }
+    }
+    float total = HSum(_mm256_add_ps(acc0, acc1));
+    if (K32 < w.K)  // K % 32 == 16: one trailing 16-chunk, necessarily one 16-block
+      total += RangeDot<float, float>(row, ap, ilut, K32, w.K, w.K, kChunkF32) *
+               (Sc<kBytes>(w, si) * mult);
+    y[n] = total;
+  }
+}
+
+// int8 dot of one 32-chunk: |w| (unsigned) x sign-corrected a (signed) -> 8 int32 sums; int32
+// lane j covers bytes 4j..4j+3 of the chunk-permuted vectors. |w| <= 12, |a| <= 127: the
+// int16 pair sums (<= 3048) never saturate.
+LB_AVX2 inline __m256i Dot32I8(const uint8_t* p, const int8_t* aq, __m256i lut) {
+  const __m256i wv = Unpack32(p, lut);
+  const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq));
+  const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
+  return _mm256_madd_epi16(prod, _mm256_set1_epi16(1));
+}
+
+LB_AVX2 inline __m256i BlockDotI8(const uint8_t* p, const int8_t* a, int64_t cpb, __m256i lut) {
+  __m256i d = Dot32I8(p, a, lut);
+  for (int64_t j = 1; j < cpb; ++j) d = _mm256_add_epi32(d, Dot32I8(p + 16 * j, a + 32 * j, lut));
+  return d;
+}
+
+template <bool kBytes>
+LB_AVX2 void GemvI8T(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
+                     int64_t n1) {
+  const __m256i lut = Lut16(w.format);
+  const int8_t* ilut = IntTable(w.format);
+  const float mult = IntMultiplier(w.format);
+  const int64_t K32 = w.K & ~int64_t(31), cpb = w.block / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    int64_t si = n * w.nb;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    if (w.block == 16) {
+      // int32 lanes 0,1,4,5 belong to the first 16-block of the chunk, 2,3,6,7 to the second.
+      int64_t k = 0;
+      for (; k + 64 <= K32; k += 64, si += 4) {
+        const __m256i d0 = Dot32I8(row + k / 2, aq + k, lut);
+        const __m256i d1 = Dot32I8(row + k / 2 + 16, aq + k + 32, lut);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), PairScales<kBytes>(w, si, mult), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), PairScales<kBytes>(w, si + 2, mult), acc1);
+      }
+      if (k < K32) {
+        const __m256i d = Dot32I8(row + k / 2, aq + k, lut);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), PairScales<kBytes>(w, si, mult), acc0);
+        si += 2;
+      }
+    } else {
+      const int64_t pair_end = w.nb & ~int64_t(1);
+      const uint8_t* p = row;
+      const int8_t* a = aq;
+      for (int64_t b = 0; b < pair_end; b += 2, si += 2) {
+        const __m256i d0 = BlockDotI8(p, a, cpb, lut);
+        const __m256i d1 = BlockDotI8(p + 16 * cpb, a + 32 * cpb, cpb, lut);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(Sc<kBytes>(w, si) * mult), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(Sc<kBytes>(w, si + 1) * mult),
+                               acc1);
+        p += 32 * cpb;
+        a += 64 * cpb;
+      }
+      if (pair_end < w.nb) {
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BlockDotI8(p, a, cpb, lut)),
+                               _mm256_set1_ps(Sc<kBytes>(w, si) * mult), acc0);
+        ++si;
+      }
+    }
+    float total = HSum(_mm256_add_ps(acc0, acc1));
+    if (K32 < w.K)
+      total += static_cast<float>(RangeDot<int8_t, int32_t>(row, aq, ilut, K32, w.K, w.K,
+                                                            kChunkI8)) * (Sc<kBytes>(w, si) * mult);
+    y[n] = total * a_scale;
+  }
+}
+
+LB_AVX2 void GemvF32Avx2(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  if (w.scale_u8) GemvF32T<true>(ap, w, y, n0, n1);
+  else GemvF32T<false>(ap, w, y, n0, n1);
+}
+
+LB_AVX2 void GemvI8Avx2(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
+                        int64_t n1) {
+  if (w.scale_u8) GemvI8T<true>(aq, a_scale, w, y, n0, n1);
+  else GemvI8T<false>(aq, a_scale, w, y, n0, n1);
+}
+
+// 16 E4M3 codes (natural k order) -> two vectors of 8 floats in the float activation order
+// ([4 even | 4 odd] per 8-group). E4M3 -> float32 without a table: the 7 magnitude bits moved
+// to the float's exponent/mantissa position and multiplied by 2^120 (exact for normals and
+// subnormals alike); the sign bit copied. The NaN code is not supported (encoders never emit it).
+LB_AVX2 inline __m256 E4m3ToF32(__m128i bytes) {
+  const __m256i d = _mm256_cvtepu8_epi32(bytes);
+  const __m256i mag = _mm256_slli_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x7F)), 20);
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x80)), 24);
+  const __m256 two120 = _mm256_castsi256_ps(_mm256_set1_epi32(0x7B800000));
+  return _mm256_or_ps(_mm256_mul_ps(_mm256_castsi256_ps(mag), two120), _mm256_castsi256_ps(sign));
+}
+
+LB_AVX2 inline void Fp8Floats16(const uint8_t* p, __m256& v0, __m256& v1) {
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  const __m128i x = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), order);
+  v0 = E4m3ToF32(x);
+  v1 = E4m3ToF32(_mm_srli_si128(x, 8));
+}
+
+LB_AVX2 void GemvMixedAvx2(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const F32Luts t = LoadF32Luts(w.format);
+  const int64_t K32 = w.K & ~int64_t(31);
+  __m256 v0, v1, v2, v3;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    int64_t i = w.fp8_first[n];
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K32; k += 32) {
+      const int64_t b = k / 16;
+      Floats32(row + k / 2, t, v0, v1, v2, v3);
+      float s0, s1;
+      if (w.IsFp8(n, b)) {
+        Fp8Floats16(w.fp8_codes + 16 * i, v0, v1);
+        s0 = w.fp8_scales[i++];
+      } else {
+        s0 = w.Scale(n, b) * 0.5f;
+      }
+      if (w.IsFp8(n, b + 1)) {
+        Fp8Floats16(w.fp8_codes + 16 * i, v2, v3);
+        s1 = w.fp8_scales[i++];
+      } else {
+        s1 = w.Scale(n, b + 1) * 0.5f;
+      }
+      const __m256 b0 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(ap + k + 8),
+                                        _mm256_mul_ps(v0, _mm256_loadu_ps(ap + k)));
+      const __m256 b1 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(ap + k + 24),
+                                        _mm256_mul_ps(v2, _mm256_loadu_ps(ap + k + 16)));
+      acc0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(s0), acc0);
+      acc1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(s1), acc1);
+    }
+    float total = HSum(_mm256_add_ps(acc0, acc1));
+    if (K32 < w.K) {  // trailing 16-block
+      float tail = 0;
+      GemvMixedScalarTail(ap, w, n, K32 / 16, i, tail);
+      total += tail;
+    }
+    y[n] = total;
+  }
+}
+
+LB_AVX2 void DecodeRowsAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
+                            float* out, int64_t ldo) {
+  const F32Luts t = LoadF32Luts(w.format);
+  const float mult = IntMultiplier(w.format);
+  const int64_t kend = k0 + kc, k32 = k0 + (kc & ~int64_t(31));
+  __m256 v0, v1, v2, v3;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    float* o = out + r * ldo - k0;
+    for (int64_t k = k0; k < k32; k += 32) {
+      Floats32(row + k / 2, t, v0, v1, v2, v3);
+      // value * s == int_value * (mult * s) exactly: mult is a power of two. k..k+15 lie in
+      // block k / block, k+16..k+31 in block (k + 16) / block.
+      const __m256 s0 = _mm256_set1_ps(w.Scale(n, k / w.block) * mult);
+      const __m256 s1 = _mm256_set1_ps(w.Scale(n, (k + 16) / w.block) * mult);
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(v0, s0));
+      _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(v1, s0));
+      _mm256_storeu_ps(o + k + 16, _mm256_mul_ps(v2, s1));
+      _mm256_storeu_ps(o + k + 24, _mm256_mul_ps(v3, s1));
+    }
+    if (k32 < kend) DecodeRowsScalar(w, n, 1, k32, kend - k32, o + k32, ldo);
+  }
+}
+
+// 16 x 6 register tile: 12 named accumulators (an array of __m256 makes GCC spill them).
+LB_AVX2 void MicroAvx2(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c,
+                       int64_t ldc) {
+#define LB_LOAD(r) __m256 c##r##0 = _mm256_loadu_ps(c + r * ldc), c##r##1 = _mm256_loadu_ps(c + r * ldc + 8)
+  LB_LOAD(0); LB_LOAD(1); LB_LOAD(2); LB_LOAD(3); LB_LOAD(4); LB_LOAD(5);
+#undef LB_LOAD
+  const float *w0 = wd, *w1 = wd + ldw, *w2 = wd + 2 * ldw, *w3 = wd + 3 * ldw,
+              *w4 = wd + 4 * ldw, *w5 = wd + 5 * ldw;
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 a0 = _mm256_loadu_ps(ap + k * 16), a1 = _mm256_loadu_ps(ap + k * 16 + 8);
+    __m256 b;
+#define LB_STEP(r)                                \
+  b = _mm256_broadcast_ss(w##r + k);              \
+  c##r##0 = _mm256_fmadd_ps(a0, b, c##r##0);      \
+  c##r##1 = _mm256_fmadd_ps(a1, b, c##r##1)
+    LB_STEP(0); LB_STEP(1); LB_STEP(2); LB_STEP(3); LB_STEP(4); LB_STEP(5);
+#undef LB_STEP
+  }
+#define LB_STORE(r) _mm256_storeu_ps(c + r * ldc, c##r##0); _mm256_storeu_ps(c + r * ldc + 8, c##r##1)
+  LB_STORE(0); LB_STORE(1); LB_STORE(2); LB_STORE(3); LB_STORE(4); LB_STORE(5);
+#undef LB_STORE
+}
+
+}  // namespace
+
+const Kernels kAvx2{"avx2", GemvF32Avx2, GemvI8Avx2, DecodeRowsAvx2, MicroAvx2, GemvMixedAvx2};
+
+}  // namespace detail
+}  // namespace lowbit

@@ -1,0 +1,157 @@
+// Portable scalar kernels (any x86-64): the baseline and the reference order of operations of
+// the SIMD kernels (per-block sums, then the block scale). See kernels.h for layouts.
+#include <array>
+
+#include "kernels_impl.h"
+
+namespace lowbit {
+
+template <typename T>
+static void PermuteRowT(const T* a, T* out, int64_t K, int64_t chunk) {
+  // Same order as PermPos, without a division per element.
+  for (int64_t base = 0; base < K; base += chunk) {
+    const int64_t half = std::min(chunk, K - base) / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      out[base + i] = a[base + 2 * i];
+      out[base + half + i] = a[base + 2 * i + 1];
+    }
+  }
+}
+
+void PermuteRow(const float* a, float* out, int64_t K) { PermuteRowT(a, out, K, kChunkF32); }
+void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K) { PermuteRowT(a, out, K, kChunkI8); }
+
+void QuantizeRowI8(const float* a, int8_t* q, int64_t K, float scale) {
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(a[k] / scale);
+    v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+    q[k] = static_cast<int8_t>(v);
+  }
+}
+
+namespace detail {
+
+// Per-block sums first (integer in the int8 path), then scaled: the kernels' contract.
+template <typename A, typename Acc>
+float RowScalar(const A* ap, const Weight& w, int64_t n, int64_t chunk) {
+  const uint8_t* row = w.codes + n * (w.K / 2);
+  const int8_t* lut = IntTable(w.format);
+  const float mult = IntMultiplier(w.format);
+  float acc = 0;
+  for (int64_t b = 0; b < w.nb; ++b)
+    acc += static_cast<float>(RangeDot<A, Acc>(row, ap, lut, b * w.block, (b + 1) * w.block, w.K,
+                                               chunk)) * (w.Scale(n, b) * mult);
+  return acc;
+}
+
+void GemvF32Scalar(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) y[n] = RowScalar<float, float>(ap, w, n, kChunkF32);
+}
+
+void GemvI8Scalar(const int8_t* aq, float a_scale, const Weight& w, float* y, int64_t n0,
+                  int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) y[n] = RowScalar<int8_t, int32_t>(aq, w, n, kChunkI8) * a_scale;
+}
+
+// k0 is a multiple of 8 and kc of 8 (float chunk), so the float order restarts at k0.
+void DecodeRowsScalar(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
+                      float* out, int64_t ldo) {
+  const float* table = ValueTable(w.format);
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint8_t* row = w.codes + (n0 + r) * (w.K / 2);
+    float* o = out + r * ldo - k0;
+    for (int64_t k = k0; k < k0 + kc; ++k)
+      o[PermPos(k, w.K, kChunkF32)] = table[Code(row, k)] * w.Scale(n0 + r, k / w.block);
+  }
+}
+
+const float* E4m3Table() {
+  static const std::array<float, 256> t = [] {
+    std::array<float, 256> out{};
+    for (int c = 0; c < 256; ++c) out[c] = DecodeE4M3(static_cast<uint8_t>(c));
+    return out;
+  }();
+  return t.data();
+}
+
+// Index of the FP8 block that block b of row n is, when it is one.
+int64_t Fp8Index(const Weight& w, int64_t n, int64_t b) {
+  int64_t i = w.fp8_first[n];
+  for (int64_t j = 0; j < b; ++j) i += w.IsFp8(n, j);
+  return i;
+}
+
+void GemvMixedScalar(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const int8_t* lut = IntTable(w.format);
+  const float* e4m3 = E4m3Table();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    int64_t i = w.fp8_first[n];
+    float acc = 0;
+    for (int64_t b = 0; b < w.nb; ++b) {
+      float s = 0;
+      if (w.IsFp8(n, b)) {
+        for (int64_t j = 0; j < 16; ++j)
+          s += ap[PermPos(16 * b + j, w.K, kChunkF32)] * e4m3[w.fp8_codes[16 * i + j]];
+        acc += s * w.fp8_scales[i++];
+      } else {
+        s = RangeDot<float, float>(row, ap, lut, 16 * b, 16 * b + 16, w.K, kChunkF32);
+        acc += s * (w.Scale(n, b) * 0.5f);
+      }
+    }
+    y[n] = acc;
+  }
+}
+
+// The last block (b) of a row with K % 32 == 16, FP8 index i if it is FP8.
+void GemvMixedScalarTail(const float* ap, const Weight& w, int64_t n, int64_t b, int64_t i,
+                         float& out) {
+  const float* e4m3 = E4m3Table();
+  float s = 0;
+  if (w.IsFp8(n, b)) {
+    for (int64_t j = 0; j < 16; ++j)
+      s += ap[PermPos(16 * b + j, w.K, kChunkF32)] * e4m3[w.fp8_codes[16 * i + j]];
+    out = s * w.fp8_scales[i];
+  } else {
+    s = RangeDot<float, float>(w.codes + n * (w.K / 2), ap, IntTable(w.format), 16 * b, 16 * b + 16,
+                               w.K, kChunkF32);
+    out = s * (w.Scale(n, b) * 0.5f);
+  }
+}
+
+// DecodeRowsScalar for mixed weights (both ISAs use it in the GEMM path).
+void DecodeRowsMixed(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc, float* out,
+                     int64_t ldo) {
+  const float* table = ValueTable(w.format);
+  const float* e4m3 = E4m3Table();
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t n = n0 + r;
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    float* o = out + r * ldo - k0;
+    int64_t i = Fp8Index(w, n, k0 / 16);
+    for (int64_t b = k0 / 16; b < (k0 + kc) / 16; ++b) {
+      const bool fp8 = w.IsFp8(n, b);
+      const float s = fp8 ? w.fp8_scales[i] : w.Scale(n, b);
+      for (int64_t k = 16 * b; k < 16 * b + 16; ++k)
+        o[PermPos(k, w.K, kChunkF32)] =
+            fp8 ? e4m3[w.fp8_codes[16 * i + (k - 16 * b)]] * s : table[Code(row, k)] * s;
+      i += fp8;
+    }
+  }
+}
+
+void MicroScalar(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c,
+                 int64_t ldc) {
+  for (int r = 0; r < 6; ++r)
+    for (int i = 0; i < 16; ++i) {
+      float s = c[r * ldc + i];
+      for (int64_t k = 0; k < kc; ++k) s += ap[k * 16 + i] * wd[r * ldw + k];
+      c[r * ldc + i] = s;
+    }
+}
+
+const Kernels kScalar{"scalar", GemvF32Scalar, GemvI8Scalar, DecodeRowsScalar, MicroScalar,
+                      GemvMixedScalar};
+
+}  // namespace detail
+}  // namespace lowbit
