@@ -65,3 +65,35 @@ def test_reorder_norm_equals_norm_then_gather(lb):
     y = lb.session(model, True).run(None, {"x": x[None]})[0][0]
     normed = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * gamma
     np.testing.assert_allclose(y, normed[:, perm], rtol=2e-6, atol=1e-6)
+
+
+def test_tied_embedding_shares_one_packed_table(lb):
+    """GatherLowbit's table [V, H/2] is MatMulLowbit's weight layout for W = E^T (lm_head):
+    one set of packed initializers serves the embedding lookup and the tied output projection."""
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    v, h = 40, 64
+    table = rng.standard_normal((v, h)).astype(np.float32)
+    enc = formats.encode(table, "nvfp4", axis=1, block_size=16)
+    packed = rx.pack_gather_table(enc, scale_dtype="uint8")
+    gather = rx.make_gather_node("codes", "scales", "global_scale", "ids", "x", packed.spec)
+    head = rx.make_matmul_node("x", "codes", "scales", "global_scale", "Y", packed.matmul_spec())
+    graph = helper.make_graph(
+        [gather, head], "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, v])],
+        [onnx_array(a, n) for n, a in packed.arrays.items()])
+    model = rx.attach_functions(helper.make_model(
+        graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21)]))
+    ids = np.array([1, 7, 39], np.int64)
+    e = formats.decode(enc).astype(np.float64)
+    want = e[ids] @ e.T
+    for native in (True, False):
+        y = lb.session(model, native).run(None, {"ids": ids})[0]
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def onnx_array(a, name):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(a), name)

@@ -124,3 +124,21 @@ def test_empty_batch_gives_empty_output(lb):
     packed = rx.pack_matmul_weight(_encoded(rng, 64, 8, "dint4", 32))
     sess = lb.session(_model(lb, packed, packed.matmul_spec(), 64), True)
     assert sess.run(None, {"A": np.zeros((0, 3, 64), np.float32)})[0].shape == (0, 3, 8)
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_fallback_runs_at_other_opsets(lb, opset):
+    """Functions import the model's own default opset (ONNX requires it); 18 = optimum exports."""
+    rng = np.random.default_rng(0)
+    enc = _encoded(rng, 64, 8, "dint4", 32)
+    packed = rx.pack_matmul_weight(enc)
+    node = rx.make_matmul_node("A", "codes", "scales", "global_scale", "Y",
+                               packed.matmul_spec("int8_dynamic"))
+    model = lb.one_node_model(node, {"A": (TensorProto.FLOAT, ["M", 64])}, ("Y", None),
+                              packed.arrays, opset=opset)
+    a = rng.standard_normal((3, 64)).astype(np.float32)
+    q, s = ref.quantize_rows_int8(a)
+    want = (q.astype(np.float64) * s) @ formats.decode(enc).astype(np.float64)
+    for native in (True, False):
+        y = lb.session(model, native).run(None, {"A": a})[0]
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
