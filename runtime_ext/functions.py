@@ -6,10 +6,13 @@ when the native library is registered its kernels take precedence. One function 
 keyed by the node's ``overload`` (see :mod:`lowbit.runtime_ext.specs`).
 
 Guarantees: decode = value_table[code] * fl(scale * global_scale), element for element the same
-float32 operations as :func:`lowbit.runtime_ext.reference.decode_weight` (bit-exact); matmul and
+float32 operations as :func:`lowbit.runtime_ext.reference.decode_weight` (bit-exact; FP8 blocks of
+mixed weights: E4M3 table * fp8_scale); FgmpActQuant's fallback is bit-exact too (FP8 rounding via
+QuantizeLinear to FLOAT8E4M3FN, E2M1 rounding by Round on its three grid spacings); matmul and
 norm results differ from the native kernels only by float32 summation order.
 Assumes: the model's default-domain opset is >= 18 (ReduceMax/ReduceMean take axes as an input,
-BitwiseAnd exists); the functions import exactly that opset, as the ONNX checker requires.
+BitwiseAnd exists; FgmpActQuant needs >= 19 for FP8); the functions import exactly that opset, as
+the ONNX checker requires.
 """
 
 from __future__ import annotations
