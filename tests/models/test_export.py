@@ -7,7 +7,7 @@ epsilon of 1.2e-7, i.e. ~5e-6 at |40|, and 30 layers of reordered sums amplify t
 two orders of magnitude. Measured: max abs diff 7.4e-05 over 2 x 256 x 49152 logits. We allow
 1e-3 absolute (13x the measurement, still far below a change of the predicted token: the argmax
 is also asserted to agree almost everywhere) and 0.5% on perplexity (the issue's bound; measured
-15.7219 vs 15.7219).
+15.7219 vs 15.7219 on 8 windows).
 """
 
 from __future__ import annotations
@@ -66,18 +66,19 @@ def test_smollm2_logits_match_torch(smollm2_export, torch_smollm2, eval_windows)
 
 
 def test_smollm2_perplexity_matches_torch(smollm2_export, torch_smollm2, eval_windows):
-    ort = evaluate.perplexity(smollm2_export, eval_windows, progress=False)
+    windows = eval_windows[:4]  # 4 x 512 keeps the torch reference under a minute on 2 cores
+    ort = evaluate.perplexity(smollm2_export, windows, progress=False)
     nll = 0.0
-    for row in eval_windows:
+    for row in windows:
         logits = _torch_logits(torch_smollm2, row[None, :])[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll -= logp[np.arange(len(row) - 1), row[1:]].sum()
     torch_ppl = float(np.exp(nll / ort.tokens))
     print(f"ppl ORT {ort.ppl:.4f} vs torch {torch_ppl:.4f} on {ort.windows} windows, {ort.tokens} tokens")
-    assert ort.tokens == 8 * 511
+    assert ort.tokens == 4 * 511
     assert abs(ort.ppl / torch_ppl - 1) < 0.005
-    assert 10 < ort.ppl < 25  # an instruct 135M model on Python docs: measured 15.72
+    assert 10 < ort.ppl < 25  # an instruct 135M model on Python docs: 15.72 on 8 windows
 
 
 def test_dynamo_export_loads_in_optimum(smollm2_export, eval_windows):
