@@ -24,7 +24,13 @@ template <typename Par>
 void GemmF32Impl(Par&& par, const Kernels& kern, const float* A, int64_t M, const Weight& w,
                  float* Y) {
   const int64_t K = w.K, N = w.N, MB = (M + kMR - 1) / kMR, Mpad = MB * kMR;
-  std::vector<float> apack(static_cast<size_t>(Mpad * K), 0.0f);
+  // Reused across calls (per calling thread): a fresh multi-MB buffer per call would be
+  // mmap'ed and page-faulted in every time.
+  // The lambdas below run on pool threads: they must use this thread's buffer through a local
+  // reference (naming the thread_local there would pick the worker's own, empty, instance).
+  thread_local std::vector<float> apack_buffer;
+  std::vector<float>& apack = apack_buffer;
+  apack.assign(static_cast<size_t>(Mpad * K), 0.0f);
   par(static_cast<size_t>(MB), size_t(1), [&](size_t b0, size_t b1) {
     std::vector<float> row(static_cast<size_t>(K));
     for (int64_t mb = int64_t(b0); mb < int64_t(b1); ++mb)

@@ -325,12 +325,16 @@ LB_AVX2 void DecodeRowsAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t k0,
     const int64_t n = n0 + r;
     const uint8_t* row = w.codes + n * (w.K / 2);
     float* o = out + r * ldo - k0;
+    // Block index of k and of k + 16, advanced without a division per chunk.
+    int64_t b = k0 / w.block, next = (b + 1) * w.block;
     for (int64_t k = k0; k < k32; k += 32) {
       Floats32(row + k / 2, t, v0, v1, v2, v3);
       // value * s == int_value * (mult * s) exactly: mult is a power of two. k..k+15 lie in
-      // block k / block, k+16..k+31 in block (k + 16) / block.
-      const __m256 s0 = _mm256_set1_ps(w.Scale(n, k / w.block) * mult);
-      const __m256 s1 = _mm256_set1_ps(w.Scale(n, (k + 16) / w.block) * mult);
+      // block b, k+16..k+31 in block b or b + 1 (block 16).
+      if (k >= next) ++b, next += w.block;
+      const __m256 s0 = _mm256_set1_ps(w.Scale(n, b) * mult);
+      if (k + 16 >= next) ++b, next += w.block;
+      const __m256 s1 = _mm256_set1_ps(w.Scale(n, b) * mult);
       _mm256_storeu_ps(o + k, _mm256_mul_ps(v0, s0));
       _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(v1, s0));
       _mm256_storeu_ps(o + k + 16, _mm256_mul_ps(v2, s1));

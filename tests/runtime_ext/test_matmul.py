@@ -68,6 +68,7 @@ def test_decode_is_bit_exact(lb, fmt, block, scale_dtype, native):
 CASES = [  # (fmt, block, scale_dtype, act_mode, M, K, N)
     ("dint4", 32, "float32", "float32", 1, 576, 40),
     ("dint4", 32, "float32", "float32", 5, 576, 40),
+    ("dint4", 32, "float32", "float32", 48, 64, 20),  # 3 row panels: GEMM tasks on pool threads
     ("nvfp4", 16, "uint8", "float32", 1, 80, 33),  # K % 32 == 16: scalar tail chunk
     ("nvfp4", 16, "uint8", "float32", 17, 80, 33),
     ("int4", 96, "float32", "float32", 2, 192, 7),
