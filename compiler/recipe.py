@@ -122,7 +122,7 @@ class SmoothSpec:
 @dataclass(frozen=True)
 class ReorderSpec:
     clusters: int = _doc("RPTQ: K-means clusters of channels by calibrated (min, max) per site input; 0 = off", 0)
-    feeders: tuple[str, ...] = _doc("inputs to cluster, by producer kind: norm (Gather + permuted gamma), gated_linear (permuted gate/up columns), attention_v (per-cluster scales only: GQA heads pin channel order)", FEEDER_KINDS)
+    feeders: tuple[str, ...] = _doc("inputs to reorder, by producer kind: norm (Gather + permuted gamma), gated_linear (permuted gate/up columns); every other quantized input gets per-cluster ranges without reordering", FEEDER_KINDS)
 
     def __post_init__(self) -> None:
         _require(self.clusters >= 0, "reorder.clusters", "must be >= 0")

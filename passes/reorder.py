@@ -14,6 +14,9 @@ Per foldable input group (:mod:`lowbit.passes.folding`):
   permuted together -- no Gather at all.
 - ``attention_v`` feeder (o_proj): channels stay in place (GQA query heads share v channels and a
   head's channels cannot leave it), only the per-cluster ranges are used.
+- any other input (a tied lm_head, post-LN BERT norms that also feed the residual, feeders not
+  in ``reorder.feeders``): clustered and given per-cluster ranges, but not reordered -- a QDQ scale
+  vector needs no contiguity; only a kernel that splits the matmul by cluster would.
 
 Guarantees: ``ctx.get("act_clusters")[input name]`` is the cluster label of every channel (after
 reordering, non-decreasing for permuted inputs); QDQ emission then uses one range per cluster
@@ -83,15 +86,16 @@ class ReorderPass(ir.passes.InPlacePass):
         gathers, permuted, widest = 0, 0, (-1.0, None)
         for group in self.ctx.sites.input_groups():
             target = fold_target(group, spec.feeders)
-            key = group[0].name
-            if isinstance(target, str):
-                report["groups"][key] = {"reordered": False, "reason": target}
+            key, name = group[0].name, group[0].input.name
+            if name not in stats.by_value:
+                report["groups"][key] = {"reordered": False, "reason": "no calibrated range"}
                 continue
-            name = target.input.name
             lo, hi = stats[name].min.copy(), stats[name].max.copy()
             labels = cluster_channels(lo, hi, spec.clusters)
-            entry = {"feeder": target.kind, "clusters": int(labels.max() + 1)}
-            if target.kind in ("norm", "gated_linear"):
+            entry = {"feeder": group[0].feeder.kind if group[0].feeder else "other", "clusters": int(labels.max() + 1)}
+            if isinstance(target, str):
+                entry["reason"] = f"per-cluster ranges only, not reordered: {target}"
+            if not isinstance(target, str) and target.kind in ("norm", "gated_linear"):
                 perm = np.argsort(labels, kind="stable")
                 if target.kind == "norm":
                     _insert_gather(model.graph, target.norm, perm, key)
@@ -106,7 +110,7 @@ class ReorderPass(ir.passes.InPlacePass):
                     widest = (spread, (key, lo, hi, labels, perm))
             else:
                 labels_after = labels
-            entry["reordered"] = target.kind != "attention_v"
+            entry["reordered"] = not isinstance(target, str) and target.kind != "attention_v"
             clusters[name] = labels_after
             report["groups"][key] = entry
         self.ctx.put("act_clusters", clusters)
