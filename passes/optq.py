@@ -87,7 +87,7 @@ def optq_round(w_kn: np.ndarray, hessian: np.ndarray, fmt: str, block: int | Non
 
 def _proxy_error(w_kn: np.ndarray, q_kn: np.ndarray, h: np.ndarray) -> float:
     d = (w_kn - q_kn).astype(np.float64)
-    return float(np.einsum("kn,kl,ln->", d, h, d))
+    return float(np.sum(d * (h @ d)))  # tr(D^T H D) as one matrix product
 
 
 class OptqPass(ir.passes.InPlacePass):
