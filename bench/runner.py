@@ -77,7 +77,10 @@ def machine_line() -> str:
     versions = ", ".join(
         f"{d} {_version(d)}" for d in ("onnxruntime", "onnx", "torch", "transformers", "optimum-onnx")
     )
-    return f"{cpu}, {os.cpu_count()} cores, {now}; Python {platform.python_version()}, {versions}"
+    # Shared machines: the load at start says how much the timings were contended.
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, {now}, load average at start {load}; "
+            f"Python {platform.python_version()}, {versions}")
 
 
 def _resolve_section(name: str) -> Callable | None:
