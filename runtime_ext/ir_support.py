@@ -1,0 +1,59 @@
+"""onnx_ir counterparts of the node builders, for compiler passes that edit ``ir.Model``s.
+
+``matmul_node_ir`` / ``gather_node_ir`` build ``ir.Node``s (attributes and ``overload`` exactly as
+the onnx.helper builders in :mod:`lowbit.runtime_ext.nodes` write them); ``attach_functions_ir``
+adds the fallback functions of every lowbit node of the main graph and the ``lowbit`` opset.
+Guarantees: a model built either way serializes to the same nodes and functions.
+"""
+
+from __future__ import annotations
+
+__all__ = ["matmul_node_ir", "gather_node_ir", "attach_functions_ir"]
+
+import onnx_ir as ir
+
+from lowbit.errors import LowbitError
+from lowbit.runtime_ext import nodes
+from lowbit.runtime_ext.specs import GatherSpec, MatMulSpec
+
+
+def matmul_node_ir(a: ir.Value, codes: ir.Value, scales: ir.Value, global_scale: ir.Value,
+                   spec: MatMulSpec, *, act_scale: ir.Value | None = None,
+                   fp8: tuple[ir.Value, ir.Value, ir.Value] | None = None,
+                   name: str | None = None) -> ir.Node:
+    """``MatMulLowbit``; its output is ``node.outputs[0]`` (see nodes.make_matmul_node)."""
+    proto = nodes.make_matmul_node("a", "c", "s", "g", "y", spec,
+                                   act_scale="x" if act_scale is not None else None,
+                                   fp8=("m", "fc", "fs") if fp8 is not None else None)
+    inputs: list[ir.Value | None] = [a, codes, scales, global_scale]
+    if act_scale is not None:
+        inputs.append(act_scale)
+    if fp8 is not None:
+        inputs += [None, *fp8]
+    return _node(proto, inputs, name)
+
+
+def gather_node_ir(table: ir.Value, scales: ir.Value, global_scale: ir.Value,
+                   indices: ir.Value, spec: GatherSpec, *, name: str | None = None) -> ir.Node:
+    """``GatherLowbit``; its output is ``node.outputs[0]``."""
+    proto = nodes.make_gather_node("t", "s", "g", "i", "y", spec)
+    return _node(proto, [table, scales, global_scale, indices], name)
+
+
+def _node(proto, inputs, name: str | None) -> ir.Node:
+    attrs = [ir.serde.deserialize_attribute(a) for a in proto.attribute]
+    return ir.Node(proto.domain, proto.op_type, inputs, attrs, overload=proto.overload,
+                   num_outputs=1, name=name)
+
+
+def attach_functions_ir(model: ir.Model) -> ir.Model:
+    """Add fallbacks for the main graph's lowbit nodes and the ``lowbit`` opset (in place)."""
+    opset = model.opset_imports.get("")
+    if opset is None:
+        raise LowbitError("model has no default-domain opset import")
+    lowbit_nodes = [ir.serde.serialize_node(n) for n in model.graph if n.domain == nodes.DOMAIN]
+    for proto in nodes.function_protos(lowbit_nodes, opset):
+        fn = ir.serde.deserialize_function(proto)
+        model.functions[fn.identifier()] = fn
+    model.opset_imports.setdefault(nodes.DOMAIN, 1)
+    return model
