@@ -25,6 +25,7 @@ void QuantizeRowI8(const float* a, int8_t* q, int64_t K, float scale) {
   for (int64_t k = 0; k < K; ++k) {
     float v = std::nearbyint(a[k] / scale);
     v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+    if (v != v) v = 0.f;  // NaN activations quantize to 0 (a defined int8, never UB)
     q[k] = static_cast<int8_t>(v);
   }
 }
