@@ -14,6 +14,7 @@ Runtime ``MatMulNBitsQuantizer`` 4-bit RTN. lowbit's recipes register themselves
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,3 +145,8 @@ register(Contender(
     _ort_w4_rtn,
     frozenset({"causal-lm"}),
 ))
+
+# lowbit's own recipes register themselves after the peers (bench/lowbit_contenders.py, owned by
+# the compiler side); the import is skipped while that module does not exist.
+if importlib.util.find_spec("lowbit.bench.lowbit_contenders") is not None:
+    import lowbit.bench.lowbit_contenders  # noqa: E402,F401
