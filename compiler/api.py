@@ -82,8 +82,11 @@ def _calibration(arg: Any, source: _Source, recipe: Recipe) -> CalibrationData |
     if isinstance(arg, CalibrationData):
         return arg
     if arg is not None and not isinstance(arg, (str, Path)):
-        windows = [np.asarray(w, np.int64).reshape(-1) for w in arg]
-        return CalibrationData(windows, source="given token windows")
+        windows = [np.asarray(w, np.int64) for w in arg]  # 1-D windows or [batch, seq]
+        cal, length = recipe.calibration, windows[0].shape[-1] if windows else 0
+        # SLAC probes: prefixes of the same windows, i.e. the same text with a shorter context
+        probes = {n: [w[..., :n] for w in windows[: cal.slac_windows]] for n in cal.slac_lengths if n < length}
+        return CalibrationData(windows, {n: p for n, p in probes.items() if p}, source="given token windows")
     if recipe.activations.format == "none":
         return None
     if source.directory is None:

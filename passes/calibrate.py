@@ -132,7 +132,7 @@ class CalibratePass(ir.passes.InPlacePass):
         pct = spec.percentile if spec.range == "percentile" else None
         taps = calibration_taps(self.ctx)
         session = _TappedSession(model, taps)
-        stats = ActivationStats(seq_len=int(len(data.windows[0])))
+        stats = ActivationStats(seq_len=int(np.shape(data.windows[0])[-1]))
         for ids in tqdm(data.windows, desc="calibrating", unit="window", leave=False):
             for name, x in session.run(ids).items():
                 if x.dtype != np.float32 or x.ndim == 0:

@@ -5,7 +5,7 @@ similar). Guarantees, function-preserving (verified numerically in tests on both
 forms; differences are float32 rounding of the fused reciprocal only):
 
 1. large ``Constant`` nodes become initializers (weights are then visible as initializers);
-2. small constant subexpressions are folded (onnxscript's folder; inputs above
+2. types are inferred, then small constant subexpressions and no-op Casts are folded (onnxscript's folder; inputs above
    ``fold_size_limit`` elements are never folded, so weight Transposes, e.g. a tied lm_head, stay
    as they are and the initializer is not duplicated);
 3. decomposed RMSNorm / LayerNorm chains become single norm nodes (``norm_fusion``);
@@ -47,7 +47,11 @@ def canonicalize_passes(*, fold_size_limit: int = 8192, shape_inference: bool = 
     """The canonicalization sequence as separate passes (so each is timed and verified)."""
     passes: list[ir.passes.PassBase] = [
         LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
+        # types first: the folder drops no-op Casts (optimum's float->float around norms) only
+        # when it knows the input dtype
+        ShapeInferencePass(strict_mode=False),
         FoldConstants(fold_size_limit),
+        RemoveUnusedNodesPass(),  # dead Identity left by folded Casts would block the fusion
         FuseNormsPass(),
         RemoveUnusedNodesPass(),
         RemoveUnusedOpsetsPass(),

@@ -144,6 +144,11 @@ class LinearSiteMap:
 
     def site_of_output(self, value: ir.Value) -> LinearSite | None:
         node = _walk_up(value)
+        if node is not None and node.op_type == "Concat":
+            # KV cache: concat(past, new) along the sequence axis; the past came from this same
+            # projection at earlier steps, so channels still map one to one
+            found = [s for s in map(self.site_of_output, node.inputs) if s is not None]
+            return found[0] if len(found) == 1 else None
         return self.by_node.get(id(node)) if node is not None else None
 
     def _feeder(self, site: LinearSite) -> Feeder:

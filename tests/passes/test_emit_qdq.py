@@ -120,3 +120,20 @@ def test_ensure_opset_raises_model_and_functions():
     assert model.opset_imports[""] == 21 and model.ir_version == 10
     assert all(f.opset_imports[""] == 21 for f in model.functions.values())
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_int8_weights_become_uint8_with_zero_point_128_beside_uint8_activations(token_windows):
+    import lowbit
+
+    model = tiny_decoder(norm="rms", norm_form="fused")
+    originals = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    result = lowbit.compile(model, "w8a8", calibration=token_windows)
+    graph = result.model.graph
+    site = "layers.0.mlp.up_proj"
+    codes = graph.initializers[f"{site}.q"].const_value
+    zero_point = graph.initializers[f"{site}.zero_point"].const_value.numpy()
+    scale = graph.initializers[f"{site}.scale"].const_value.numpy()
+    assert codes.dtype == ir.DataType.UINT8 and set(np.unique(zero_point)) == {128}
+    decoded = (codes.numpy().astype(np.float32) - 128) * scale
+    want = formats.fake_quantize(originals[f"{site}.weight"], "int8", axis=0)
+    np.testing.assert_array_equal(decoded, want)

@@ -1,0 +1,43 @@
+"""lowbit's recipes as bench contenders, built from the same FP32 export and calibration data
+as every other contender of the run (imported by ``bench/contenders.py``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lowbit.bench.contenders import BuildContext, Contender, register
+
+__all__ = ["RECIPES", "lowbit_contender"]
+
+# (recipe, weight grid as it ends up, model kinds). Order = table order.
+RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("w8a8", "int8 per-channel symmetric; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
+    ("w8", "int8 per-channel symmetric, weight-only", frozenset({"causal-lm", "encoder"})),
+    ("fp8", "FP8 E4M3 per-channel scales; FP8 per-tensor activations", frozenset({"causal-lm"})),
+    ("nvfp4", "NVFP4 (E2M1, blocks of 16, E4M3 + FP32 scales); FP8 activations", frozenset({"causal-lm"})),
+    ("w4a8-int4", "int4 symmetric, blocks of 32; uint8 per-tensor activations", frozenset({"causal-lm"})),
+    ("w4a8-dint4", "dINT4 symmetric, blocks of 32; uint8 per-tensor activations", frozenset({"causal-lm"})),
+)
+
+
+def _calibration(ctx: BuildContext) -> list:
+    if ctx.windows is not None:
+        return list(ctx.windows)
+    return [feed["input_ids"] for feed in ctx.feeds]  # encoders: the padded token batches
+
+
+def lowbit_contender(recipe: str, grid: str, kinds: frozenset[str]) -> Contender:
+    def build(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
+        from lowbit.compiler.api import compile
+
+        start = time.perf_counter()
+        result = compile(fp32_dir, recipe, calibration=_calibration(ctx))
+        out = result.save(ctx.work_dir / "model")
+        return out / "model.onnx", time.perf_counter() - start
+
+    return Contender(f"lowbit-{recipe}", f"lowbit compile --recipe {recipe} (qdq target)", grid, build, kinds)
+
+
+for _recipe, _grid, _kinds in RECIPES:
+    register(lowbit_contender(_recipe, _grid, _kinds))
