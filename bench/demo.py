@@ -1,0 +1,31 @@
+"""``lowbit demo`` (what ``make demo`` runs): export SmolLM2-135M, compile it with the default
+recipe, and evaluate FP32 vs lowbit vs ONNX Runtime's own 4-bit quantizer side by side on the
+same windows -- the bench's SmolLM2 section, restricted to those three contenders."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["DEFAULT_RECIPE", "add_arguments", "run"]
+
+DEFAULT_RECIPE = "w4a8-dint4"  # the best W4A8 recipe: see bench/RESULTS.md
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"lowbit recipe to demo (default {DEFAULT_RECIPE})")
+    parser.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens (default 4)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.bench.contenders import CONTENDERS
+    from lowbit.bench.runner import BenchConfig, smollm2_section
+    from lowbit.errors import LowbitError
+
+    name = f"lowbit-{args.recipe}"
+    if name not in CONTENDERS:
+        known = ", ".join(c.removeprefix("lowbit-") for c in CONTENDERS if c.startswith("lowbit-"))
+        raise LowbitError(f"demo: no bench contender for recipe {args.recipe!r} (known: {known})")
+    cfg = BenchConfig(eval_windows=args.windows, calib_windows=8, contenders=("fp32", name, "ort-w4-rtn"))
+    print("lowbit demo: SmolLM2-135M export -> compile -> evaluate (first run exports, ~1-2 min)", flush=True)
+    print(smollm2_section(cfg))
+    return 0
