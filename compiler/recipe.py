@@ -19,6 +19,7 @@ __all__ = [
     "ActivationSpec",
     "CalibrationSpec",
     "KVCacheSpec",
+    "OrtCpuSpec",
     "PrecisionSpec",
     "ReorderSpec",
     "RoundingSpec",
@@ -39,7 +40,7 @@ WEIGHT_FORMATS = (
     "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "mxfp8", "none",
 )  # fmt: skip
 ACTIVATION_FORMATS = ("int8", "int4", "fp8_e4m3", "none")  # int4: symmetric only
-TARGETS = ("qdq", "qdq-fp4")
+TARGETS = ("qdq", "qdq-fp4", "ort-cpu")
 
 
 def _doc(text: str, default: Any) -> Any:
@@ -174,10 +175,16 @@ class PrecisionSpec:
 
 
 @dataclass(frozen=True)
+class OrtCpuSpec:
+    embeddings: bool = _doc("target ort-cpu: store the token-embedding table in packed 4 bits (GatherLowbit, weights.format); a tied lm_head shares the table", False)
+    dynamic_activations: bool = _doc("target ort-cpu: 4-bit sites with float inputs quantize them to int8 per row at run time (W4A8 kernels; faster decode, no longer equal to the qdq model)", False)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = _doc("recipe name (file stem)", "custom")
     description: str = _doc("one line shown by `lowbit recipes`", "")
-    target: str = _doc("emission target: qdq (standard ONNX, exact in ORT CPU) | qdq-fp4 (FLOAT4E2M1 + FP8 scales)", "qdq")
+    target: str = _doc("emission target: qdq (standard ONNX, exact in ORT CPU) | qdq-fp4 (FLOAT4E2M1 + FP8 scales) | ort-cpu (packed 4-bit weights in lowbit custom ops, ONNX function fallbacks)", "qdq")
     weights: WeightSpec = field(default_factory=WeightSpec, metadata={"doc": "weight quantization"})
     activations: ActivationSpec = field(default_factory=ActivationSpec, metadata={"doc": "activation quantization"})
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec, metadata={"doc": "calibration (SLAC)"})
@@ -187,6 +194,7 @@ class Recipe:
     rounding: RoundingSpec = field(default_factory=RoundingSpec, metadata={"doc": "weight rounding (RTN, OPTQ)"})
     kv: KVCacheSpec = field(default_factory=KVCacheSpec, metadata={"doc": "KV (attention K/V input) quantization"})
     precision: PrecisionSpec = field(default_factory=PrecisionSpec, metadata={"doc": "FGMP mixed NVFP4/FP8 weight blocks"})
+    ort_cpu: OrtCpuSpec = field(default_factory=OrtCpuSpec, metadata={"doc": "target ort-cpu lowering options"})
 
     def __post_init__(self) -> None:
         _require(self.target in TARGETS, "target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
@@ -232,7 +240,7 @@ def _coerce(value: Any, ftype: str, key: str) -> Any:
 
 _SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec, "sites": SiteSpec,
              "smooth": SmoothSpec, "reorder": ReorderSpec, "rounding": RoundingSpec, "kv": KVCacheSpec,
-             "precision": PrecisionSpec}
+             "precision": PrecisionSpec, "ort_cpu": OrtCpuSpec}
 
 
 def available_recipes() -> dict[str, Path]:
