@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["run", "measure"]
+__all__ = ["run", "measure", "measure_variants", "plot", "to_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,44 @@ def measure(fractions=FRACTIONS, strategies=STRATEGIES, n_windows: int = 8, seq_
             "total_blocks": a.total_blocks, "prepare_seconds": prep_s, "windows": f"{n_windows} x {seq_len}"}  # fmt: skip
 
 
+def measure_variants(n_windows: int = 8, seq_len: int = 512, work_root: Path | None = None) -> list[dict]:
+    """End-to-end ``lowbit.compile`` rows on the same windows: the recipe as shipped (FGMP 30%,
+    checks the bench's fake-quant shortcut), NVFP4 clipping by plain absmax (all-NVFP4 and FGMP
+    30%: what the Fisher-weighted clip search buys) and runtime FGMP activations (FgmpActQuant,
+    30% FP8 token-blocks, function fallback) instead of FP8 per-tensor static activations."""
+    from lowbit.compiler.api import compile as lowbit_compile
+    from lowbit.models.data import calibration_windows, evaluation_windows
+    from lowbit.models.evaluate import perplexity
+    from lowbit.models.export import export_model
+    from lowbit.models.registry import load_tokenizer
+
+    export_dir = export_model("smollm2-135m")
+    tok = load_tokenizer(export_dir)
+    calib = list(calibration_windows(tok, seq_len, n_windows))
+    evalw = evaluation_windows(tok, seq_len, n_windows)
+    variants = [
+        ("fgmp-0.3 (lowbit.compile)", []),
+        ("all-nvfp4, absmax clip", ["precision.clip=absmax", "precision.fp8_fraction=0.0"]),
+        ("fgmp-0.3, absmax clip", ["precision.clip=absmax"]),
+        ("fgmp-0.3, runtime FGMP activations 30%", ["activations.format=none", "precision.activations=runtime"]),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fgmp-variants-", dir=work_root) as tmp:
+        for i, (label, overrides) in enumerate(variants):
+            t0 = time.perf_counter()
+            compiled = lowbit_compile(export_dir, "fgmp-nvfp4-fp8", calibration=calib, overrides=overrides)
+            path = compiled.save(Path(tmp) / f"v{i}.onnx")
+            seconds = time.perf_counter() - t0
+            ppl = perplexity(path, evalw, session_options=_session_options(), progress=False).ppl
+            rep = compiled.report["precision"]
+            row = {"label": label, "overrides": overrides, "fp8_fraction": rep["fp8_fraction"],
+                   "avg_bits": rep["avg_bits"], "ppl": ppl, "compile_seconds": seconds,
+                   "activations": rep.get("activations")}  # fmt: skip
+            log.info("%s", row)
+            rows.append(row)
+    return rows
+
+
 def plot(result: dict, out_dir: Path = BENCH_DIR) -> tuple[Path, Path]:
     """(per-layer FP8 fraction bar chart, Pareto ppl-vs-bits plot) as PNG files."""
     import matplotlib
@@ -200,12 +238,18 @@ def to_markdown(result: dict, pngs: tuple[Path, Path]) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['label']} | {r['fp8_fraction']:.4f} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {r['ppl'] / fp8:.4f} |")
+    if result.get("variants"):
+        lines += ["", "End-to-end `lowbit compile --recipe fgmp-nvfp4-fp8` variants (same windows):", "",
+                  "| variant | FP8 blocks | avg bits | perplexity | x all-FP8 |", "|---|---|---|---|---|"]
+        for r in result["variants"]:
+            lines.append(f"| {r['label']} | {r['fp8_fraction']:.4f} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {r['ppl'] / fp8:.4f} |")
     lines += ["", f"![FP8 blocks per layer]({pngs[0].name})  ![Pareto]({pngs[1].name})", ""]
     return "\n".join(lines)
 
 
 def run() -> str:
     result = measure()
+    result["variants"] = measure_variants()
     return to_markdown(result, plot(result))
 
 
