@@ -182,6 +182,8 @@ class EmitQDQPass(ir.passes.InPlacePass):
         stats = self.ctx.get("activation_stats") if aspec.format != "none" else None
         graph, count = model.graph, 0
         site_report = self.ctx.report["sites"]
+        for name, why in self.ctx.sites.skipped.items():  # never silently: the report lists them
+            site_report[name] = {"quantized": False, "reason": why}
         for group in self.ctx.sites.input_groups():
             chosen = [s for s in group if not self._excluded(s)]
             for s in group:

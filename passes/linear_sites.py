@@ -125,8 +125,9 @@ def _walk_up(value: ir.Value) -> ir.Node | None:
 class LinearSiteMap:
     """All linear sites of a graph, by node and by activation input."""
 
-    def __init__(self, sites: list[LinearSite]) -> None:
+    def __init__(self, sites: list[LinearSite], skipped: dict[str, str] | None = None) -> None:
         self.sites = sites
+        self.skipped = skipped or {}  # MatMul/Gemm with a constant weight we cannot treat: why
         self.by_node = {id(s.node): s for s in sites}
         self.groups: dict[int, list[LinearSite]] = {}
         for s in sites:
@@ -176,6 +177,7 @@ class LinearSiteMap:
 def find_linear_sites(graph: ir.Graph) -> LinearSiteMap:
     """Scan the main graph (subgraphs and functions are not visited) for linear sites."""
     sites: list[LinearSite] = []
+    skipped: dict[str, str] = {}
     for node in graph:
         if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
@@ -184,13 +186,13 @@ def find_linear_sites(graph: ir.Graph) -> LinearSiteMap:
             continue
         weight, path = traced
         axis = _reduction_axis(node, weight, path)
-        if axis is None:
-            logger.debug("site %s skipped: weight %s is not a 2-D matrix", node.name, weight.name)
-            continue
-        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        if axis is None or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
+            why = "transposed A operand" if axis is not None else "weight is not a 2-D matrix (or is reshaped)"
+            skipped[site_name(node, weight)] = why
+            logger.debug("site %s skipped: %s", node.name, why)
             continue
         sites.append(LinearSite(node, weight, path, axis, name=site_name(node, weight)))
-    site_map = LinearSiteMap(sites)
+    site_map = LinearSiteMap(sites, skipped)
     for group in site_map.input_groups():
         for s in group:
             s.siblings = [o for o in group if o is not s]

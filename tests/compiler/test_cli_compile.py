@@ -91,3 +91,15 @@ def test_nan_weights_are_rejected(tmp_path):
     _assert_user_error(lowbit("compile", str(path), "-o", str(tmp_path / "o.onnx"), "-r", "w8"),
                        "weight layers.0.mlp.up_proj has 3 NaN/Inf values")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.onnx"]
+
+
+def test_dump_dir_saves_the_model_after_every_pass(tiny_onnx, tmp_path):
+    dumps = tmp_path / "dumps"
+    proc = lowbit("compile", str(tiny_onnx), "-o", str(tmp_path / "o.onnx"), "-r", "w8", "--dump-dir", str(dumps))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    names = sorted(p.name for p in dumps.glob("*.onnx"))
+    assert len(names) == len(report["passes"]) and names[0].startswith("00_")
+    fused = [n for n in names if "FuseNormsPass" in n][0]
+    ops = {n.op_type for n in onnx.load(str(dumps / fused)).graph.node}
+    assert "RMSNormalization" in ops and "Pow" not in ops

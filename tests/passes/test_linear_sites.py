@@ -24,3 +24,23 @@ def test_sites_feeders_and_siblings(form):
     head = sites["embed_tokens"]  # tied lm_head: MatMul(h, Transpose(embed_tokens.weight))
     assert head.reduction_axis == 1 and head.weight_path[0].op_type == "Transpose"
     assert head.feeder.kind == "norm" and not head.siblings
+
+
+def test_constant_weight_matmul_that_cannot_be_quantized_is_reported(tmp_path):
+    import numpy as np
+    import onnx_ir as ir
+
+    import lowbit
+
+    model = tiny_decoder(norm="rms", norm_form="fused")
+    graph = model.graph
+    logits = graph.outputs[0]
+    w3 = ir.Value(name="w3d", const_value=ir.tensor(np.ones((2, 64, 4), np.float32), name="w3d"))
+    graph.register_initializer(w3)
+    node = ir.node("MatMul", [logits, w3], name="/odd_head/MatMul")  # batched 3-D weight
+    graph.append(node)
+    node.outputs[0].name = "odd"
+    graph.outputs.append(node.outputs[0])
+    result = lowbit.compile(model, "w8")
+    assert result.report["sites"]["odd_head"] == {"quantized": False, "reason": "weight is not a 2-D matrix (or is reshaped)"}
+    assert sum(s["quantized"] for s in result.report["sites"].values()) == 15
