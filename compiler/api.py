@@ -134,13 +134,16 @@ class CompiledModel:
         self.saved_to = path
         return path
 
-    def evaluate(self, **kwargs: Any) -> dict[str, Any]:
-        """Perplexity / cosine of the saved model (save first) with lowbit.models.evaluate."""
+    def evaluate(self, **options: Any) -> dict[str, Any]:
+        """Measure the saved model as ``lowbit eval`` does (options: ``EvalOptions`` fields);
+        the baseline defaults to the FP32 model it was compiled from."""
         if self.saved_to is None:
             raise LowbitError("save the compiled model before evaluating it")
         from lowbit.models.cli_eval import evaluate_saved
 
-        return evaluate_saved(self.saved_to, **kwargs)
+        if self.source_dir is not None:
+            options.setdefault("baseline", str(self.source_dir / "model.onnx"))
+        return evaluate_saved(self.saved_to, **options)
 
 
 def _write_onnx(model: ir.Model, path: Path) -> None:

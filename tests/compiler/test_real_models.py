@@ -74,6 +74,9 @@ def test_w8a8_qdq_on_smollm2_is_valid_and_accurate(smollm2_export, calib_windows
     assert [r["seq_len"] for r in result.report["slac"]] == [64, 128, 256, 512]
     fp32 = perplexity(smollm2_export / "model.onnx", eval_windows[:2]).ppl
     ppl = perplexity(out / "model.onnx", eval_windows[:2]).ppl
+    measured = result.evaluate(windows=2, latency=False)  # the API's own path, baseline = source
+    assert measured["model"]["perplexity"]["ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert measured["ppl_ratio"] == pytest.approx(ppl / fp32, rel=1e-6)
     # per-tensor W8A8 without smoothing measured ~25.8 here (FP32 ~15); ORT quantize_static ~61
     # on the bench windows. 2x FP32 catches any broken site while allowing the known outlier loss.
     assert fp32 < ppl < 2.0 * fp32
