@@ -29,6 +29,7 @@ from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.fgmp_act import FgmpActivationsPass
 from lowbit.passes.kv_quant import KvQuantPass
 from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.passes.lower_ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass
 from lowbit.passes.optq import OptqPass
 from lowbit.passes.precision import AssignPrecisionPass
 from lowbit.passes.reorder import ReorderPass
@@ -136,9 +137,14 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
         steps.append((AssignPrecisionPass(ctx), True))
         if recipe.precision.activations == "runtime":
             steps.append((FgmpActivationsPass(ctx), False))
+    ort_cpu = recipe.target == "ort-cpu"
+    if ort_cpu:  # analysis only: embedding tables and their tied sites, before emission unties them
+        steps.append((FindEmbeddingsPass(ctx), True))
     steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only
     if fgmp:
         steps.append((EmitMixedWeightsPass(ctx), False))
+    if ort_cpu:  # 4-bit QDQ weight sites -> lowbit custom ops with packed weights
+        steps.append((LowerOrtCpuPass(ctx), False))
     steps.append((RemoveUnusedNodesPass(), True))  # the float weights the codes replaced
     return steps
 

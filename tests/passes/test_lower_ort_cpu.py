@@ -1,0 +1,230 @@
+"""Target ort-cpu: 4-bit QDQ sites lowered to lowbit.MatMulLowbit / GatherLowbit.
+
+The packed weights must decode to lowbit.formats' values bit for bit; the lowered model must equal
+the qdq model (executed as written, ORT_ENABLE_BASIC: no MatMulNBits int8 fusion) up to float32
+summation order, with the native library and through the ONNX function fallbacks.
+"""
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import lowbit
+from lowbit import formats
+from lowbit import runtime_ext as rx
+from lowbit.compiler.context import CompileContext
+from lowbit.compiler.pipeline import build_pipeline
+from lowbit.compiler.recipe import load_recipe
+from lowbit.errors import LowbitError
+from lowbit.models.synthetic import tiny_decoder
+from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.passes.lower_ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass, read_weight_encoding
+from lowbit.runtime_ext.reference import decode_weight
+
+IDS = (np.arange(12, dtype=np.int64) * 5 % 64)[None]
+RTOL = 1e-5  # float32 reassociation across 2 layers; a wrong code or scale moves outputs >1e-2
+
+
+@pytest.fixture(scope="module")
+def native_lib():
+    from lowbit.runtime_ext import build
+
+    return build.build()
+
+
+def _compile(overrides, target="ort-cpu", calibration=None, **tiny):
+    model = tiny_decoder(**tiny)
+    originals = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    compiled = lowbit.compile(model, "w8", target=target, calibration=calibration,
+                              overrides=overrides)
+    return compiled, originals
+
+
+def _run(model: ir.Model, *, native: bool | None, ids=IDS, basic: bool = False) -> np.ndarray:
+    """native True/False: with/without the library; None: plain ORT_ENABLE_BASIC (qdq as written).
+
+    ``basic``: ORT_ENABLE_BASIC also with the library (QDQ sites left in the graph would
+    otherwise fuse into MatMulNBits, whose int8 activations move outputs by ~1e-3)."""
+    opts = rx.session_options() if native else ort.SessionOptions()
+    if native is None or basic:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_ids": ids})[0]
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+
+
+def _ops(model: ir.Model) -> Counter:
+    return Counter(n.op_type for n in model.graph)
+
+
+def _init(model: ir.Model, value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
+
+
+@pytest.mark.parametrize("fmt,block,ffn", [("dint4", 16, 48), ("nvfp4", 16, 48), ("int4", 16, 48),
+                                           ("mxfp4", 16, 48), ("dint4", 0, 64)])
+def test_lowered_weights_decode_bit_exact_and_model_equals_qdq(native_lib, fmt, block, ffn):
+    # block 0 = one scale per output channel: the kernel block is K, so K must be 32 x n (ffn 64)
+    overrides = [f"weights.format={fmt}", f"weights.block_size={block}"]
+    compiled, originals = _compile(overrides, ffn=ffn)
+    model = compiled.model
+    lowered = [n for n in model.graph if n.op_type == "MatMulLowbit"]
+    assert len(lowered) == 15 and _ops(model)["DequantizeLinear"] == 0
+    assert compiled.report["ort_cpu"]["lowered"] == 15
+    for node in lowered:  # the MatMul weight W[K, N] the kernel decodes, vs formats
+        codes, scales, gscale = (_init(model, v) for v in node.inputs[1:4])
+        block_size = node.attributes.get_int("block_size")
+        w = decode_weight(codes, scales, gscale, fmt, block_size).T
+        name = node.name.removesuffix(".lowbit")
+        source = originals.get(f"{name}.weight")
+        if source is None:  # tied lm_head: the folded transpose of the embedding table
+            source = originals["embed_tokens.weight"].T
+        want = formats.fake_quantize(source, fmt, axis=0, block_size=block or None)
+        np.testing.assert_array_equal((w + np.float32(0)).view(np.uint32),
+                                      (want + np.float32(0)).view(np.uint32), err_msg=name)
+    qdq, _ = _compile(overrides, target="qdq", ffn=ffn)
+    reference = _run(qdq.model, native=None)
+    assert _rel(_run(model, native=True), reference) < RTOL
+    assert _rel(_run(model, native=False), reference) < RTOL
+
+
+def test_nvfp4_and_mxfp4_scales_are_stored_as_bytes(native_lib):
+    for fmt in ("nvfp4", "mxfp4"):
+        compiled, _ = _compile([f"weights.format={fmt}", "weights.block_size=16"])
+        dtypes = {n.inputs[2].const_value.dtype for n in compiled.model.graph
+                  if n.op_type == "MatMulLowbit"}
+        assert dtypes == {ir.DataType.UINT8}, fmt
+
+
+def test_block_that_does_not_divide_the_reduction_axis_stays_qdq(native_lib):
+    # ffn = 48: blocks of 32 fit the hidden axis (32) but not down_proj's 48 inputs
+    compiled, _ = _compile(["weights.format=dint4", "weights.block_size=32"])
+    kept = compiled.report["ort_cpu"]["kept_qdq"]
+    assert sorted(kept) == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+    assert _ops(compiled.model)["MatMulLowbit"] == 13
+    assert _ops(compiled.model)["DequantizeLinear"] == 2
+    qdq, _ = _compile(["weights.format=dint4", "weights.block_size=32"], target="qdq")
+    assert _rel(_run(compiled.model, native=True, basic=True), _run(qdq.model, native=None)) < RTOL
+
+
+def test_symmetric_int8_activations_fold_into_int8_static(native_lib, token_windows):
+    overrides = ["weights.format=dint4", "weights.block_size=16", "activations.format=int8",
+                 "activations.symmetric=true"]
+    compiled, _ = _compile(overrides, calibration=token_windows)
+    model = compiled.model
+    modes = Counter(n.attributes.get_string("act_mode") for n in model.graph
+                    if n.op_type == "MatMulLowbit")
+    assert modes == {"int8_static": 15}
+    ops = _ops(model)
+    assert ops["QuantizeLinear"] == 0 and ops["DequantizeLinear"] == 0
+    # the op's act_scale is the QDQ scale: inside the calibrated range (a causal prefix of a
+    # calibration window) the int8 inputs are the same and only summation order differs
+    qdq, _ = _compile(overrides, target="qdq", calibration=token_windows)
+    ids = token_windows[0][None, :12]
+    reference = _run(qdq.model, native=None, ids=ids)
+    assert _rel(_run(model, native=True, ids=ids), reference) < RTOL
+    assert _rel(_run(model, native=False, ids=ids), reference) < RTOL
+    # outside it the kernel clamps at -127 where QuantizeLinear clamps at -128 (module docs)
+    assert _rel(_run(model, native=True), _run(qdq.model, native=None)) < 0.05
+
+
+def test_asymmetric_activation_qdq_stays_and_feeds_float_mode(native_lib, token_windows):
+    overrides = ["weights.format=nvfp4", "weights.block_size=16", "activations.format=int8"]
+    compiled, _ = _compile(overrides, calibration=token_windows)
+    model = compiled.model
+    modes = {n.attributes.get_string("act_mode") for n in model.graph if n.op_type == "MatMulLowbit"}
+    assert modes == {"float32"}
+    assert _ops(model)["QuantizeLinear"] == 9  # one per input group: qkv, o, gate/up, down x 2, lm_head
+    qdq, _ = _compile(overrides, target="qdq", calibration=token_windows)
+    assert _rel(_run(model, native=True), _run(qdq.model, native=None)) < RTOL
+
+
+def test_dynamic_activations_use_int8_rows(native_lib):
+    overrides = ["weights.format=dint4", "weights.block_size=16"]
+    compiled, _ = _compile(overrides + ["ort_cpu.dynamic_activations=true"])
+    modes = {n.attributes.get_string("act_mode") for n in compiled.model.graph
+             if n.op_type == "MatMulLowbit"}
+    assert modes == {"int8_dynamic"}
+    exact, _ = _compile(overrides)
+    reference = _run(exact.model, native=True)
+    diff = _rel(_run(compiled.model, native=True), reference)
+    assert 1e-5 < diff < 0.05  # int8 rows: a real but small change
+    assert _rel(_run(compiled.model, native=False), _run(compiled.model, native=True)) < RTOL
+
+
+@pytest.mark.parametrize("vocab", [64, 512])  # 64 x 32: the folder copies the lm_head's Transpose
+def test_tied_embedding_shares_the_lm_head_table(native_lib, vocab):
+    compiled, originals = _compile(["weights.format=dint4", "weights.block_size=16",
+                                    "ort_cpu.embeddings=true"], vocab=vocab)
+    model = compiled.model
+    gather = next(n for n in model.graph if n.op_type == "GatherLowbit")
+    lm_head = next(n for n in model.graph if n.op_type == "MatMulLowbit"
+                   and n.outputs[0].name == "logits")
+    assert all(a is b for a, b in zip(gather.inputs[:3], lm_head.inputs[1:4]))
+    assert compiled.report["ort_cpu"]["embeddings"][0]["shared_with_lm_head"]
+    floats = [v for v in model.graph.initializers.values()
+              if v.const_value.dtype == ir.DataType.FLOAT and v.const_value.size >= vocab * 32]
+    assert floats == []  # the FP32 table is gone
+    table = originals["embed_tokens.weight"]
+    want = formats.fake_quantize(table, "dint4", axis=1, block_size=16)
+    got = decode_weight(*(v.const_value.numpy() for v in gather.inputs[:3]), "dint4", 16)
+    np.testing.assert_array_equal(got, want)
+    ids = (np.arange(12, dtype=np.int64) * 37 % vocab)[None]
+    assert _rel(_run(model, native=False, ids=ids), _run(model, native=True, ids=ids)) < RTOL
+
+
+def test_untied_embedding_is_encoded_on_its_own(native_lib):
+    compiled, originals = _compile(["weights.format=nvfp4", "weights.block_size=16",
+                                    "ort_cpu.embeddings=true", "sites.exclude=['*MatMul_57*']"])
+    entry = compiled.report["ort_cpu"]["embeddings"][0]
+    assert not entry["shared_with_lm_head"] and entry["op"] == "GatherLowbit nvfp4_b16_uint8"
+    gather = next(n for n in compiled.model.graph if n.op_type == "GatherLowbit")
+    got = decode_weight(*(v.const_value.numpy() for v in gather.inputs[:3]), "nvfp4", 16)
+    want = formats.fake_quantize(originals["embed_tokens.weight"], "nvfp4", axis=1, block_size=16)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_embeddings_need_a_4bit_weight_format():
+    with pytest.raises(LowbitError, match="ort_cpu.embeddings needs a 4-bit weights.format"):
+        _compile(["weights.format=int8", "ort_cpu.embeddings=true"])
+
+
+def test_off_grid_codes_are_reported_not_lowered():
+    model = tiny_decoder()
+    recipe = load_recipe("w8", ["weights.format=int8", "target=ort-cpu"])
+    ctx = CompileContext(model, recipe)
+    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
+    for step, _ in build_pipeline(ctx)[:-1]:
+        step(model)
+    # int8 weights are not a kernel format: the pass leaves every site in QDQ
+    assert ctx.report["ort_cpu"]["lowered"] == 0 and _ops(model)["MatMulLowbit"] == 0
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    assert read_weight_encoding(dq, "dint4", 0) == "codes are not on the dint4 grid"
+
+
+def test_pipeline_adds_the_passes_only_for_ort_cpu():
+    def names(target):
+        ctx = CompileContext(tiny_decoder(), load_recipe("w8", [f"target={target}"]))
+        return [type(p) for p, _ in build_pipeline(ctx)]
+
+    assert FindEmbeddingsPass not in names("qdq") and LowerOrtCpuPass not in names("qdq")
+    steps = names("ort-cpu")
+    assert steps.index(FindEmbeddingsPass) < steps.index(LowerOrtCpuPass)
+
+
+def test_saved_model_runs_with_and_without_the_library(native_lib, tmp_path):
+    compiled, _ = _compile(["weights.format=dint4", "weights.block_size=16",
+                            "ort_cpu.embeddings=true"])
+    path = compiled.save(tmp_path / "tiny_ortcpu.onnx")
+    outs = []
+    for opts in (rx.session_options(), ort.SessionOptions()):
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {"input_ids": IDS})[0])
+    assert outs[0].shape == (1, 12, 64) and _rel(outs[1], outs[0]) < RTOL
