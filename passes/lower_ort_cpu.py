@@ -45,8 +45,9 @@ from lowbit.compiler.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.formats.minifloat import FP8_E4M3
 from lowbit.runtime_ext import (
+    DOMAIN,
     GatherSpec,
-    attach_functions_ir,
+    function_protos,
     gather_node_ir,
     matmul_node_ir,
     pack_gather_table,
@@ -300,7 +301,7 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
         count = summary["lowered"] + len(summary["embeddings"])
         if count:
             RemoveUnusedNodesPass()(model)  # the DQ/Transpose/QDQ chains and float tables replaced
-            attach_functions_ir(model)
+            _attach_fallbacks(model)
         summary["act_modes"] = dict(summary["act_modes"])
         self.ctx.report["ort_cpu"] = summary
         logger.info("ort-cpu: %d MatMulLowbit, %d GatherLowbit, %d sites kept in QDQ",
@@ -362,6 +363,21 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
         _replace(graph, emb.gather, node)
         return {"table": name, "shape": list(table.shape), "op": f"GatherLowbit {spec.overload}",
                 "shared_with_lm_head": shared is not None}
+
+
+def _attach_fallbacks(model: ir.Model) -> None:
+    """The fallback function of every runtime_ext op variant in the graph.
+
+    Not ``attach_functions_ir``: that one wants a fallback builder for every ``lowbit``-domain
+    node, and canonicalize's ``lowbit.RMSNormalization`` (opset-18 exports) brings its own.
+    """
+    opset = model.opset_imports[""]
+    ours = [ir.serde.serialize_node(n) for n in model.graph
+            if n.domain == DOMAIN and n.op_type in ("MatMulLowbit", "GatherLowbit")]
+    for proto in function_protos(ours, opset):
+        fn = ir.serde.deserialize_function(proto)
+        model.functions[fn.identifier()] = fn
+    model.opset_imports.setdefault(DOMAIN, 1)
 
 
 def _from_dequantize(a: ir.Value) -> bool:

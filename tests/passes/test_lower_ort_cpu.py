@@ -228,3 +228,33 @@ def test_saved_model_runs_with_and_without_the_library(native_lib, tmp_path):
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         outs.append(sess.run(None, {"input_ids": IDS})[0])
     assert outs[0].shape == (1, 12, 64) and _rel(outs[1], outs[0]) < RTOL
+
+
+def _file_bytes(directory) -> int:
+    return sum(f.stat().st_size for f in directory.glob("model.onnx*"))
+
+
+@pytest.mark.slow
+def test_kv_cache_smollm2_generates_through_optimum(native_lib, smollm2_with_past_export, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from lowbit.models.registry import load_tokenizer
+
+    compiled = lowbit.compile(smollm2_with_past_export, "w8", target="ort-cpu", overrides=[
+        "weights.format=dint4", "weights.block_size=32", "ort_cpu.embeddings=true"])
+    ops = _ops(compiled.model)
+    assert ops["MatMulLowbit"] == 211 and ops["GatherLowbit"] == 1  # 30 x 7 linears + lm_head
+    assert ops["DequantizeLinear"] == 0
+    assert compiled.report["ort_cpu"]["embeddings"][0]["shared_with_lm_head"]
+    out = compiled.save(tmp_path / "smollm2_ortcpu")
+    assert _file_bytes(out) <= 0.20 * _file_bytes(smollm2_with_past_export)  # issue 7 size goal
+    tokenizer = load_tokenizer(smollm2_with_past_export)
+    prompt = tokenizer("The Python language is", return_tensors="pt")
+    texts = []
+    for opts in (rx.session_options(), ort.SessionOptions()):  # native ops, then the fallbacks
+        model = ORTModelForCausalLM.from_pretrained(out, session_options=opts)
+        ids = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0]
+        assert len(ids) == prompt["input_ids"].shape[1] + 12
+        texts.append(tokenizer.decode(ids[prompt["input_ids"].shape[1]:]))
+    assert texts[0] == texts[1]
+    assert len(set(texts[0].split())) >= 4  # real words, not one token repeated
