@@ -1,51 +1,62 @@
-"""Build ONNX Runtime feeds for a token window, whatever inputs an exported model declares.
+"""Build ONNX Runtime feeds for token ids, whatever inputs an exported model declares.
 
 Handles the torch-dynamo export (``input_ids`` [+ ``attention_mask``]), optimum KV-cache exports
-(``attention_mask``, ``position_ids`` and empty ``past_key_values.N.key/value``), and BERT-style
-encoders (``token_type_ids``). Unknown required inputs raise a LowbitError naming them.
+(``attention_mask``, ``position_ids``, ``past_key_values.N.key/value`` -- empty unless a past is
+given), and BERT-style encoders (``token_type_ids``). The one feed builder of lowbit: calibration,
+verification, evaluation and benchmarks all use it. Unknown inputs raise a LowbitError naming them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from lowbit.errors import LowbitError
 
-__all__ = ["make_feed"]
+__all__ = ["build_feeds", "make_feed"]
 
-_NP = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-       "tensor(float16)": np.float16, "tensor(bool)": np.bool_}  # fmt: skip
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}  # fmt: skip
 
 
-def _past_shape(arg, batch: int) -> list[int]:
-    dims = []
-    for i, d in enumerate(arg.shape):
-        if isinstance(d, int):
-            dims.append(d)
-        elif i == 0:
-            dims.append(batch)
+def build_feeds(session: Any, input_ids: np.ndarray, **kwargs: Any) -> dict[str, np.ndarray]:
+    """:func:`make_feed` for every input of ``session`` (anything with ``get_inputs()``)."""
+    return make_feed(session.get_inputs(), input_ids, **kwargs)
+
+
+def make_feed(inputs: Sequence[Any], input_ids: np.ndarray, *, attention_mask: np.ndarray | None = None,
+              past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Feeds for ``inputs`` (ORT NodeArgs) given token ids [T] or [B, T]; an empty KV cache
+    unless ``past`` (keyed by input name) is given."""
+    input_ids = np.atleast_2d(np.asarray(input_ids))
+    batch, seq = input_ids.shape
+    past = past or {}
+    past_len = next((v.shape[2] for v in past.values()), 0)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in inputs:
+        dtype = _NP_TYPES.get(inp.type)
+        if dtype is None:
+            raise LowbitError(f"model input {inp.name!r} has unsupported type {inp.type}")
+        if inp.name == "input_ids":
+            feeds[inp.name] = input_ids.astype(dtype)
+        elif inp.name == "attention_mask":
+            mask = attention_mask if attention_mask is not None else np.ones((batch, past_len + seq))
+            feeds[inp.name] = mask.astype(dtype)
+        elif inp.name == "token_type_ids":
+            feeds[inp.name] = np.zeros((batch, seq), dtype)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(dtype)
+        elif inp.name.startswith("past_key_values."):
+            if inp.name in past:
+                feeds[inp.name] = past[inp.name]
+            else:
+                # [batch, kv_heads, past_len, head_dim]: heads and head_dim are static in exports.
+                heads, head_dim = inp.shape[1], inp.shape[3]
+                if not (isinstance(heads, int) and isinstance(head_dim, int)):
+                    raise LowbitError(f"KV input {inp.name} has no static head dims: {inp.shape}")
+                feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype)
         else:
-            dims.append(0)  # the past sequence axis is the only symbolic one left
-    return dims
-
-
-def make_feed(session_inputs, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """``ids``: int array [seq] or [batch, seq]. ``session_inputs``: ``InferenceSession.get_inputs()``."""
-    ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
-    batch, seq = ids.shape
-    feed: dict[str, np.ndarray] = {}
-    for arg in session_inputs:
-        name, dtype = arg.name, _NP.get(arg.type, np.float32)
-        if name in ("input_ids", "input"):
-            feed[name] = ids.astype(dtype)
-        elif name == "attention_mask":
-            feed[name] = np.ones((batch, seq), dtype)
-        elif name == "position_ids":
-            feed[name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
-        elif name == "token_type_ids":
-            feed[name] = np.zeros((batch, seq), dtype)
-        elif name.startswith("past_key_values") or name.startswith("past_"):
-            feed[name] = np.zeros(_past_shape(arg, batch), dtype)
-        else:
-            raise LowbitError(f"model input {name!r} ({arg.type}) cannot be fed from token ids")
-    return feed
+            raise LowbitError(f"model input {inp.name!r} is not one lowbit knows how to feed")
+    return feeds

@@ -42,7 +42,7 @@ def ort_session(model: ir.Model, extra_outputs: Iterable[ir.Value] = (), *,
 
 def run_on_tokens(model: ir.Model, ids) -> list:
     """All graph outputs of ``model`` for one token window (feeds built from its inputs)."""
-    from lowbit.compiler.feeds import make_feed
+    from lowbit.compiler.feeds import build_feeds
 
     session = ort_session(model)
-    return session.run(None, make_feed(session.get_inputs(), ids))
+    return session.run(None, build_feeds(session, ids))

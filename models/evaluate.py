@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lowbit.compiler.feeds import build_feeds
 from lowbit.errors import LowbitError
 from lowbit.models.registry import onnx_model_file
 
@@ -37,15 +38,11 @@ __all__ = [
     "PerplexityResult",
     "LatencyResult",
     "open_session",
-    "build_feeds",
     "perplexity",
     "pooled_embeddings",
     "embedding_cosine",
     "latency",
 ]
-
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32}
 
 
 @dataclass(frozen=True)
@@ -75,41 +72,6 @@ def open_session(model_path: str | os.PathLike, session_options: Any = None) -> 
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LowbitError(f"{f}: ONNX Runtime cannot load it: {first[:300]}") from e
-
-
-def build_feeds(session: Any, input_ids: np.ndarray, *, attention_mask: np.ndarray | None = None,
-                past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Feeds for every session input given ``input_ids`` [B, T]; an empty KV cache unless
-    ``past`` (keyed by input name) is given."""
-    batch, seq = input_ids.shape
-    past = past or {}
-    past_len = next((v.shape[2] for v in past.values()), 0)
-    feeds: dict[str, np.ndarray] = {}
-    for inp in session.get_inputs():
-        dtype = _NP_TYPES.get(inp.type)
-        if dtype is None:
-            raise LowbitError(f"model input {inp.name!r} has unsupported type {inp.type}")
-        if inp.name == "input_ids":
-            feeds[inp.name] = input_ids.astype(dtype)
-        elif inp.name == "attention_mask":
-            mask = attention_mask if attention_mask is not None else np.ones((batch, past_len + seq))
-            feeds[inp.name] = mask.astype(dtype)
-        elif inp.name == "token_type_ids":
-            feeds[inp.name] = np.zeros((batch, seq), dtype)
-        elif inp.name == "position_ids":
-            feeds[inp.name] = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq)).astype(dtype)
-        elif inp.name.startswith("past_key_values."):
-            if inp.name in past:
-                feeds[inp.name] = past[inp.name]
-            else:
-                # [batch, kv_heads, past_len, head_dim]: heads and head_dim are static in exports.
-                heads, head_dim = inp.shape[1], inp.shape[3]
-                if not (isinstance(heads, int) and isinstance(head_dim, int)):
-                    raise LowbitError(f"KV input {inp.name} has no static head dims: {inp.shape}")
-                feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype)
-        else:
-            raise LowbitError(f"model input {inp.name!r} is not one lowbit knows how to feed")
-    return feeds
 
 
 def _output_index(session: Any, name: str) -> int:

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from lowbit.compiler.context import CompileContext
-from lowbit.compiler.feeds import make_feed
+from lowbit.compiler.feeds import build_feeds
 from lowbit.compiler.ortrun import ort_session
 from lowbit.errors import LowbitError
 
@@ -113,7 +113,7 @@ class _TappedSession:
         self.names = list(taps)
 
     def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.names, make_feed(self.session.get_inputs(), ids))
+        outs = self.session.run(self.names, build_feeds(self.session, ids))
         return dict(zip(self.names, outs))
 
 

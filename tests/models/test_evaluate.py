@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from lowbit.compiler.feeds import build_feeds
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.errors import LowbitError
@@ -159,15 +161,15 @@ def test_feeds_for_kv_cache_models():
         FakeInput("past_key_values.0.key", "tensor(float)", ["b", 3, "p", 64]),
     ])
     ids = np.array([[5, 6, 7]])
-    empty = evaluate.build_feeds(sess, ids)
+    empty = build_feeds(sess, ids)
     assert empty["past_key_values.0.key"].shape == (1, 3, 0, 64)
     assert empty["attention_mask"].tolist() == [[1, 1, 1]]
     assert empty["position_ids"].tolist() == [[0, 1, 2]]
     past = {"past_key_values.0.key": np.zeros((1, 3, 4, 64), np.float32)}
-    step = evaluate.build_feeds(sess, ids[:, -1:], past=past)
+    step = build_feeds(sess, ids[:, -1:], past=past)
     assert step["position_ids"].tolist() == [[4]] and step["attention_mask"].shape == (1, 5)
     with pytest.raises(LowbitError, match="not one lowbit knows"):
-        evaluate.build_feeds(FakeSession([FakeInput("pixel_values", "tensor(float)", [1])]), ids)
+        build_feeds(FakeSession([FakeInput("pixel_values", "tensor(float)", [1])]), ids)
 
 
 def test_unloadable_model_is_a_lowbit_error(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from lowbit import formats
 from lowbit.compiler.context import CalibrationData, CompileContext
 from lowbit.compiler.ortrun import ort_session
-from lowbit.compiler.feeds import make_feed
+from lowbit.compiler.feeds import build_feeds
 from lowbit.compiler.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
@@ -63,7 +63,7 @@ def test_emission_writes_the_optq_codes(token_windows):
     EmitQDQPass(ctx)(model)
     outputs = [v for n in model.graph for v in n.outputs if v.name.endswith(".dequantized")]
     session = ort_session(model, outputs)
-    got = session.run([v.name for v in outputs], make_feed(session.get_inputs(), np.arange(4)))
+    got = session.run([v.name for v in outputs], build_feeds(session, np.arange(4)))
     for value, decoded in zip(outputs, got):
         site_name = value.name.removesuffix(".dequantized")
         np.testing.assert_array_equal(decoded, formats.decode(encodings[site_name]))
