@@ -10,7 +10,8 @@ equal bits, with all-FP8 and all-NVFP4 ends, and the two plots (saved under ``be
 - every configuration then reuses the same candidates and impacts and differs only in its FP8
   mask: each site's float initializer is replaced by the mixed fake-quantized weight
   (``precision.mixed_weight``), which the two-branch DQ emission reproduces bit for bit
-  (``tests/passes/test_fgmp.py``); one configuration is also compiled end to end through
+  (``tests/passes/test_fgmp.py``) -- a tied initializer (SmolLM2's lm_head / embedding table) is
+  first split so that only the site's copy changes, as in the emission; one configuration is also compiled end to end through
   ``lowbit.compile`` to show both paths give the same perplexity;
 - perplexity on the same 8 evaluation windows x 512 tokens for all, with ORT at
   ``ORT_ENABLE_BASIC`` (QDQ executed in float: exactly the quantized model's arithmetic; ORT's
@@ -68,10 +69,31 @@ def _prepare(export_dir: Path, calib: np.ndarray, overrides: list[str]):
             break
         if step(ctx.model).modified:
             ctx.invalidate("linear_sites")
-    return ctx
+    return ctx, _untie(ctx)
 
 
-def _evaluate_masks(ctx, masks: dict[str, np.ndarray], windows: np.ndarray, work: Path) -> float:
+def _untie(ctx) -> dict[str, ir.Value]:
+    """{site name: the initializer that site alone reads}. A site whose initializer has other
+    users (SmolLM2's lm_head weight is also the embedding Gather's table) gets its own copy, so
+    replacing the site's weight quantizes nothing else -- exactly like the emission, which
+    rewires only the site's consumer."""
+    weights = {}
+    for site in ctx.sites:
+        weights[site.name] = site.weight
+        if len(site.weight.uses()) < 2:
+            continue
+        t = site.weight.const_value
+        copy = ir.Value(name=f"{site.weight.name}.site_copy", shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype),
+                        const_value=t)  # fmt: skip
+        ctx.model.graph.register_initializer(copy)
+        consumer = site.weight_path[0] if site.weight_path else site.node
+        consumer.replace_input_with(0 if site.weight_path else 1, copy)
+        weights[site.name] = copy
+    return weights
+
+
+def _evaluate_masks(ctx, weights: dict[str, ir.Value], masks: dict[str, np.ndarray], windows: np.ndarray,
+                    work: Path) -> float:
     """Perplexity with each site's weight = FP8 where ``masks`` says, NVFP4 elsewhere."""
     import dataclasses
 
@@ -79,11 +101,10 @@ def _evaluate_masks(ctx, masks: dict[str, np.ndarray], windows: np.ndarray, work
     from lowbit.passes.precision import mixed_weight
 
     assignment = ctx.get("precision_assignment")
-    sites = {s.name: s for s in ctx.sites}
     originals = {}
     for name, choice in assignment.sites.items():
         w = mixed_weight(dataclasses.replace(choice, fp8=masks[name]))
-        init = sites[name].weight
+        init = weights[name]
         originals[name] = init.const_value
         init.const_value = ir.tensor(w, name=init.name)
     try:
@@ -91,7 +112,7 @@ def _evaluate_masks(ctx, masks: dict[str, np.ndarray], windows: np.ndarray, work
         ir.save(ctx.model, path, external_data="model.onnx.data")
     finally:
         for name, value in originals.items():
-            sites[name].weight.const_value = value
+            weights[name].const_value = value
     return perplexity(path, windows, session_options=_session_options(), progress=False).ppl
 
 
@@ -107,7 +128,7 @@ def measure(fractions=FRACTIONS, strategies=STRATEGIES, n_windows: int = 8, seq_
     calib = calibration_windows(tok, seq_len, n_windows)
     evalw = evaluation_windows(tok, seq_len, n_windows)
     t0 = time.perf_counter()
-    ctx = _prepare(export_dir, calib, [])
+    ctx, weights = _prepare(export_dir, calib, [])
     prep_s = time.perf_counter() - t0
     a = ctx.get("precision_assignment")
     names = list(a.sites)
@@ -121,7 +142,7 @@ def measure(fractions=FRACTIONS, strategies=STRATEGIES, n_windows: int = 8, seq_
             fp8 = sum(int(m.sum()) for m in masks)
             work = Path(tmp) / label
             work.mkdir()
-            ppl = _evaluate_masks(ctx, by_name, evalw, work)
+            ppl = _evaluate_masks(ctx, weights, by_name, evalw, work)
             if strategy == "fgmp" and fraction == max(fractions):
                 per_site.update({n: float(m.mean()) for n, m in by_name.items()})
             frac = fp8 / a.total_blocks
