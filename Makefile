@@ -24,7 +24,7 @@ native: $(STAMP)
 	@if [ -f runtime_ext/build.py ]; then $(BIN)/python runtime_ext/build.py; fi
 
 test: venv native
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: venv native
 	$(BIN)/python -m pytest -q -m "not slow"
