@@ -258,3 +258,24 @@ def test_kv_cache_smollm2_generates_through_optimum(native_lib, smollm2_with_pas
         texts.append(tokenizer.decode(ids[prompt["input_ids"].shape[1]:]))
     assert texts[0] == texts[1]
     assert len(set(texts[0].split())) >= 4  # real words, not one token repeated
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_equals_qdq(native_lib, smollm2_export, eval_windows, tmp_path):
+    """Issue 7 acceptance on 2 of the 8 evaluation windows (the bench runs all 8): the same
+    compiled qdq model, lowered in place, gives the qdq model's perplexity within 0.1%."""
+    from lowbit.models.evaluate import perplexity
+
+    overrides = ["weights.format=dint4", "weights.block_size=32"]
+    compiled = lowbit.compile(smollm2_export, "w8", target="qdq", overrides=overrides)
+    qdq_path = compiled.save(tmp_path / "qdq.onnx")
+    ctx = CompileContext(compiled.model, load_recipe("w8", overrides + ["target=ort-cpu"]))
+    LowerOrtCpuPass(ctx)(compiled.model)
+    assert ctx.report["ort_cpu"]["lowered"] == 211 and not ctx.report["ort_cpu"]["kept_qdq"]
+    ortcpu_path = compiled.save(tmp_path / "ortcpu.onnx")
+    as_written = ort.SessionOptions()
+    as_written.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    windows = eval_windows[:2]
+    want = perplexity(qdq_path, windows, session_options=as_written, progress=False).ppl
+    got = perplexity(ortcpu_path, windows, session_options=rx.session_options(), progress=False).ppl
+    assert abs(got / want - 1) < 1e-3, (got, want)
