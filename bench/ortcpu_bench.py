@@ -172,7 +172,8 @@ def decode_profile(path: Path, native: bool, threads: int, steps: int = 20, *,
                    prefill: bool = False) -> list[tuple[str, float]]:
     """(op type, ms per decode step) from ORT's profiler, largest first (``prefill``: per
     128-token prefill run instead)."""
-    from lowbit.models.evaluate import build_feeds, open_session
+    from lowbit.compiler.feeds import build_feeds
+    from lowbit.models.evaluate import open_session
 
     with tempfile.TemporaryDirectory() as tmp:
         session = open_session(path, _options(native, threads, profile=f"{tmp}/prof"))
