@@ -53,6 +53,7 @@ SECTIONS: dict[str, str] = {
     "minilm": "lowbit.bench.runner:minilm_section",
     "formats": "lowbit.bench.formats_bench:run",
     "runtime": "lowbit.bench.runtime_bench:run",
+    "ortcpu": "lowbit.bench.ortcpu_bench:run",
 }
 _TAKES_CONFIG = {"smollm2", "minilm"}
 

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help=".onnx file, model directory (e.g. an export), or shipped model name")
     parser.add_argument("-o", "--output", required=True, help="output .onnx file or directory")
     parser.add_argument("-r", "--recipe", default="w8a8", help="recipe name (see `lowbit recipes`) or a .toml file")
-    parser.add_argument("-t", "--target", help="emission target, overrides the recipe's (qdq | qdq-fp4)")
+    parser.add_argument("-t", "--target", help="emission target, overrides the recipe's (qdq | qdq-fp4 | ort-cpu)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set weights.block_size=64 (repeatable)")
     parser.add_argument("--calib-text", help="text file to calibrate on (default: the pydoc_data calibration split)")
