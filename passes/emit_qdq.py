@@ -246,10 +246,23 @@ class EmitQDQPass(ir.passes.InPlacePass):
         q.outputs[0].name = f"{base}.quantized"
         q.outputs[0].type = ir.TensorType(z_val.dtype)
         q.outputs[0].shape = x.shape
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s_val, z_val], attrs, name=f"{base}.dq")
+        nodes = [q]
+        if axis is None:
+            dq = ir.node("DequantizeLinear", [q.outputs[0], s_val, z_val], attrs, name=f"{base}.dq")
+            nodes.append(dq)
+        else:
+            # Per-channel scales vary along the reduction axis: no integer matmul can apply them,
+            # yet ORT 1.31 fuses any DQ -> MatMul into MatMulIntegerToFloat and fails at run time.
+            # DQ with unit scales, then Mul by the scales: (q - zp) * 1 * s is bit-identical to
+            # (q - zp) * s, and the Mul keeps the fusion away.
+            ones = _const(graph, np.ones_like(scale), f"{base}.act_unit_scale")
+            unit = ir.node("DequantizeLinear", [q.outputs[0], ones, z_val], attrs, name=f"{base}.dq")
+            dq = ir.node("Mul", [unit.outputs[0], s_val], name=f"{base}.dq_scale")
+            unit.outputs[0].name = f"{base}.act_unscaled"
+            nodes += [unit, dq]
         dq.outputs[0].name = f"{base}.act_dequantized"
         dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         dq.outputs[0].shape = x.shape
-        graph.insert_before(sites[0].node, [q, dq])
+        graph.insert_before(sites[0].node, nodes)
         for site in sites:
             site.node.replace_input_with(0, dq.outputs[0])

@@ -137,3 +137,24 @@ def test_int8_weights_become_uint8_with_zero_point_128_beside_uint8_activations(
     decoded = (codes.numpy().astype(np.float32) - 128) * scale
     want = formats.fake_quantize(originals[f"{site}.weight"], "int8", axis=0)
     np.testing.assert_array_equal(decoded, want)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_channel_activation_scales_run_at_ort_default_options(symmetric, token_windows):
+    import lowbit
+
+    result = lowbit.compile(tiny_decoder(norm="rms", norm_form="fused"), "w8a8", calibration=token_windows,
+                            overrides=["activations.granularity=per_channel", f"activations.symmetric={str(symmetric).lower()}"])  # fmt: skip
+    proto = ir.to_proto(result.model).SerializeToString()
+    feed = {"input_ids": token_windows[0][None]}
+    basic = ort.SessionOptions()
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    as_written = ort.InferenceSession(proto, basic).run(None, feed)[0]
+    assert np.isfinite(ort.InferenceSession(proto).run(None, feed)[0]).all()  # default options: used to fail
+    # At default options ORT fuses the weight DQ into MatMulNBits, which re-quantizes activations
+    # to int8 (accuracy_level 4); at accuracy level 0 the fused graph is the graph as written.
+    exact = ort.SessionOptions()
+    exact.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    fused = ort.InferenceSession(proto, exact).run(None, feed)[0]
+    np.testing.assert_allclose(fused, as_written, rtol=1e-5, atol=1e-5 * np.abs(as_written).max())
+    assert sum(n.op_type == "Mul" and n.name.endswith(".dq_scale") for n in result.model.graph) == 9
