@@ -13,7 +13,8 @@ absorb ``x / s`` or ``x[..., perm]``:
 
 It refuses (returns a reason string) whenever folding would change anything but x: the group
 input has consumers outside the group, a weight or gamma initializer is shared (tied lm_head),
-a producer output feeds anything else. Weights are handled in (K, N) orientation -- K the
+a producer output feeds anything else, v_proj's output is also a KV-cache output (the
+``present`` tensors of a with-past export must keep their meaning). Weights are handled in (K, N) orientation -- K the
 reduction (input-channel) axis -- whatever the stored layout.
 """
 
@@ -117,6 +118,18 @@ def _elementwise_only(value: ir.Value) -> bool:
     return all(c.op_type in _ELEMENTWISE for c in value.consumers())
 
 
+def _reaches_graph_output(value: ir.Value, depth: int = 8) -> bool:
+    """Does ``value`` reach a graph output before any MatMul/Attention (e.g. KV-cache Concat)?"""
+    frontier = [value]
+    for _ in range(depth):
+        if any(v.is_graph_output() for v in frontier):
+            return True
+        frontier = [o for v in frontier for c in v.consumers() if c.op_type not in ("MatMul", "Attention") for o in c.outputs]
+        if not frontier:
+            return False
+    return False
+
+
 def _gqa_map(site: LinearSite, producer: LinearSite, attn: ir.Node) -> np.ndarray | str:
     k, p = site.in_features, producer.out_features
     if k == p:
@@ -157,6 +170,8 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...]) -> FoldTarget |
         if len(siblings) != 1 or not _weights_private(siblings) or not _elementwise_only(siblings[0].node.outputs[0]):
             return "gate/up pair not recognised"
         return FoldTarget("gated_linear", group, producer=producer, gate=siblings[0], channel_map=np.arange(site.in_features))
+    if _reaches_graph_output(producer.node.outputs[0]):
+        return "v_proj output is also a KV-cache output (present.*): scaling it would change the cache"
     mapping = _gqa_map(site, producer, feeder.node)
     if isinstance(mapping, str):
         return mapping
