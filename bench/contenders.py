@@ -51,6 +51,8 @@ class Contender:
     # Fresh onnxruntime.SessionOptions to evaluate the result with (e.g. a custom-op library
     # registered); None: ORT's defaults.
     session_options: Callable[[], Any] | None = field(default=None, repr=False)
+    # Also evaluate the result in OpenVINO (CPU plugin), next to ONNX Runtime.
+    openvino: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):

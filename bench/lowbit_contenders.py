@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lowbit.bench.contenders import BuildContext, Contender, register
 
-__all__ = ["RECIPES", "lowbit_contender"]
+__all__ = ["NPU_RECIPES", "RECIPES", "lowbit_contender"]
 
 # (recipe, weight grid as it ends up, model kinds). Order = table order.
 RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
@@ -26,23 +26,38 @@ RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
 )
 
 
+# target-npu recipes: each registered twice, as emitted for the npu target (also run in OpenVINO)
+# and with the same recipe emitted for the qdq target, so the two sit side by side.
+NPU_RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("npu-w8a8", "int7 per-channel symmetric (zp 0); SmoothQuant + RPTQ 8 clusters, uint8 per-tensor per cluster", frozenset({"causal-lm", "encoder"})),
+)
+
+
 def _calibration(ctx: BuildContext) -> list:
     if ctx.windows is not None:
         return list(ctx.windows)
     return [feed["input_ids"] for feed in ctx.feeds]  # encoders: the padded token batches
 
 
-def lowbit_contender(recipe: str, grid: str, kinds: frozenset[str]) -> Contender:
+def lowbit_contender(recipe: str, grid: str, kinds: frozenset[str], target: str | None = None,
+                     openvino: bool = False) -> Contender:  # fmt: skip
+    """``lowbit-RECIPE`` (the recipe's own target) or ``lowbit-RECIPE-TARGET`` (target overridden)."""
+
     def build(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
         from lowbit.compiler.api import compile
 
         start = time.perf_counter()
-        result = compile(fp32_dir, recipe, calibration=_calibration(ctx))
+        result = compile(fp32_dir, recipe, target=target, calibration=_calibration(ctx))
         out = result.save(ctx.work_dir / "model")
         return out / "model.onnx", time.perf_counter() - start
 
-    return Contender(f"lowbit-{recipe}", f"lowbit compile --recipe {recipe} (qdq target)", grid, build, kinds)
+    name = f"lowbit-{recipe}" + (f"-{target}" if target else "")
+    shown = f"--target {target}" if target else "(its own target)"
+    return Contender(name, f"lowbit compile --recipe {recipe} {shown}", grid, build, kinds, openvino=openvino)
 
 
 for _recipe, _grid, _kinds in RECIPES:
     register(lowbit_contender(_recipe, _grid, _kinds))
+for _recipe, _grid, _kinds in NPU_RECIPES:
+    register(lowbit_contender(_recipe, _grid, _kinds, openvino=True))
+    register(lowbit_contender(_recipe, _grid, _kinds, target="qdq", openvino=True))

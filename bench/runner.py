@@ -173,8 +173,9 @@ def smollm2_section(cfg: BenchConfig) -> str:
             default, basic = _session_pair(c)
             ppl_basic = evaluate.perplexity(path, evalw, session_options=basic)
             ppl = _as_ort_runs_it(lambda: evaluate.perplexity(path, evalw, session_options=default))
+            ppl_ov = evaluate.perplexity(path, evalw, runtime="openvino").ppl if c.openvino else None
             bits = footprint.linear_weight_bits(path)
-            rows.append((c, ppl, ppl_basic, seconds, footprint.size_on_disk(path), bits.bits_per_weight))
+            rows.append((c, ppl, ppl_basic, seconds, footprint.size_on_disk(path), bits.bits_per_weight, ppl_ov))
     base = next((r[2].ppl for r in rows if r[0].name == "fp32"), None)
     lines = [
         "## SmolLM2-135M-Instruct: perplexity",
@@ -186,16 +187,19 @@ def smollm2_section(cfg: BenchConfig) -> str:
         "",
         "ppl: ONNX Runtime CPU with default session options (QDQ fused into int8 kernels). "
         "ppl (QDQ in float): the same model at ORT_ENABLE_BASIC, which executes every "
-        "DequantizeLinear -> MatMul in float, i.e. the quantization the graph describes.",
+        "DequantizeLinear -> MatMul in float, i.e. the quantization the graph describes. "
+        "ppl OpenVINO: the same file run by OpenVINO's CPU plugin (int8 kernels), for contenders "
+        "meant for it.",
         "",
-        "| contender | weight grid | ppl | ratio to FP32 | ppl (QDQ in float) | compile s | size MB "
+        "| contender | weight grid | ppl | ratio to FP32 | ppl (QDQ in float) | ppl OpenVINO | compile s | size MB "
         "| bits/weight (linear) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c, ppl, ppl_basic, seconds, size, bpw in rows:
+    for c, ppl, ppl_basic, seconds, size, bpw, ppl_ov in rows:
         shown = f"{ppl.ppl:.2f}" if not isinstance(ppl, str) else ppl
         ratio = f"{(ppl if not isinstance(ppl, str) else ppl_basic).ppl / base:.3f}" if base else "-"
-        lines.append(f"| {c.name} | {c.weight_grid} | {shown} | {ratio} | {ppl_basic.ppl:.2f} | "
+        ov = f"{ppl_ov:.2f}" if ppl_ov is not None else "-"
+        lines.append(f"| {c.name} | {c.weight_grid} | {shown} | {ratio} | {ppl_basic.ppl:.2f} | {ov} | "
                      f"{seconds:.1f} | {size / 1e6:.1f} | {bpw:.2f} |")
     lines += ["", "ratio to FP32: of the default-options ppl, or of the float-QDQ ppl where ORT's default "
               "run fails. An `ORT error` cell: ONNX Runtime's QDQ fusion (MatMulIntegerToFloat) rejects "
@@ -225,17 +229,19 @@ def minilm_section(cfg: BenchConfig) -> str:
         f"Evaluation: mean cosine of mean-pooled embeddings over {len(eval_texts)} paragraphs of the "
         f"evaluation split (max 128 tokens). Calibration: {ctx_args['description']}.",
         "",
-        "| contender | weight grid | cosine to FP32 | cosine (QDQ in float) | compile s | size MB "
-        "| bits/weight (linear) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| contender | weight grid | cosine to FP32 | cosine (QDQ in float) | cosine OpenVINO | compile s "
+        "| size MB | bits/weight (linear) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root:
         for c, path, seconds in _build_all("encoder", fp32_dir, ctx_args, cfg, Path(root)):
             default, basic = _session_pair(c)
             cos = _as_ort_runs_it(lambda: evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, session_options=default))
             cos_b = evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, session_options=basic)
+            cos_ov = (f"{evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, runtime='openvino'):.5f}"
+                      if c.openvino else "-")  # fmt: skip
             size, bpw = footprint.size_on_disk(path), footprint.linear_weight_bits(path).bits_per_weight
             shown = cos if isinstance(cos, str) else f"{cos:.5f}"
-            lines.append(f"| {c.name} | {c.weight_grid} | {shown} | {cos_b:.5f} | {seconds:.1f} | "
+            lines.append(f"| {c.name} | {c.weight_grid} | {shown} | {cos_b:.5f} | {cos_ov} | {seconds:.1f} | "
                          f"{size / 1e6:.1f} | {bpw:.2f} |")
     return "\n".join(lines)

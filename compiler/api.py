@@ -27,6 +27,7 @@ import lowbit
 from lowbit.compiler import report as report_mod
 from lowbit.compiler.context import CalibrationData, CompileContext
 from lowbit.compiler.fsutil import atomic_path
+from lowbit.compiler.ort_format import write_ort_format
 from lowbit.compiler.pipeline import PipelineOptions, run_pipeline
 from lowbit.compiler.recipe import Recipe, load_recipe
 from lowbit.errors import LowbitError
@@ -112,8 +113,9 @@ class CompiledModel:
     source_dir: Path | None = None
     saved_to: Path | None = field(default=None, init=False)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model (``.onnx`` file or directory) atomically, with its reports."""
+    def save(self, path: str | Path, *, ort_format: bool = False) -> Path:
+        """Write the model (``.onnx`` file or directory) atomically, with its reports (``ort_format``:
+        also the ONNX Runtime mobile ``.ort`` and its operator config beside the ``.onnx``)."""
         path = Path(path)
         is_dir = path.suffix != ".onnx"
         with atomic_path(path, is_dir=is_dir) as tmp:
@@ -123,9 +125,13 @@ class CompiledModel:
                         if f.is_file() and not f.name.startswith("model.onnx") and f.suffix != ".onnx":
                             shutil.copy2(f, tmp / f.name)
                 _write_onnx(self.model, tmp / "model.onnx")
+                if ort_format:
+                    write_ort_format(tmp / "model.onnx")
                 report_mod.write(self.report, tmp, "report")
             else:
                 _write_onnx(self.model, tmp)
+                if ort_format:  # renamed into place before the .onnx, the commit point
+                    write_ort_format(tmp, dest=path)
                 data = tmp.with_name(tmp.name + ".data")
                 if data.exists():  # the .onnx rename below is the commit point
                     os.replace(data, path.with_name(data.name))

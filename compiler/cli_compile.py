@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help=".onnx file, model directory (e.g. an export), or shipped model name")
     parser.add_argument("-o", "--output", required=True, help="output .onnx file or directory")
     parser.add_argument("-r", "--recipe", default="w8a8", help="recipe name (see `lowbit recipes`) or a .toml file")
-    parser.add_argument("-t", "--target", help="emission target, overrides the recipe's (qdq | qdq-fp4 | ort-cpu)")
+    parser.add_argument("-t", "--target", help="emission target, overrides the recipe's (qdq | qdq-fp4 | ort-cpu | npu)")
+    parser.add_argument("--ort-format", action="store_true",
+                        help="also write an ONNX Runtime mobile .ort file and its reduced operator config beside the .onnx")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set weights.block_size=64 (repeatable)")
     parser.add_argument("--calib-text", help="text file to calibrate on (default: the pydoc_data calibration split)")
@@ -32,9 +34,14 @@ def run(args: argparse.Namespace) -> int:
         raise LowbitError(f"--calib-text {args.calib_text}: no such file")
     result = compile(args.input, args.recipe, target=args.target, calibration=args.calib_text,
                      overrides=args.overrides, verify=args.verify, dump_dir=args.dump_dir)  # fmt: skip
-    path = result.save(out)
+    path = result.save(out, ort_format=args.ort_format)
     sites = result.report["sites"]
     done = sum(1 for s in sites.values() if s.get("quantized"))
     print(f"wrote {path}: {done}/{len(sites)} linear sites quantized with recipe "
           f"'{result.recipe.name}' in {result.report['compile_seconds']:.1f}s")  # fmt: skip
+    if args.ort_format:
+        from lowbit.compiler.ort_format import config_path_for, ort_path_for
+
+        onnx_file = path / "model.onnx" if path.is_dir() else path
+        print(f"wrote {ort_path_for(onnx_file)} and {config_path_for(onnx_file).name}")
     return 0

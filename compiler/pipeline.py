@@ -25,6 +25,7 @@ from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.capture import CapturePass
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.emit_mixed import EmitMixedWeightsPass
+from lowbit.passes.emit_npu import EmitNpuPass
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.fgmp_act import FgmpActivationsPass
 from lowbit.passes.kv_quant import KvQuantPass
@@ -140,7 +141,10 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
     ort_cpu = recipe.target == "ort-cpu"
     if ort_cpu:  # analysis only: embedding tables and their tied sites, before emission unties them
         steps.append((FindEmbeddingsPass(ctx), True))
-    steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only
+    if recipe.target == "npu":  # standard integer QDQ only, RPTQ clusters as split MatMuls
+        steps.append((EmitNpuPass(ctx), False))
+    else:
+        steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only
     if fgmp:
         steps.append((EmitMixedWeightsPass(ctx), False))
     if ort_cpu:  # 4-bit QDQ weight sites -> lowbit custom ops with packed weights

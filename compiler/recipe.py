@@ -19,6 +19,7 @@ __all__ = [
     "ActivationSpec",
     "CalibrationSpec",
     "KVCacheSpec",
+    "NpuSpec",
     "OrtCpuSpec",
     "PrecisionSpec",
     "ReorderSpec",
@@ -39,8 +40,8 @@ WEIGHT_FORMATS = (
     "int8", "int4", "int2", "int3", "int5", "int6", "int7", "dint4", "dint3", "dint5",
     "fp8_e4m3", "fp4_e2m1", "nvfp4", "mxfp4", "mxfp8", "none",
 )  # fmt: skip
-ACTIVATION_FORMATS = ("int8", "int4", "fp8_e4m3", "none")  # int4: symmetric only
-TARGETS = ("qdq", "qdq-fp4", "ort-cpu")
+ACTIVATION_FORMATS = ("int8", "int16", "int4", "fp8_e4m3", "none")  # int4: symmetric only
+TARGETS = ("qdq", "qdq-fp4", "ort-cpu", "npu")
 
 
 def _doc(text: str, default: Any) -> Any:
@@ -70,8 +71,8 @@ class WeightSpec:
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    format: str = _doc("activation format at every linear-site input: int8 | fp8_e4m3 | none", "int8")
-    symmetric: bool = _doc("int8: symmetric signed int8; false = uint8 with a zero point (ORT's default)", False)
+    format: str = _doc("activation format at every linear-site input: int8 | int16 | int4 | fp8_e4m3 | none", "int8")
+    symmetric: bool = _doc("int8/int16: symmetric signed codes; false = uint8/uint16 with a zero point (ORT's default)", False)
     granularity: str = _doc("per_tensor | per_channel static scales from calibration", "per_tensor")
     range: str = _doc("calibrated range: minmax | percentile", "minmax")
     percentile: float = _doc("percentile of |x| per channel used when range = percentile", 99.99)
@@ -181,10 +182,35 @@ class OrtCpuSpec:
 
 
 @dataclass(frozen=True)
+class NpuSpec:
+    power_of_two_scales: str = _doc("target npu: round every weight-channel and activation-cluster scale to a power of two: none | ceil (up: never clips, costs up to 1 bit) | nearest (in log2: may clip the largest values by up to sqrt 2)", "none")
+    int4_storage: str = _doc("target npu, int4 weights: int8 (codes in [-7, 7] in int8 tensors: integer kernels in ORT CPU and OpenVINO) | int4 (INT4 tensors, half the size; ORT CPU runs them in float)", "int8")
+
+    def __post_init__(self) -> None:
+        _require(self.power_of_two_scales in ("none", "ceil", "nearest"), "npu.power_of_two_scales", f"{self.power_of_two_scales!r} is not none, ceil or nearest")
+        _require(self.int4_storage in ("int8", "int4"), "npu.int4_storage", f"{self.int4_storage!r} is not int8 or int4")
+
+
+NPU_WEIGHT_FORMATS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "none")
+
+
+def _check_npu(r: Recipe) -> None:
+    """The npu target emits standard integer QDQ only: refuse what it cannot express."""
+    _require(r.weights.format in NPU_WEIGHT_FORMATS, "weights.format", f"target npu takes symmetric integer weights ({', '.join(NPU_WEIGHT_FORMATS)}), not {r.weights.format!r}")
+    _require(r.weights.block_size == 0, "weights.block_size", "target npu uses one scale per output channel (set 0)")
+    _require(r.weights.symmetric, "weights.symmetric", "target npu weights are symmetric (zero point 0)")
+    _require(r.activations.format in ("int8", "int16", "none"), "activations.format", f"target npu takes int8, int16 or none, not {r.activations.format!r}")
+    _require(r.activations.granularity == "per_tensor", "activations.granularity", "target npu uses per-tensor activation scales (RPTQ clusters get one each)")
+    _require(not r.precision.enabled, "precision.enabled", "target npu has no FP4/FP8 mixed precision")
+    _require(r.kv.format == "none", "kv.format", "target npu does not quantize K/V (set none)")
+    _require(r.npu.power_of_two_scales == "none" or r.rounding.method == "rtn", "npu.power_of_two_scales", "needs rounding.method = rtn (OPTQ rounds on its own scales)")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = _doc("recipe name (file stem)", "custom")
     description: str = _doc("one line shown by `lowbit recipes`", "")
-    target: str = _doc("emission target: qdq (standard ONNX, exact in ORT CPU) | qdq-fp4 (FLOAT4E2M1 + FP8 scales) | ort-cpu (packed 4-bit weights in lowbit custom ops, ONNX function fallbacks)", "qdq")
+    target: str = _doc("emission target: qdq (standard ONNX, exact in ORT CPU) | qdq-fp4 (FLOAT4E2M1 + FP8 scales) | ort-cpu (packed 4-bit weights in lowbit custom ops, ONNX function fallbacks) | npu (standard integer QDQ only: per-tensor activations, symmetric per-channel weights, RPTQ clusters as split MatMuls)", "qdq")
     weights: WeightSpec = field(default_factory=WeightSpec, metadata={"doc": "weight quantization"})
     activations: ActivationSpec = field(default_factory=ActivationSpec, metadata={"doc": "activation quantization"})
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec, metadata={"doc": "calibration (SLAC)"})
@@ -195,9 +221,12 @@ class Recipe:
     kv: KVCacheSpec = field(default_factory=KVCacheSpec, metadata={"doc": "KV (attention K/V input) quantization"})
     precision: PrecisionSpec = field(default_factory=PrecisionSpec, metadata={"doc": "FGMP mixed NVFP4/FP8 weight blocks"})
     ort_cpu: OrtCpuSpec = field(default_factory=OrtCpuSpec, metadata={"doc": "target ort-cpu lowering options"})
+    npu: NpuSpec = field(default_factory=NpuSpec, metadata={"doc": "target npu emission options"})
 
     def __post_init__(self) -> None:
         _require(self.target in TARGETS, "target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.target == "npu":
+            _check_npu(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,7 +269,7 @@ def _coerce(value: Any, ftype: str, key: str) -> Any:
 
 _SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec, "sites": SiteSpec,
              "smooth": SmoothSpec, "reorder": ReorderSpec, "rounding": RoundingSpec, "kv": KVCacheSpec,
-             "precision": PrecisionSpec, "ort_cpu": OrtCpuSpec}
+             "precision": PrecisionSpec, "ort_cpu": OrtCpuSpec, "npu": NpuSpec}
 
 
 def available_recipes() -> dict[str, Path]:

@@ -1,4 +1,5 @@
 """Measure an ONNX model with ONNX Runtime (CPU): perplexity, embedding cosine, latency.
+Perplexity and embedding cosine also run in OpenVINO (``runtime="openvino"``, CPU plugin).
 
 Assumes the input conventions of lowbit/optimum exports: ``input_ids`` (always), optionally
 ``attention_mask``, ``token_type_ids``, ``position_ids`` and ``past_key_values.N.key/value``
@@ -15,7 +16,7 @@ Guarantees:
 * latency: median wall time of ``repeats`` runs after one warm-up; prefill of ``prefill_tokens``
   tokens (batch 1) and, for KV-cache models, one decode step on top of that prefill.
 
-A model ORT cannot load raises LowbitError with ORT's first message line.
+A model the runtime cannot load raises LowbitError with the runtime's first message line.
 """
 
 from __future__ import annotations
@@ -61,11 +62,23 @@ class LatencyResult:
     repeats: int
 
 
-def open_session(model_path: str | os.PathLike, session_options: Any = None) -> Any:
-    """An ORT CPU InferenceSession for a .onnx file or a directory holding model.onnx."""
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def open_session(model_path: str | os.PathLike, session_options: Any = None, runtime: str = "onnxruntime") -> Any:
+    """A CPU session for a .onnx file or a directory holding model.onnx: an ORT InferenceSession,
+    or (``runtime="openvino"``) an OpenVINO compiled model behind the same interface."""
     import onnxruntime as ort
 
     f = onnx_model_file(model_path)
+    if runtime not in RUNTIMES:
+        raise LowbitError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+    if runtime == "openvino":
+        if session_options is not None:
+            raise LowbitError("session options are ONNX Runtime's; OpenVINO takes none")
+        from lowbit.models.openvino_session import OpenVinoSession
+
+        return OpenVinoSession(f)
     try:
         return ort.InferenceSession(str(f), sess_options=session_options,
                                     providers=["CPUExecutionProvider"])
@@ -96,14 +109,15 @@ def _label(model_path: str | os.PathLike) -> str:
 
 
 def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_options: Any = None,
-               progress: bool = True) -> PerplexityResult:
-    """Perplexity of a causal LM over ``windows`` (int64 [N, T]), one window per run."""
+               progress: bool = True, runtime: str = "onnxruntime") -> PerplexityResult:
+    """Perplexity of a causal LM over ``windows`` (int64 [N, T]), one window per run, in ONNX
+    Runtime or OpenVINO (``runtime``)."""
     from tqdm import tqdm
 
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise LowbitError(f"windows must be [N >= 1, T >= 2] token ids, got shape {windows.shape}")
-    session = open_session(model_path, session_options)
+    session = open_session(model_path, session_options, runtime)
     idx = _output_index(session, "logits")
     total = 0.0
     for row in tqdm(windows, desc=f"perplexity {_label(model_path)}", unit="win",
@@ -119,11 +133,11 @@ def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_op
 
 def pooled_embeddings(model_path: str | os.PathLike, texts: Sequence[str], tokenizer: Any, *,
                       batch_size: int = 16, max_length: int = 128, session_options: Any = None,
-                      progress: bool = True) -> np.ndarray:
+                      progress: bool = True, runtime: str = "onnxruntime") -> np.ndarray:
     """Mean-pooled ``last_hidden_state`` per text: float64 [len(texts), hidden]."""
     from tqdm import tqdm
 
-    session = open_session(model_path, session_options)
+    session = open_session(model_path, session_options, runtime)
     idx = _output_index(session, "last_hidden_state")
     out = []
     starts = range(0, len(texts), batch_size)
@@ -142,8 +156,9 @@ def pooled_embeddings(model_path: str | os.PathLike, texts: Sequence[str], token
 
 def embedding_cosine(model_path: str | os.PathLike, reference_path: str | os.PathLike,
                      texts: Sequence[str], *, tokenizer: Any = None, session_options: Any = None,
-                     progress: bool = True) -> float:
-    """Mean cosine similarity of pooled embeddings of ``model_path`` vs ``reference_path``.
+                     progress: bool = True, runtime: str = "onnxruntime") -> float:
+    """Mean cosine similarity of pooled embeddings of ``model_path`` (run in ``runtime``) vs
+    ``reference_path`` (always FP32 in ONNX Runtime, the one reference for every runtime).
 
     The tokenizer defaults to the one stored next to the reference model (an export dir).
     """
@@ -152,7 +167,7 @@ def embedding_cosine(model_path: str | os.PathLike, reference_path: str | os.Pat
     if not texts:
         raise LowbitError("embedding_cosine needs at least one text")
     tok = tokenizer if tokenizer is not None else load_tokenizer(onnx_model_file(reference_path))
-    a = pooled_embeddings(model_path, texts, tok, session_options=session_options, progress=progress)
+    a = pooled_embeddings(model_path, texts, tok, session_options=session_options, progress=progress, runtime=runtime)
     b = pooled_embeddings(reference_path, texts, tok, progress=progress)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return float(cos.mean())

@@ -24,6 +24,7 @@ import dataclasses
 import fnmatch
 import logging
 from types import SimpleNamespace
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -34,7 +35,8 @@ from lowbit.compiler.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.passes.linear_sites import LinearSite
 
-__all__ = ["EmitQDQPass", "ensure_opset", "weight_dq_nodes"]
+__all__ = ["EmitQDQPass", "activation_qparams", "add_initializer", "cluster_ranges", "ensure_opset", "quantizable_groups",
+           "stored_codes", "weight_dq_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def ensure_opset(model: ir.Model, version: int) -> None:
     model.ir_version = min(max(model.ir_version, 10 if version <= 22 else 11), 11)
 
 
-def _const(graph: ir.Graph, array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
+def add_initializer(graph: ir.Graph, array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
     tensor = ir.tensor(array, dtype=dtype, name=name)
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
@@ -64,7 +66,7 @@ def _per_axis(scale: np.ndarray, axis: int) -> np.ndarray:
     return scale.reshape(-1) if scale.shape[axis] == 1 else scale
 
 
-def _stored_codes(enc: formats.Encoded, fmt: str, target: str, *, unsigned_int8: bool = False
+def stored_codes(enc: formats.Encoded, fmt: str, target: str, *, unsigned_int8: bool = False
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:  # fmt: skip
     """(codes array with its ONNX dtype via ml_dtypes, float32 scale, zero point, scale kind).
 
@@ -97,7 +99,7 @@ def weight_dq_nodes(graph: ir.Graph, site: LinearSite, enc: formats.Encoded, fmt
                     unsigned_int8: bool = False) -> tuple[list[ir.Node], ir.Value]:  # fmt: skip
     """DequantizeLinear node(s) reproducing ``formats.decode(enc)`` for the site's weight."""
     axis, block = site.reduction_axis, enc.block_size
-    codes, scale, zp, kind = _stored_codes(enc, fmt, target, unsigned_int8=unsigned_int8)
+    codes, scale, zp, kind = stored_codes(enc, fmt, target, unsigned_int8=unsigned_int8)
     base = site.name
     blocked = block is not None and enc.scale.shape[axis] > 1
     attrs = {"axis": axis, "block_size": int(block)} if blocked else {"axis": 1 - axis}
@@ -106,17 +108,17 @@ def weight_dq_nodes(graph: ir.Graph, site: LinearSite, enc: formats.Encoded, fmt
         zp = _per_axis(zp, axis) if zp is not None else None
     nodes: list[ir.Node] = []
     if kind == "fp4" and fmt == "nvfp4":  # FP8 block scales dequantized by the FP32 global scale
-        f8 = _const(graph, enc.scale.astype(np.float32).astype(ml_dtypes.float8_e4m3fn), f"{base}.scale_f8")
-        gs = _const(graph, np.array(enc.global_scale, np.float32), f"{base}.global_scale")
+        f8 = add_initializer(graph, enc.scale.astype(np.float32).astype(ml_dtypes.float8_e4m3fn), f"{base}.scale_f8")
+        gs = add_initializer(graph, np.array(enc.global_scale, np.float32), f"{base}.global_scale")
         scale_node = ir.node("DequantizeLinear", [f8, gs], name=f"{base}.scale_dq")
         scale_node.outputs[0].name = f"{base}.scale"
         nodes.append(scale_node)
         scale_value = scale_node.outputs[0]
     else:
-        scale_value = _const(graph, scale, f"{base}.scale")
-    inputs = [_const(graph, codes, f"{base}.q"), scale_value]
+        scale_value = add_initializer(graph, scale, f"{base}.scale")
+    inputs = [add_initializer(graph, codes, f"{base}.q"), scale_value]
     if zp is not None:
-        inputs.append(_const(graph, zp, f"{base}.zero_point"))
+        inputs.append(add_initializer(graph, zp, f"{base}.zero_point"))
     dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{base}.dq")
     dq.outputs[0].name = f"{base}.dequantized"
     dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
@@ -124,8 +126,12 @@ def weight_dq_nodes(graph: ir.Graph, site: LinearSite, enc: formats.Encoded, fmt
     return nodes, dq.outputs[0]
 
 
-def _activation_qparams(stats, spec) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """Static activation scale/zero point from calibrated ranges: (scale, zero_point, axis)."""
+def activation_qparams(stats, spec, round_scale: Callable[[np.ndarray], np.ndarray] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, int | None]:  # fmt: skip
+    """Static activation scale/zero point from calibrated ranges: (scale, zero_point, axis).
+
+    ``round_scale`` (e.g. to a power of two) is applied to integer scales before the zero point
+    is derived from them, so the zero point matches the scale actually stored."""
     lo, hi = stats.min.astype(np.float64), stats.max.astype(np.float64)
     if spec.range == "percentile":
         p = stats.percentile.astype(np.float64)
@@ -138,18 +144,20 @@ def _activation_qparams(stats, spec) -> tuple[np.ndarray, np.ndarray, int | None
         scale = np.maximum(-lo, hi) / 448.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         return scale, np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), axis
+    round_scale = round_scale or (lambda s: s)
     if spec.symmetric:
-        qmax, dtype = (7.0, ml_dtypes.int4) if spec.format == "int4" else (127.0, np.int8)
+        qmax, dtype = {"int4": (7.0, ml_dtypes.int4), "int16": (32767.0, np.int16)}.get(spec.format, (127.0, np.int8))
         scale = np.maximum(-lo, hi) / qmax
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
         return scale, np.zeros(scale.shape, dtype), axis
-    scale = (hi - lo) / 255.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    zp = np.clip(np.rint(-lo / scale), 0, 255).astype(np.uint8)
+    qmax, dtype = (65535.0, np.uint16) if spec.format == "int16" else (255.0, np.uint8)
+    scale = (hi - lo) / qmax
+    scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
+    zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(dtype)
     return scale, zp, axis
 
 
-def _cluster_ranges(stats, labels: np.ndarray) -> SimpleNamespace:
+def cluster_ranges(stats, labels: np.ndarray) -> SimpleNamespace:
     """Per-channel min/max (and percentile) replaced by their cluster's extreme values."""
     out = {}
     pct = stats.percentile if stats.percentile_sum is not None and stats.windows else None
@@ -163,15 +171,29 @@ def _cluster_ranges(stats, labels: np.ndarray) -> SimpleNamespace:
     return SimpleNamespace(**out)
 
 
+def quantizable_groups(ctx: CompileContext) -> list[list[LinearSite]]:
+    """Linear sites grouped by shared input, without those ``sites.exclude`` names (empty groups
+    dropped). Never silently: the report records every skipped or excluded site and why."""
+    site_report = ctx.report["sites"]
+    for name, why in ctx.sites.skipped.items():
+        site_report[name] = {"quantized": False, "reason": why}
+    groups = []
+    for group in ctx.sites.input_groups():
+        chosen = [s for s in group if not any(fnmatch.fnmatch(s.name, p) for p in ctx.recipe.sites.exclude)]
+        for s in group:
+            if s not in chosen:
+                site_report[s.name] = {"quantized": False, "reason": "excluded by sites.exclude"}
+        if chosen:
+            groups.append(chosen)
+    return groups
+
+
 class EmitQDQPass(ir.passes.InPlacePass):
     """Quantize every selected linear site's weight (and input) as the recipe says."""
 
     def __init__(self, ctx: CompileContext) -> None:
         super().__init__()
         self.ctx = ctx
-
-    def _excluded(self, site: LinearSite) -> bool:
-        return any(fnmatch.fnmatch(site.name, pat) for pat in self.ctx.recipe.sites.exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
@@ -182,15 +204,7 @@ class EmitQDQPass(ir.passes.InPlacePass):
         stats = self.ctx.get("activation_stats") if aspec.format != "none" else None
         graph, count = model.graph, 0
         site_report = self.ctx.report["sites"]
-        for name, why in self.ctx.sites.skipped.items():  # never silently: the report lists them
-            site_report[name] = {"quantized": False, "reason": why}
-        for group in self.ctx.sites.input_groups():
-            chosen = [s for s in group if not self._excluded(s)]
-            for s in group:
-                if s not in chosen:
-                    site_report[s.name] = {"quantized": False, "reason": "excluded by sites.exclude"}
-            if not chosen:
-                continue
+        for chosen in quantizable_groups(self.ctx):
             if stats is not None:
                 self._quantize_input(graph, chosen, stats)
             for site in chosen:
@@ -236,12 +250,12 @@ class EmitQDQPass(ir.passes.InPlacePass):
         ranges = stats[x.name]
         clusters = self.ctx.get("act_clusters").get(x.name) if self.ctx.has("act_clusters") else None
         if clusters is not None:  # RPTQ: one range per cluster, as a per-channel scale vector
-            ranges, aspec = _cluster_ranges(ranges, clusters), dataclasses.replace(aspec, granularity="per_channel")
-        scale, zp, axis = _activation_qparams(ranges, aspec)
+            ranges, aspec = cluster_ranges(ranges, clusters), dataclasses.replace(aspec, granularity="per_channel")
+        scale, zp, axis = activation_qparams(ranges, aspec)
         base = x.name
         attrs = {"axis": axis} if axis is not None else {}
-        s_val = _const(graph, scale, f"{base}.act_scale")
-        z_val = _const(graph, zp, f"{base}.act_zero_point")
+        s_val = add_initializer(graph, scale, f"{base}.act_scale")
+        z_val = add_initializer(graph, zp, f"{base}.act_zero_point")
         q = ir.node("QuantizeLinear", [x, s_val, z_val], attrs, name=f"{base}.q")
         q.outputs[0].name = f"{base}.quantized"
         q.outputs[0].type = ir.TensorType(z_val.dtype)
@@ -255,7 +269,7 @@ class EmitQDQPass(ir.passes.InPlacePass):
             # yet ORT 1.31 fuses any DQ -> MatMul into MatMulIntegerToFloat and fails at run time.
             # DQ with unit scales, then Mul by the scales: (q - zp) * 1 * s is bit-identical to
             # (q - zp) * s, and the Mul keeps the fusion away.
-            ones = _const(graph, np.ones_like(scale), f"{base}.act_unit_scale")
+            ones = add_initializer(graph, np.ones_like(scale), f"{base}.act_unit_scale")
             unit = ir.node("DequantizeLinear", [q.outputs[0], ones, z_val], attrs, name=f"{base}.dq")
             dq = ir.node("Mul", [unit.outputs[0], s_val], name=f"{base}.dq_scale")
             unit.outputs[0].name = f"{base}.act_unscaled"

@@ -32,7 +32,7 @@ import onnx_ir as ir
 from lowbit import formats
 from lowbit.compiler.context import CompileContext
 from lowbit.passes.capture import transform_channels
-from lowbit.passes.emit_qdq import _activation_qparams
+from lowbit.passes.emit_qdq import activation_qparams
 from lowbit.passes.folding import FoldTarget, fold_target, weight_kn
 
 __all__ = ["SmoothPass", "candidate_scales", "fake_quantize_activations"]
@@ -48,10 +48,12 @@ def fake_quantize_activations(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, asp
     if aspec.format == "none":
         return x
     stats = SimpleNamespace(min=lo, max=hi, percentile=np.maximum(-lo, hi))
-    scale, zp, _ = _activation_qparams(stats, aspec)
+    scale, zp, _ = activation_qparams(stats, aspec)
     if aspec.format == "fp8_e4m3":
         return formats.cast(x / scale, "fp8_e4m3") * scale
-    q_lo, q_hi = ((-8, 7) if aspec.format == "int4" else (-128, 127)) if aspec.symmetric else (0, 255)
+    q_lo, q_hi = {"int4": (-8, 7), "int16": (-32768, 32767)}.get(aspec.format, (-128, 127))
+    if not aspec.symmetric:
+        q_lo, q_hi = (0, 65535) if aspec.format == "int16" else (0, 255)
     zp = zp.astype(np.float32)
     return (np.clip(np.rint(x / scale) + zp, q_lo, q_hi) - zp) * scale
 
