@@ -151,6 +151,17 @@ def _as_ort_runs_it(measure: Callable[[], Any]) -> Any:
         return "ORT error"
 
 
+def _in_openvino(measure: Callable[[], Any]) -> Any:
+    """The measurement in OpenVINO, or ``"OpenVINO error"`` where its CPU plugin rejects the graph
+    (e.g. per-channel activation QDQ: "FakeQuantize ... doesn't support non per-tensor
+    quantization"); the failure is logged, not hidden."""
+    try:
+        return measure()
+    except Exception as e:  # LowbitError from OpenVinoSession
+        log.warning("OpenVINO run failed: %s", str(e).splitlines()[0][:300])
+        return "OpenVINO error"
+
+
 def smollm2_section(cfg: BenchConfig) -> str:
     """SmolLM2-135M: perplexity, ratio to FP32, compile time, size, bits/weight per contender."""
     from lowbit.models import data, evaluate, footprint
@@ -173,7 +184,7 @@ def smollm2_section(cfg: BenchConfig) -> str:
             default, basic = _session_pair(c)
             ppl_basic = evaluate.perplexity(path, evalw, session_options=basic)
             ppl = _as_ort_runs_it(lambda: evaluate.perplexity(path, evalw, session_options=default))
-            ppl_ov = evaluate.perplexity(path, evalw, runtime="openvino").ppl if c.openvino else None
+            ppl_ov = _in_openvino(lambda: evaluate.perplexity(path, evalw, runtime="openvino").ppl) if c.openvino else None
             bits = footprint.linear_weight_bits(path)
             rows.append((c, ppl, ppl_basic, seconds, footprint.size_on_disk(path), bits.bits_per_weight, ppl_ov))
     base = next((r[2].ppl for r in rows if r[0].name == "fp32"), None)
@@ -198,12 +209,14 @@ def smollm2_section(cfg: BenchConfig) -> str:
     for c, ppl, ppl_basic, seconds, size, bpw, ppl_ov in rows:
         shown = f"{ppl.ppl:.2f}" if not isinstance(ppl, str) else ppl
         ratio = f"{(ppl if not isinstance(ppl, str) else ppl_basic).ppl / base:.3f}" if base else "-"
-        ov = f"{ppl_ov:.2f}" if ppl_ov is not None else "-"
+        ov = "-" if ppl_ov is None else ppl_ov if isinstance(ppl_ov, str) else f"{ppl_ov:.2f}"
         lines.append(f"| {c.name} | {c.weight_grid} | {shown} | {ratio} | {ppl_basic.ppl:.2f} | {ov} | "
                      f"{seconds:.1f} | {size / 1e6:.1f} | {bpw:.2f} |")
     lines += ["", "ratio to FP32: of the default-options ppl, or of the float-QDQ ppl where ORT's default "
               "run fails. An `ORT error` cell: ONNX Runtime's QDQ fusion (MatMulIntegerToFloat) rejects "
-              "the graph at default options although the same graph runs at ORT_ENABLE_BASIC."]
+              "the graph at default options although the same graph runs at ORT_ENABLE_BASIC. An "
+              "`OpenVINO error` cell: OpenVINO's CPU plugin rejects the graph (per-channel activation "
+              "QDQ, which the qdq target emits for RPTQ clusters)."]
     return "\n".join(lines)
 
 
@@ -238,8 +251,7 @@ def minilm_section(cfg: BenchConfig) -> str:
             default, basic = _session_pair(c)
             cos = _as_ort_runs_it(lambda: evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, session_options=default))
             cos_b = evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, session_options=basic)
-            cos_ov = (f"{evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, runtime='openvino'):.5f}"
-                      if c.openvino else "-")  # fmt: skip
+            cos_ov = _in_openvino(lambda: f"{evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, runtime='openvino'):.5f}") if c.openvino else "-"
             size, bpw = footprint.size_on_disk(path), footprint.linear_weight_bits(path).bits_per_weight
             shown = cos if isinstance(cos, str) else f"{cos:.5f}"
             lines.append(f"| {c.name} | {c.weight_grid} | {shown} | {cos_b:.5f} | {cos_ov} | {seconds:.1f} | "

@@ -1,5 +1,5 @@
 """Measure an ONNX model with ONNX Runtime (CPU): perplexity, embedding cosine, latency.
-Perplexity and embedding cosine also run in OpenVINO (``runtime="openvino"``, CPU plugin).
+Each also runs in OpenVINO (``runtime="openvino"``, CPU plugin).
 
 Assumes the input conventions of lowbit/optimum exports: ``input_ids`` (always), optionally
 ``attention_mask``, ``token_type_ids``, ``position_ids`` and ``past_key_values.N.key/value``
@@ -184,11 +184,11 @@ def _median_ms(fn: Any, repeats: int) -> float:
 
 
 def latency(model_path: str | os.PathLike, *, prefill_tokens: int = 128, repeats: int = 10,
-            session_options: Any = None) -> LatencyResult:
+            session_options: Any = None, runtime: str = "onnxruntime") -> LatencyResult:
     """Median prefill latency (batch 1) and, if the model has a KV cache, one decode step."""
     if prefill_tokens < 2 or repeats < 1:
         raise LowbitError("latency needs prefill_tokens >= 2 and repeats >= 1")
-    session = open_session(model_path, session_options)
+    session = open_session(model_path, session_options, runtime)
     # Token values do not change the work done; ids 0/1 exist in every vocabulary.
     ids = (np.arange(prefill_tokens, dtype=np.int64) % 2)[None, :]
     feeds = build_feeds(session, ids)

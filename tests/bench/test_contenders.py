@@ -113,3 +113,17 @@ def test_runner_report_has_header_and_added_sections(monkeypatch):
 def test_bench_config_validation():
     with pytest.raises(LowbitError):
         runner.BenchConfig(eval_windows=0)
+
+
+def test_npu_contender_builds_in_both_targets_and_runs_in_openvino(tiny_fp32, tmp_path):
+    npu, qdq = C.CONTENDERS["lowbit-npu-w8a8"], C.CONTENDERS["lowbit-npu-w8a8-qdq"]
+    assert npu.openvino and qdq.openvino and "--target qdq" in qdq.description
+    ctx = _ctx(tmp_path, "npu")
+    path, _ = npu.build(tiny_fp32, ctx)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["lowbit.target"] == "npu"
+    in_ort = evaluate.perplexity(path, ctx.windows, progress=False).ppl
+    assert evaluate.perplexity(path, ctx.windows, progress=False, runtime="openvino").ppl == pytest.approx(in_ort, rel=1e-3)
+    # the same recipe for the qdq target has per-channel activation QDQ, which OpenVINO rejects
+    qdq_path, _ = qdq.build(tiny_fp32, _ctx(tmp_path, "qdq"))
+    assert runner._in_openvino(lambda: evaluate.perplexity(qdq_path, ctx.windows, runtime="openvino")) == "OpenVINO error"
