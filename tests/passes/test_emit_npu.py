@@ -29,6 +29,11 @@ def _compile(windows, target="npu", overrides=(), recipe="w8a8-rptq"):
     return lowbit.compile(tiny_decoder(), recipe, target=target, calibration=windows, overrides=[*NPU, *overrides])
 
 
+@pytest.fixture(scope="module")
+def npu(token_windows):
+    return _compile(token_windows)
+
+
 def _run(model: ir.Model, ids, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized_path=None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
@@ -42,8 +47,8 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_only_standard_integer_qdq(token_windows):
-    result = _compile(token_windows)
+def test_only_standard_integer_qdq(npu):
+    result = npu
     graph = result.model.graph
     assert {n.domain for n in graph} == {""} and {n.op_type for n in graph} <= STANDARD_OPS
     for n in graph:
@@ -62,8 +67,8 @@ def test_only_standard_integer_qdq(token_windows):
     assert len(quantized) == result.report["npu"]["partial_matmuls"]
 
 
-def test_split_matmuls_equal_the_qdq_target(token_windows):
-    npu, qdq = _compile(token_windows), _compile(token_windows, target="qdq")
+def test_split_matmuls_equal_the_qdq_target(npu, token_windows):
+    qdq = _compile(token_windows, target="qdq")
     ids = token_windows[1]
     # same weights, same per-cluster ranges; only the float32 summation order differs
     assert _rel(_run(npu.model, ids), _run(qdq.model, ids)) < 1e-5
@@ -75,8 +80,7 @@ def test_split_matmuls_equal_the_qdq_target(token_windows):
     assert len(partials) == 15 and report["partial_matmuls"] == sum(partials) > 15
 
 
-def test_ort_fuses_every_partial_matmul_into_an_integer_kernel(token_windows, tmp_path):
-    npu = _compile(token_windows)
+def test_ort_fuses_every_partial_matmul_into_an_integer_kernel(npu, token_windows, tmp_path):
     ids = token_windows[1]
     fused = _run(npu.model, ids, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, tmp_path / "optimized.onnx")
     kernels = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
@@ -84,10 +88,9 @@ def test_ort_fuses_every_partial_matmul_into_an_integer_kernel(token_windows, tm
     assert _rel(fused, _run(npu.model, ids)) < 1e-5  # the integer kernels compute the graph as written
 
 
-def test_openvino_runs_every_partial_matmul_in_int8(token_windows, tmp_path):
+def test_openvino_runs_every_partial_matmul_in_int8(npu, token_windows, tmp_path):
     from lowbit.models.openvino_session import OpenVinoSession, integer_matmuls
 
-    npu = _compile(token_windows)
     path = npu.save(tmp_path / "npu.onnx")
     session = OpenVinoSession(path)
     assert integer_matmuls(session) == npu.report["npu"]["partial_matmuls"]
@@ -109,15 +112,14 @@ def test_full_range_int8_weights_saturate_on_this_cpu_unless_reduced(token_windo
 
 
 @pytest.mark.parametrize("mode", ["ceil", "nearest"])
-def test_power_of_two_scales(mode, token_windows):
+def test_power_of_two_scales(mode, npu, token_windows):
     result = _compile(token_windows, overrides=[f"npu.power_of_two_scales={mode}"])
     scales = [n.inputs[1].const_value.numpy() for n in result.model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert len(scales) > 30
     for s in scales:
         mantissa, _ = np.frexp(s)
         assert np.all(mantissa == 0.5)
-    plain = _compile(token_windows)
-    w, w2 = (r.model.graph.initializers["layers.0.mlp.down_proj.scale"].const_value.numpy() for r in (plain, result))
+    w, w2 = (r.model.graph.initializers["layers.0.mlp.down_proj.scale"].const_value.numpy() for r in (npu, result))
     if mode == "ceil":
         assert np.all(w2 >= w) and np.all(w2 < 2 * w)
     else:
@@ -143,16 +145,15 @@ def test_int4_weight_storage(storage, dtype, token_windows):
     assert _rel(_run(result.model, token_windows[1]), _run(other.model, token_windows[1])) < 1e-6
 
 
-def test_int16_activations(token_windows):
+def test_int16_activations(npu, token_windows):
     result = _compile(token_windows, overrides=["activations.format=int16"])
     q_types = {n.outputs[0].dtype for n in result.model.graph if n.op_type == "QuantizeLinear"}
     assert q_types == {ir.DataType.UINT16}
     float_run = lowbit.compile(tiny_decoder(), "w8a8-rptq", calibration=token_windows,
                                overrides=[*NPU, "activations.format=none"]).model  # fmt: skip
     # 16-bit activations are close to float activations; 8-bit ones are not as close
-    eight = _compile(token_windows)
     ids = token_windows[1]
-    assert _rel(_run(result.model, ids), _run(float_run, ids)) < 0.25 * _rel(_run(eight.model, ids), _run(float_run, ids))
+    assert _rel(_run(result.model, ids), _run(float_run, ids)) < 0.25 * _rel(_run(npu.model, ids), _run(float_run, ids))
 
 
 def test_weight_only_npu_keeps_matmuls_on_dequantized_weights(token_windows):
