@@ -1,7 +1,9 @@
-"""The compile report: ``report.json`` (everything) and ``report.md`` (what a person reads).
+"""The compile report: ``report.json`` (everything), ``report.md`` (text) and ``report.html``
+(one self-contained page with the plots, see :mod:`lowbit.compiler.report_html`).
 
-Holds the recipe, versions, per-pass timings and node counts, per-site formats and bits, and the
-SLAC range table. Files are written atomically.
+Holds the recipe, versions, per-pass timings and node counts, per-site formats and bits, the
+SLAC range table and, when an evaluation ran, accuracy and size vs the FP32 input. Files are
+written atomically.
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{s['bits_per_weight']:.3f}" if "bits_per_weight" in s else "",
                       s.get("activations", ""), s.get("feeder", s.get("reason", ""))]
                      for name, s in sites.items()])  # fmt: skip
+    ev = report.get("evaluation")
+    if ev:
+        lines += ["", "## Evaluation vs the FP32 input", ""]
+        rows = []
+        for label, row in (("FP32 input", ev.get("baseline")), ("compiled", ev.get("model"))):
+            if row:
+                metric = (row.get("perplexity") or {}).get("ppl") if row.get("kind") == "causal-lm" else row.get("cosine")
+                rows.append([label, f"{row['size_bytes'] / 1e6:.1f}", row.get("bits_per_weight"), metric])
+        lines += _table(["model", "size MB", "bits/weight", "perplexity" if ev["model"].get("kind") == "causal-lm"
+                         else "cosine to FP32"], rows)  # fmt: skip
+        if ev.get("ppl_ratio") is not None:
+            lines += ["", f"Perplexity ratio to FP32: {ev['ppl_ratio']:.4f}"]
     if report.get("slac"):
         cal = report.get("calibration", {})
         lines += ["", "## SLAC: activation range vs sequence length", "",
@@ -65,10 +79,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict[str, Any], directory: Path, stem: str) -> tuple[Path, Path]:
-    json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
-    with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(render_markdown(report))
-    return json_path, md_path
+def write(report: dict[str, Any], directory: Path, stem: str) -> tuple[Path, Path, Path]:
+    """Write ``{stem}.json``, ``{stem}.md`` and ``{stem}.html`` into ``directory``."""
+    from lowbit.compiler.report_html import render_html
+
+    paths = directory / f"{stem}.json", directory / f"{stem}.md", directory / f"{stem}.html"
+    texts = json.dumps(report, indent=1, default=str), render_markdown(report), render_html(report)
+    for path, text in zip(paths, texts):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return paths

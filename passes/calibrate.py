@@ -27,7 +27,7 @@ from lowbit.compiler.feeds import build_feeds
 from lowbit.compiler.ortrun import ort_session
 from lowbit.errors import LowbitError
 
-__all__ = ["ActivationStats", "ChannelStats", "CalibratePass", "calibration_taps"]
+__all__ = ["ActivationStats", "ChannelStats", "CalibratePass", "calibration_taps", "slac_table", "slac_tensor_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +150,26 @@ class CalibratePass(ir.passes.InPlacePass):
                         stats.slac[name][length] = max(prev, float(np.abs(x).max()))
         self.ctx.put("activation_stats", stats)
         self.ctx.report["slac"] = slac_table(stats)
+        self.ctx.report["slac_tensors"] = slac_tensor_rows(stats, _tap_labels(self.ctx, taps))
         self.ctx.report["calibration"] = {"windows": len(data.windows), "seq_len": stats.seq_len,
                                           "taps": len(stats.by_value), "source": data.source}  # fmt: skip
         logger.info("calibrated %d tensors on %d windows of %d tokens", len(stats.by_value), len(data.windows), stats.seq_len)
         return ir.passes.PassResult(model, modified=False)
+
+
+def _tap_labels(ctx: CompileContext, taps: dict[str, ir.Value]) -> dict[str, str]:
+    """Readable tap names: the first site reading a value names it; attention K/V keep theirs."""
+    labels = {}
+    for site in ctx.sites:
+        if site.input.name in taps:
+            labels.setdefault(site.input.name, f"{site.name} input")
+    return labels
+
+
+def slac_tensor_rows(stats: ActivationStats, labels: dict[str, str]) -> list[dict]:
+    """Per observed tensor: its absmax at every calibrated length (the report's per-tensor table)."""
+    return [{"tensor": labels.get(name, name), "absmax": {str(n): per[n] for n in sorted(per)}}
+            for name, per in stats.slac.items()]  # fmt: skip
 
 
 def slac_table(stats: ActivationStats) -> list[dict]:
