@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["run", "measure", "measure_variants", "plot", "to_markdown"]
+__all__ = ["run", "measure", "measure_gap", "measure_variants", "plot", "to_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,18 @@ STRATEGIES = ("fgmp", "random", "per_layer")
 
 
 def _session_options():
+    """ORT_ENABLE_BASIC (ORT's QDQ fusions reject FP8 activations) without weight prepacking.
+
+    Prepacking: ORT repacks a MatMul's *constant* B for its SGEMM kernel, which sums in another
+    order than the unpacked kernel a compiled model uses (its weights come out of DQ nodes at run
+    time). Measured on SmolLM2 FGMP 30%: identical weights, first-layer outputs ~4e-6 apart, which
+    flip FP8 activation roundings downstream and moved perplexity by 0.3% (17.017 vs 17.071);
+    without prepacking the shortcut's logits equal the compiled model's bit for bit."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts
 
 
@@ -164,7 +172,9 @@ def measure_variants(n_windows: int = 8, seq_len: int = 512, work_root: Path | N
     """End-to-end ``lowbit.compile`` rows on the same windows: the recipe as shipped (FGMP 30%,
     checks the bench's fake-quant shortcut), NVFP4 clipping by plain absmax (all-NVFP4 and FGMP
     30%: what the Fisher-weighted clip search buys) and runtime FGMP activations (FgmpActQuant,
-    30% FP8 token-blocks, function fallback) instead of FP8 per-tensor static activations."""
+    30% FP8 token-blocks, function fallback) and static FGMP activations (30% of the channels FP8
+    E4M3, the rest E2M1, chosen from calibration, standard ops) instead of FP8 per-tensor static
+    activations."""
     from lowbit.compiler.api import compile as lowbit_compile
     from lowbit.models.data import calibration_windows, evaluation_windows
     from lowbit.models.evaluate import perplexity
@@ -180,6 +190,7 @@ def measure_variants(n_windows: int = 8, seq_len: int = 512, work_root: Path | N
         ("all-nvfp4, absmax clip", ["precision.clip=absmax", "precision.fp8_fraction=0.0"]),
         ("fgmp-0.3, absmax clip", ["precision.clip=absmax"]),
         ("fgmp-0.3, runtime FGMP activations 30%", ["activations.format=none", "precision.activations=runtime"]),
+        ("fgmp-0.3, static FGMP activations 30% (standard ops)", ["activations.format=none", "precision.activations=static"]),
     ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="fgmp-variants-", dir=work_root) as tmp:
@@ -195,6 +206,67 @@ def measure_variants(n_windows: int = 8, seq_len: int = 512, work_root: Path | N
                    "activations": rep.get("activations")}  # fmt: skip
             log.info("%s", row)
             rows.append(row)
+    return rows
+
+
+def _gap_masks(kind: str, names: list[str], impacts: list[np.ndarray], total: int) -> dict[str, np.ndarray]:
+    """FP8 masks: ``all-fp8`` | ``all-nvfp4`` | ``fgmp`` (30%) | ``lm_head-fp8`` / ``lm_head-nvfp4``
+    (the tied lm_head, 21% of the blocks, forced to one precision; the rest of the 30% by impact)."""
+    from lowbit.passes.precision import n_fp8_blocks, top_k_masks
+
+    if kind in ("all-fp8", "all-nvfp4"):
+        return {n: np.full(i.shape, kind == "all-fp8") for n, i in zip(names, impacts)}
+    k = n_fp8_blocks(total, 0.3)
+    if kind == "fgmp":
+        masks, _ = top_k_masks(impacts, k)
+        return dict(zip(names, masks))
+    forced = kind == "lm_head-fp8"
+    rest = [i for n, i in zip(names, impacts) if n != "lm_head"]
+    lm = impacts[names.index("lm_head")]
+    masks, _ = top_k_masks(rest, k - (lm.size if forced else 0))
+    masks.insert(names.index("lm_head"), np.full(lm.shape, forced))
+    return dict(zip(names, masks))
+
+
+GAP_EXPERIMENTS = (  # (what, recipe overrides, mask kinds)
+    ("float activations: the weights' share of the gap", ["activations.format=none"], ("all-fp8", "fgmp", "all-nvfp4")),
+    ("FP8 activations: lm_head precision", [], ("fgmp", "lm_head-fp8", "lm_head-nvfp4")),
+    ("FP8 activations: diag(X^T X) proxy instead of the Fisher", ["precision.sensitivity=proxy"], ("fgmp",)),
+    ("static FGMP activations 30%: the activations' share", ["activations.format=none", "precision.activations=static"], ("all-fp8", "fgmp")),
+    ("runtime FGMP activations 30%: the activations' share", ["activations.format=none", "precision.activations=runtime"], ("all-fp8",)),
+)  # fmt: skip
+
+
+def measure_gap(experiments=GAP_EXPERIMENTS, n_windows: int = 8, seq_len: int = 512) -> list[dict]:
+    """Where FGMP-30%'s distance to all-FP8 comes from, on the same windows: weights vs activations
+    (float activations; all-FP8 weights under FGMP activations), the lm_head's share of FP8 blocks,
+    and the sensitivity source. One prepared context per experiment; masks as in :func:`measure`."""
+    from lowbit.models.data import calibration_windows, evaluation_windows
+    from lowbit.models.export import export_model
+    from lowbit.models.registry import load_tokenizer
+
+    export_dir = export_model("smollm2-135m")
+    tok = load_tokenizer(export_dir)
+    calib = calibration_windows(tok, seq_len, n_windows)
+    evalw = evaluation_windows(tok, seq_len, n_windows)
+    rows = []
+    for what, overrides, kinds in experiments:
+        ctx, weights = _prepare(export_dir, calib, overrides)
+        a = ctx.get("precision_assignment")
+        names = list(a.sites)
+        impacts = [a.sites[n].impact for n in names]
+        with tempfile.TemporaryDirectory(prefix="fgmp-gap-") as tmp:
+            for kind in kinds:
+                masks = _gap_masks(kind, names, impacts, a.total_blocks)
+                work = Path(tmp) / kind
+                work.mkdir()
+                ppl = _evaluate_masks(ctx, weights, masks, evalw, work)
+                fp8 = sum(int(m.sum()) for m in masks.values()) / a.total_blocks
+                row = {"experiment": what, "overrides": overrides, "weights": kind, "fp8_fraction": fp8,
+                       "lm_head_fp8": float(masks["lm_head"].mean()), "ppl": ppl, "sensitivity": a.sensitivity}  # fmt: skip
+                log.info("%s", row)
+                rows.append(row)
+        del ctx, weights
     return rows
 
 
@@ -264,6 +336,14 @@ def to_markdown(result: dict, pngs: tuple[Path, Path]) -> str:
                   "| variant | FP8 blocks | avg bits | perplexity | x all-FP8 |", "|---|---|---|---|---|"]
         for r in result["variants"]:
             lines.append(f"| {r['label']} | {r['fp8_fraction']:.4f} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {r['ppl'] / fp8:.4f} |")
+    if result.get("gap"):
+        lines += ["", "Where the gap to all-FP8 comes from (`measure_gap()`, same windows; weights at 30% FP8 "
+                  "blocks unless the row says otherwise):", "",
+                  "| experiment | weights | FP8 blocks | lm_head FP8 | sensitivity | perplexity | x all-FP8 |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in result["gap"]:
+            lines.append(f"| {r['experiment']} | {r['weights']} | {r['fp8_fraction']:.4f} | {r['lm_head_fp8']:.3f} | "
+                         f"{r['sensitivity']} | {r['ppl']:.3f} | {r['ppl'] / fp8:.4f} |")  # fmt: skip
     lines += ["", f"![FP8 blocks per layer]({pngs[0].name})  ![Pareto]({pngs[1].name})", ""]
     return "\n".join(lines)
 
@@ -271,6 +351,7 @@ def to_markdown(result: dict, pngs: tuple[Path, Path]) -> str:
 def run() -> str:
     result = measure()
     result["variants"] = measure_variants()
+    result["gap"] = measure_gap()
     return to_markdown(result, plot(result))
 
 

@@ -28,6 +28,7 @@ from lowbit.passes.emit_mixed import EmitMixedWeightsPass
 from lowbit.passes.emit_npu import EmitNpuPass
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.fgmp_act import FgmpActivationsPass
+from lowbit.passes.fgmp_static_act import FgmpStaticActivationsPass
 from lowbit.passes.kv_quant import KvQuantPass
 from lowbit.passes.linear_sites import find_linear_sites
 from lowbit.passes.lower_ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass
@@ -122,7 +123,8 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
     recipe = ctx.recipe
     smooth = recipe.smooth.method != "none"
     fgmp = recipe.precision.enabled
-    if recipe.activations.format != "none" or smooth or (fgmp and recipe.precision.sensitivity == "proxy"):
+    static_acts = fgmp and recipe.precision.activations == "static"  # needs per-channel absmax
+    if recipe.activations.format != "none" or smooth or static_acts or (fgmp and recipe.precision.sensitivity == "proxy"):
         steps.append((CalibratePass(ctx), True))
     if smooth or recipe.rounding.method == "optq":
         steps.append((CapturePass(ctx, recipe.smooth.sample_tokens), True))
@@ -138,6 +140,8 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
         steps.append((AssignPrecisionPass(ctx), True))
         if recipe.precision.activations == "runtime":
             steps.append((FgmpActivationsPass(ctx), False))
+        elif static_acts:
+            steps.append((FgmpStaticActivationsPass(ctx), False))
     ort_cpu = recipe.target == "ort-cpu"
     if ort_cpu:  # analysis only: embedding tables and their tied sites, before emission unties them
         steps.append((FindEmbeddingsPass(ctx), True))

@@ -162,8 +162,8 @@ class PrecisionSpec:
     fisher_file: str = _doc("npz of empirical Fisher keyed weight/<site> (lowbit.models.fisher); '' = compute or proxy", "")
     clip: str = _doc("NVFP4 block scale chooser: fisher (sensitivity-weighted clip search) | mse | absmax", "fisher")
     seed: int = _doc("random seed of assignment = random", 0)
-    activations: str = _doc("static: activations.format QDQ | runtime: FgmpActQuant per block of 16 (needs activations.format = none)", "static")
-    act_fp8_fraction: float = _doc("runtime activations: fraction of FP8 token-blocks on calibration data (global threshold)", 0.3)
+    activations: str = _doc("uniform: activations.format QDQ at every input | static: FP8 E4M3 or E2M1 per input channel, chosen from calibration, standard ops | runtime: FgmpActQuant per token-block of 16 (static and runtime need activations.format = none)", "uniform")
+    act_fp8_fraction: float = _doc("static / runtime activations: fraction of FP8 channel blocks (static) or token-blocks on calibration data (runtime); < 0 = the weights' budget", -1.0)
 
     def __post_init__(self) -> None:
         _require(self.assignment in ("fgmp", "random", "per_layer"), "precision.assignment", f"{self.assignment!r} is not fgmp, random or per_layer")
@@ -171,8 +171,8 @@ class PrecisionSpec:
         _require(self.avg_bits == 0.0 or 4.5 <= self.avg_bits <= 8.0, "precision.avg_bits", "must be 0 or in [4.5, 8.0]")
         _require(self.sensitivity in ("auto", "fisher", "proxy"), "precision.sensitivity", f"{self.sensitivity!r} is not auto, fisher or proxy")
         _require(self.clip in ("fisher", "mse", "absmax"), "precision.clip", f"{self.clip!r} is not fisher, mse or absmax")
-        _require(self.activations in ("static", "runtime"), "precision.activations", f"{self.activations!r} is not static or runtime")
-        _require(0.0 <= self.act_fp8_fraction <= 1.0, "precision.act_fp8_fraction", "must be in [0, 1]")
+        _require(self.activations in ("uniform", "static", "runtime"), "precision.activations", f"{self.activations!r} is not uniform, static or runtime")
+        _require(self.act_fp8_fraction <= 1.0, "precision.act_fp8_fraction", "must be <= 1 (< 0: the weights' budget)")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from lowbit.compiler.feeds import make_feed
 from lowbit.compiler.ortrun import ort_session
 from lowbit.errors import LowbitError
 from lowbit.passes.emit_qdq import ensure_opset
-from lowbit.passes.precision import BLOCK, n_fp8_blocks
+from lowbit.passes.precision import BLOCK, activation_fp8_fraction, n_fp8_blocks
 
 __all__ = ["FgmpActivationsPass", "activation_perturbation", "calibrated_threshold"]
 
@@ -81,14 +81,15 @@ class FgmpActivationsPass(ir.passes.InPlacePass):
             outs = session.run(names, make_feed(session.get_inputs(), ids))
             pooled += [activation_perturbation(x, g2[id(g[0])]).reshape(-1) for g, x in zip(groups, outs)]
         pooled = np.concatenate(pooled)
-        threshold = calibrated_threshold(pooled, recipe.precision.act_fp8_fraction)
+        fraction = activation_fp8_fraction(recipe.precision)
+        threshold = calibrated_threshold(pooled, fraction)
         for g in groups:
             self._insert(model, g, g2[id(g[0])], threshold)
         self._attach_function(model)
         self.ctx.report.setdefault("precision", {})["activations"] = {
             "mode": "runtime FgmpActQuant", "threshold": threshold, "groups": len(groups),
             "calibration_fp8_fraction": float((pooled > threshold).mean()),
-            "requested_fp8_fraction": recipe.precision.act_fp8_fraction}  # fmt: skip
+            "requested_fp8_fraction": fraction}  # fmt: skip
         logger.info("FgmpActQuant at %d inputs, threshold %.4g", len(groups), threshold)
         return ir.passes.PassResult(model, modified=bool(groups))
 

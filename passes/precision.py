@@ -44,8 +44,9 @@ from lowbit.passes.linear_sites import LinearSite
 
 __all__ = [
     "BITMAP_BITS", "BLOCK", "FP8_BITS", "NVFP4_BITS", "AssignPrecisionPass", "Assignment",
-    "SiteChoice", "block_impact", "candidates", "choose_blocks", "fraction_for_bits", "mixed_weight",
-    "n_fp8_blocks", "per_layer_masks", "random_masks", "top_k_masks",
+    "SiteChoice", "activation_fp8_fraction", "block_impact", "candidates", "choose_blocks",
+    "fraction_for_bits", "mixed_weight", "n_fp8_blocks", "per_layer_masks", "random_masks",
+    "top_k_masks", "weight_fp8_fraction",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,16 @@ def fraction_for_bits(avg_bits: float) -> float:
     if not NVFP4_BITS <= avg_bits <= FP8_BITS:
         raise LowbitError(f"average bits {avg_bits} is outside [{NVFP4_BITS}, {FP8_BITS}]")
     return (avg_bits - NVFP4_BITS) / (FP8_BITS - NVFP4_BITS)
+
+
+def weight_fp8_fraction(spec) -> float:
+    """The weights' FP8 block fraction a ``PrecisionSpec`` asks for (``avg_bits`` wins when set)."""
+    return fraction_for_bits(spec.avg_bits) if spec.avg_bits > 0 else spec.fp8_fraction
+
+
+def activation_fp8_fraction(spec) -> float:
+    """The activations' FP8 fraction: ``act_fp8_fraction`` when set (>= 0), else the weights' budget."""
+    return spec.act_fp8_fraction if spec.act_fp8_fraction >= 0 else weight_fp8_fraction(spec)
 
 
 def n_fp8_blocks(total: int, fraction: float) -> int:
@@ -212,7 +223,7 @@ class AssignPrecisionPass(ir.passes.InPlacePass):
             impact = block_impact(formats.decode(q4), formats.decode(q8), g2, site.reduction_axis)
             pending.append((site.name, q4, q8, impact))
         total = sum(p[3].size for p in pending)
-        fraction = fraction_for_bits(spec.avg_bits) if spec.avg_bits > 0 else spec.fp8_fraction
+        fraction = weight_fp8_fraction(spec)
         k = n_fp8_blocks(total, fraction)
         masks, threshold = choose_blocks(spec.assignment, [p[3] for p in pending], k, spec.seed)
         choices = {name: SiteChoice(name, q4, q8, impact, m) for (name, q4, q8, impact), m in zip(pending, masks)}
