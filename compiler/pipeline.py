@@ -124,9 +124,11 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
     smooth = recipe.smooth.method != "none"
     fgmp = recipe.precision.enabled
     static_acts = fgmp and recipe.precision.activations == "static"  # needs per-channel absmax
+    capture = smooth or recipe.rounding.method == "optq"  # X^T X and row samples per input group
     if recipe.activations.format != "none" or smooth or static_acts or (fgmp and recipe.precision.sensitivity == "proxy"):
-        steps.append((CalibratePass(ctx), True))
-    if smooth or recipe.rounding.method == "optq":
+        # one run over the calibration windows serves both analyses
+        steps.append((CalibratePass(ctx, recipe.smooth.sample_tokens if capture else None), True))
+    elif capture:
         steps.append((CapturePass(ctx, recipe.smooth.sample_tokens), True))
     if smooth:
         steps.append((SmoothPass(ctx), True))

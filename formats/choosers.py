@@ -27,7 +27,7 @@ from lowbit.formats.blocking import Blocking
 from lowbit.formats.registry import ScaledFormat
 from lowbit.formats.scales import BlockScales, quantize_values, scale_product, scales_from_range
 
-__all__ = ["SCALE_METHODS", "choose_block_scales"]
+__all__ = ["SCALE_METHODS", "choose_block_scales", "clip_ratios", "search_ratios"]
 
 SCALE_METHODS = ("absmax", "percentile", "mse", "weighted_mse")
 _KWARGS = {"absmax": {}, "percentile": {"percentile": 99.9},
@@ -102,11 +102,25 @@ def _percentile(fmt: ScaledFormat, xb: np.ndarray, blocking: Blocking, symmetric
                              lo=per_block(xb, 100.0 - p), hi=per_block(xb, p))
 
 
+def clip_ratios(opts: dict[str, Any]) -> np.ndarray:
+    """The float32 clip ratios the MSE search tries, in order (``opts``: its two options)."""
+    return np.linspace(1.0, float(opts["min_ratio"]), int(opts["n_grid"]), dtype=np.float32)
+
+
+def search_ratios(method: str) -> np.ndarray:
+    """Clip ratios of ``method`` with its default options: [1] for absmax, the grid for mse."""
+    if method == "absmax":
+        return np.ones(1, np.float32)
+    if method != "mse":
+        raise LowbitError(f"no clip-ratio grid for scale_method {method!r}")
+    return clip_ratios(_KWARGS["mse"])
+
+
 def _search(fmt: ScaledFormat, xb: np.ndarray, lo, hi, amax, wb: np.ndarray | None,
             tensor_amax: float, opts: dict[str, Any]) -> BlockScales:
     best: BlockScales | None = None
     best_err = None
-    for r in np.linspace(1.0, float(opts["min_ratio"]), int(opts["n_grid"]), dtype=np.float32):
+    for r in clip_ratios(opts):
         if amax is not None:
             cand = scales_from_range(fmt, amax * r, tensor_amax=tensor_amax)
         else:

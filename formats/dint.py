@@ -63,6 +63,13 @@ class DintElement(ElementFormat):
         return np.where(a >= np.float32(0.75), m, small)
 
     def round(self, y: np.ndarray, *, narrow: bool = False) -> np.ndarray:
+        fast = self.round_by_table(y, narrow=narrow)  # the hot path of scale searches and OPTQ
+        if fast is not None:
+            return fast
+        return self.round_reference(y)
+
+    def round_reference(self, y: np.ndarray) -> np.ndarray:
+        """The arithmetic rounding (the definition ``round``'s lookup table is built from)."""
         y = np.asarray(y, dtype=np.float32)
         m = self.magnitude_codes(np.abs(y))
         mag = np.where(m >= 2, m - np.float32(1.0), m * np.float32(0.5))

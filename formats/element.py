@@ -59,21 +59,18 @@ class ElementFormat(abc.ABC):
         y = np.ascontiguousarray(y, dtype=np.float32)
         if table is None:
             return self.encode_reference(y, narrow=narrow)
-        flat = y.reshape(-1)
-        out = np.empty(flat.size, dtype=np.uint8)
-        # Chunks keep the index temporaries in cache (~25% faster on 4096 x 4096 than one pass).
-        idx = np.empty(min(flat.size, _CHUNK), dtype=np.int32)
-        nonzero = np.empty(idx.size, dtype=bool)
-        lo_at, hi_at = (0, 1) if sys.byteorder == "little" else (1, 0)
-        for start in range(0, flat.size, _CHUNK):
-            halves = flat[start:start + _CHUNK].view(np.uint16)
-            n = halves.size // 2
-            i, nz = idx[:n], nonzero[:n]
-            np.left_shift(halves[hi_at::2], 1, out=i, dtype=np.int32)
-            np.not_equal(halves[lo_at::2], 0, out=nz)
-            np.bitwise_or(i, nz, out=i)
-            np.take(table, i, out=out[start:start + n], mode="clip")  # in range; no buffering
-        return out.reshape(y.shape)
+        return _lookup(table, y)
+
+    def round_by_table(self, y: np.ndarray, *, narrow: bool = False) -> np.ndarray | None:
+        """``round(y)`` by the same lookup as ``encode`` (one table of values instead of codes),
+        or None when the format has no table or ``y`` holds a NaN. Equal to the arithmetic
+        rounding of every non-NaN float32, for the reason ``encode`` is (module docstring); a
+        few passes over ``y`` instead of the ~15 of an arithmetic rounding."""
+        values = _round_table(self, narrow)
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        if values is None or np.isnan(np.min(y, initial=0.0)):
+            return None
+        return _lookup(values, y)
 
     @abc.abstractmethod
     def _table(self) -> np.ndarray:
@@ -99,6 +96,36 @@ def _cached_table(fmt: ElementFormat) -> np.ndarray:
     table = np.asarray(fmt._table(), dtype=np.float32)
     table.setflags(write=False)
     return table
+
+
+def _lookup(table: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``table`` indexed by each float32 of contiguous NaN-free ``y`` (see the module docstring)."""
+    flat = y.reshape(-1)
+    out = np.empty(flat.size, dtype=table.dtype)
+    # Chunks keep the index temporaries in cache (~25% faster on 4096 x 4096 than one pass).
+    idx = np.empty(min(flat.size, _CHUNK), dtype=np.int32)
+    nonzero = np.empty(idx.size, dtype=bool)
+    lo_at, hi_at = (0, 1) if sys.byteorder == "little" else (1, 0)
+    for start in range(0, flat.size, _CHUNK):
+        halves = flat[start:start + _CHUNK].view(np.uint16)
+        n = halves.size // 2
+        i, nz = idx[:n], nonzero[:n]
+        np.left_shift(halves[hi_at::2], 1, out=i, dtype=np.int32)
+        np.not_equal(halves[lo_at::2], 0, out=nz)
+        np.bitwise_or(i, nz, out=i)
+        np.take(table, i, out=out[start:start + n], mode="clip")  # in range; no buffering
+    return out.reshape(y.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _round_table(fmt: ElementFormat, narrow: bool) -> np.ndarray | None:
+    """The float32 value of each ``encode`` table entry (+0.0 for the zero code)."""
+    codes = _encode_table(fmt, narrow)
+    if codes is None:
+        return None
+    values = _cached_table(fmt)[codes] + np.float32(0.0)
+    values.setflags(write=False)
+    return values
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,9 @@ Guarantees: the model is not modified (an analysis pass); afterwards ``ctx.get("
 holds per-channel min / max / absmax (and a per-window percentile of |x| averaged over windows
 when the recipe asks for it) at every linear-site input and at attention K/V, gathered on windows
 of the *deploy* sequence length. Memory is bounded by one window's tapped activations plus the
-running per-channel reductions, however many windows are used.
+running per-channel reductions, however many windows are used. With ``capture_tokens`` it
+also does :class:`lowbit.passes.capture.CapturePass`'s job (``site_capture``) on the same run
+of the windows, which saves running the model over the calibration data a second time.
 
 Why sequence length matters: outlier magnitudes grow with context (attention sinks, massive
 activations appear at specific positions), so ranges calibrated on short windows under-estimate
@@ -26,6 +28,7 @@ from lowbit.compiler.context import CompileContext
 from lowbit.compiler.feeds import build_feeds
 from lowbit.compiler.ortrun import ort_session
 from lowbit.errors import LowbitError
+from lowbit.passes.capture import CaptureAccumulator
 
 __all__ = ["ActivationStats", "ChannelStats", "CalibratePass", "calibration_taps", "slac_table", "slac_tensor_rows"]
 
@@ -120,9 +123,11 @@ class _TappedSession:
 class CalibratePass(ir.passes.InPlacePass):
     """Collect activation statistics (SLAC) into ``ctx`` as the ``activation_stats`` analysis."""
 
-    def __init__(self, ctx: CompileContext) -> None:
+    def __init__(self, ctx: CompileContext, capture_tokens: int | None = None) -> None:
         super().__init__()
         self.ctx = ctx
+        # also capture X^T X and row samples (what CapturePass does) from the same windows
+        self.capture_tokens = capture_tokens
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         data = self.ctx.calibration
@@ -131,10 +136,17 @@ class CalibratePass(ir.passes.InPlacePass):
         spec = self.ctx.recipe.activations
         pct = spec.percentile if spec.range == "percentile" else None
         taps = calibration_taps(self.ctx)
+        capture = None
+        if self.capture_tokens is not None:
+            capture = CaptureAccumulator(self.ctx, self.capture_tokens)
+            taps.update((n, v) for n, v in capture.taps.items() if n not in taps)
         session = _TappedSession(model, taps)
         stats = ActivationStats(seq_len=int(np.shape(data.windows[0])[-1]))
         for ids in tqdm(data.windows, desc="calibrating", unit="window", leave=False):
-            for name, x in session.run(ids).items():
+            outs = session.run(ids)
+            if capture is not None:
+                capture.add(outs, int(np.prod(np.shape(ids))))
+            for name, x in outs.items():
                 if x.dtype != np.float32 or x.ndim == 0:
                     continue
                 if name not in stats.by_value:
@@ -149,6 +161,8 @@ class CalibratePass(ir.passes.InPlacePass):
                         prev = stats.slac[name].get(length, 0.0)
                         stats.slac[name][length] = max(prev, float(np.abs(x).max()))
         self.ctx.put("activation_stats", stats)
+        if capture is not None:
+            capture.publish(self.ctx)
         self.ctx.report["slac"] = slac_table(stats)
         self.ctx.report["slac_tensors"] = slac_tensor_rows(stats, _tap_labels(self.ctx, taps))
         self.ctx.report["calibration"] = {"windows": len(data.windows), "seq_len": stats.seq_len,

@@ -27,7 +27,7 @@ from lowbit.compiler.feeds import make_feed
 from lowbit.compiler.ortrun import ort_session
 from lowbit.errors import LowbitError
 
-__all__ = ["CapturePass", "GroupCapture", "transform_channels"]
+__all__ = ["CaptureAccumulator", "CapturePass", "GroupCapture", "transform_channels"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,49 @@ def transform_channels(ctx: CompileContext, name: str, scale: np.ndarray | None 
                 setattr(stats, attr, value[perm])
 
 
+class CaptureAccumulator:
+    """Running ``X^T X`` and row sample of every linear-site input group, fed one calibration
+    window's activations at a time (by :class:`CapturePass`, or by the calibration pass's own run
+    so the windows go through ONNX Runtime once)."""
+
+    def __init__(self, ctx: CompileContext, sample_tokens: int, seed: int = 0) -> None:
+        data = ctx.calibration
+        if data is None or not data.windows:
+            raise LowbitError("smoothing and OPTQ need calibration data (--calib-text or a model directory with a tokenizer)")
+        self.taps: dict[str, ir.Value] = {}
+        for i, group in enumerate(ctx.sites.input_groups()):
+            x = group[0].input
+            if x.name is None:
+                x.name = f"lowbit_group_input_{i}"
+            self.taps[x.name] = x
+        self.sample_tokens = sample_tokens
+        self.rng = np.random.default_rng(seed)
+        self.per_window = -(-sample_tokens // len(data.windows))
+        self.hess: dict[str, np.ndarray] = {}
+        self.samples: dict[str, list[np.ndarray]] = {n: [] for n in self.taps}
+        self.tokens = 0
+
+    def add(self, activations: dict[str, np.ndarray], window_tokens: int) -> None:
+        """One window's tapped values (a superset of ``taps`` is fine)."""
+        for name in self.taps:  # tap order: the row sample's random draws depend on it
+            x = activations[name]
+            x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+            # float32 product per window (2x faster than float64, ~1e-6 relative over one
+            # window), float64 accumulation across windows
+            self.hess[name] = self.hess.get(name, 0.0) + (x2.T @ x2).astype(np.float64)
+            rows = self.rng.choice(x2.shape[0], size=min(self.per_window, x2.shape[0]), replace=False)
+            self.samples[name].append(x2[rows].astype(np.float32))
+        self.tokens += window_tokens
+
+    def publish(self, ctx: CompileContext) -> None:
+        """Put the ``site_capture`` analysis and its report entry into ``ctx``."""
+        capture = {n: GroupCapture(self.hess[n], np.concatenate(self.samples[n])[: self.sample_tokens], self.tokens)
+                   for n in self.taps}  # fmt: skip
+        ctx.put("site_capture", capture)
+        ctx.report["capture"] = {"groups": len(capture), "tokens": self.tokens, "sample_tokens": self.sample_tokens}
+        logger.info("captured X^T X at %d input groups over %d tokens", len(capture), self.tokens)
+
+
 class CapturePass(ir.passes.InPlacePass):
     """Accumulate ``X^T X`` and a row sample at every linear-site input group."""
 
@@ -82,34 +125,11 @@ class CapturePass(ir.passes.InPlacePass):
         self.ctx, self.sample_tokens, self.seed = ctx, sample_tokens, seed
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        data = self.ctx.calibration
-        if data is None or not data.windows:
-            raise LowbitError("smoothing and OPTQ need calibration data (--calib-text or a model directory with a tokenizer)")
-        taps: dict[str, ir.Value] = {}
-        for i, group in enumerate(self.ctx.sites.input_groups()):
-            x = group[0].input
-            if x.name is None:
-                x.name = f"lowbit_group_input_{i}"
-            taps[x.name] = x
-        session = ort_session(model, taps.values())
-        names = list(taps)
-        rng = np.random.default_rng(self.seed)
-        per_window = -(-self.sample_tokens // len(data.windows))
-        hess: dict[str, np.ndarray] = {}
-        samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        tokens = 0
-        for ids in tqdm(data.windows, desc="capturing X^T X", unit="window", leave=False):
+        acc = CaptureAccumulator(self.ctx, self.sample_tokens, self.seed)
+        session = ort_session(model, acc.taps.values())
+        names = list(acc.taps)
+        for ids in tqdm(self.ctx.calibration.windows, desc="capturing X^T X", unit="window", leave=False):
             outs = session.run(names, make_feed(session.get_inputs(), ids))
-            for name, x in zip(names, outs):
-                x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
-                # float32 product per window (2x faster than float64, ~1e-6 relative over one
-                # window), float64 accumulation across windows
-                hess[name] = hess.get(name, 0.0) + (x2.T @ x2).astype(np.float64)
-                rows = rng.choice(x2.shape[0], size=min(per_window, x2.shape[0]), replace=False)
-                samples[name].append(x2[rows].astype(np.float32))
-            tokens += int(np.prod(np.shape(ids)))
-        capture = {n: GroupCapture(hess[n], np.concatenate(samples[n])[: self.sample_tokens], tokens) for n in names}
-        self.ctx.put("site_capture", capture)
-        self.ctx.report["capture"] = {"groups": len(capture), "tokens": tokens, "sample_tokens": self.sample_tokens}
-        logger.info("captured X^T X at %d input groups over %d tokens", len(capture), tokens)
+            acc.add(dict(zip(names, outs)), int(np.prod(np.shape(ids))))
+        acc.publish(self.ctx)
         return ir.passes.PassResult(model, modified=False)

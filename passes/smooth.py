@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx_ir as ir
+from threadpoolctl import threadpool_limits
 
 from lowbit import formats
 from lowbit.compiler.context import CompileContext
@@ -107,7 +108,10 @@ class SmoothPass(ir.passes.InPlacePass):
                 report["groups"][key] = {"folded": False, "reason": target}
                 logger.debug("smooth: %s skipped: %s", key, target)
                 continue
-            label, s, err0, err = self._search(target)
+            # one BLAS thread: the products are small, and OpenBLAS's threads on a shared 2-core
+            # machine made them ~2x slower (see lowbit.passes.optq)
+            with threadpool_limits(1, user_api="blas"):
+                label, s, err0, err = self._search(target)
             if label != "identity":
                 target.apply_scale(s)
                 transform_channels(self.ctx, target.input.name, scale=s)
@@ -131,7 +135,10 @@ class SmoothPass(ir.passes.InPlacePass):
         per_site = max(1, _OBJECTIVE_COLUMNS // len(weights))
         weights = [w[:, np.sort(rng.choice(w.shape[1], per_site, replace=False))] if w.shape[1] > per_site else w
                    for w in weights]  # fmt: skip
-        ref = x @ np.concatenate(weights, axis=1)
+        # the group's sampled columns as one matrix: per-column weight blocks and per-column
+        # products make quantizing and multiplying it whole equal to doing it site by site
+        w_obj = np.concatenate(weights, axis=1)
+        ref = x @ w_obj
         norm = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
         use_act = spec.method in ("smoothquant", "aqas")
         use_w = spec.method in ("awq", "aqas")
@@ -140,13 +147,15 @@ class SmoothPass(ir.passes.InPlacePass):
                                  target.channel_map if target.channel_map is not None else np.arange(x.shape[1]))  # fmt: skip
         best: tuple[float, str, np.ndarray] | None = None
         err0 = float("nan")
-        for label, s in cands:
+        for i, (label, s) in enumerate(cands):
+            if any(np.array_equal(s, earlier) for _, earlier in cands[:i]):
+                continue  # e.g. awq:0.0 is the identity; the first of equal candidates wins ties anyway
             s32 = s.astype(np.float32)
             xs = x / s32
             if use_act:
                 xs = fake_quantize_activations(xs, stats.min / s32, stats.max / s32, recipe.activations)
-            out = np.concatenate([xs @ (_fake_weights(w * s32[:, None], recipe.weights) if use_w else w * s32[:, None])
-                                  for w in weights], axis=1)  # fmt: skip
+            ws = w_obj * s32[:, None]
+            out = xs @ (_fake_weights(ws, recipe.weights) if use_w else ws)
             err = float(np.sum((out - ref).astype(np.float64) ** 2)) / norm
             if label == "identity":
                 err0 = err

@@ -1,8 +1,10 @@
 """OPTQ: lower output error than round-to-nearest on correlated inputs, codes on the recipe grid,
-and QDQ emission writes exactly the OPTQ-rounded weights."""
+QDQ emission writes exactly the OPTQ-rounded weights, and the compiled batched rounding equals the
+plain column-by-column numpy formulation (kept here as the reference) on a real SmolLM2 site."""
 
 import numpy as np
 import pytest
+import scipy.linalg
 
 from lowbit import formats
 from lowbit.compiler.context import CalibrationData, CompileContext
@@ -16,7 +18,52 @@ from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.capture import CapturePass
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.linear_sites import find_linear_sites
-from lowbit.passes.optq import OptqPass, optq_round
+from lowbit.passes.optq import OptqPass, optq_round, optq_round_batch
+from lowbit.passes.optq_kernel import element_kind, round_element, rtn_round
+from lowbit.formats.choosers import search_ratios
+
+
+def reference_optq_round(w_kn, hessian, fmt, block, *, damp=0.01, scale_method="absmax", act_order=False):
+    """The first lowbit OPTQ, kept as the reference: one Python step per input channel, rank-1
+    error updates inside a lazy batch of 128 channels, the inverse-Hessian factor from the
+    explicit inverse, the blocked scale chosen by ``formats.choose_scale`` on the compensated
+    weights. ~30x slower than :func:`optq_round`."""
+    k, n = w_kn.shape
+    wt = np.array(w_kn.T, dtype=np.float64)
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    wt[:, dead] = 0.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order and block is None else np.arange(k)
+    wt, h = wt[:, perm], h[np.ix_(perm, perm)]
+    h = h + np.eye(k) * damp * float(np.mean(np.diag(h)))
+    u = scipy.linalg.cholesky(scipy.linalg.cho_solve(scipy.linalg.cho_factor(h), np.eye(k)), lower=False)
+    g = block or k
+    element = formats.get_format(fmt).element
+
+    def group_scale(x):
+        return formats.choose_scale(x, fmt, axis=1, block_size=None, scale_method=scale_method).scale[:, 0]
+
+    scales = np.zeros((n, -(-k // g)), np.float32)
+    if block is None:
+        scales[:, 0] = group_scale(wt.astype(np.float32))
+    q = np.zeros_like(wt)
+    lazy = g * max(1, 128 // g) if block else 128
+    for b0 in range(0, k, lazy):
+        b1 = min(b0 + lazy, k)
+        err = np.zeros((n, b1 - b0))
+        for j in range(b0, b1):
+            if block and j % g == 0:
+                scales[:, j // g] = group_scale(wt[:, j:j + g].astype(np.float32))
+            s = scales[:, j // g]
+            qj = element.round(wt[:, j].astype(np.float32) / s, narrow=True) * s
+            q[:, j] = qj
+            e = (wt[:, j] - qj) / u[j, j]
+            wt[:, j + 1:b1] -= np.outer(e, u[j, j + 1:b1])
+            err[:, j - b0] = e
+        wt[:, b1:] -= err @ u[b0:b1, b1:]
+    inv = np.argsort(perm)
+    return np.ascontiguousarray(q[:, inv].T, dtype=np.float32), np.ascontiguousarray(scales.T)
 
 
 def _problem(k=128, n=48, seed=0):
@@ -75,3 +122,87 @@ def test_optq_rejects_formats_it_cannot_round(token_windows):
     ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     with pytest.raises(LowbitError, match="optq needs symmetric int or dint"):
         OptqPass(ctx).call(model)
+
+
+@pytest.mark.parametrize("fmt", ["dint4", "int4", "int8", "dint2"])
+def test_kernel_rounding_is_the_format_rounding(fmt):
+    """The compiled element rounding equals ``element.round(narrow=True)`` on every bucket edge of
+    float32 (each top half with low half 0, 1, 0xFFFF: the values where rounding can change), +-inf
+    and -0.0."""
+    import numba
+
+    element = formats.get_format(fmt).element
+    kind, vmax = element_kind(element)
+
+    @numba.njit
+    def round_all(y, kind, vmax):
+        out = np.empty_like(y)
+        for i in range(y.size):
+            out[i] = round_element(y[i], kind, vmax)
+        return out
+
+    tops = np.arange(1 << 16, dtype=np.uint32) << 16
+    x = np.concatenate([tops, tops | 1, tops | 0xFFFF]).view(np.float32)
+    x = np.concatenate([x[~np.isnan(x)], np.float32([np.inf, -np.inf, -0.0])])
+    got = round_all(x, kind, np.float32(vmax))
+    np.testing.assert_array_equal(got, element.round(x, narrow=True))
+    assert not np.any(np.signbit(got[got == 0]))
+
+
+@pytest.mark.parametrize("fmt,block,method", [("dint4", 32, "mse"), ("int4", 32, "absmax"), ("int4", None, "mse"), ("dint4", None, "absmax")])
+def test_compiled_rtn_equals_fake_quantize(fmt, block, method):
+    w = (np.random.default_rng(3).standard_normal((96, 40)) * 0.1).astype(np.float32)
+    element = formats.get_format(fmt).element
+    kind, vmax = element_kind(element)
+    got = rtn_round(w, block or 96, search_ratios(method), np.float32(element.scale_max), kind, np.float32(vmax))
+    np.testing.assert_array_equal(got, formats.fake_quantize(w, fmt, axis=0, block_size=block, scale_method=method))
+
+
+@pytest.mark.parametrize("fmt,block,method,act_order", [("dint4", 32, "mse", False), ("int4", 32, "absmax", False),
+                                                        ("int4", None, "mse", True), ("dint4", None, "absmax", False)])
+def test_optq_equals_the_reference_on_synthetic_problems(fmt, block, method, act_order):
+    """Batched problems (each with its own H) give what each alone gives, and the reference's codes."""
+    problems = [_problem(k=160, n=24, seed=s) for s in range(3)]
+    hessians = [x.T.astype(np.float64) @ x for x, _ in problems]
+    batch = optq_round_batch([w for _, w in problems], hessians, fmt, block, scale_method=method, act_order=act_order)
+    for (x, w), h, (q, scale) in zip(problems, hessians, batch):
+        q1, scale1 = optq_round(w, h, fmt, block, scale_method=method, act_order=act_order)
+        np.testing.assert_array_equal(q, q1)
+        np.testing.assert_array_equal(scale, scale1)
+        q_ref, scale_ref = reference_optq_round(w, h, fmt, block, scale_method=method, act_order=act_order)
+        assert np.mean(q != q_ref) <= 1e-3  # float64 reassociation may move a value across a midpoint
+        assert np.mean(scale != scale_ref) <= 1e-3
+
+
+@pytest.mark.slow
+def test_optq_equals_the_reference_and_beats_rtn_on_a_real_site(smollm2_export, calib_windows):
+    """Layer 3's gate/up input group of SmolLM2 (K = 576, N = 2 x 1536), H from 2 calibration
+    windows, the w4a8-dint4 settings (dINT4 blocks of 32, MSE scales): the fast rounding gives the
+    reference's codes and scales (allowed: 1e-4 of them, for float64 sums reassociated across a
+    midpoint or candidate errors tied to the last bit; measured on the SmolLM2 sites: none), and
+    lower proxy output error tr(dW^T H dW) than round-to-nearest."""
+    from lowbit.compiler.api import load_onnx
+
+    model = load_onnx(smollm2_export / "model.onnx")
+    sites = find_linear_sites(model.graph)
+    group = next(g for g in sites.input_groups() if g[0].name.endswith("layers.3.mlp.gate_proj"))
+    session = ort_session(model, [group[0].input])
+    name = group[0].input.name
+    h = 0.0
+    for ids in calib_windows[:2]:
+        x = session.run([name], build_feeds(session, ids))[0].reshape(-1, 576).astype(np.float64)
+        h = h + x.T @ x
+    from lowbit.passes.folding import weight_kn
+
+    w = np.concatenate([weight_kn(s) for s in group], axis=1)
+    q, scale = optq_round(w, h, "dint4", 32, scale_method="mse")
+    q_ref, scale_ref = reference_optq_round(w, h, "dint4", 32, scale_method="mse")
+    assert np.mean(q != q_ref) <= 1e-4
+    assert np.mean(scale != scale_ref) <= 1e-4
+    rtn = formats.fake_quantize(w, "dint4", axis=0, block_size=32, scale_method="mse")
+
+    def proxy(qw):
+        d = (w - qw).astype(np.float64)
+        return float(np.sum(d * (h @ d)))
+
+    assert proxy(q) < 0.8 * proxy(rtn)

@@ -1,0 +1,135 @@
+"""The sequential core of OPTQ as one compiled loop (numba): round a batch of input channels,
+choosing each block's scales when the rounding reaches it, and push every rounding error onto the
+remaining channels of the batch.
+
+Written to reproduce, operation for operation, what the numpy formulation computes (the one in
+``tests/passes/test_optq.py``): float32 ``x / s`` and ``round(.) * s``, float64 error feedback as
+one product and one subtraction per element (no fused multiply-add), the chooser's candidate
+scales ``float32(amax * r) / element_max`` with the first of equal errors winning. The chooser's
+float64 error sums run in index order where numpy sums pairwise, so two candidates whose errors
+tie to the last bit may be ordered differently -- the only place the two can disagree.
+
+Element rounding (``round_element``) is the definition of :mod:`lowbit.formats` for the two kinds
+OPTQ accepts, symmetric (narrow) INT-b and dINT-b; a test checks it against ``element.round`` on
+every bucket edge of float32.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from lowbit.errors import LowbitError
+from lowbit.formats.dint import DintElement
+from lowbit.formats.integer import IntElement
+
+__all__ = ["KIND_DINT", "KIND_INT", "element_kind", "optq_batch", "round_element", "rtn_round"]
+
+KIND_INT, KIND_DINT = 0, 1
+
+
+def element_kind(element) -> tuple[int, float]:
+    """(kind, max magnitude) of an element format the kernel rounds to."""
+    if isinstance(element, DintElement):
+        return KIND_DINT, float(element.max_value)
+    if isinstance(element, IntElement):
+        return KIND_INT, float(element.qmax)  # narrow: [-qmax, qmax]
+    raise LowbitError(f"optq: no rounding kernel for element format {element.name!r}")
+
+
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _round_int(y: np.float32, vmax: np.float32) -> np.float32:
+    """``IntElement.round(y, narrow=True)``: rint, clamp to [-qmax, qmax], -0 -> +0."""
+    return min(max(np.float32(np.rint(y)), -vmax), vmax) + np.float32(0.0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _round_dint(y: np.float32, vmax: np.float32) -> np.float32:
+    """``DintElement.round(y)``: 0, the half-step, or an integer with ties to the odd one."""
+    a = min(np.abs(y), vmax)
+    whole = np.float32(np.rint(a - np.float32(1.0))) + np.float32(1.0)
+    small = np.float32(0.5) if a > np.float32(0.25) else np.float32(0.0)
+    m = whole if a >= np.float32(0.75) else small
+    return np.float32(np.copysign(m, y)) + np.float32(0.0)  # -0 -> +0
+
+
+@numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def round_element(y: np.float32, kind: int, vmax: np.float32) -> np.float32:
+    """``element.round(y, narrow=True)`` of the INT-b (``KIND_INT``) or dINT-b element with max
+    magnitude ``vmax``; ``kind`` is loop-invariant in the callers, so the compiler unswitches the
+    branch and each loop stays branch-free and vectorizable."""
+    if kind == KIND_DINT:
+        return _round_dint(y, vmax)
+    return _round_int(y, vmax)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _choose_scales(w, r0, r1, ratios, elem_max, kind, vmax, out):
+    """Per column n, the candidate scale of rows r0:r1 with the smallest squared error."""
+    n_cols = w.shape[1]
+    amax = np.zeros(n_cols, np.float32)
+    for i in range(r0, r1):
+        for n in range(n_cols):
+            a = np.abs(np.float32(w[i, n]))
+            if a > amax[n]:
+                amax[n] = a
+    best = np.empty(n_cols, np.float64)
+    s = np.empty(n_cols, np.float32)
+    err = np.empty(n_cols, np.float64)
+    for c in range(ratios.shape[0]):
+        for n in range(n_cols):
+            v = np.float32(amax[n] * ratios[c]) / elem_max
+            s[n] = v if v > 0 else np.float32(1.0)
+            err[n] = 0.0
+        for i in range(r0, r1):
+            for n in range(n_cols):
+                x = np.float32(w[i, n])
+                d = round_element(x / s[n], kind, vmax) * s[n] - x
+                err[n] += np.float64(d * d)
+        for n in range(n_cols):
+            if c == 0 or err[n] < best[n]:
+                best[n] = err[n]
+                out[n] = s[n]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def optq_batch(w, u, b0, b1, block, choose, ratios, elem_max, kind, vmax, scales, q, err):
+    """Rows b0:b1 of every problem p: ``w`` (P, K, N) float64 error-compensated weights, updated
+    in place on rows b0:b1; ``u`` (P, K, K) inverse-Hessian factors; ``scales`` (P, K // block,
+    N) float32, chosen here at block starts when ``choose``; writes ``q`` (P, K, N) float32
+    rounded weights and ``err`` (P, b1 - b0, N) float64 scaled errors for the caller's update of
+    the rows after b1."""
+    n_prob, _, n_cols = w.shape
+    for p in range(n_prob):
+        for j in range(b0, b1):
+            g = j // block
+            if choose and j % block == 0:
+                _choose_scales(w[p], j, min(j + block, w.shape[1]), ratios, elem_max, kind, vmax, scales[p, g])
+            ujj = u[p, j, j]
+            for n in range(n_cols):
+                s = scales[p, g, n]
+                x = w[p, j, n]
+                qv = round_element(np.float32(x) / s, kind, vmax) * s
+                q[p, j, n] = qv
+                err[p, j - b0, n] = (x - np.float64(qv)) / ujj
+            for jj in range(j + 1, b1):
+                c = u[p, j, jj]
+                for n in range(n_cols):
+                    w[p, jj, n] -= err[p, j - b0, n] * c
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def rtn_round(w, block, ratios, elem_max, kind, vmax):
+    """Round-to-nearest of float32 ``w`` (K, N) with the chooser's scale per block of ``block``
+    rows and column: what ``formats.fake_quantize(w, fmt, axis=0, block_size=block)`` returns
+    (the same caveat on exactly tied candidate errors as above)."""
+    k, n_cols = w.shape
+    q = np.empty((k, n_cols), np.float32)
+    s = np.empty(n_cols, np.float32)
+    for r0 in range(0, k, block):
+        r1 = min(r0 + block, k)
+        _choose_scales(w, r0, r1, ratios, elem_max, kind, vmax, s)
+        for i in range(r0, r1):
+            for n in range(n_cols):
+                q[i, n] = round_element(w[i, n] / s[n], kind, vmax) * s[n]
+    return q

@@ -1,0 +1,41 @@
+"""Capture: the calibration pass's own run (``capture_tokens``) yields exactly what a separate
+CapturePass run over the same windows yields, so the pipeline can run the windows once."""
+
+import numpy as np
+
+from lowbit.compiler.context import CalibrationData, CompileContext
+from lowbit.compiler.recipe import load_recipe
+from lowbit.models.synthetic import tiny_decoder
+from lowbit.passes.calibrate import CalibratePass
+from lowbit.passes.canonicalize import canonicalize_passes
+from lowbit.passes.capture import CapturePass
+from lowbit.passes.linear_sites import find_linear_sites
+
+
+def _context(windows):
+    model = tiny_decoder(norm="rms", norm_form="fused")
+    ctx = CompileContext(model, load_recipe("w4a8-dint4"), CalibrationData(windows))
+    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
+    for p in canonicalize_passes():
+        p(model)
+    return ctx, model
+
+
+def test_capture_during_calibration_equals_a_separate_capture(token_windows):
+    separate, model_a = _context(token_windows)
+    CalibratePass(separate)(model_a)
+    CapturePass(separate, 40)(model_a)
+    merged, model_b = _context(token_windows)
+    CalibratePass(merged, capture_tokens=40)(model_b)
+    a, b = separate.get("site_capture"), merged.get("site_capture")
+    assert list(a) == list(b) and len(a) == len(separate.sites.input_groups())
+    for name in a:
+        # the same windows through the same graph: equal up to ORT's float32 (extra tapped
+        # outputs may change which kernels run), and the same random rows
+        np.testing.assert_allclose(b[name].hessian, a[name].hessian, rtol=1e-5, atol=1e-6 * np.abs(a[name].hessian).max())
+        np.testing.assert_allclose(b[name].sample, a[name].sample, rtol=1e-5, atol=1e-6)
+        assert b[name].tokens == a[name].tokens == sum(len(w) for w in token_windows)
+    assert merged.report["capture"] == separate.report["capture"]
+    stats_a, stats_b = separate.get("activation_stats"), merged.get("activation_stats")
+    for name, s in stats_a.by_value.items():
+        np.testing.assert_array_equal(stats_b[name].absmax, s.absmax)
