@@ -29,7 +29,7 @@ RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
 # target-npu recipes: each registered twice, as emitted for the npu target (also run in OpenVINO)
 # and with the same recipe emitted for the qdq target, so the two sit side by side.
 NPU_RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
-    ("npu-w8a8", "int7 per-channel symmetric (zp 0); SmoothQuant + RPTQ 8 clusters, uint8 per-tensor per cluster", frozenset({"causal-lm", "encoder"})),
+    ("npu-w8a8", "int7 per-channel symmetric (zp 0); RPTQ 8 clusters, uint8 per-tensor per cluster", frozenset({"causal-lm", "encoder"})),
 )
 
 

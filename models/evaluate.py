@@ -109,15 +109,15 @@ def _label(model_path: str | os.PathLike) -> str:
 
 
 def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_options: Any = None,
-               progress: bool = True, runtime: str = "onnxruntime") -> PerplexityResult:
+               progress: bool = True, runtime: str = "onnxruntime", session: Any = None) -> PerplexityResult:
     """Perplexity of a causal LM over ``windows`` (int64 [N, T]), one window per run, in ONNX
-    Runtime or OpenVINO (``runtime``)."""
+    Runtime or OpenVINO (``runtime``), or in an already open ``session`` of ``model_path``."""
     from tqdm import tqdm
 
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise LowbitError(f"windows must be [N >= 1, T >= 2] token ids, got shape {windows.shape}")
-    session = open_session(model_path, session_options, runtime)
+    session = session or open_session(model_path, session_options, runtime)
     idx = _output_index(session, "logits")
     total = 0.0
     for row in tqdm(windows, desc=f"perplexity {_label(model_path)}", unit="win",

@@ -20,7 +20,7 @@ from lowbit.models.synthetic import tiny_decoder
 def npu_model():
     rng = np.random.default_rng(7)
     windows = [rng.integers(0, 64, 24) for _ in range(4)]
-    return lowbit.compile(tiny_decoder(), "npu-w8a8", calibration=windows, overrides=["smooth.method=none"])
+    return lowbit.compile(tiny_decoder(), "npu-w8a8", calibration=windows)
 
 
 def onnx_and_ort_logits(onnx_file, ort_file, ids):
