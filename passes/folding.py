@@ -12,7 +12,8 @@ absorb ``x / s`` or ``x[..., perm]``:
   ``channel_map[c]`` is the v channel that o_proj input channel c reads.
 
 It refuses (returns a reason string) whenever folding would change anything but x: the group
-input has consumers outside the group, a weight or gamma initializer is shared (tied lm_head),
+input has consumers outside the group (``Shape``/``Size`` consumers are allowed: a per-channel
+scale or permutation leaves the shape they read unchanged), a weight or gamma initializer is shared (tied lm_head),
 a producer output feeds anything else, v_proj's output is also a KV-cache output (the
 ``present`` tensors of a with-past export must keep their meaning). Weights are handled in (K, N) orientation -- K the
 reduction (input-channel) axis -- whatever the stored layout.
@@ -110,6 +111,9 @@ def _weights_private(sites: list[LinearSite]) -> bool:
 
 
 # act(gate) as exporters write it: SiLU = x * Sigmoid(x), GELU via Erf/Tanh arithmetic
+# Consumers that read only a tensor's shape: folding a per-channel transform cannot affect them
+# (optimum's with-past exports read the norm output's shape to build the attention reshapes).
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
 _ELEMENTWISE = frozenset({"Sigmoid", "Mul", "Silu", "Gelu", "FastGelu", "Tanh", "Erf", "Div", "Add", "Relu", "Softplus", "Pow"})
 
 
@@ -150,7 +154,8 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...]) -> FoldTarget |
     if feeder is None or feeder.kind not in kinds:
         return f"feeder {feeder.describe() if feeder else 'unknown'} not foldable here"
     members = {id(s.node) for s in group}
-    if {id(n) for n in site.input.consumers()} != members or site.input.is_graph_output():
+    readers = {id(n) for n in site.input.consumers() if n.op_type not in _SHAPE_ONLY}
+    if readers != members or site.input.is_graph_output():
         return "the input has consumers outside the group"
     if not _weights_private(group):
         return "a weight initializer is shared (e.g. a tied embedding)"
