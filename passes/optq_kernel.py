@@ -64,58 +64,66 @@ def round_element(y: np.float32, kind: int, vmax: np.float32) -> np.float32:
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _choose_scales(w, r0, r1, ratios, elem_max, kind, vmax, out):
-    """Per column n, the candidate scale of rows r0:r1 with the smallest squared error."""
-    n_cols = w.shape[1]
-    amax = np.zeros(n_cols, np.float32)
+def _choose_scales(w, r0, r1, c0, c1, ratios, elem_max, kind, vmax, out):
+    """Per column n in c0:c1, the candidate scale of rows r0:r1 with the smallest squared error."""
+    width = c1 - c0
+    amax = np.zeros(width, np.float32)
     for i in range(r0, r1):
-        for n in range(n_cols):
-            a = np.abs(np.float32(w[i, n]))
+        for n in range(width):
+            a = np.abs(np.float32(w[i, c0 + n]))
             if a > amax[n]:
                 amax[n] = a
-    best = np.empty(n_cols, np.float64)
-    s = np.empty(n_cols, np.float32)
-    err = np.empty(n_cols, np.float64)
+    best = np.empty(width, np.float64)
+    s = np.empty(width, np.float32)
+    err = np.empty(width, np.float64)
     for c in range(ratios.shape[0]):
-        for n in range(n_cols):
+        for n in range(width):
             v = np.float32(amax[n] * ratios[c]) / elem_max
             s[n] = v if v > 0 else np.float32(1.0)
             err[n] = 0.0
         for i in range(r0, r1):
-            for n in range(n_cols):
-                x = np.float32(w[i, n])
+            for n in range(width):
+                x = np.float32(w[i, c0 + n])
                 d = round_element(x / s[n], kind, vmax) * s[n] - x
                 err[n] += np.float64(d * d)
-        for n in range(n_cols):
+        for n in range(width):
             if c == 0 or err[n] < best[n]:
                 best[n] = err[n]
-                out[n] = s[n]
+                out[c0 + n] = s[n]
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+_CHUNK = 512  # columns per parallel task: output channels are independent
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def optq_batch(w, u, b0, b1, block, choose, ratios, elem_max, kind, vmax, scales, q, err):
     """Rows b0:b1 of every problem p: ``w`` (P, K, N) float64 error-compensated weights, updated
     in place on rows b0:b1; ``u`` (P, K, K) inverse-Hessian factors; ``scales`` (P, K // block,
     N) float32, chosen here at block starts when ``choose``; writes ``q`` (P, K, N) float32
     rounded weights and ``err`` (P, b1 - b0, N) float64 scaled errors for the caller's update of
-    the rows after b1."""
-    n_prob, _, n_cols = w.shape
-    for p in range(n_prob):
+    the rows after b1. Tasks (problem, chunk of columns) run on numba's threads."""
+    n_prob, k, n_cols = w.shape
+    chunks = (n_cols + _CHUNK - 1) // _CHUNK
+    for t in numba.prange(n_prob * chunks):
+        p = t // chunks
+        c0 = (t % chunks) * _CHUNK
+        c1 = min(c0 + _CHUNK, n_cols)
+        wp, up, qp, ep, sp = w[p], u[p], q[p], err[p], scales[p]
         for j in range(b0, b1):
             g = j // block
             if choose and j % block == 0:
-                _choose_scales(w[p], j, min(j + block, w.shape[1]), ratios, elem_max, kind, vmax, scales[p, g])
-            ujj = u[p, j, j]
-            for n in range(n_cols):
-                s = scales[p, g, n]
-                x = w[p, j, n]
+                _choose_scales(wp, j, min(j + block, k), c0, c1, ratios, elem_max, kind, vmax, sp[g])
+            ujj = up[j, j]
+            for n in range(c0, c1):
+                s = sp[g, n]
+                x = wp[j, n]
                 qv = round_element(np.float32(x) / s, kind, vmax) * s
-                q[p, j, n] = qv
-                err[p, j - b0, n] = (x - np.float64(qv)) / ujj
+                qp[j, n] = qv
+                ep[j - b0, n] = (x - np.float64(qv)) / ujj
             for jj in range(j + 1, b1):
-                c = u[p, j, jj]
-                for n in range(n_cols):
-                    w[p, jj, n] -= err[p, j - b0, n] * c
+                c = up[j, jj]
+                for n in range(c0, c1):
+                    wp[jj, n] -= ep[j - b0, n] * c
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -128,7 +136,7 @@ def rtn_round(w, block, ratios, elem_max, kind, vmax):
     s = np.empty(n_cols, np.float32)
     for r0 in range(0, k, block):
         r1 = min(r0 + block, k)
-        _choose_scales(w, r0, r1, ratios, elem_max, kind, vmax, s)
+        _choose_scales(w, r0, r1, 0, n_cols, ratios, elem_max, kind, vmax, s)
         for i in range(r0, r1):
             for n in range(n_cols):
                 q[i, n] = round_element(w[i, n] / s[n], kind, vmax) * s[n]

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx_ir as ir
 from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from lowbit import formats
 from lowbit.compiler.context import CompileContext
@@ -101,7 +102,7 @@ class SmoothPass(ir.passes.InPlacePass):
         spec = self.ctx.recipe.smooth
         report = self.ctx.report.setdefault("smooth", {"method": spec.method, "groups": {}})
         folded = 0
-        for group in self.ctx.sites.input_groups():
+        for group in tqdm(self.ctx.sites.input_groups(), desc=f"smooth ({spec.method})", unit="group", leave=False):
             target = fold_target(group, spec.feeders)
             key = group[0].name
             if isinstance(target, str):

@@ -27,7 +27,7 @@ def reference_optq_round(w_kn, hessian, fmt, block, *, damp=0.01, scale_method="
     """The first lowbit OPTQ, kept as the reference: one Python step per input channel, rank-1
     error updates inside a lazy batch of 128 channels, the inverse-Hessian factor from the
     explicit inverse, the blocked scale chosen by ``formats.choose_scale`` on the compensated
-    weights. ~30x slower than :func:`optq_round`."""
+    weights."""
     k, n = w_kn.shape
     wt = np.array(w_kn.T, dtype=np.float64)
     h = np.array(hessian, dtype=np.float64)
