@@ -8,8 +8,9 @@ piece of report text goes through :func:`html.escape`; the page skeleton is a
 
 Sections: summary cards, evaluation vs the FP32 input (when an eval ran), recipe, versions, pass
 timings, per-site formats and bits, SLAC range tables and chart, RPTQ reorder range plot, FGMP
-per-layer FP8 chart, and every other record a pass or target left in the report (generic view),
-so a new target's records show without changes here.
+per-layer FP8 chart, the emission target's own record (``report["npu"]``, ``report["ort_cpu"]``)
+and every other record a pass left in the report (generic view), so new records show without
+changes here.
 """
 
 from __future__ import annotations
@@ -166,7 +167,9 @@ def _sections_present(report: dict) -> list[tuple[str, str]]:
         out.append(("reorder", "Reorder"))
     if report.get("precision"):
         out.append(("fgmp", "FGMP"))
-    if any(k not in KNOWN_KEYS for k in report):
+    if _target_key(report):
+        out.append(("target", "Target"))
+    if any(k not in KNOWN_KEYS and k != _target_key(report) for k in report):
         out.append(("other", "Other records"))
     return out
 
@@ -304,6 +307,24 @@ def _fgmp(rep: dict) -> str:
     return "\n".join(parts)
 
 
+def _target_key(report: dict) -> str | None:
+    """The report entry the emission target wrote about itself (``npu``, ``ort_cpu``), if any."""
+    key = str(report.get("recipe", {}).get("target", "")).replace("-", "_")
+    return key if isinstance(report.get(key), dict) else None
+
+
+def _target(report: dict, key: str) -> str:
+    record = report[key]
+    scalars = [[k, v] for k, v in record.items() if not isinstance(v, (dict, list))]
+    nested = {k: v for k, v in record.items() if isinstance(v, (dict, list))}
+    parts = [f'<section id="target"><h2>Target <code>{_e(report["recipe"]["target"])}</code></h2>',
+             _table(["key", "value"], scalars) if scalars else ""]  # fmt: skip
+    for k, v in nested.items():
+        parts.append(f"<details><summary>{_e(k)}</summary><pre>{_e(json.dumps(_strip_images(v), indent=1, default=str))}</pre></details>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
 def _strip_images(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: ("<png omitted>" if k.endswith("png_base64") else _strip_images(v)) for k, v in value.items()}
@@ -313,7 +334,7 @@ def _strip_images(value: Any) -> Any:
 
 
 def _other(report: dict) -> str:
-    extra = {k: v for k, v in report.items() if k not in KNOWN_KEYS}
+    extra = {k: v for k, v in report.items() if k not in KNOWN_KEYS and k != _target_key(report)}
     if not extra:
         return ""
     parts = ['<section id="other"><h2>Other records</h2>',
@@ -342,6 +363,8 @@ def render_html(report: dict[str, Any]) -> str:
         body.append(_reorder(report["reorder"]))
     if precision:
         body.append(_fgmp(precision))
+    if _target_key(report):
+        body.append(_target(report, _target_key(report)))
     body.append(_other(report))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return _PAGE.substitute(title=_e(report.get("recipe", {}).get("name", "?")), css=_CSS, body="\n".join(body),

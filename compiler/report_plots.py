@@ -95,5 +95,5 @@ def slac_png(rows: list[dict]) -> str | None:
     ax.set_xlabel("calibration window length (tokens)")
     ax.set_ylabel("absmax / absmax at deploy length")
     ax.set_title("SLAC: activation range vs context length")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)

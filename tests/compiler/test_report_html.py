@@ -43,15 +43,18 @@ class ReportPage(HTMLParser):
                 self.urls.append(attrs[key])
         if tag == "img":
             self.images.append(attrs.get("src", ""))
-        self._in_heading = tag in ("h1", "h2", "h3")
+        if tag in ("h1", "h2", "h3"):
+            self._in_heading = True
+            self.headings.append("")
 
     def handle_endtag(self, tag):
         if tag in ("h1", "h2", "h3"):
             self._in_heading = False
+            self.headings[-1] = " ".join(self.headings[-1].split())
 
     def handle_data(self, data):
-        if self._in_heading and data.strip():
-            self.headings.append(data.strip())
+        if self._in_heading:
+            self.headings[-1] += data
 
 
 def check_self_contained(page: ReportPage, expected_images: int) -> None:
@@ -105,7 +108,9 @@ def test_report_command_regenerates_the_page_from_json(tmp_path):
         "baseline": {"path": "fp32.onnx", "kind": "encoder", "size_bytes": 1_000_000, "bits_per_weight": 32.0},
         "ppl_ratio": None, "options": {"texts": 8},
     }  # fmt: skip
-    report["npu"] = {"integer_kernels": 12, "note": "<b>escaped</b>"}  # a target's own record
+    report["recipe"]["target"] = "npu"  # as if: the target's own record gets its section
+    report["npu"] = {"integer_kernels": 12, "note": "<b>escaped</b>", "per_op": {"QLinearMatMul": 12}}
+    report["capture"] = {"groups": 3}  # any other record: the generic view
     (tmp_path / "m.report.json").write_text(json.dumps(report))
     html_file.unlink()
     proc = subprocess.run([sys.executable, "-m", "lowbit", "report", str(out)], capture_output=True, text=True)
@@ -113,7 +118,8 @@ def test_report_command_regenerates_the_page_from_json(tmp_path):
     assert f"report page: {html_file}" in proc.stdout
     page = ReportPage(html_file.read_text(encoding="utf-8"))
     check_self_contained(page, 0)  # weight-only, no calibration: nothing to plot
-    assert {"evaluation", "other"} <= page.ids and "slac" not in page.ids
+    assert {"evaluation", "target", "other"} <= page.ids and "slac" not in page.ids
+    assert "Target npu" in page.headings
     text = html_file.read_text()
     assert "0.998" in text and "0.250" in text  # cosine, size ratio vs FP32
     assert "&lt;b&gt;escaped&lt;/b&gt;" in text and "<b>escaped</b>" not in text
