@@ -70,3 +70,10 @@ def test_evaluate_saved_is_the_api_of_eval(uniform_lm_dir):
         evaluate_saved(uniform_lm_dir, windows=0)
     with pytest.raises(TypeError):
         evaluate_saved(uniform_lm_dir, window=2)  # a typo is an error, never ignored
+
+
+def test_eval_in_openvino(uniform_lm_dir, capsys):
+    code = main(["eval", str(uniform_lm_dir), "--runtime", "openvino", "--seq-len", "16", "--windows", "2",
+                 "--repeats", "1"])  # fmt: skip
+    assert code == 0
+    assert f"ppl {VOCAB:.3f}" in capsys.readouterr().out  # OpenVINO ran the same graph
