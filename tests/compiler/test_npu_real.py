@@ -25,11 +25,15 @@ pytestmark = pytest.mark.slow
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits")
 
 
-def ort_integer_kernels(model_file, tmp_path) -> int:
+def optimized_graph_options(tmp_path) -> ort.SessionOptions:
     opts = ort.SessionOptions()  # default optimization level: what ONNX Runtime runs
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     opts.log_severity_level = 3
-    ort.InferenceSession(str(model_file), opts)
+    return opts
+
+
+def ort_integer_kernels(tmp_path) -> int:
+    """Integer kernels in the optimized graph a session with :func:`optimized_graph_options` saved."""
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
     return sum(ops[k] for k in INTEGER_KERNELS)
 
@@ -48,27 +52,25 @@ def smollm2_npu(smollm2_export, calib_windows, tmp_path_factory):
     return result, out / "model.onnx"
 
 
-def test_smollm2_every_quantized_matmul_is_an_integer_kernel_in_ort_and_openvino(smollm2_npu, tmp_path):
+def test_smollm2_integer_kernels_and_perplexity_in_ort_and_openvino(smollm2_npu, smollm2_export, eval_windows, tmp_path):
     result, model_file = smollm2_npu
     assert sum(bool(s.get("quantized")) for s in result.report["sites"].values()) == 211
     expected = quantized_matmuls(result)
     assert expected > 211 * 4  # most inputs have 8 clusters (K-means may merge a few)
-    assert ort_integer_kernels(model_file, tmp_path) == expected
-    assert integer_matmuls(OpenVinoSession(model_file)) == expected
-
-
-def test_smollm2_perplexity_in_ort_and_openvino(smollm2_npu, smollm2_export, eval_windows):
-    _, model_file = smollm2_npu
-    windows = eval_windows[:2, :256]
+    windows = eval_windows[:1, :256]
+    in_ort = evaluate.perplexity(model_file, windows, session_options=optimized_graph_options(tmp_path), progress=False).ppl
+    assert ort_integer_kernels(tmp_path) == expected
+    openvino = OpenVinoSession(model_file)
+    assert integer_matmuls(openvino) == expected
+    in_openvino = evaluate.perplexity(model_file, windows, session=openvino, progress=False).ppl
     fp32 = evaluate.perplexity(smollm2_export, windows, progress=False).ppl
-    in_ort = evaluate.perplexity(model_file, windows, progress=False).ppl
-    in_openvino = evaluate.perplexity(model_file, windows, progress=False, runtime="openvino").ppl
     # Both run the same integer arithmetic on the same codes; float32 rounding differences flip an
-    # occasional activation code, nothing more (measured at the bench protocol: 0.1-0.3 % apart).
+    # occasional activation code, nothing more (measured: 0.1 % apart at the bench protocol,
+    # 0.4 % here).
     assert in_openvino == pytest.approx(in_ort, rel=0.02)
-    # W8A8 with smoothing + clusters measured within ~3 % of FP32 at the bench protocol; 1.15x
-    # catches a broken site or a saturating kernel (full-range int8 weights: ppl in the thousands).
-    assert fp32 < in_ort < 1.15 * fp32
+    # With this short calibration (2 x 256 tokens) measured 29.8 vs FP32 26.4 (1.13x) on this window;
+    # 1.5x leaves room for that while catching a broken site.
+    assert fp32 < in_ort < 1.5 * fp32
 
 
 def test_smollm2_ort_file_gives_the_same_logits(smollm2_npu, eval_windows):
@@ -96,10 +98,11 @@ def test_minilm_integer_kernels_and_cosine_in_both_runtimes(minilm_export, tmp_p
     model_file = result.save(tmp_path / "minilm-npu") / "model.onnx"
     assert sum(bool(s.get("quantized")) for s in result.report["sites"].values()) == 36
     expected = quantized_matmuls(result)
-    assert ort_integer_kernels(model_file, tmp_path) == expected
+    ort.InferenceSession(str(model_file), optimized_graph_options(tmp_path))
+    assert ort_integer_kernels(tmp_path) == expected
     assert integer_matmuls(OpenVinoSession(model_file)) == expected
     evaluation = data.text_samples("evaluation", 32)
     for runtime in ("onnxruntime", "openvino"):
         cos = evaluate.embedding_cosine(model_file, minilm_export / "model.onnx", evaluation, tokenizer=tok,
                                         progress=False, runtime=runtime)  # fmt: skip
-        assert cos > 0.99, runtime  # measured ~0.998 at the bench protocol
+        assert cos > 0.99, runtime  # measured 0.9969 in both at the bench protocol (64 texts)
