@@ -54,6 +54,7 @@ SECTIONS: dict[str, str] = {
     "formats": "lowbit.bench.formats_bench:run",
     "runtime": "lowbit.bench.runtime_bench:run",
     "ortcpu": "lowbit.bench.ortcpu_bench:run",
+    "greedy": "lowbit.bench.greedy_bench:run",
 }
 _TAKES_CONFIG = {"smollm2", "minilm"}
 

@@ -3,8 +3,22 @@
 Inputs: an ``.onnx`` file, a directory holding ``model.onnx`` (an export, e.g. optimum's), a
 shipped model name (exported on first use, cached), or an ``onnx_ir.Model``. Outputs: a
 ``CompiledModel`` whose ``save(path)`` writes ``.onnx`` (external data beside it when large) or a
-directory (keeping the input directory's config/tokenizer files so optimum still loads it),
-atomically, with ``report.json`` / ``report.md`` next to it.
+directory, atomically, with ``report.json`` / ``report.md`` / ``report.html`` next to it.
+
+Directory outputs stay loadable by optimum (``ORTModelForCausalLM`` / ``ORTModelForFeatureExtraction``):
+
+- to a new directory: the input directory's companion files (config, tokenizer, generation
+  config, ...) are copied; its other ``.onnx`` files are not (they would be uncompiled siblings);
+- in place (``save`` to the directory the model was compiled from): the directory is rebuilt
+  beside the original -- new ``model.onnx`` + external data, every other entry hard-linked -- and
+  swapped in by rename, so a failure leaves the original untouched. The replaced FP32 model files
+  stay in a hidden temporary sibling until the ``CompiledModel`` goes away: ``evaluate()``
+  compares against them, and weights the compiled model still shares with its input (e.g. an
+  embedding table) stay readable for a second ``save``.
+
+The input's ``lowbit_export.json`` (which describes the FP32 export) is never carried over: a
+compiled directory describes itself in ``report.json`` (recipe, versions, sites, and under
+``source`` the export it came from) and in the ONNX ``metadata_props``.
 """
 
 from __future__ import annotations
@@ -13,9 +27,10 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +42,12 @@ import lowbit
 from lowbit.compiler import report as report_mod
 from lowbit.compiler.context import CalibrationData, CompileContext
 from lowbit.compiler.fsutil import atomic_path
-from lowbit.compiler.ort_format import write_ort_format
+from lowbit.compiler.ort_format import CONFIG_SUFFIX, write_ort_format
 from lowbit.compiler.pipeline import PipelineOptions, run_pipeline
 from lowbit.compiler.recipe import Recipe, load_recipe
 from lowbit.errors import LowbitError
 
-__all__ = ["CompiledModel", "compile", "load_onnx"]
+__all__ = ["CompiledModel", "check_in_place", "compile", "load_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +120,55 @@ def _calibration(arg: Any, source: _Source, recipe: Recipe) -> CalibrationData |
     return CalibrationData(windows, probes, source=str(arg) if arg else "pydoc_data calibration split")
 
 
+# Files of an input directory that describe the input, not the compiled model.
+_SOURCE_ONLY = frozenset({"lowbit_export.json", "report.json", "report.md", "report.html"})
+
+
+def _is_model_file(name: str) -> bool:
+    """model.onnx, its external data (.data, _data) and what --ort-format derives from it."""
+    return name.startswith("model.onnx") or name in ("model.ort", f"model{CONFIG_SUFFIX}")
+
+
+def _source_info(directory: Path) -> dict[str, Any]:
+    """What the input directory held: its export record and model size on disk."""
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and _is_model_file(f.name))
+    info: dict[str, Any] = {"directory": str(directory), "model_bytes": size}
+    meta = directory / "lowbit_export.json"
+    if meta.is_file():
+        info["export"] = json.loads(meta.read_text())
+    return info
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copy2(src, dst)
+
+
+def check_in_place(directory: Path) -> None:
+    """Refuse to compile lowbit's own export cache in place (every later compile reads it)."""
+    from lowbit.models.export import cache_root
+
+    if directory.resolve().is_relative_to(cache_root().resolve()):
+        raise LowbitError(f"{directory} is in lowbit's export cache: compile it to a new directory, or "
+                          "`lowbit export MODEL -o DIR` first and compile DIR in place")  # fmt: skip
+
+
+def _carry_companions(source: Path, dest: Path, *, everything: bool) -> None:
+    """Config/tokenizer files into a new directory; every other entry when in place."""
+    for f in source.iterdir():
+        if _is_model_file(f.name) or f.name in _SOURCE_ONLY:
+            continue
+        if everything:
+            _link_or_copy(f, dest / f.name)
+        elif f.is_file() and f.suffix != ".onnx":
+            shutil.copy2(f, dest / f.name)
+
+
 @dataclass
 class CompiledModel:
     model: ir.Model
@@ -112,18 +176,26 @@ class CompiledModel:
     report: dict[str, Any]
     source_dir: Path | None = None
     saved_to: Path | None = field(default=None, init=False)
+    _kept_source: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
+    _fp32_dir: Path | None = field(default=None, init=False, repr=False)  # the input, once replaced in place
 
     def save(self, path: str | Path, *, ort_format: bool = False) -> Path:
         """Write the model (``.onnx`` file or directory) atomically, with its reports (``ort_format``:
-        also the ONNX Runtime mobile ``.ort`` and its operator config beside the ``.onnx``)."""
+        also the ONNX Runtime mobile ``.ort`` and its operator config beside the ``.onnx``); a directory
+        equal to the input directory is replaced in place (see the module docstring)."""
         path = Path(path)
         is_dir = path.suffix != ".onnx"
-        with atomic_path(path, is_dir=is_dir) as tmp:
+        source = self.source_dir
+        in_place = is_dir and source is not None and path.exists() and path.resolve() == source.resolve()
+        kept = old_input = None
+        if in_place:
+            check_in_place(source)
+            kept = tempfile.TemporaryDirectory(prefix=f".{path.name}.fp32-", dir=path.resolve().parent)
+            old_input = Path(kept.name) / path.name  # where the swap moves the input directory
+        with atomic_path(path, is_dir=is_dir, keep_old=old_input) as tmp:
             if is_dir:
-                if self.source_dir is not None:
-                    for f in self.source_dir.iterdir():
-                        if f.is_file() and not f.name.startswith("model.onnx") and f.suffix != ".onnx":
-                            shutil.copy2(f, tmp / f.name)
+                if source is not None:
+                    _carry_companions(source, tmp, everything=in_place)
                 _write_onnx(self.model, tmp / "model.onnx")
                 if ort_format:
                     write_ort_format(tmp / "model.onnx")
@@ -137,19 +209,60 @@ class CompiledModel:
                     os.replace(data, path.with_name(data.name))
         if not is_dir:
             report_mod.write(self.report, path.parent, f"{path.stem}.report")
+        if in_place:
+            self._adopt_input(kept, old_input, path)
         self.saved_to = path
         return path
 
+    def _adopt_input(self, kept: tempfile.TemporaryDirectory, old_input: Path, path: Path) -> None:
+        """After an in-place swap: keep the replaced input's model files (the FP32 weights the
+        compiled model may still read, and evaluate()'s baseline) until this object goes away, and
+        drop the rest, which lives on (hard-linked) in the new directory: a file with two links is
+        what onnx and onnx_ir refuse to read as external data."""
+        for f in old_input.iterdir():
+            if _is_model_file(f.name):
+                continue
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+        where = path.resolve()
+        for value in self.model.graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and Path(tensor.base_dir or ".").resolve() == where:
+                tensor.base_dir = str(old_input)
+        if self._kept_source is None:  # a second in-place save replaced a compiled model, not the FP32 one
+            self._kept_source, self._fp32_dir = kept, old_input
+        else:
+            kept.cleanup()
+
     def evaluate(self, **options: Any) -> dict[str, Any]:
         """Measure the saved model as ``lowbit eval`` does (options: ``EvalOptions`` fields);
-        the baseline defaults to the FP32 model it was compiled from."""
+        the baseline defaults to the FP32 model it was compiled from. The result is also stored
+        under ``report["evaluation"]`` and the saved report files are rewritten with it."""
         if self.saved_to is None:
             raise LowbitError("save the compiled model before evaluating it")
-        from lowbit.models.cli_eval import evaluate_saved
+        from lowbit.models.cli_eval import EvalOptions, evaluate_saved
 
-        if self.source_dir is not None:
-            options.setdefault("baseline", str(self.source_dir / "model.onnx"))
-        return evaluate_saved(self.saved_to, **options)
+        fp32_dir = self._fp32_dir or self.source_dir
+        kept_baseline = "baseline" not in options and self._fp32_dir is not None
+        if fp32_dir is not None:
+            options.setdefault("baseline", str(fp32_dir / "model.onnx"))
+        result = evaluate_saved(self.saved_to, **options)
+        if kept_baseline and "source" in self.report:  # name the input, not the hidden directory kept for it
+            result["baseline"]["path"] = f"{self.report['source']['directory']} (FP32, before the in-place compile)"
+        effective = asdict(EvalOptions(**options))
+        effective.pop("baseline")
+        if result["model"]["kind"] == "causal-lm":
+            effective.pop("texts")
+        else:
+            effective = {k: v for k, v in effective.items() if k not in ("seq_len", "windows")}
+        self.report["evaluation"] = {**result, "options": effective}
+        if self.saved_to.suffix == ".onnx":
+            report_mod.write(self.report, self.saved_to.parent, f"{self.saved_to.stem}.report")
+        else:
+            report_mod.write(self.report, self.saved_to, "report")
+        return result
 
 
 def _write_onnx(model: ir.Model, path: Path) -> None:
@@ -180,6 +293,8 @@ def compile(  # noqa: A001 - the public verb of the product
     source = _resolve(model)
     ctx = CompileContext(source.model, recipe, _calibration(calibration, source, recipe))
     ctx.report.update({"input": source.label, "lowbit_version": lowbit.__version__, "versions": report_mod.versions()})
+    if source.directory is not None:
+        ctx.report["source"] = _source_info(source.directory)
     run_pipeline(ctx, PipelineOptions(verify=verify, dump_dir=Path(dump_dir) if dump_dir else None))
     ctx.report["compile_seconds"] = round(time.perf_counter() - start, 3)
     _stamp_metadata(ctx)

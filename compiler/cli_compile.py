@@ -1,4 +1,9 @@
-"""``lowbit compile IN -o OUT --recipe NAME``."""
+"""``lowbit compile IN -o OUT --recipe NAME [--eval]``.
+
+``-o`` equal to an input directory compiles it in place (e.g. an optimum export: ``model.onnx`` and
+its external data are replaced, tokenizer/config and every other file stay; see
+:mod:`lowbit.compiler.api`). ``--eval`` measures the output against the FP32 input as
+``lowbit eval`` does and adds the numbers to the compile report."""
 
 from __future__ import annotations
 
@@ -22,14 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-text", help="text file to calibrate on (default: the pydoc_data calibration split)")
     parser.add_argument("--dump-dir", help="save the model after every pass into this directory")
     parser.add_argument("--verify", action="store_true", help="check every function-preserving pass numerically")
+    parser.add_argument("--eval", action="store_true",
+                        help="measure accuracy, size and latency vs the FP32 input (as `lowbit eval`) into the report")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.compiler.api import compile
+    from lowbit.compiler.api import check_in_place, compile
     from lowbit.compiler.fsutil import check_writable_parent
 
     out = Path(args.output)
     check_writable_parent(out)
+    source = Path(args.input)
+    if source.is_dir() and out.exists() and out.resolve() == source.resolve():
+        check_in_place(source)  # before minutes of compiling, not after
     if args.calib_text and not Path(args.calib_text).is_file():
         raise LowbitError(f"--calib-text {args.calib_text}: no such file")
     result = compile(args.input, args.recipe, target=args.target, calibration=args.calib_text,
@@ -44,4 +54,13 @@ def run(args: argparse.Namespace) -> int:
 
         onnx_file = path / "model.onnx" if path.is_dir() else path
         print(f"wrote {ort_path_for(onnx_file)} and {config_path_for(onnx_file).name}")
+    if args.eval:
+        measured = result.evaluate()
+        row, base = measured["model"], measured["baseline"]
+        metric = f"ppl {row['perplexity']['ppl']:.3f}" if "perplexity" in row else f"cosine {row.get('cosine', float('nan')):.5f}"
+        ratio = f", ppl ratio {measured['ppl_ratio']:.4f}" if measured["ppl_ratio"] is not None else ""
+        size = f", size {row['size_bytes'] / base['size_bytes']:.3f} x FP32" if base else ""
+        print(f"eval: {metric}{ratio}{size}")
+    report = path / "report.html" if path.is_dir() else path.with_name(f"{path.stem}.report.html")
+    print(f"report: {report}")
     return 0

@@ -26,11 +26,12 @@ def check_writable_parent(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike, *, is_dir: bool = False, keep_old: Path | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success move it onto ``dest``.
 
     For ``is_dir=True`` the yielded path is an empty directory; an existing ``dest``
-    directory is replaced only after the new one is complete.
+    directory is replaced only after the new one is complete, and moved to ``keep_old`` (a path
+    that does not exist yet, on the same filesystem) instead of being deleted when that is given.
     """
     dest = Path(dest)
     check_writable_parent(dest)
@@ -41,7 +42,7 @@ def atomic_path(dest: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     try:
         yield tmp
         if is_dir and dest.exists():
-            old = tmp_root / (dest.name + ".old")
+            old = keep_old if keep_old is not None else tmp_root / (dest.name + ".old")
             os.replace(dest, old)
         os.replace(tmp, dest)
     finally:
