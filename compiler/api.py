@@ -103,7 +103,9 @@ def _calibration(arg: Any, source: _Source, recipe: Recipe) -> CalibrationData |
         # SLAC probes: prefixes of the same windows, i.e. the same text with a shorter context
         probes = {n: [w[..., :n] for w in windows[: cal.slac_windows]] for n in cal.slac_lengths if n < length}
         return CalibrationData(windows, {n: p for n, p in probes.items() if p}, source="given token windows")
-    if recipe.activations.format == "none" and not recipe.precision.enabled:  # FGMP: Fisher, act. choice
+    # FGMP (Fisher, activation choice), smoothing and OPTQ (X^T X) need data even for float activations
+    needs_data = recipe.precision.enabled or recipe.smooth.method != "none" or recipe.rounding.method == "optq"
+    if recipe.activations.format == "none" and not needs_data:
         return None
     if source.directory is None:
         if arg is None:

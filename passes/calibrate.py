@@ -132,7 +132,7 @@ class CalibratePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         data = self.ctx.calibration
         if data is None or not data.windows:
-            raise LowbitError("this recipe quantizes activations and needs calibration data (--calib-text or a model directory with a tokenizer)")
+            raise LowbitError("this recipe calibrates (activation ranges, smoothing or OPTQ) and needs calibration data (--calib-text or a model directory with a tokenizer)")
         spec = self.ctx.recipe.activations
         pct = spec.percentile if spec.range == "percentile" else None
         taps = calibration_taps(self.ctx)
