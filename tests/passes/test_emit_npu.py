@@ -99,16 +99,27 @@ def test_openvino_runs_every_partial_matmul_in_int8(npu, token_windows, tmp_path
     assert _rel(logits, _run(npu.model, ids)) < 1e-5
 
 
-def test_full_range_int8_weights_saturate_on_this_cpu_unless_reduced(token_windows):
-    """Why the npu recipes store int7: measured, not assumed (u8 x s8 kernels without VNNI)."""
+def _x86_without_vnni() -> bool:
+    import platform
+    from pathlib import Path
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    flags = Path("/proc/cpuinfo").read_text().split()
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def test_full_range_int8_weights_saturate_without_vnni(token_windows):
+    """Why the npu recipes store int7: measured, not assumed. ORT's uint8 x int8 kernel on x86
+    without VNNI (VPMADDUBSW) saturates int16 pair sums with full-range int8 weights."""
     ids = token_windows[1]
     full = lowbit.compile(tiny_decoder(), "w8a8-rptq", target="npu", calibration=token_windows).model
     assert np.abs(full.graph.initializers["layers.0.mlp.down_proj.q0"].const_value.numpy()).max() == 127
-    as_written = _run(full, ids)
-    fused = _run(full, ids, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    if _rel(fused, as_written) < 1e-5:  # a VNNI (or ARM) CPU: no saturation to show
-        pytest.skip("this CPU's int8 kernels do not saturate")
-    assert _rel(fused, as_written) > 1e-2
+    gap = _rel(_run(full, ids, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), _run(full, ids))
+    if _x86_without_vnni():  # this machine type (AVX2 EPYC): measured 0.61
+        assert gap > 1e-2
+    else:  # VNNI or ARM dot-product kernels sum in int32: exact
+        assert gap < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["ceil", "nearest"])
