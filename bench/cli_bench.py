@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contenders", metavar="LIST", help="comma-separated contender names (default: all)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
-    parser.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8)")
+    parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows shared by all contenders (default 32; lowbit recipes use their calibration.windows of them)")
     parser.add_argument("--calib-text", metavar="FILE", help="calibrate on this UTF-8 text instead of the pydoc split")
     parser.add_argument("--eval-text", metavar="FILE", help="evaluate on this UTF-8 text instead of the pydoc split")
 

@@ -14,7 +14,7 @@ __all__ = ["NPU_RECIPES", "RECIPES", "lowbit_contender"]
 RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
     ("w8a8", "int8 per-channel symmetric; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
     ("w8a8-smooth", "SmoothQuant scales folded; int8 per-channel; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
-    ("w8a8-rptq", "RPTQ 8 clusters; int8 per-channel; one activation range per cluster", frozenset({"causal-lm", "encoder"})),
+    ("w8a8-rptq", "RPTQ 8 clusters, 32 calibration windows; int8 per-channel; one activation range per cluster", frozenset({"causal-lm", "encoder"})),
     ("w8", "int8 per-channel symmetric, weight-only", frozenset({"causal-lm", "encoder"})),
     ("w4a8-dint4", "dINT4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ int8 activations", frozenset({"causal-lm", "encoder"})),
     ("w4a8-int4", "int4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ int8 activations", frozenset({"causal-lm"})),
@@ -33,9 +33,13 @@ NPU_RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
 )
 
 
-def _calibration(ctx: BuildContext) -> list:
+def _calibration(ctx: BuildContext, recipe: str) -> list:
+    """The run's shared calibration windows, as many as the recipe asks for (its
+    ``calibration.windows``); every contender draws from the same split in the same order."""
     if ctx.windows is not None:
-        return list(ctx.windows)
+        from lowbit.compiler.recipe import load_recipe
+
+        return list(ctx.windows)[: load_recipe(recipe).calibration.windows]
     return [feed["input_ids"] for feed in ctx.feeds]  # encoders: the padded token batches
 
 
@@ -47,7 +51,7 @@ def lowbit_contender(recipe: str, grid: str, kinds: frozenset[str], target: str 
         from lowbit.compiler.api import compile
 
         start = time.perf_counter()
-        result = compile(fp32_dir, recipe, target=target, calibration=_calibration(ctx))
+        result = compile(fp32_dir, recipe, target=target, calibration=_calibration(ctx, recipe))
         out = result.save(ctx.work_dir / "model")
         return out / "model.onnx", time.perf_counter() - start
 

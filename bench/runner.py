@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class BenchConfig:
     seq_len: int = 512  # tokens per window (calibration and evaluation)
     eval_windows: int = 8  # evaluation windows of the evaluation split
-    calib_windows: int = 8  # calibration windows of the calibration split
+    calib_windows: int = 32  # calibration windows of the split; lowbit recipes take their calibration.windows of them
     texts: int = 64  # encoder: evaluation paragraphs for the cosine; calibration uses as many
     contenders: tuple[str, ...] | None = None  # restrict to these names (None: all registered)
     calib_text: str | None = None  # a user's UTF-8 text file instead of the calibration split
