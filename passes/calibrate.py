@@ -172,11 +172,17 @@ class CalibratePass(ir.passes.InPlacePass):
 
 
 def _tap_labels(ctx: CompileContext, taps: dict[str, ir.Value]) -> dict[str, str]:
-    """Readable tap names: the first site reading a value names it; attention K/V keep theirs."""
+    """Readable tap names: the first site reading a value names it; attention K/V are named after
+    the attention whose output feeds o_proj (the exporter's value name in brackets)."""
     labels = {}
     for site in ctx.sites:
         if site.input.name in taps:
             labels.setdefault(site.input.name, f"{site.name} input")
+        if site.feeder is not None and site.feeder.kind == "attention_v":
+            attention = site.name.rsplit(".", 1)[0]
+            for v in _attention_kv(site.feeder.node):
+                if v.name in taps:
+                    labels.setdefault(v.name, f"{attention} K/V ({v.name})")
     return labels
 
 
