@@ -24,7 +24,7 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 
-__all__ = ["BuildContext", "Contender", "CONTENDERS", "register", "contenders_for"]
+__all__ = ["BuildContext", "Contender", "CONTENDERS", "register", "contenders_for", "windows_cell"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class BuildContext:
     windows: np.ndarray | None  # causal LMs: calibration token windows [N, T]; None for encoders
     work_dir: Path  # the contender's own empty directory
     description: str  # e.g. "8 windows x 512 tokens of the calibration split"
+    # Causal LMs: how many of ``feeds`` the peers (ORT quantize_static) calibrate on -- the count
+    # lowbit's default recipes use, so compile times compare like for like. None: all of them.
+    peer_windows: int | None = None
 
     def __post_init__(self) -> None:
         if not self.feeds:
@@ -53,6 +56,8 @@ class Contender:
     session_options: Callable[[], Any] | None = field(default=None, repr=False)
     # Also evaluate the result in OpenVINO (CPU plugin), next to ONNX Runtime.
     openvino: bool = False
+    # What the contender calibrated on, as a table cell (e.g. "8 windows"); None: no calibration.
+    calibration: Callable[[BuildContext], str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):
@@ -87,6 +92,16 @@ def _fp32(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
     return fp32_dir / "model.onnx", 0.0
 
 
+def _peer_feeds(ctx: BuildContext) -> tuple[dict[str, np.ndarray], ...]:
+    return ctx.feeds if ctx.windows is None or ctx.peer_windows is None else ctx.feeds[: ctx.peer_windows]
+
+
+def windows_cell(count: int, ctx: BuildContext) -> str:
+    """A calibration-column cell: ``count`` token windows (causal LMs) or text batches (encoders)."""
+    unit = "window" if ctx.windows is not None else "batch"
+    return f"{count} {unit}" + ("" if count == 1 else "es" if unit == "batch" else "s")
+
+
 def _ort_w8a8(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
@@ -95,7 +110,7 @@ def _ort_w8a8(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = iter(ctx.feeds)
+            self._batches = iter(_peer_feeds(ctx))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)
@@ -139,6 +154,7 @@ register(Contender(
     "ONNX Runtime quantize_static, QDQ, MatMul/Gemm, MinMax calibration",
     "int8 per-channel symmetric weights; uint8 per-tensor asymmetric activations",
     _ort_w8a8,
+    calibration=lambda ctx: windows_cell(len(_peer_feeds(ctx)), ctx),
 ))
 register(Contender(
     "ort-w4-rtn",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lowbit.bench.contenders import BuildContext, Contender, register
+from lowbit.bench.contenders import BuildContext, Contender, register, windows_cell
 
 __all__ = ["NPU_RECIPES", "RECIPES", "lowbit_contender"]
 
@@ -57,7 +57,11 @@ def lowbit_contender(recipe: str, grid: str, kinds: frozenset[str], target: str 
 
     name = f"lowbit-{recipe}" + (f"-{target}" if target else "")
     shown = f"--target {target}" if target else "(its own target)"
-    return Contender(name, f"lowbit compile --recipe {recipe} {shown}", grid, build, kinds, openvino=openvino)
+    def calibration(ctx: BuildContext) -> str:
+        return windows_cell(len(_calibration(ctx, recipe)), ctx)
+
+    return Contender(name, f"lowbit compile --recipe {recipe} {shown}", grid, build, kinds, openvino=openvino,
+                     calibration=calibration)
 
 
 for _recipe, _grid, _kinds in RECIPES:

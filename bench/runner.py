@@ -36,6 +36,7 @@ class BenchConfig:
     seq_len: int = 512  # tokens per window (calibration and evaluation)
     eval_windows: int = 8  # evaluation windows of the evaluation split
     calib_windows: int = 32  # calibration windows of the split; lowbit recipes take their calibration.windows of them
+    peer_calib_windows: int = 8  # of which ORT quantize_static takes this many (lowbit's default count)
     texts: int = 64  # encoder: evaluation paragraphs for the cosine; calibration uses as many
     contenders: tuple[str, ...] | None = None  # restrict to these names (None: all registered)
     calib_text: str | None = None  # a user's UTF-8 text file instead of the calibration split
@@ -119,8 +120,9 @@ def _build_all(kind: str, fp32_dir: Path, ctx_args: dict, cfg: BenchConfig, root
         work = root / c.name
         work.mkdir()
         log.info("building %s", c.name)
-        path, seconds = c.build(fp32_dir, BuildContext(work_dir=work, **ctx_args))
-        built.append((c, path, seconds))
+        ctx = BuildContext(work_dir=work, **ctx_args)
+        path, seconds = c.build(fp32_dir, ctx)
+        built.append((c, path, seconds, ctx))
     return built
 
 
@@ -177,17 +179,20 @@ def smollm2_section(cfg: BenchConfig) -> str:
     eval_source = cfg.eval_text or "the evaluation split (pydoc_data.topics, odd sorted keys)"
     ctx_args = {
         "feeds": tuple({"input_ids": w[None, :]} for w in calib), "windows": calib,
-        "description": f"{cfg.calib_windows} windows x {cfg.seq_len} tokens of {calib_source}",
+        "description": f"{cfg.calib_windows} windows x {cfg.seq_len} tokens of {calib_source} "
+                       f"(each contender takes the first N, N in the calibration column)",
+        "peer_windows": cfg.peer_calib_windows,
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root:
-        for c, path, seconds in _build_all("causal-lm", fp32_dir, ctx_args, cfg, Path(root)):
+        for c, path, seconds, ctx in _build_all("causal-lm", fp32_dir, ctx_args, cfg, Path(root)):
             default, basic = _session_pair(c)
             ppl_basic = evaluate.perplexity(path, evalw, session_options=basic)
             ppl = _as_ort_runs_it(lambda: evaluate.perplexity(path, evalw, session_options=default))
             ppl_ov = _in_openvino(lambda: evaluate.perplexity(path, evalw, runtime="openvino").ppl) if c.openvino else None
             bits = footprint.linear_weight_bits(path)
-            rows.append((c, ppl, ppl_basic, seconds, footprint.size_on_disk(path), bits.bits_per_weight, ppl_ov))
+            calib_cell = c.calibration(ctx) if c.calibration else "-"
+            rows.append((c, ppl, ppl_basic, seconds, footprint.size_on_disk(path), bits.bits_per_weight, ppl_ov, calib_cell))
     base = next((r[2].ppl for r in rows if r[0].name == "fp32"), None)
     lines = [
         "## SmolLM2-135M-Instruct: perplexity",
@@ -203,15 +208,15 @@ def smollm2_section(cfg: BenchConfig) -> str:
         "ppl OpenVINO: the same file run by OpenVINO's CPU plugin (int8 kernels), for contenders "
         "meant for it.",
         "",
-        "| contender | weight grid | ppl | ratio to FP32 | ppl (QDQ in float) | ppl OpenVINO | compile s | size MB "
-        "| bits/weight (linear) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| contender | weight grid | calibration | ppl | ratio to FP32 | ppl (QDQ in float) | ppl OpenVINO | compile s "
+        "| size MB | bits/weight (linear) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c, ppl, ppl_basic, seconds, size, bpw, ppl_ov in rows:
+    for c, ppl, ppl_basic, seconds, size, bpw, ppl_ov, calib_cell in rows:
         shown = f"{ppl.ppl:.2f}" if not isinstance(ppl, str) else ppl
         ratio = f"{(ppl if not isinstance(ppl, str) else ppl_basic).ppl / base:.3f}" if base else "-"
         ov = "-" if ppl_ov is None else ppl_ov if isinstance(ppl_ov, str) else f"{ppl_ov:.2f}"
-        lines.append(f"| {c.name} | {c.weight_grid} | {shown} | {ratio} | {ppl_basic.ppl:.2f} | {ov} | "
+        lines.append(f"| {c.name} | {c.weight_grid} | {calib_cell} | {shown} | {ratio} | {ppl_basic.ppl:.2f} | {ov} | "
                      f"{seconds:.1f} | {size / 1e6:.1f} | {bpw:.2f} |")
     lines += ["", "ratio to FP32: of the default-options ppl, or of the float-QDQ ppl where ORT's default "
               "run fails. An `ORT error` cell: ONNX Runtime's QDQ fusion (MatMulIntegerToFloat) rejects "
@@ -248,7 +253,7 @@ def minilm_section(cfg: BenchConfig) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root:
-        for c, path, seconds in _build_all("encoder", fp32_dir, ctx_args, cfg, Path(root)):
+        for c, path, seconds, _ in _build_all("encoder", fp32_dir, ctx_args, cfg, Path(root)):
             default, basic = _session_pair(c)
             cos = _as_ort_runs_it(lambda: evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, session_options=default))
             cos_b = evaluate.embedding_cosine(path, fp32_dir, eval_texts, tokenizer=tok, session_options=basic)

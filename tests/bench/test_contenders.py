@@ -127,3 +127,14 @@ def test_npu_contender_builds_in_both_targets_and_runs_in_openvino(tiny_fp32, tm
     # the same recipe for the qdq target has per-channel activation QDQ, which OpenVINO rejects
     qdq_path, _ = qdq.build(tiny_fp32, _ctx(tmp_path, "qdq"))
     assert runner._in_openvino(lambda: evaluate.perplexity(qdq_path, ctx.windows, runtime="openvino")) == "OpenVINO error"
+
+
+def test_calibration_cells_say_how_many_windows_each_contender_took(tmp_path):
+    import dataclasses
+
+    ctx = dataclasses.replace(_ctx(tmp_path, "cells"), peer_windows=1)
+    assert C.CONTENDERS["ort-w8a8"].calibration(ctx) == "1 window"
+    assert C._peer_feeds(ctx) == ctx.feeds[:1]
+    assert C.CONTENDERS["fp32"].calibration is None
+    rptq = C.CONTENDERS["lowbit-w8a8-rptq"].calibration(ctx)  # the recipe asks for 32: takes what exists
+    assert rptq == f"{min(32, len(ctx.windows))} windows"
