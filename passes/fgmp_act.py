@@ -28,9 +28,8 @@ from lowbit import formats
 from lowbit.compiler.context import CompileContext
 from lowbit.compiler.feeds import make_feed
 from lowbit.compiler.ortrun import ort_session
-from lowbit.errors import LowbitError
 from lowbit.passes.emit_qdq import ensure_opset
-from lowbit.passes.precision import BLOCK, activation_fp8_fraction, n_fp8_blocks
+from lowbit.passes.precision import BLOCK, activation_fp8_fraction, activation_groups, n_fp8_blocks
 
 __all__ = ["FgmpActivationsPass", "activation_perturbation", "calibrated_threshold"]
 
@@ -64,15 +63,7 @@ class FgmpActivationsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe, data = self.ctx.recipe, self.ctx.calibration
-        if recipe.activations.format != "none":
-            raise LowbitError("precision.activations = 'runtime' quantizes activations itself: set activations.format = 'none'")
-        if data is None or not data.windows:
-            raise LowbitError("runtime FGMP activations need calibration windows for the threshold")
-        assignment = self.ctx.get("precision_assignment")
-        groups = [g for g in self.ctx.sites.input_groups() if any(s.name in assignment.sites for s in g)]
-        for g in groups:
-            if g[0].in_features % BLOCK:
-                raise LowbitError(f"FgmpActQuant needs channels divisible by {BLOCK}; {g[0].name} has {g[0].in_features}")
+        groups = activation_groups(self.ctx, "runtime", assigned_sites_only=False)
         g2 = {id(g[0]): self._g2(g[0]) for g in groups}
         session = ort_session(model, [g[0].input for g in groups])
         names = [g[0].input.name for g in groups]

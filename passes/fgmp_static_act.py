@@ -62,7 +62,7 @@ from lowbit.formats.minifloat import FP4_E2M1, FP8_E4M3
 from lowbit.passes.emit_mixed import encode_bitmap
 from lowbit.passes.emit_qdq import ensure_opset
 from lowbit.passes.linear_sites import LinearSite
-from lowbit.passes.precision import BLOCK, FP8_BITS, NVFP4_BITS, activation_fp8_fraction, n_fp8_blocks, top_k_masks
+from lowbit.passes.precision import BLOCK, FP8_BITS, NVFP4_BITS, activation_fp8_fraction, activation_groups, n_fp8_blocks, top_k_masks
 
 __all__ = [
     "ACT_BITMAP_KEY", "CLIP_RATIOS", "ChannelPlan", "ChannelStatsAccumulator", "FgmpStaticActivationsPass",
@@ -246,16 +246,7 @@ class FgmpStaticActivationsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe, data = self.ctx.recipe, self.ctx.calibration
-        if recipe.activations.format != "none":
-            raise LowbitError("precision.activations = 'static' quantizes activations itself: set activations.format = 'none'")
-        if data is None or not data.windows:
-            raise LowbitError("static FGMP activations need calibration windows")
-        assignment = self.ctx.get("precision_assignment")
-        groups = [[s for s in g if s.name in assignment.sites] for g in self.ctx.sites.input_groups()]
-        groups = [g for g in groups if g]
-        for g in groups:
-            if g[0].in_features % BLOCK:
-                raise LowbitError(f"static FGMP activations need channels divisible by {BLOCK}; {g[0].name} has {g[0].in_features}")
+        groups = activation_groups(self.ctx, "static", assigned_sites_only=True)
         stats = self.ctx.get("activation_stats")
         accs = {}
         for g in groups:

@@ -44,7 +44,7 @@ from lowbit.passes.linear_sites import LinearSite
 
 __all__ = [
     "BITMAP_BITS", "BLOCK", "FP8_BITS", "NVFP4_BITS", "AssignPrecisionPass", "Assignment",
-    "SiteChoice", "activation_fp8_fraction", "block_impact", "candidates", "choose_blocks",
+    "SiteChoice", "activation_fp8_fraction", "activation_groups", "block_impact", "candidates", "choose_blocks",
     "fraction_for_bits", "mixed_weight", "n_fp8_blocks", "per_layer_masks", "random_masks",
     "top_k_masks", "weight_fp8_fraction",
 ]  # fmt: skip
@@ -109,6 +109,27 @@ def weight_fp8_fraction(spec) -> float:
 def activation_fp8_fraction(spec) -> float:
     """The activations' FP8 fraction: ``act_fp8_fraction`` when set (>= 0), else the weights' budget."""
     return spec.act_fp8_fraction if spec.act_fp8_fraction >= 0 else weight_fp8_fraction(spec)
+
+
+def activation_groups(ctx: CompileContext, mode: str, *, assigned_sites_only: bool) -> list[list[LinearSite]]:
+    """The input groups an FGMP activation quantizer (``precision.activations = mode``) covers,
+    after the checks both modes share. A group is covered when any of its sites has an assignment;
+    ``assigned_sites_only`` also drops the group's unassigned sites (the static mode's per-site
+    channel choice), otherwise the whole group is kept (one runtime quantizer feeds every site)."""
+    recipe, data = ctx.recipe, ctx.calibration
+    if recipe.activations.format != "none":
+        raise LowbitError(f"precision.activations = '{mode}' quantizes activations itself: set activations.format = 'none'")
+    if data is None or not data.windows:
+        raise LowbitError(f"{mode} FGMP activations need calibration windows")
+    assigned = ctx.get("precision_assignment").sites
+    groups = ctx.sites.input_groups()
+    if assigned_sites_only:
+        groups = [[s for s in g if s.name in assigned] for g in groups]
+    groups = [g for g in groups if any(s.name in assigned for s in g)]
+    for g in groups:
+        if g[0].in_features % BLOCK:
+            raise LowbitError(f"{mode} FGMP activations need channels divisible by {BLOCK}; {g[0].name} has {g[0].in_features}")
+    return groups
 
 
 def n_fp8_blocks(total: int, fraction: float) -> int:
