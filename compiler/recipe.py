@@ -73,14 +73,22 @@ class WeightSpec:
 class ActivationSpec:
     format: str = _doc("activation format at every linear-site input: int8 | int16 | int4 | fp8_e4m3 | none", "int8")
     symmetric: bool = _doc("int8/int16: symmetric signed codes; false = uint8/uint16 with a zero point (ORT's default)", False)
-    granularity: str = _doc("per_tensor | per_channel static scales from calibration", "per_tensor")
+    granularity: str = _doc("per_tensor | per_channel static scales from calibration | per_token_group: symmetric scale computed at run time per token and group of group_size contiguous channels (after any RPTQ reorder), standard ops", "per_tensor")
     range: str = _doc("calibrated range: minmax | percentile", "minmax")
     percentile: float = _doc("percentile of |x| per channel used when range = percentile", 99.99)
+    group_size: int = _doc("per_token_group: channels per group (must divide every quantized input's channel count); 0 = the whole token", 0)
+    outlier_format: str = _doc("per_token_group with RPTQ: none | int8 -- groups holding the widest-range cluster's channels use int8 codes (the report gives the average bits)", "none")
 
     def __post_init__(self) -> None:
         _require(self.format in ACTIVATION_FORMATS, "activations.format", f"{self.format!r} is not one of {', '.join(ACTIVATION_FORMATS)}")
         _require(self.format != "int4" or self.symmetric, "activations.symmetric", "int4 activations are symmetric (set symmetric = true)")
-        _require(self.granularity in ("per_tensor", "per_channel"), "activations.granularity", f"{self.granularity!r} is not per_tensor or per_channel")
+        _require(self.granularity in ("per_tensor", "per_channel", "per_token_group"), "activations.granularity", f"{self.granularity!r} is not per_tensor, per_channel or per_token_group")
+        dynamic = self.granularity == "per_token_group"
+        _require(not dynamic or (self.format in ("int8", "int4") and self.symmetric), "activations.granularity", "per_token_group takes symmetric int8 or int4 activations")
+        _require(self.group_size >= 0, "activations.group_size", "must be >= 0")
+        _require(self.group_size == 0 or dynamic, "activations.group_size", "needs granularity = per_token_group")
+        _require(self.outlier_format in ("none", "int8"), "activations.outlier_format", f"{self.outlier_format!r} is not none or int8")
+        _require(self.outlier_format == "none" or (dynamic and self.format == "int4"), "activations.outlier_format", "needs granularity = per_token_group and format = int4")
         _require(self.range in ("minmax", "percentile"), "activations.range", f"{self.range!r} is not minmax or percentile")
         _require(50.0 < self.percentile <= 100.0, "activations.percentile", "must be in (50, 100]")
 

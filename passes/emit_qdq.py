@@ -1,5 +1,7 @@
 """Emit standard ONNX QDQ for every linear site: weights as DequantizeLinear chains over stored
-codes, activations as one QuantizeLinear/DequantizeLinear pair per shared input.
+codes, activations as one QuantizeLinear/DequantizeLinear pair per shared input (or, with
+``activations.granularity = per_token_group``, the run-time group quantizer of
+:mod:`lowbit.passes.dynamic_act`).
 
 Assumes: the linear-site map, and (when activations are quantized) ``activation_stats`` from
 calibration. Not function-preserving (it quantizes). Guarantees:
@@ -33,6 +35,7 @@ import onnx_ir as ir
 from lowbit import formats
 from lowbit.compiler.context import CompileContext
 from lowbit.errors import LowbitError
+from lowbit.passes.dynamic_act import dynamic_group_nodes, group_qmax
 from lowbit.passes.linear_sites import LinearSite
 
 __all__ = ["EmitQDQPass", "activation_qparams", "add_initializer", "cluster_ranges", "ensure_opset", "quantizable_groups",
@@ -247,8 +250,11 @@ class EmitQDQPass(ir.passes.InPlacePass):
     def _quantize_input(self, graph: ir.Graph, sites: list[LinearSite], stats) -> None:
         aspec = self.ctx.recipe.activations
         x = sites[0].input
-        ranges = stats[x.name]
         clusters = self.ctx.get("act_clusters").get(x.name) if self.ctx.has("act_clusters") else None
+        if aspec.granularity == "per_token_group":
+            self._quantize_input_dynamic(graph, sites, clusters)
+            return
+        ranges = stats[x.name]
         if clusters is not None:  # RPTQ: one range per cluster, as a per-channel scale vector
             ranges, aspec = cluster_ranges(ranges, clusters), dataclasses.replace(aspec, granularity="per_channel")
         scale, zp, axis = activation_qparams(ranges, aspec)
@@ -280,3 +286,23 @@ class EmitQDQPass(ir.passes.InPlacePass):
         graph.insert_before(sites[0].node, nodes)
         for site in sites:
             site.node.replace_input_with(0, dq.outputs[0])
+
+    def _quantize_input_dynamic(self, graph: ir.Graph, sites: list[LinearSite], clusters: np.ndarray | None) -> None:
+        aspec = self.ctx.recipe.activations
+        x, channels = sites[0].input, sites[0].in_features
+        group = aspec.group_size or channels
+        if channels % group:
+            raise LowbitError(f"activations.group_size {group} does not divide the {channels} channels of input {x.name}")
+        outliers = None
+        if aspec.outlier_format == "int8" and clusters is not None:
+            outliers = np.flatnonzero(clusters == clusters.max())  # labels rank clusters by range
+        qmax = group_qmax(channels, group, outliers) if aspec.format == "int4" else np.full(channels // group, 127.0, np.float32)
+        nodes, out = dynamic_group_nodes(graph, x, channels, group, qmax, x.name)
+        graph.insert_before(sites[0].node, nodes)
+        for site in sites:
+            site.node.replace_input_with(0, out)
+        # bits per activation: codes plus one float32 scale per group
+        bits = float(np.where(qmax > 7, 8.0, 4.0).mean()) + 32.0 / group
+        for site in sites:
+            self.ctx.report["sites"].setdefault(site.name, {}).update(
+                {"activation_groups": len(qmax), "activation_int8_groups": int((qmax > 7).sum()), "bits_per_activation": bits})

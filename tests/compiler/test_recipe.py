@@ -35,6 +35,9 @@ def test_overrides_apply_with_toml_types():
     ("weights.block_size=-1", "recipe key 'weights.block_size': must be >= 0"),
     ("weights.block_size=abc", "recipe key 'weights.block_size' must be int"),
     ("activations.granularity=per_row", "recipe key 'activations.granularity'"),
+    ("activations.group_size=32", "recipe key 'activations.group_size': needs granularity = per_token_group"),
+    ("activations.outlier_format=int8", "recipe key 'activations.outlier_format': needs granularity = per_token_group"),
+    ("activations.granularity=per_token_group", "recipe key 'activations.granularity': per_token_group takes symmetric"),
     ("target=tpu", "recipe key 'target': 'tpu' is not one of"),
 ])  # fmt: skip
 def test_bad_keys_and_values_are_errors(override, message):
@@ -51,3 +54,13 @@ def test_every_key_is_documented():
     keys = describe_keys()
     assert len(keys) >= 15
     assert all(doc for _, doc, _ in keys)
+
+
+def test_per_token_group_activation_keys():
+    r = load_recipe("w4a4-rptq", ["activations.granularity=per_token_group", "activations.group_size=64",
+                                  "activations.outlier_format=int8"])  # fmt: skip
+    assert (r.activations.granularity, r.activations.group_size, r.activations.outlier_format) == ("per_token_group", 64, "int8")
+    with pytest.raises(LowbitError, match="activations.group_size': must be >= 0"):
+        load_recipe("w4a4-rptq", ["activations.granularity=per_token_group", "activations.group_size=-1"])
+    with pytest.raises(LowbitError, match="activations.outlier_format': 'fp8' is not none or int8"):
+        load_recipe("w4a4-rptq", ["activations.granularity=per_token_group", "activations.outlier_format=fp8"])
