@@ -125,7 +125,8 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
     fgmp = recipe.precision.enabled
     static_acts = fgmp and recipe.precision.activations == "static"  # needs per-channel absmax
     capture = smooth or recipe.rounding.method == "optq"  # X^T X and row samples per input group
-    if recipe.activations.format != "none" or smooth or static_acts or (fgmp and recipe.precision.sensitivity == "proxy"):
+    kv = recipe.kv.format != "none"  # K/V ranges come from the shared calibration run
+    if recipe.activations.format != "none" or smooth or static_acts or kv or (fgmp and recipe.precision.sensitivity == "proxy"):
         # one run over the calibration windows serves both analyses
         steps.append((CalibratePass(ctx, recipe.smooth.sample_tokens if capture else None), True))
     elif capture:

@@ -152,12 +152,20 @@ class RoundingSpec:
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    format: str = _doc("K/V (attention inputs) quantization: none | int8 | int4 (static, symmetric)", "none")
-    granularity: str = _doc("per_head: one scale per attention head | per_tensor: one scale per K or V", "per_head")
+    format: str = _doc("K/V (attention inputs) quantization: none | int8 | int4 (static, calibrated ranges)", "none")
+    granularity: str = _doc("per_channel: one scale per head and head_dim channel | per_head: one per attention head | "
+                            "per_tensor: one per K or V", "per_head")  # fmt: skip
+    symmetric: bool = _doc("symmetric codes (true) or unsigned codes with a zero point from the calibrated min/max (false)", True)
+    range: str = _doc("absmax: calibrated min/max | percentile: clip each channel at the mean over calibration windows "
+                      "of its kv.percentile of |x| (int4 absmax is very sensitive to rare peaks)", "absmax")  # fmt: skip
+    percentile: float = _doc("kv.range = percentile: the per-window percentile of |x|, in (0, 100]", 99.9)
 
     def __post_init__(self) -> None:
         _require(self.format in ("none", "int8", "int4"), "kv.format", f"{self.format!r} is not none, int8 or int4")
-        _require(self.granularity in ("per_head", "per_tensor"), "kv.granularity", f"{self.granularity!r} is not per_head or per_tensor")
+        _require(self.granularity in ("per_channel", "per_head", "per_tensor"), "kv.granularity",
+                 f"{self.granularity!r} is not per_channel, per_head or per_tensor")  # fmt: skip
+        _require(self.range in ("absmax", "percentile"), "kv.range", f"{self.range!r} is not absmax or percentile")
+        _require(0.0 < self.percentile <= 100.0, "kv.percentile", "must be in (0, 100]")
 
 
 @dataclass(frozen=True)

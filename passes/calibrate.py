@@ -4,8 +4,11 @@ Assumes the linear-site map is available in the context and calibration windows 
 Guarantees: the model is not modified (an analysis pass); afterwards ``ctx.get("activation_stats")``
 holds per-channel min / max / absmax (and a per-window percentile of |x| averaged over windows
 when the recipe asks for it) at every linear-site input and at attention K/V, gathered on windows
-of the *deploy* sequence length. Memory is bounded by one window's tapped activations plus the
-running per-channel reductions, however many windows are used. With ``capture_tokens`` it
+of the *deploy* sequence length. K/V channels are (head, head_dim) pairs (layouts in
+:mod:`lowbit.passes.kv_sites`), with the per-window percentile ``kv.percentile`` when
+``kv.range`` asks for it; ``links`` says which o_proj channel scale applies to each V channel, so
+smoothing's closed-form updates keep V's ranges exact too. Memory is bounded by one window's
+tapped activations plus the running per-channel reductions, however many windows are used. With ``capture_tokens`` it
 also does :class:`lowbit.passes.capture.CapturePass`'s job (``site_capture``) on the same run
 of the windows, which saves running the model over the calibration data a second time.
 
@@ -29,6 +32,7 @@ from lowbit.compiler.feeds import build_feeds
 from lowbit.compiler.ortrun import ort_session
 from lowbit.errors import LowbitError
 from lowbit.passes.capture import CaptureAccumulator
+from lowbit.passes.kv_sites import attention_kv, kv_inputs, to_channels
 
 __all__ = ["ActivationStats", "ChannelStats", "CalibratePass", "calibration_taps", "slac_table", "slac_tensor_rows"]
 
@@ -77,21 +81,12 @@ class ActivationStats:
     seq_len: int
     by_value: dict[str, ChannelStats] = field(default_factory=dict)
     slac: dict[str, dict[int, float]] = field(default_factory=dict)  # tap -> {length: absmax}
+    kv_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # K/V tap -> observed shape
+    # o_proj input -> [(V tap, o_proj channel whose scale divides each V channel)]
+    links: dict[str, list[tuple[str, np.ndarray]]] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> ChannelStats:
         return self.by_value[name]
-
-
-def _attention_kv(node: ir.Node) -> list[ir.Value]:
-    if node.op_type == "Attention":
-        return [node.inputs[1], node.inputs[2]]
-    kv = [node.inputs[1]]  # softmax(QK^T) @ V
-    probs = node.inputs[0].producer()
-    while probs is not None and probs.op_type in ("Softmax", "Mul", "Div", "Add", "Cast", "Where"):
-        probs = probs.inputs[0].producer()
-    if probs is not None and probs.op_type == "MatMul":
-        kv.append(probs.inputs[1])
-    return kv
 
 
 def calibration_taps(ctx: CompileContext) -> dict[str, ir.Value]:
@@ -100,7 +95,7 @@ def calibration_taps(ctx: CompileContext) -> dict[str, ir.Value]:
     for i, site in enumerate(ctx.sites):
         values = [site.input]
         if site.feeder is not None and site.feeder.kind == "attention_v":
-            values += _attention_kv(site.feeder.node)
+            values += attention_kv(site.feeder.node)
         for v in values:
             if v.name is None:
                 v.name = f"lowbit_tap_{i}_{len(taps)}"
@@ -142,6 +137,9 @@ class CalibratePass(ir.passes.InPlacePass):
             taps.update((n, v) for n, v in capture.taps.items() if n not in taps)
         session = _TappedSession(model, taps)
         stats = ActivationStats(seq_len=int(np.shape(data.windows[0])[-1]))
+        kv_taps = {kv.value.name: kv for kv in kv_inputs(self.ctx.sites) if kv.value.name in taps}
+        kv_spec = self.ctx.recipe.kv
+        kv_pct = kv_spec.percentile if kv_spec.format != "none" and kv_spec.range == "percentile" else None
         for ids in tqdm(data.windows, desc="calibrating", unit="window", leave=False):
             outs = session.run(ids)
             if capture is not None:
@@ -149,11 +147,16 @@ class CalibratePass(ir.passes.InPlacePass):
             for name, x in outs.items():
                 if x.dtype != np.float32 or x.ndim == 0:
                     continue
+                p = pct
+                if name in kv_taps:
+                    stats.kv_shapes.setdefault(name, x.shape)
+                    x, p = to_channels(x, kv_taps[name]), kv_pct
                 if name not in stats.by_value:
-                    stats.by_value[name] = ChannelStats.empty(x.shape[-1], pct is not None)
-                stats.by_value[name].update(x, pct)
+                    stats.by_value[name] = ChannelStats.empty(x.shape[-1], p is not None)
+                stats.by_value[name].update(x, p)
         for name, s in stats.by_value.items():
             stats.slac[name] = {stats.seq_len: float(s.absmax.max())}
+        _link_v_channels(stats, kv_taps)
         for length, windows in sorted(data.probes.items()):
             for ids in tqdm(windows, desc=f"SLAC probe {length}", unit="window", leave=False):
                 for name, x in session.run(ids).items():
@@ -171,6 +174,23 @@ class CalibratePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=False)
 
 
+def _link_v_channels(stats: ActivationStats, kv_taps: dict) -> None:
+    """V channel (h, d) of V head h reads o_proj channel (h * g + r) * head_dim + d for every
+    replica r < g (GQA); smoothing keeps the scale equal on replicas, so r = 0 stands for all.
+    Heads merged into the batch (no head axis) have no such map: left unlinked."""
+    for name, kv in kv_taps.items():
+        if kv.role != "v" or name not in stats.by_value or kv.o_input.name not in stats.by_value:
+            continue
+        channels, o_channels = stats[name].absmax.size, stats[kv.o_input.name].absmax.size
+        heads = kv.heads(stats.kv_shapes[name])
+        head_dim = channels // heads
+        if heads * head_dim != channels or o_channels % channels or (heads == 1 and channels != o_channels):
+            continue
+        g = o_channels // channels
+        j = np.arange(channels)
+        stats.links.setdefault(kv.o_input.name, []).append((name, (j // head_dim) * g * head_dim + j % head_dim))
+
+
 def _tap_labels(ctx: CompileContext, taps: dict[str, ir.Value]) -> dict[str, str]:
     """Readable tap names: the first site reading a value names it; attention K/V are named after
     the attention whose output feeds o_proj (the exporter's value name in brackets)."""
@@ -180,7 +200,7 @@ def _tap_labels(ctx: CompileContext, taps: dict[str, ir.Value]) -> dict[str, str
             labels.setdefault(site.input.name, f"{site.name} input")
         if site.feeder is not None and site.feeder.kind == "attention_v":
             attention = site.name.rsplit(".", 1)[0]
-            for v in _attention_kv(site.feeder.node):
+            for v in attention_kv(site.feeder.node):
                 if v.name in taps:
                     labels.setdefault(v.name, f"{attention} K/V ({v.name})")
     return labels

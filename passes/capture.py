@@ -57,9 +57,14 @@ def transform_channels(ctx: CompileContext, name: str, scale: np.ndarray | None 
     were divided by ``scale`` (> 0) and/or reordered by ``perm``."""
     if ctx.has("site_capture") and name in ctx.get("site_capture"):
         ctx.get("site_capture")[name].transform(scale, perm)
-    stats = ctx.get("activation_stats").by_value.get(name) if ctx.has("activation_stats") else None
+    all_stats = ctx.get("activation_stats") if ctx.has("activation_stats") else None
+    stats = all_stats.by_value.get(name) if all_stats is not None else None
     if stats is None:
         return
+    for linked, index in all_stats.links.get(name, ()):  # V channels smoothing rescaled with o_proj's
+        if perm is not None:
+            raise ValueError(f"{name}: permuting attention-output channels would move V heads")
+        transform_channels(ctx, linked, scale=scale[index] if scale is not None else None)
     if scale is not None:
         s = scale.astype(np.float32)
         stats.min, stats.max, stats.absmax = stats.min / s, stats.max / s, stats.absmax / s
