@@ -188,3 +188,22 @@ def test_with_past_export_quantizes_the_cache_read_not_the_present_outputs(smoll
     past = {n.replace("present.", "past_key_values."): v for n, v in prefix.items() if n.startswith("present.")}
     step = _outputs(ctx.model, lambda s: make_feed(s.get_inputs(), ids[None, 32:], past=past))
     np.testing.assert_allclose(step["logits"][0, -1], quantized["logits"][0, -1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_real_v_ranges_after_smoothing_equal_a_rerun(smollm2_export, calib_windows):
+    """On SmolLM2 (AQAS folds scales into v_proj): V's derived ranges == a fresh calibration."""
+    windows = [w[:64] for w in calib_windows[:2]]
+    model = load_onnx(smollm2_export / "model.onnx")
+    kv = ["kv.granularity=per_channel", "kv.range=percentile"]
+    ctx = _calibrated(model, kv, windows)
+    ctx.invalidate("linear_sites")
+    SmoothPass(ctx)(model)
+    folded = [k for k, g in ctx.report["smooth"]["groups"].items() if g["folded"] and g["feeder"] == "attention_v"]
+    assert folded  # some o_proj groups were rescaled through v_proj
+    derived, fresh = ctx.get("activation_stats"), _calibrated(model, kv, windows).get("activation_stats")
+    assert len(derived.links) == 30
+    for pairs in derived.links.values():
+        for name, _ in pairs:
+            for attr in ("min", "max", "absmax", "percentile"):
+                np.testing.assert_allclose(getattr(derived[name], attr), getattr(fresh[name], attr), rtol=1e-4, atol=1e-5)
