@@ -12,7 +12,8 @@ from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.passes.dynamic_act import TINY, dynamic_group_nodes, fake_quant, group_qmax
 
-_DYNAMIC = ["activations.granularity=per_token_group", "activations.group_size=16", "rounding.method=rtn"]
+_DYNAMIC = ["activations.granularity=per_token_group", "activations.group_size=16", "activations.outlier_format=none",
+            "rounding.method=rtn"]
 
 
 def _sessions(proto: bytes) -> list[ort.InferenceSession]:
