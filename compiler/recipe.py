@@ -159,6 +159,8 @@ class KVCacheSpec:
     range: str = _doc("absmax: calibrated min/max | percentile: clip each channel at the mean over calibration windows "
                       "of its kv.percentile of |x| (int4 absmax is very sensitive to rare peaks)", "absmax")  # fmt: skip
     percentile: float = _doc("kv.range = percentile: the per-window percentile of |x|, in (0, 100]", 99.9)
+    dynamic_k: bool = _doc("K: static per-channel scales normalise channels, then one int scale per token and head is "
+                           "computed at run time (max over head_dim); V stays static", False)  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(self.format in ("none", "int8", "int4"), "kv.format", f"{self.format!r} is not none, int8 or int4")
@@ -166,6 +168,7 @@ class KVCacheSpec:
                  f"{self.granularity!r} is not per_channel, per_head or per_tensor")  # fmt: skip
         _require(self.range in ("absmax", "percentile"), "kv.range", f"{self.range!r} is not absmax or percentile")
         _require(0.0 < self.percentile <= 100.0, "kv.percentile", "must be in (0, 100]")
+        _require(self.symmetric or not self.dynamic_k, "kv.dynamic_k", "needs kv.symmetric = true")
 
 
 @dataclass(frozen=True)

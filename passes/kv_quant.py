@@ -23,6 +23,9 @@ evaluation tokens) ppl was 18.30 with absmax, 17.31 with the per-window 99.9 per
 with a global 99.9 percentile, 17.76 with a per-channel MSE clip search. Coarser granularities
 take the max over their channels. With GQA the replicated heads of one kv head get equal
 scales, so quantizing after replication equals quantizing the cache.
+With ``kv.dynamic_k`` K's static per-channel scales only normalise its channels; each token's
+head then gets its own symmetric scale, max |x / s| over head_dim / qmax, computed at run time
+(Abs, ReduceMax, Div: standard ops); V stays static.
 Other consumers of K/V (the ``present.*`` outputs of a with-past export and their shape reads)
 keep float values: the cache stays float, attention reads the quantized cache; static Q/DQ is
 idempotent, so re-quantizing a past that was already quantized changes nothing.
@@ -46,6 +49,7 @@ __all__ = ["KvQuantPass", "kv_qparams", "kv_range"]
 logger = logging.getLogger(__name__)
 
 # format -> (symmetric code dtype, qmin, qmax), (asymmetric code dtype, qmax)
+_TINY = 1e-12  # a token whose head is all zero gets this scale instead of 0 (x / 0)
 _CODES = {"int8": ((np.int8, -128, 127), (np.uint8, 255)), "int4": ((ml_dtypes.int4, -8, 7), (ml_dtypes.uint4, 15))}
 
 
@@ -100,10 +104,13 @@ class KvQuantPass(ir.passes.InPlacePass):
             shape = stats.kv_shapes[name]
             lo, hi = kv_range(stats[name], spec)
             scale, zero = kv_qparams(lo, hi, kv.heads(shape), spec)
-            form = self._emit(model.graph, kv, shape, scale, zero)
+            if spec.dynamic_k and kv.role == "k":
+                form = self._emit_dynamic(model.graph, kv, shape, scale)
+            else:
+                form = self._emit(model.graph, kv, shape, scale, zero)
             forms[form] = forms.get(form, 0) + 1
         self.ctx.report["kv"] = {"format": spec.format, "granularity": spec.granularity, "symmetric": spec.symmetric,
-                                 "range": spec.range, "tensors": len(inputs), "forms": forms}  # fmt: skip
+                                 "range": spec.range, "dynamic_k": spec.dynamic_k, "tensors": len(inputs), "forms": forms}  # fmt: skip
         logger.info("kv: quantized %d K/V tensors to %s (%s)", len(inputs), spec.format, spec.granularity)
         return ir.passes.PassResult(model, modified=True)
 
@@ -118,6 +125,37 @@ class KvQuantPass(ir.passes.InPlacePass):
         if folded and not linked:
             raise LowbitError(f"smoothing rescaled V {kv.value.name!r}, whose heads are merged into the batch: "
                               "its per-channel range cannot follow; set smooth.feeders without attention_v")  # fmt: skip
+
+    def _emit_dynamic(self, graph: ir.Graph, kv: KvInput, shape: tuple[int, ...], scale: np.ndarray) -> str:
+        """x / s (static, per channel) -> one symmetric scale per token and head, from the max of
+        |x / s| over head_dim at run time -> Q/DQ with unit scale -> times both scales."""
+        (dtype, _, qmax), base, x = _CODES[self.ctx.recipe.kv.format][0], kv.value.name, kv.value
+        s_val = add_initializer(graph, scale.reshape(broadcast_shape(kv, shape, scale.size)), f"{base}.kv_scale")
+        axes = add_initializer(graph, np.array([kv.channel_axes(len(shape))[-1]], np.int64), f"{base}.kv_token_axes")
+        q_max = add_initializer(graph, np.array(qmax, np.float32), f"{base}.kv_qmax")
+        floor = add_initializer(graph, np.array(_TINY, np.float32), f"{base}.kv_min_scale")
+        unit = add_initializer(graph, np.array(1.0, np.float32), f"{base}.kv_unit_scale")
+        zero = add_initializer(graph, np.array(0, dtype), f"{base}.kv_zero_point")
+        normed = ir.node("Div", [x, s_val], name=f"{base}.kv_div")
+        amax = ir.node("ReduceMax", [ir.node("Abs", [normed.outputs[0]], name=f"{base}.kv_abs").outputs[0], axes],
+                       {"keepdims": 1}, name=f"{base}.kv_token_max")  # fmt: skip
+        nodes = [normed, amax.inputs[0].producer(), amax]
+        nodes.append(ir.node("Div", [amax.outputs[0], q_max], name=f"{base}.kv_token_scale_raw"))
+        token_scale = ir.node("Max", [nodes[-1].outputs[0], floor], name=f"{base}.kv_token_scale")
+        nodes.append(token_scale)
+        nodes.append(ir.node("Div", [normed.outputs[0], token_scale.outputs[0]], name=f"{base}.kv_token_div"))
+        q = ir.node("QuantizeLinear", [nodes[-1].outputs[0], unit, zero], name=f"{base}.kv_q")
+        q.outputs[0].name, q.outputs[0].type = f"{base}.kv_quantized", ir.TensorType(zero.dtype)
+        dq = ir.node("DequantizeLinear", [q.outputs[0], unit, zero], name=f"{base}.kv_dq")
+        nodes += [q, dq, ir.node("Mul", [dq.outputs[0], token_scale.outputs[0]], name=f"{base}.kv_token_rescale")]
+        nodes.append(ir.node("Mul", [nodes[-1].outputs[0], s_val], name=f"{base}.kv_rescale"))
+        out = nodes[-1].outputs[0]
+        out.name, out.type, out.shape = f"{base}.kv_dequantized", x.type, x.shape
+        graph.insert_before(kv.consumer, nodes)
+        for i, inp in enumerate(kv.consumer.inputs):
+            if inp is x:
+                kv.consumer.replace_input_with(i, out)
+        return "dynamic"
 
     def _emit(self, graph: ir.Graph, kv: KvInput, shape: tuple[int, ...], scale: np.ndarray,
               zero: np.ndarray | None) -> str:  # fmt: skip

@@ -42,6 +42,16 @@ def fake_quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt
     return ((np.clip(np.rint(x / scale + zero), 0, 2 * _QMAX[fmt] + 1) - zero) * scale).astype(np.float32)
 
 
+def fake_quantize_dynamic(x: np.ndarray, kv, scale: np.ndarray, fmt: str) -> np.ndarray:
+    """Reference of dynamic K: normalise by the static scale, one scale per token and head."""
+    normed = to_channels(x, kv) / scale  # [tokens, heads * head_dim]
+    tokens, heads = normed.shape[0], kv.heads(x.shape)
+    per_head = normed.reshape(tokens, heads, -1)
+    token_scale = np.maximum(np.abs(per_head).max(axis=-1, keepdims=True) / np.float32(_QMAX[fmt]), np.float32(1e-12))
+    q = np.clip(np.rint(per_head / token_scale), -_QMAX[fmt] - 1, _QMAX[fmt])
+    return ((q * token_scale).reshape(tokens, -1) * scale).astype(np.float32)
+
+
 def check_kv_exact(ctx: CompileContext, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Every K/V consumer reads the numpy fake-quantization (calibrated scales) of the float K/V;
     returns the observed float and dequantized tensors by name."""
@@ -59,7 +69,10 @@ def check_kv_exact(ctx: CompileContext, ids: np.ndarray) -> dict[str, np.ndarray
         kv = layouts[name]
         heads = kv.heads(stats.kv_shapes[name])
         scale, zero = kv_qparams(*kv_range(stats[name], spec), heads, spec)
-        want = fake_quantize(to_channels(outs[name], kv), scale, zero, spec.format)
+        if spec.dynamic_k and kv.role == "k":
+            want = fake_quantize_dynamic(outs[name], kv, scale, spec.format)
+        else:
+            want = fake_quantize(to_channels(outs[name], kv), scale, zero, spec.format)
         np.testing.assert_array_equal(to_channels(outs[f"{name}.kv_dequantized"], kv), want)
     return outs
 
@@ -90,6 +103,14 @@ def test_kv_asymmetric_per_channel_is_exact(form, token_windows):
     ctx = compile_ctx(tiny_decoder(norm_form=form), "w8", ["weights.format=none", "kv.format=int4",
                       "kv.granularity=per_channel", "kv.symmetric=false"], token_windows)  # fmt: skip
     assert {n.outputs[0].type.dtype.name for n in ctx.model.graph if n.op_type == "QuantizeLinear"} == {"UINT4"}
+    check_kv_exact(ctx, IDS)
+
+
+@pytest.mark.parametrize("form", ["fused", "decomposed"])
+def test_kv_dynamic_k_is_exact(form, token_windows):
+    ctx = compile_ctx(tiny_decoder(norm_form=form), "w8", ["weights.format=none", "kv.format=int4",
+                      "kv.granularity=per_channel", "kv.dynamic_k=true"], token_windows)  # fmt: skip
+    assert ctx.report["kv"]["forms"] == {"dynamic": 2, "broadcast": 2}
     check_kv_exact(ctx, IDS)
 
 
@@ -144,10 +165,9 @@ def test_v_ranges_follow_smoothing_exactly(token_windows):
 KV4 = ["weights.format=none", "kv.format=int4", "kv.granularity=per_channel", "kv.range=percentile"]
 
 
-def _outputs(model, feeds_for):
-    session = ort_session(model)
+def _outputs(session, feeds: dict) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds_for(session))))
+    return dict(zip(names, session.run(names, feeds)))
 
 
 @pytest.mark.slow
@@ -172,8 +192,9 @@ def test_with_past_export_quantizes_the_cache_read_not_the_present_outputs(smoll
     roles = sorted(kv.role for kv in layouts.values())
     assert roles == ["k"] * 30 + ["v"] * 30 and {kv.consumer.op_type for kv in layouts.values()} == {"MatMul"}
     check_kv_exact(ctx, ids)
-    quantized = _outputs(ctx.model, lambda s: build_feeds(s, ids[None]))
-    reference = _outputs(load_onnx(path), lambda s: build_feeds(s, ids[None]))
+    session, float_session = ort_session(ctx.model), ort_session(load_onnx(path))
+    quantized = _outputs(session, build_feeds(session, ids[None]))
+    reference = _outputs(float_session, build_feeds(float_session, ids[None]))
     presents = [v for v in ctx.model.graph.outputs if v.name.startswith("present.")]
     assert len(presents) == 60
     # the cache outputs stay the float K/V (the Concat of past and new), never a DQ output; layer
@@ -184,9 +205,9 @@ def test_with_past_export_quantizes_the_cache_read_not_the_present_outputs(smoll
     assert not np.allclose(quantized["logits"], reference["logits"], atol=1e-3)
     # one decode step on the float cache of the first 32 tokens: static Q/DQ is idempotent and
     # elementwise per (head, channel), so it equals the last position of the full 33-token run
-    prefix = _outputs(ctx.model, lambda s: build_feeds(s, ids[None, :32]))
+    prefix = _outputs(session, build_feeds(session, ids[None, :32]))
     past = {n.replace("present.", "past_key_values."): v for n, v in prefix.items() if n.startswith("present.")}
-    step = _outputs(ctx.model, lambda s: make_feed(s.get_inputs(), ids[None, 32:], past=past))
+    step = _outputs(session, make_feed(session.get_inputs(), ids[None, 32:], past=past))
     np.testing.assert_allclose(step["logits"][0, -1], quantized["logits"][0, -1], rtol=1e-3, atol=1e-3)
 
 
