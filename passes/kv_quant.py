@@ -79,6 +79,17 @@ def kv_qparams(lo: np.ndarray, hi: np.ndarray, heads: int, spec) -> tuple[np.nda
     return scale, zero
 
 
+def _splice(graph: ir.Graph, kv: KvInput, nodes: list[ir.Node], out: ir.Value) -> None:
+    """Insert ``nodes`` before the attention and make it (only it) read ``out`` instead of K/V:
+    other consumers (the KV-cache ``present`` outputs) keep the float values."""
+    x = kv.value
+    out.name, out.type, out.shape = f"{x.name}.kv_dequantized", x.type, x.shape
+    graph.insert_before(kv.consumer, nodes)
+    for i, inp in enumerate(kv.consumer.inputs):
+        if inp is x:
+            kv.consumer.replace_input_with(i, out)
+
+
 class KvQuantPass(ir.passes.InPlacePass):
     """Insert static Q/DQ on attention K/V from the calibrated per-(head, channel) ranges."""
 
@@ -149,12 +160,7 @@ class KvQuantPass(ir.passes.InPlacePass):
         dq = ir.node("DequantizeLinear", [q.outputs[0], unit, zero], name=f"{base}.kv_dq")
         nodes += [q, dq, ir.node("Mul", [dq.outputs[0], token_scale.outputs[0]], name=f"{base}.kv_token_rescale")]
         nodes.append(ir.node("Mul", [nodes[-1].outputs[0], s_val], name=f"{base}.kv_rescale"))
-        out = nodes[-1].outputs[0]
-        out.name, out.type, out.shape = f"{base}.kv_dequantized", x.type, x.shape
-        graph.insert_before(kv.consumer, nodes)
-        for i, inp in enumerate(kv.consumer.inputs):
-            if inp is x:
-                kv.consumer.replace_input_with(i, out)
+        _splice(graph, kv, nodes, nodes[-1].outputs[0])
         return "dynamic"
 
     def _emit(self, graph: ir.Graph, kv: KvInput, shape: tuple[int, ...], scale: np.ndarray,
@@ -203,9 +209,5 @@ class KvQuantPass(ir.passes.InPlacePass):
                 nodes.append(ir.node("Sub", [out, nodes[1].inputs[1]], name=f"{base}.kv_unshift"))
             nodes.append(ir.node("Mul", [nodes[-1].outputs[0], s_val], name=f"{base}.kv_rescale"))
             out = nodes[-1].outputs[0]
-        out.name, out.type, out.shape = f"{base}.kv_dequantized", x.type, x.shape
-        graph.insert_before(kv.consumer, nodes)
-        for i, inp in enumerate(kv.consumer.inputs):
-            if inp is x:
-                kv.consumer.replace_input_with(i, out)
+        _splice(graph, kv, nodes, out)
         return form
