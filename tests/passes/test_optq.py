@@ -149,7 +149,8 @@ def test_kernel_rounding_is_the_format_rounding(fmt):
     assert not np.any(np.signbit(got[got == 0]))
 
 
-@pytest.mark.parametrize("fmt,block,method", [("dint4", 32, "mse"), ("int4", 32, "absmax"), ("int4", None, "mse"), ("dint4", None, "absmax")])
+@pytest.mark.parametrize("fmt,block,method", [("dint4", 32, "mse"), ("int4", 32, "absmax"), ("int4", None, "mse"), ("dint4", None, "absmax"),
+                                               ("int8", None, "absmax")])
 def test_compiled_rtn_equals_fake_quantize(fmt, block, method):
     w = (np.random.default_rng(3).standard_normal((96, 40)) * 0.1).astype(np.float32)
     element = formats.get_format(fmt).element
@@ -172,6 +173,20 @@ def test_optq_equals_the_reference_on_synthetic_problems(fmt, block, method, act
         q_ref, scale_ref = reference_optq_round(w, h, fmt, block, scale_method=method, act_order=act_order)
         assert np.mean(q != q_ref) <= 1e-3  # float64 reassociation may move a value across a midpoint
         assert np.mean(scale != scale_ref) <= 1e-3
+
+
+@pytest.mark.parametrize("block,act_order", [(32, False), (None, True)])
+def test_optq_loop_error_is_the_damped_proxy_error(block, act_order):
+    """The report's OPTQ error, summed from the loop's scaled errors, equals tr(D^T H_damped D)
+    computed directly (a dead input channel included)."""
+    from lowbit.passes.optq import _optq_solve, _proxy_errors
+
+    x, w = _problem(k=160, n=24, seed=7)
+    x[:, 5] = 0.0
+    h = x.T.astype(np.float64) @ x
+    (q, _, loop_err), = _optq_solve([w], [h], "dint4", block, damp=0.01, scale_method="mse", act_order=act_order)
+    direct = _proxy_errors(w, q, h, 0.01)
+    np.testing.assert_allclose(loop_err, direct, rtol=1e-4)
 
 
 @pytest.mark.slow
