@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["TINY", "dynamic_group_nodes", "fake_quant", "group_qmax"]
+from lowbit.passes.initializers import SCALE_FLOOR, add_initializer
 
-TINY = np.float32(np.finfo(np.float32).tiny)
+__all__ = ["dynamic_group_nodes", "fake_quant", "group_qmax"]
 
 
 def group_qmax(channels: int, group_size: int, outlier_channels: np.ndarray | None = None) -> np.ndarray:
@@ -41,15 +41,8 @@ def fake_quant(x: np.ndarray, group_size: int, qmax: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     g = x.reshape(*x.shape[:-1], -1, group_size)
     q = qmax.astype(np.float32)[:, None]
-    s = np.maximum(np.abs(g).max(axis=-1, keepdims=True) / q, TINY)
+    s = np.maximum(np.abs(g).max(axis=-1, keepdims=True) / q, SCALE_FLOOR)
     return (np.rint(g / s) * s).reshape(x.shape)
-
-
-def _const(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def dynamic_group_nodes(graph: ir.Graph, x: ir.Value, channels: int, group_size: int, qmax: np.ndarray,
@@ -57,11 +50,11 @@ def dynamic_group_nodes(graph: ir.Graph, x: ir.Value, channels: int, group_size:
     """Nodes quantizing ``x`` (last axis = ``channels``) per token and group; returns (nodes, output)."""
     rank = len(x.shape) if x.shape is not None else 3
     keep = [0] * (rank - 1)  # Reshape's 0 copies the input dim: batch/sequence stay dynamic
-    grouped_shape = _const(graph, np.array(keep + [channels // group_size, group_size], np.int64), f"{base}.group_shape")
-    flat_shape = _const(graph, np.array(keep + [channels], np.int64), f"{base}.ungroup_shape")
-    qmax_val = _const(graph, qmax.astype(np.float32).reshape(-1, 1), f"{base}.group_qmax")
-    tiny = _const(graph, np.array(TINY, np.float32), f"{base}.scale_floor")
-    axes = _const(graph, np.array([-1], np.int64), f"{base}.group_axis")
+    grouped_shape = add_initializer(graph, np.array(keep + [channels // group_size, group_size], np.int64), f"{base}.group_shape")
+    flat_shape = add_initializer(graph, np.array(keep + [channels], np.int64), f"{base}.ungroup_shape")
+    qmax_val = add_initializer(graph, qmax.astype(np.float32).reshape(-1, 1), f"{base}.group_qmax")
+    tiny = add_initializer(graph, np.array(SCALE_FLOOR, np.float32), f"{base}.scale_floor")
+    axes = add_initializer(graph, np.array([-1], np.int64), f"{base}.group_axis")
 
     grouped = ir.node("Reshape", [x, grouped_shape], name=f"{base}.group")
     absx = ir.node("Abs", [grouped.outputs[0]], name=f"{base}.abs")

@@ -38,9 +38,9 @@ import onnx_ir as ir
 from lowbit import formats
 from lowbit.compiler.context import CompileContext
 from lowbit.errors import LowbitError
-from lowbit.passes.emit_qdq import (activation_qparams, add_initializer, ensure_opset, quantizable_groups,
-                                    stored_codes)  # fmt: skip
+from lowbit.passes.emit_qdq import activation_qparams, ensure_opset, quantizable_groups, stored_codes
 from lowbit.passes.folding import weight_kn
+from lowbit.passes.initializers import add_initializer
 from lowbit.passes.linear_sites import LinearSite
 
 __all__ = ["EmitNpuPass", "power_of_two"]

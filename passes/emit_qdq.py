@@ -36,6 +36,7 @@ from lowbit import formats
 from lowbit.compiler.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.passes.dynamic_act import dynamic_group_nodes, group_qmax
+from lowbit.passes.initializers import add_initializer
 from lowbit.passes.linear_sites import LinearSite
 
 __all__ = ["EmitQDQPass", "activation_qparams", "add_initializer", "cluster_ranges", "ensure_opset", "quantizable_groups",
@@ -56,13 +57,6 @@ def ensure_opset(model: ir.Model, version: int) -> None:
             function.opset_imports[""] = version
     # ORT 1.31 accepts IR <= 13; opset 21 needs IR >= 10, opset 23 IR >= 11.
     model.ir_version = min(max(model.ir_version, 10 if version <= 22 else 11), 11)
-
-
-def add_initializer(graph: ir.Graph, array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
-    tensor = ir.tensor(array, dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _per_axis(scale: np.ndarray, axis: int) -> np.ndarray:

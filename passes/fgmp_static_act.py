@@ -61,6 +61,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.minifloat import FP4_E2M1, FP8_E4M3
 from lowbit.passes.emit_mixed import encode_bitmap
 from lowbit.passes.emit_qdq import ensure_opset
+from lowbit.passes.initializers import add_initializer
 from lowbit.passes.linear_sites import LinearSite
 from lowbit.passes.precision import BLOCK, FP8_BITS, NVFP4_BITS, activation_fp8_fraction, activation_groups, n_fp8_blocks, top_k_masks
 
@@ -162,13 +163,6 @@ def choose_channels(impacts: list[np.ndarray], fraction: float) -> tuple[list[np
     return masks, threshold
 
 
-def _const(graph: ir.Graph, array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
-    tensor = ir.tensor(array, dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
 def _node(op: str, inputs: list[ir.Value], name: str, attrs: dict | None = None, dtype=ir.DataType.FLOAT) -> ir.Node:
     node = ir.node(op, inputs, attrs or {}, name=name)
     node.outputs[0].name = name
@@ -183,10 +177,10 @@ def static_act_nodes(graph: ir.Graph, x: ir.Value, plan: ChannelPlan, target: st
     nodes: list[ir.Node] = []
     branches: list[ir.Value] = []
     if plan.fp8.any():
-        s8 = _const(graph, plan.s8, f"{base}.fgmp_s8")
-        z8 = _const(graph, np.zeros(plan.s8.shape, ml_dtypes.float8_e4m3fn), f"{base}.fgmp_z8")
-        ones = _const(graph, np.ones(plan.s8.shape, np.float32), f"{base}.fgmp_unit_scale")
-        s8m = _const(graph, plan.s8 * keep8, f"{base}.fgmp_s8_masked")
+        s8 = add_initializer(graph, plan.s8, f"{base}.fgmp_s8")
+        z8 = add_initializer(graph, np.zeros(plan.s8.shape, ml_dtypes.float8_e4m3fn), f"{base}.fgmp_z8")
+        ones = add_initializer(graph, np.ones(plan.s8.shape, np.float32), f"{base}.fgmp_unit_scale")
+        s8m = add_initializer(graph, plan.s8 * keep8, f"{base}.fgmp_s8_masked")
         q = _node("QuantizeLinear", [x, s8, z8], f"{base}.fgmp_q8", axis, ir.DataType.FLOAT8E4M3FN)
         # DQ with unit scales, then the masked scales: bit-identical to DQ(q, s8m), and keeps ORT
         # from fusing DQ -> MatMul into MatMulIntegerToFloat (which rejects FP8) when no E2M1
@@ -196,8 +190,8 @@ def static_act_nodes(graph: ir.Graph, x: ir.Value, plan: ChannelPlan, target: st
         nodes += [q, dq, scaled]
         branches.append(scaled.outputs[0])
     if not plan.fp8.all():
-        s4 = _const(graph, plan.s4, f"{base}.fgmp_s4")
-        s4m = _const(graph, plan.s4 * (np.float32(1) - keep8), f"{base}.fgmp_s4_masked")
+        s4 = add_initializer(graph, plan.s4, f"{base}.fgmp_s4")
+        s4m = add_initializer(graph, plan.s4 * (np.float32(1) - keep8), f"{base}.fgmp_s4_masked")
         part = _e2m1_fp4_qdq(graph, x, s4, s4m, base) if target == "qdq-fp4" else _e2m1_ops(graph, x, s4, s4m, base)
         nodes += part
         branches.append(part[-1].outputs[0])
@@ -211,14 +205,14 @@ def static_act_nodes(graph: ir.Graph, x: ir.Value, plan: ChannelPlan, target: st
 
 
 def _e2m1_fp4_qdq(graph: ir.Graph, x: ir.Value, s4: ir.Value, s4m: ir.Value, base: str) -> list[ir.Node]:
-    z4 = _const(graph, np.zeros(s4.shape[0], ml_dtypes.float4_e2m1fn), f"{base}.fgmp_z4")
+    z4 = add_initializer(graph, np.zeros(s4.shape[0], ml_dtypes.float4_e2m1fn), f"{base}.fgmp_z4")
     q = _node("QuantizeLinear", [x, s4, z4], f"{base}.fgmp_q4", {"axis": -1}, ir.DataType.FLOAT4E2M1)
     return [q, _node("DequantizeLinear", [q.outputs[0], s4m, z4], f"{base}.fgmp_fp4", {"axis": -1})]
 
 
 def _e2m1_ops(graph: ir.Graph, x: ir.Value, s4: ir.Value, s4m: ir.Value, base: str) -> list[ir.Node]:
     """E2M1(x / s4) * s4m with exact elementwise ops (module doc)."""
-    c = {k: _const(graph, np.array(v, np.float32), f"{base}.fgmp_c_{k}")
+    c = {k: add_initializer(graph, np.array(v, np.float32), f"{base}.fgmp_c_{k}")
          for k, v in (("max", FP4_E2M1.max_finite), ("half", 0.5), ("one", 1.0), ("two", 2.0), ("four", 4.0))}
     n = f"{base}.fgmp_e2m1"
     u = _node("Div", [x, s4], f"{n}_u")

@@ -41,7 +41,8 @@ import onnx_ir as ir
 
 from lowbit.compiler.context import CompileContext
 from lowbit.errors import LowbitError
-from lowbit.passes.emit_qdq import add_initializer, ensure_opset
+from lowbit.passes.emit_qdq import ensure_opset
+from lowbit.passes.initializers import SCALE_FLOOR, add_initializer
 from lowbit.passes.kv_sites import KvInput, broadcast_shape, kv_inputs
 
 __all__ = ["KvQuantPass", "kv_qparams", "kv_range"]
@@ -49,7 +50,6 @@ __all__ = ["KvQuantPass", "kv_qparams", "kv_range"]
 logger = logging.getLogger(__name__)
 
 # format -> (symmetric code dtype, qmin, qmax), (asymmetric code dtype, qmax)
-_TINY = 1e-12  # a token whose head is all zero gets this scale instead of 0 (x / 0)
 _CODES = {"int8": ((np.int8, -128, 127), (np.uint8, 255)), "int4": ((ml_dtypes.int4, -8, 7), (ml_dtypes.uint4, 15))}
 
 
@@ -144,7 +144,7 @@ class KvQuantPass(ir.passes.InPlacePass):
         s_val = add_initializer(graph, scale.reshape(broadcast_shape(kv, shape, scale.size)), f"{base}.kv_scale")
         axes = add_initializer(graph, np.array([kv.channel_axes(len(shape))[-1]], np.int64), f"{base}.kv_token_axes")
         q_max = add_initializer(graph, np.array(qmax, np.float32), f"{base}.kv_qmax")
-        floor = add_initializer(graph, np.array(_TINY, np.float32), f"{base}.kv_min_scale")
+        floor = add_initializer(graph, np.array(SCALE_FLOOR, np.float32), f"{base}.kv_min_scale")
         unit = add_initializer(graph, np.array(1.0, np.float32), f"{base}.kv_unit_scale")
         zero = add_initializer(graph, np.array(0, dtype), f"{base}.kv_zero_point")
         normed = ir.node("Div", [x, s_val], name=f"{base}.kv_div")

@@ -44,6 +44,7 @@ from lowbit import formats
 from lowbit.compiler.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.formats.minifloat import FP8_E4M3
+from lowbit.passes.initializers import add_initializer
 from lowbit.runtime_ext import (
     DOMAIN,
     GatherSpec,
@@ -228,14 +229,6 @@ def _scale_dtype(enc: formats.Encoded) -> str:
     return "float32"
 
 
-def _const(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
-                     const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
 def _static_int8_pair(a: ir.Value) -> tuple[ir.Value, ir.Value] | None:
     """(x, scale) when ``a = DQ(Q(x, s, 0), s, 0)`` is symmetric int8 per-tensor, else None."""
     dq = a.producer()
@@ -320,7 +313,7 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
         except LowbitError as e:  # block sizes / lengths the kernels do not take
             return str(e)
         label = site.label
-        arrays = tuple(_const(graph, arr, f"{label}.{key}4") for key, arr in (
+        arrays = tuple(add_initializer(graph, arr, f"{label}.{key}4") for key, arr in (
             ("codes", packed.codes), ("scales", packed.scales), ("global_scale", packed.global_scale)))
         a, act_scale, mode = site.matmul.inputs[0], None, "float32"
         pair = _static_int8_pair(a)
@@ -354,7 +347,7 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
                                  scale_method=wspec.scale_method)
             packed = pack_gather_table(
                 enc, scale_dtype="uint8" if fmt in ("nvfp4", "mxfp4") else "float32")
-            arrays = tuple(_const(graph, arr, f"{name}.{key}4") for key, arr in (
+            arrays = tuple(add_initializer(graph, arr, f"{name}.{key}4") for key, arr in (
                 ("codes", packed.codes), ("scales", packed.scales),
                 ("global_scale", packed.global_scale)))
             shared = None

@@ -10,7 +10,8 @@ import pytest
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.dynamic_act import TINY, dynamic_group_nodes, fake_quant, group_qmax
+from lowbit.passes.dynamic_act import dynamic_group_nodes, fake_quant, group_qmax
+from lowbit.passes.initializers import SCALE_FLOOR
 
 _DYNAMIC = ["activations.granularity=per_token_group", "activations.group_size=16", "activations.outlier_format=none",
             "rounding.method=rtn"]
@@ -42,7 +43,7 @@ def test_group_graph_equals_numpy_reference_bit_exact():
     for session in _sessions(proto):
         np.testing.assert_array_equal(session.run(None, {"x": a})[0], want)
     grouped = a.reshape(2, 5, 3, group)
-    codes = np.rint(grouped / np.maximum(np.abs(grouped).max(-1, keepdims=True) / qmax[:, None], TINY))
+    codes = np.rint(grouped / np.maximum(np.abs(grouped).max(-1, keepdims=True) / qmax[:, None], SCALE_FLOOR))
     assert np.abs(codes[..., :2, :]).max() <= 7 and np.abs(codes[..., 2, :]).max() <= 127
 
 

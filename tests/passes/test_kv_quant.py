@@ -16,6 +16,7 @@ from lowbit.compiler.pipeline import run_pipeline
 from lowbit.compiler.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.passes.calibrate import CalibratePass
+from lowbit.passes.initializers import SCALE_FLOOR
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.kv_quant import kv_qparams, kv_range
 from lowbit.passes.kv_sites import kv_inputs, to_channels
@@ -47,7 +48,7 @@ def fake_quantize_dynamic(x: np.ndarray, kv, scale: np.ndarray, fmt: str) -> np.
     normed = to_channels(x, kv) / scale  # [tokens, heads * head_dim]
     tokens, heads = normed.shape[0], kv.heads(x.shape)
     per_head = normed.reshape(tokens, heads, -1)
-    token_scale = np.maximum(np.abs(per_head).max(axis=-1, keepdims=True) / np.float32(_QMAX[fmt]), np.float32(1e-12))
+    token_scale = np.maximum(np.abs(per_head).max(axis=-1, keepdims=True) / np.float32(_QMAX[fmt]), SCALE_FLOOR)
     q = np.clip(np.rint(per_head / token_scale), -_QMAX[fmt] - 1, _QMAX[fmt])
     return ((q * token_scale).reshape(tokens, -1) * scale).astype(np.float32)
 

@@ -1,0 +1,21 @@
+"""Small graph-building helpers shared by the emission passes (kept apart from ``emit_qdq`` so
+that modules ``emit_qdq`` itself imports can use them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["SCALE_FLOOR", "add_initializer"]
+
+# Smallest scale a run-time (dynamic) quantizer may divide by: an all-zero token or group gets
+# this instead of 0, so x / scale stays finite (its codes are 0 either way).
+SCALE_FLOOR = np.float32(np.finfo(np.float32).tiny)
+
+
+def add_initializer(graph: ir.Graph, array: np.ndarray, name: str, dtype: ir.DataType | None = None) -> ir.Value:
+    """Register ``array`` as a named initializer of ``graph`` and return its value."""
+    tensor = ir.tensor(np.asarray(array, order="C"), dtype=dtype, name=name)  # keeps 0-d arrays 0-d
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
