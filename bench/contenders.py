@@ -36,7 +36,8 @@ class BuildContext:
     work_dir: Path  # the contender's own empty directory
     description: str  # e.g. "8 windows x 512 tokens of the calibration split"
     # Causal LMs: how many of ``feeds`` the peers (ORT quantize_static) calibrate on -- the count
-    # lowbit's default recipes use, so compile times compare like for like. None: all of them.
+    # the lowbit recipes they are compared with use, so compile times compare like for like.
+    # None: all of them.
     peer_windows: int | None = None
 
     def __post_init__(self) -> None:

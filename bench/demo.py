@@ -21,13 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.bench.contenders import CONTENDERS
     from lowbit.bench.runner import BenchConfig, smollm2_section
+    from lowbit.compiler.recipe import load_recipe
     from lowbit.errors import LowbitError
 
     name = f"lowbit-{args.recipe}"
     if name not in CONTENDERS:
         known = ", ".join(c.removeprefix("lowbit-") for c in CONTENDERS if c.startswith("lowbit-"))
         raise LowbitError(f"demo: no bench contender for recipe {args.recipe!r} (known: {known})")
-    cfg = BenchConfig(eval_windows=args.windows, calib_windows=8, contenders=("fp32", name, "ort-w8a8", "ort-w4-rtn"))
+    # the recipe's own calibration count, shared with ORT's quantize_static: the demo shows what the bench shows
+    windows = load_recipe(args.recipe).calibration.windows
+    cfg = BenchConfig(eval_windows=args.windows, calib_windows=windows, peer_calib_windows=windows,
+                      contenders=("fp32", name, "ort-w8a8", "ort-w4-rtn"))  # fmt: skip
     print("lowbit demo: SmolLM2-135M export -> compile -> evaluate (first run exports, ~1-2 min)", flush=True)
     print(smollm2_section(cfg))
     return 0

@@ -14,10 +14,10 @@ __all__ = ["NPU_RECIPES", "RECIPES", "lowbit_contender"]
 RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
     ("w8a8", "int8 per-channel symmetric; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
     ("w8a8-smooth", "SmoothQuant scales folded; int8 per-channel; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
-    ("w8a8-rptq", "RPTQ 8 clusters, 32 calibration windows; int8 per-channel; one activation range per cluster", frozenset({"causal-lm", "encoder"})),
+    ("w8a8-rptq", "RPTQ 8 clusters; int8 per-channel; one activation range per cluster", frozenset({"causal-lm", "encoder"})),
     ("w8", "int8 per-channel symmetric, weight-only", frozenset({"causal-lm", "encoder"})),
-    ("w4a8-dint4", "dINT4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ int8 activations", frozenset({"causal-lm", "encoder"})),
-    ("w4a8-int4", "int4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ int8 activations", frozenset({"causal-lm"})),
+    ("w4a8-dint4", "dINT4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ 16 clusters, int8 activations", frozenset({"causal-lm", "encoder"})),
+    ("w4a8-int4", "int4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ 16 clusters, int8 activations", frozenset({"causal-lm"})),
     ("w4a4-rptq", "dINT4 blocks of 32, OPTQ; int4 activations per token and group of 32 after RPTQ, widest cluster int8", frozenset({"causal-lm"})),
     ("w4a8-kv4", "w4a8-dint4 + int4 K/V, static per (head, channel), 99.9th-percentile clip", frozenset({"causal-lm"})),
     ("fp8", "FP8 E4M3 per-channel scales; FP8 per-tensor activations", frozenset({"causal-lm"})),

@@ -36,7 +36,9 @@ class BenchConfig:
     seq_len: int = 512  # tokens per window (calibration and evaluation)
     eval_windows: int = 8  # evaluation windows of the evaluation split
     calib_windows: int = 32  # calibration windows of the split; lowbit recipes take their calibration.windows of them
-    peer_calib_windows: int = 8  # of which ORT quantize_static takes this many (lowbit's default count)
+    # of which ORT quantize_static takes this many: the count of the recipes it is compared with
+    # (w8a8-rptq, w4a8-*), so compile times and ranges compare on equal calibration data
+    peer_calib_windows: int = 32
     texts: int = 64  # encoder: evaluation paragraphs for the cosine; calibration uses as many
     contenders: tuple[str, ...] | None = None  # restrict to these names (None: all registered)
     calib_text: str | None = None  # a user's UTF-8 text file instead of the calibration split
