@@ -18,7 +18,7 @@ RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
     ("w8", "int8 per-channel symmetric, weight-only", frozenset({"causal-lm", "encoder"})),
     ("w4a8-dint4", "dINT4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ 16 clusters, int8 activations", frozenset({"causal-lm", "encoder"})),
     ("w4a8-int4", "int4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ 16 clusters, int8 activations", frozenset({"causal-lm"})),
-    ("w4a4-rptq", "dINT4 blocks of 32, OPTQ; int4 activations per token and group of 32 after RPTQ, widest cluster int8", frozenset({"causal-lm"})),
+    ("w4a4-rptq", "dINT4 blocks of 32, OPTQ; int4 activations per token and group of 16 after RPTQ, widest cluster int8", frozenset({"causal-lm"})),
     ("w4a8-kv4", "w4a8-dint4 + int4 K/V, static per (head, channel), 99.9th-percentile clip", frozenset({"causal-lm"})),
     ("fp8", "FP8 E4M3 per-channel scales; FP8 per-tensor activations", frozenset({"causal-lm"})),
     ("nvfp4", "NVFP4 (E2M1, blocks of 16, E4M3 + FP32 scales); FP8 activations", frozenset({"causal-lm"})),

@@ -68,7 +68,7 @@ def test_per_token_group_activation_keys():
 
 def test_w4a4_rptq_is_dynamic_and_static_variant_stays_reachable():
     a = load_recipe("w4a4-rptq").activations
-    assert (a.format, a.granularity, a.group_size, a.outlier_format) == ("int4", "per_token_group", 32, "int8")
+    assert (a.format, a.granularity, a.group_size, a.outlier_format) == ("int4", "per_token_group", 16, "int8")
     static = load_recipe("w4a4-rptq", ["activations.granularity=per_tensor", "activations.group_size=0",
                                        "activations.outlier_format=none"]).activations  # fmt: skip
     assert (static.granularity, static.group_size, static.outlier_format) == ("per_tensor", 0, "none")
