@@ -61,10 +61,9 @@ def transform_channels(ctx: CompileContext, name: str, scale: np.ndarray | None 
     stats = all_stats.by_value.get(name) if all_stats is not None else None
     if stats is None:
         return
-    for linked, index in all_stats.links.get(name, ()):  # V channels smoothing rescaled with o_proj's
-        if perm is not None:
-            raise ValueError(f"{name}: permuting attention-output channels would move V heads")
-        transform_channels(ctx, linked, scale=scale[index] if scale is not None else None)
+    for linked, index in all_stats.links.get(name, ()):  # V channels transformed with o_proj's
+        transform_channels(ctx, linked, scale=scale[index] if scale is not None else None,
+                           perm=_linked_permutation(name, index, perm) if perm is not None else None)  # fmt: skip
     if scale is not None:
         s = scale.astype(np.float32)
         stats.min, stats.max, stats.absmax = stats.min / s, stats.max / s, stats.absmax / s
@@ -77,6 +76,17 @@ def transform_channels(ctx: CompileContext, name: str, scale: np.ndarray | None 
             value = getattr(stats, attr)
             if value is not None:
                 setattr(stats, attr, value[perm])
+
+
+def _linked_permutation(name: str, index: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """V's channel permutation from o_proj's: V channel j is read by o_proj channel index[j]
+    (its first replica); a head-local o_proj permutation moves it to another first replica."""
+    v_of = np.full(perm.size, -1, np.int64)
+    v_of[index] = np.arange(index.size)
+    vperm = v_of[perm[index]]
+    if np.any(vperm < 0):
+        raise ValueError(f"{name}: the permutation moves attention-output channels across V heads")
+    return vperm
 
 
 class CaptureAccumulator:

@@ -9,7 +9,9 @@ absorb ``x / s`` or ``x[..., perm]``:
   up_proj's columns together absorb a permutation (act is elementwise);
 - ``attention_v``: x is attention output; v_proj's output columns absorb a scale. With GQA each
   v channel is replicated to ``g`` query heads, so a scale must be one value per *v* channel:
-  ``channel_map[c]`` is the v channel that o_proj input channel c reads.
+  ``channel_map[c]`` is the v channel that o_proj input channel c reads. A permutation must keep
+  every channel inside its head (attention mixes tokens, never channels, within a head) and be the
+  same in every query head that shares a v head; v_proj's output columns then absorb it.
 
 It refuses (returns a reason string) whenever folding would change anything but x: the group
 input has consumers outside the group (``Shape``/``Size`` consumers are allowed: a per-channel
@@ -28,7 +30,7 @@ import onnx_ir as ir
 
 from lowbit.passes.linear_sites import LinearSite
 
-__all__ = ["FoldTarget", "fold_target", "set_weight_kn", "weight_kn"]
+__all__ = ["FoldTarget", "fold_target", "producer_permutation", "set_weight_kn", "weight_kn"]
 
 
 @dataclass
@@ -39,6 +41,7 @@ class FoldTarget:
     producer: LinearSite | None = None  # v_proj or up_proj
     gate: LinearSite | None = None  # gate_proj (gated_linear only)
     channel_map: np.ndarray | None = None  # consumer channel -> producer channel
+    head_dim: int | None = None  # attention_v: channels per head (None: head layout unknown)
 
     @property
     def channels(self) -> int:
@@ -62,8 +65,10 @@ class FoldTarget:
 
     # --- permutations: x -> x[..., perm] -------------------------------------------------------
     def apply_permutation(self, perm: np.ndarray) -> None:
-        """Only for norm and gated_linear targets (see module docs); norm needs the caller to
-        reorder the norm *input* too (a Gather), which this method does not insert."""
+        """x -> x[..., perm]. A norm target needs the caller to reorder the norm *input* too (a
+        Gather), which this method does not insert; an attention_v permutation must be one
+        :func:`producer_permutation` accepts."""
+        pperm = producer_permutation(self, perm) if self.kind == "attention_v" else perm
         for site in self.group:
             set_weight_kn(site, weight_kn(site)[perm])
         if self.kind == "norm":
@@ -71,10 +76,24 @@ class FoldTarget:
                 if len(self.norm.inputs) > i and self.norm.inputs[i] is not None:
                     _set_const(self.norm.inputs[i], _const(self.norm.inputs[i])[perm])
             return
-        if self.kind != "gated_linear":
-            raise ValueError(f"{self.kind} inputs cannot be permuted without a Gather")
-        for site in (self.producer, self.gate):
-            set_weight_kn(site, weight_kn(site)[:, perm])
+        for site in (self.producer, self.gate) if self.kind == "gated_linear" else (self.producer,):
+            set_weight_kn(site, weight_kn(site)[:, pperm])
+
+
+def producer_permutation(target: FoldTarget, perm: np.ndarray) -> np.ndarray:
+    """The v_proj output permutation that realises o_proj input permutation ``perm``; raises if
+    ``perm`` moves a channel out of its head or differs between query heads sharing a v head."""
+    if target.head_dim is None:
+        raise ValueError(f"{target.group[0].name}: head layout unknown, its input cannot be permuted")
+    c = np.arange(perm.size)
+    if np.any(perm // target.head_dim != c // target.head_dim):
+        raise ValueError(f"{target.group[0].name}: permutation moves channels across attention heads")
+    cmap = target.channel_map
+    pperm = np.empty(target.producer.out_features, np.int64)
+    pperm[cmap] = cmap[perm]  # new consumer channel c reads new v channel cmap[c] = old cmap[perm[c]]
+    if np.any(pperm[cmap] != cmap[perm]):
+        raise ValueError(f"{target.group[0].name}: permutation differs between query heads sharing a v head")
+    return pperm
 
 
 def producer_scale(target: FoldTarget, s: np.ndarray) -> np.ndarray:
@@ -134,13 +153,24 @@ def _reaches_graph_output(value: ir.Value, depth: int = 8) -> bool:
     return False
 
 
-def _gqa_map(site: LinearSite, producer: LinearSite, attn: ir.Node) -> np.ndarray | str:
+def _head_dim(attn: ir.Node) -> int | None:
+    """Channels per head of the V an attention reads: [B, heads, S, head_dim], or the fused
+    Attention's 3-D [B, S, kv_num_heads * head_dim]; None when the layout does not say."""
+    v = attn.inputs[2] if attn.op_type == "Attention" else attn.inputs[1]
+    dims = tuple(v.shape) if v.shape is not None else ()
+    if len(dims) == 4 and isinstance(dims[-1], int):
+        return dims[-1]
+    heads = attn.attributes.get_int("kv_num_heads", 0) if attn.op_type == "Attention" else 0
+    if len(dims) == 3 and isinstance(dims[-1], int) and heads and dims[-1] % heads == 0:
+        return dims[-1] // heads
+    return None
+
+
+def _gqa_map(site: LinearSite, producer: LinearSite, head_dim: int | None) -> np.ndarray | str:
     k, p = site.in_features, producer.out_features
     if k == p:
         return np.arange(k)
-    v = attn.inputs[2] if attn.op_type == "Attention" else attn.inputs[1]
-    head_dim = v.shape[-1] if v.shape is not None and len(v.shape) == 4 else None
-    if not isinstance(head_dim, int) or k % p or p % head_dim:
+    if head_dim is None or k % p or p % head_dim:
         return f"GQA layout unknown (o input {k}, v output {p}, head dim {head_dim})"
     group = k // p
     c = np.arange(k)
@@ -177,7 +207,10 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...]) -> FoldTarget |
         return FoldTarget("gated_linear", group, producer=producer, gate=siblings[0], channel_map=np.arange(site.in_features))
     if _reaches_graph_output(producer.node.outputs[0]):
         return "v_proj output is also a KV-cache output (present.*): scaling it would change the cache"
-    mapping = _gqa_map(site, producer, feeder.node)
+    head_dim = _head_dim(feeder.node)
+    mapping = _gqa_map(site, producer, head_dim)
     if isinstance(mapping, str):
         return mapping
-    return FoldTarget("attention_v", group, producer=producer, channel_map=mapping)
+    if head_dim is not None and site.in_features % head_dim:
+        head_dim = None
+    return FoldTarget("attention_v", group, producer=producer, channel_map=mapping, head_dim=head_dim)

@@ -160,7 +160,8 @@ def _proxy_errors(w: np.ndarray, q: np.ndarray, h: np.ndarray, damp: float) -> n
     dead = np.diag(h) <= 0  # as OPTQ's _prepare: dead channels carry no error
     d[dead] = 0.0
     lam = damp * float(np.mean(np.where(dead, 1.0, np.diag(h))))
-    return np.einsum("kn,kn->n", d, h.astype(np.float32) @ d, dtype=np.float64) + lam * np.einsum("kn,kn->n", d, d, dtype=np.float64)
+    quadratic = np.einsum("kn,kn->n", d, h.astype(np.float32) @ d, dtype=np.float64)
+    return quadratic + lam * np.einsum("kn,kn->n", d, d, dtype=np.float64)
 
 
 class OptqPass(ir.passes.InPlacePass):
@@ -221,7 +222,8 @@ class OptqPass(ir.passes.InPlacePass):
             rtn = rtn_round(w_sample, block or w.shape[0], ratios, elem_max, kind, vmax)
             rtn_err = _proxy_errors(w_sample, rtn, h, rspec.damp)
             start = 0
-            for site, picked, sampled_err in zip(sites, sample, np.split(rtn_err, np.cumsum([len(c) for c in sample])[:-1])):
+            per_site = np.split(rtn_err, np.cumsum([len(c) for c in sample])[:-1])
+            for site, picked, sampled_err in zip(sites, sample, per_site):
                 cols = slice(start, start + site.out_features)
                 start = cols.stop
                 rtn_site = float(sampled_err.sum()) * site.out_features / len(picked)

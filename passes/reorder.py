@@ -12,14 +12,18 @@ Per foldable input group (:mod:`lowbit.passes.folding`):
   pass over the quantized tensor is needed.
 - ``gated_linear`` feeder (down_proj): gate_proj and up_proj output columns and down_proj rows are
   permuted together -- no Gather at all.
-- ``attention_v`` feeder (o_proj): channels stay in place (GQA query heads share v channels and a
-  head's channels cannot leave it), only the per-cluster ranges are used.
+- ``attention_v`` feeder (o_proj): channels are sorted by cluster *inside each head* (a channel
+  cannot leave its head), with one order per v head shared by the query heads that read it (GQA);
+  v_proj output columns and o_proj rows are permuted -- no Gather. Clusters stay interleaved
+  across heads, which per-cluster QDQ scale vectors do not mind; what the order buys is weight
+  blocks along o_proj's reduction axis (and run-time activation groups) of like-ranged channels.
 - any other input (a tied lm_head, post-LN BERT norms that also feed the residual, feeders not
   in ``reorder.feeders``): clustered and given per-cluster ranges, but not reordered -- a QDQ scale
   vector needs no contiguity; only a kernel that splits the matmul by cluster would.
 
 Guarantees: ``ctx.get("act_clusters")[input name]`` is the cluster label of every channel (after
-reordering, non-decreasing for permuted inputs); QDQ emission then uses one range per cluster
+reordering; non-decreasing for norm and gated_linear inputs, within each head for attention
+outputs); QDQ emission then uses one range per cluster
 (a per-channel scale vector constant within each cluster). ``activation_stats`` and
 ``site_capture`` are permuted along. The report gets a PNG (base64) of per-channel ranges before
 and after reordering at the input with the widest range spread, with cluster boundaries.
@@ -37,9 +41,9 @@ from scipy.cluster.vq import kmeans2
 
 from lowbit.compiler.context import CompileContext
 from lowbit.passes.capture import transform_channels
-from lowbit.passes.folding import fold_target
+from lowbit.passes.folding import FoldTarget, fold_target
 
-__all__ = ["ReorderPass", "cluster_channels", "range_plot_png"]
+__all__ = ["ReorderPass", "cluster_channels", "head_local_order", "range_plot_png"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,18 @@ def cluster_channels(lo: np.ndarray, hi: np.ndarray, clusters: int, seed: int = 
     rank = np.empty(labels.max() + 1, np.int64)
     rank[used[np.argsort(spread, kind="stable")]] = np.arange(len(used))
     return rank[labels]
+
+
+def head_local_order(labels: np.ndarray, channel_map: np.ndarray, head_dim: int) -> np.ndarray:
+    """o_proj input permutation sorting each head's channels by cluster; a v channel read by
+    several query heads (GQA) takes its largest label among them, so all its readers agree."""
+    v_labels = np.zeros(int(channel_map.max()) + 1, labels.dtype)
+    np.maximum.at(v_labels, channel_map, labels)
+    heads = v_labels.reshape(-1, head_dim)
+    local = np.argsort(heads, axis=1, kind="stable")
+    v_perm = (local + np.arange(heads.shape[0])[:, None] * head_dim).reshape(-1)
+    c = np.arange(labels.size)
+    return c - channel_map + v_perm[channel_map]  # new channel (head j, i) = old (head j, v_perm's i)
 
 
 def _insert_gather(graph: ir.Graph, norm: ir.Node, perm: np.ndarray, name: str) -> None:
@@ -93,25 +109,21 @@ class ReorderPass(ir.passes.InPlacePass):
             lo, hi = stats[name].min.copy(), stats[name].max.copy()
             labels = cluster_channels(lo, hi, spec.clusters)
             entry = {"feeder": group[0].feeder.kind if group[0].feeder else "other", "clusters": int(labels.max() + 1)}
+            if not isinstance(target, str) and target.kind == "attention_v" and target.head_dim is None:
+                target = "attention head layout unknown"
             if isinstance(target, str):
                 entry["reason"] = f"per-cluster ranges only, not reordered: {target}"
-            if not isinstance(target, str) and target.kind in ("norm", "gated_linear"):
-                perm = np.argsort(labels, kind="stable")
-                if target.kind == "norm":
-                    _insert_gather(model.graph, target.norm, perm, key)
-                    gathers += 1
-                target.apply_permutation(perm)
-                transform_channels(self.ctx, name, perm=perm)
-                labels_after = labels[perm]
+                clusters[name] = labels
+            else:
+                perm = self._permute(model, target, labels, key)
+                clusters[name] = labels[perm]
+                gathers += target.kind == "norm"
                 permuted += 1
                 width = hi - lo  # the plotted input: the one whose widest channel stands out most
                 spread = float(width.max() / max(float(np.median(width)), 1e-12))
-                if spread > widest[0]:
+                if spread > widest[0] and target.kind != "attention_v":  # plotted: contiguous clusters
                     widest = (spread, (key, lo, hi, labels, perm))
-            else:
-                labels_after = labels
-            entry["reordered"] = not isinstance(target, str) and target.kind != "attention_v"
-            clusters[name] = labels_after
+            entry["reordered"] = not isinstance(target, str)
             report["groups"][key] = entry
         self.ctx.put("act_clusters", clusters)
         report.update({"gathers": gathers, "permuted_groups": permuted, "clustered_groups": len(clusters)})
@@ -119,6 +131,18 @@ class ReorderPass(ir.passes.InPlacePass):
             report["plot"] = {"site": widest[1][0], "png_base64": range_plot_png(*widest[1])}
         logger.info("reorder: %d inputs clustered, %d permuted (%d Gathers)", len(clusters), permuted, gathers)
         return ir.passes.PassResult(model, modified=bool(clusters))
+
+    def _permute(self, model: ir.Model, target: FoldTarget, labels: np.ndarray, key: str) -> np.ndarray:
+        """Make each cluster contiguous (within heads for attention outputs); returns the perm."""
+        if target.kind == "attention_v":
+            perm = head_local_order(labels, target.channel_map, target.head_dim)
+        else:
+            perm = np.argsort(labels, kind="stable")
+        if target.kind == "norm":
+            _insert_gather(model.graph, target.norm, perm, key)
+        target.apply_permutation(perm)
+        transform_channels(self.ctx, target.input.name, perm=perm)
+        return perm
 
 
 def range_plot_png(site: str, lo: np.ndarray, hi: np.ndarray, labels: np.ndarray, perm: np.ndarray) -> str:

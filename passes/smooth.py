@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 from lowbit import formats
 from lowbit.compiler.context import CompileContext
-from lowbit.passes.capture import transform_channels
-from lowbit.passes.emit_qdq import activation_qparams
 from lowbit.formats.choosers import search_ratios
 from lowbit.formats.dint import DintElement
 from lowbit.formats.integer import IntElement
+from lowbit.passes.capture import transform_channels
+from lowbit.passes.emit_qdq import activation_qparams
 from lowbit.passes.folding import FoldTarget, fold_target, weight_kn
 from lowbit.passes.optq_kernel import element_kind, rtn_round
 
@@ -119,6 +119,8 @@ class SmoothPass(ir.passes.InPlacePass):
                 report["groups"][key] = {"folded": False, "reason": target}
                 logger.debug("smooth: %s skipped: %s", key, target)
                 continue
+            # BLAS threads stay on here (unlike OPTQ, whose numba workers they would contend
+            # with): on a quiet 2-core machine the candidate products ran 18.5 -> 14.8 s (SmolLM2)
             label, s, err0, err = self._search(target)
             if label != "identity":
                 target.apply_scale(s)

@@ -2,6 +2,7 @@
 clusters, per-cluster activation scales in the emitted QDQ, and the range plot."""
 
 import base64
+from types import SimpleNamespace
 from collections import Counter
 
 import numpy as np
@@ -17,7 +18,8 @@ from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.linear_sites import find_linear_sites
-from lowbit.passes.reorder import ReorderPass, cluster_channels
+from lowbit.passes.folding import FoldTarget, producer_permutation
+from lowbit.passes.reorder import ReorderPass, cluster_channels, head_local_order
 
 IDS = np.arange(20, dtype=np.int64) * 5 % 64
 
@@ -45,7 +47,8 @@ def test_reorder_preserves_function(norm, form, token_windows):
     ops = Counter(n.op_type for n in model.graph)
     assert ops["Gather"] == 1 + 5  # the embedding + one per norm (2 layers x 2 + final norm)
     report = ctx.report["reorder"]
-    assert (report["gathers"], report["permuted_groups"], report["clustered_groups"]) == (5, 7, 9)
+    # 5 norm inputs (a Gather each), 2 down_proj inputs, 2 o_proj inputs (inside heads)
+    assert (report["gathers"], report["permuted_groups"], report["clustered_groups"]) == (5, 9, 9)
 
 
 def test_clusters_are_contiguous_and_stats_follow_the_permutation(token_windows):
@@ -55,7 +58,9 @@ def test_clusters_are_contiguous_and_stats_follow_the_permutation(token_windows)
     for group in ctx.sites.input_groups():
         name = group[0].input.name
         labels = clusters[name]
-        if group[0].feeder.kind != "attention_v":
+        if group[0].feeder.kind == "attention_v":  # sorted inside each head of 8 channels
+            assert np.all(np.diff(labels.reshape(-1, 8), axis=1) >= 0), group[0].name
+        else:
             assert np.all(np.diff(labels) >= 0), group[0].name  # contiguous after the permutation
         lo_before = np.sort(before[name][0])
         np.testing.assert_array_equal(np.sort(stats[name].min), lo_before)  # a permutation of it
@@ -96,3 +101,30 @@ def test_kmeans_labels_rank_clusters_by_range_and_plot_is_png(token_windows):
     _, ctx, _, _ = _reordered("rms", "fused", token_windows)
     png = base64.b64decode(ctx.report["reorder"]["plot"]["png_base64"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_attention_output_order_stays_inside_heads_and_agrees_across_gqa_replicas():
+    # 6 query heads of 4 channels reading 2 v heads (3 replicas each): o input channel c reads
+    # v channel cmap[c]
+    c = np.arange(24)
+    cmap = (c // 4 // 3) * 4 + c % 4
+    labels = np.random.default_rng(0).integers(0, 5, 24)
+    perm = head_local_order(labels, cmap, 4)
+    assert sorted(perm.tolist()) == c.tolist() and np.all(perm // 4 == c // 4)
+    v_read = cmap[perm].reshape(2, 3, 4)
+    assert np.all(v_read == v_read[:, :1])  # every replica of a v head in the same order
+    v_labels = np.zeros(8, labels.dtype)
+    np.maximum.at(v_labels, cmap, labels)
+    assert np.all(np.diff(v_labels[v_read[:, 0]], axis=1) >= 0)  # sorted by the largest replica label
+
+    site = SimpleNamespace(name="o_proj")
+    target = FoldTarget("attention_v", [site], producer=SimpleNamespace(out_features=8), channel_map=cmap, head_dim=4)
+    pperm = producer_permutation(target, perm)
+    assert sorted(pperm.tolist()) == list(range(8))
+    np.testing.assert_array_equal(pperm[cmap], cmap[perm])
+    with pytest.raises(ValueError, match="across attention heads"):
+        producer_permutation(target, np.roll(c, 1))
+    skewed = c.copy()
+    skewed[[0, 1]] = [1, 0]  # query head 0 swaps two channels, its replicas (heads 1, 2) do not
+    with pytest.raises(ValueError, match="differs between query heads"):
+        producer_permutation(target, skewed)

@@ -65,14 +65,7 @@ def test_gqa_scale_map_shares_one_scale_per_kv_channel():
         def __init__(self, fin, fout):
             self.in_features, self.out_features = fin, fout
 
-    class _V:
-        shape = (1, 6, 5, 4)
-
-    class _Attn:
-        op_type = "Attention"
-        inputs = (None, None, _V())
-
-    mapping = _gqa_map(_Site(24, 8), _Site(8, 8), _Attn())  # 6 query heads of dim 4, 2 kv heads
+    mapping = _gqa_map(_Site(24, 8), _Site(8, 8), 4)  # 6 query heads of dim 4, 2 kv heads
     assert mapping.tolist()[:12] == [0, 1, 2, 3] * 3 and mapping.tolist()[12:] == [4, 5, 6, 7] * 3
     amax = np.arange(1, 25, dtype=np.float64)
     for _, s in candidate_scales("aqas", (0.5,), amax, amax, np.ones(24), mapping):

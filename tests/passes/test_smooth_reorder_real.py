@@ -62,6 +62,11 @@ def test_smollm2_function_preserved(fixture, request, calib_windows):
     # 30 x (input, post-attention) norms on both exports (optimum's input norms also feed Shape
     # nodes, which a permutation cannot affect); the final norm feeds the tied lm_head: clusters only
     assert report["reorder"]["gathers"] == 60
+    reordered = {g["feeder"] for g in report["reorder"]["groups"].values() if g["reordered"]}
+    if fixture == "smollm2_export":  # o_proj inputs inside each head, one order per GQA v head
+        assert reordered == {"norm", "attention_v", "gated_linear"} and report["reorder"]["permuted_groups"] == 120
+    else:
+        assert reordered == {"norm", "gated_linear"} and report["reorder"]["permuted_groups"] == 90
 
 
 def test_minilm_function_preserved(minilm_export):
