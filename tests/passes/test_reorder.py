@@ -24,10 +24,13 @@ from lowbit.passes.reorder import ReorderPass, cluster_channels, head_local_orde
 IDS = np.arange(20, dtype=np.int64) * 5 % 64
 
 
+FEEDERS = 'reorder.feeders=["norm", "gated_linear", "attention_v"]'  # attention_v is opt-in
+
+
 def _reordered(norm, form, windows, clusters=4):
     model = tiny_decoder(norm=norm, norm_form=form)
     reference = run_on_tokens(model, IDS)[0]
-    ctx = CompileContext(model, load_recipe("w8a8", [f"reorder.clusters={clusters}"]), CalibrationData(windows))
+    ctx = CompileContext(model, load_recipe("w8a8", [f"reorder.clusters={clusters}", FEEDERS]), CalibrationData(windows))
     ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
         p(model)

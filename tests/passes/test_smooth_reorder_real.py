@@ -32,7 +32,8 @@ def _model_file(directory):
 def _smooth_and_reorder(path, windows, probe):
     model = load_onnx(_model_file(path))
     reference = run_on_tokens(model, probe)
-    recipe = load_recipe("w4a8-dint4", ["smooth.method=aqas", "reorder.clusters=8", "smooth.alpha_grid=[0.3, 0.5, 0.7]"])
+    recipe = load_recipe("w4a8-dint4", ["smooth.method=aqas", "reorder.clusters=8", "smooth.alpha_grid=[0.3, 0.5, 0.7]",
+                                        'reorder.feeders=["norm", "gated_linear", "attention_v"]'])
     ctx = CompileContext(model, recipe, CalibrationData(windows))
     ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
