@@ -4,7 +4,7 @@ search's objective is evaluated on it).
 
 Assumes the linear-site map and calibration windows. An analysis pass: the model is not
 modified; afterwards ``ctx.get("site_capture")`` maps each site-input value name to a
-:class:`GroupCapture`. Memory is bounded by one K x K float64 matrix and ``sample_tokens`` x K
+:class:`GroupCapture`. Memory is bounded by one K x K float64 and one float32 matrix and ``sample_tokens`` x K
 float32 rows per input group, plus one window's tapped activations, however many windows run.
 
 Later function-preserving passes that rescale or permute an input's channels keep every analysis
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from scipy.linalg import blas
 from tqdm.auto import tqdm
 
 from lowbit.compiler.context import CompileContext
@@ -94,6 +95,8 @@ class CaptureAccumulator:
     window's activations at a time (by :class:`CapturePass`, or by the calibration pass's own run
     so the windows go through ONNX Runtime once)."""
 
+    FLUSH_WINDOWS = 8  # float32 running sums go into the float64 totals this often
+
     def __init__(self, ctx: CompileContext, sample_tokens: int, seed: int = 0) -> None:
         data = ctx.calibration
         if data is None or not data.windows:
@@ -107,7 +110,9 @@ class CaptureAccumulator:
         self.sample_tokens = sample_tokens
         self.rng = np.random.default_rng(seed)
         self.per_window = -(-sample_tokens // len(data.windows))
-        self.hess: dict[str, np.ndarray] = {}
+        self.hess: dict[str, np.ndarray] = {}  # float64 totals
+        self._window_sums: dict[str, np.ndarray] = {}  # float32 sums since the last flush
+        self._pending = 0
         self.samples: dict[str, list[np.ndarray]] = {n: [] for n in self.taps}
         self.tokens = 0
 
@@ -116,19 +121,32 @@ class CaptureAccumulator:
         for name in self.taps:  # tap order: the row sample's random draws depend on it
             x = activations[name]
             x2 = np.asarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-            # float32 product per window (2x faster than float64, ~1e-6 relative over one
-            # window), float64 accumulation across windows (in place: no K x K temporaries)
-            window = x2.T @ x2
-            if name in self.hess:
-                self.hess[name] += window
-            else:
-                self.hess[name] = window.astype(np.float64)
+            # GEMM with beta = 1 accumulates x^T x in place (no K x K temporary, no separate add
+            # pass: ~9 % of SmolLM2's compile); x2.T is Fortran-ordered, so BLAS copies nothing
+            acc = self._window_sums.get(name)
+            if acc is None:
+                acc = np.zeros((x2.shape[1], x2.shape[1]), np.float32, order="F")
+            self._window_sums[name] = blas.sgemm(1.0, x2.T, x2.T, beta=1.0, c=acc, trans_b=1, overwrite_c=1)
             rows = self.rng.choice(x2.shape[0], size=min(self.per_window, x2.shape[0]), replace=False)
             self.samples[name].append(x2[rows])
         self.tokens += window_tokens
+        self._pending += 1
+        if self._pending == self.FLUSH_WINDOWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Float32 sums of a few windows (~5e-7 relative) go into the float64 totals."""
+        for name, acc in self._window_sums.items():
+            if name in self.hess:
+                self.hess[name] += acc
+            else:
+                self.hess[name] = acc.astype(np.float64, order="C")
+            acc[...] = 0.0
+        self._pending = 0
 
     def publish(self, ctx: CompileContext) -> None:
         """Put the ``site_capture`` analysis and its report entry into ``ctx``."""
+        self._flush()
         capture = {n: GroupCapture(self.hess[n], np.concatenate(self.samples[n])[: self.sample_tokens], self.tokens)
                    for n in self.taps}  # fmt: skip
         ctx.put("site_capture", capture)

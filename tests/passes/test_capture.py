@@ -8,7 +8,7 @@ from lowbit.compiler.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.capture import CapturePass
+from lowbit.passes.capture import CaptureAccumulator, CapturePass
 from lowbit.passes.linear_sites import find_linear_sites
 
 
@@ -39,3 +39,23 @@ def test_capture_during_calibration_equals_a_separate_capture(token_windows):
     stats_a, stats_b = separate.get("activation_stats"), merged.get("activation_stats")
     for name, s in stats_a.by_value.items():
         np.testing.assert_array_equal(stats_b[name].absmax, s.absmax)
+
+
+def test_accumulated_hessian_equals_float64_x_transpose_x_across_flushes():
+    # 19 windows: two float32 flushes of FLUSH_WINDOWS plus a partial one at publish
+    rng = np.random.default_rng(3)
+    windows = [rng.integers(0, 64, 24) for _ in range(19)]
+    ctx, _ = _context(windows)
+    acc = CaptureAccumulator(ctx, 40)
+    xs = {name: [] for name in acc.taps}
+    for _ in windows:
+        outs = {name: rng.standard_normal((1, 24, v.shape[-1])).astype(np.float32) * 30.0 for name, v in acc.taps.items()}
+        for name, x in outs.items():
+            xs[name].append(x[0].astype(np.float64))
+        acc.add(outs, 24)
+    acc.publish(ctx)
+    for name, capture in ctx.get("site_capture").items():
+        x = np.concatenate(xs[name])
+        expected = x.T @ x
+        assert capture.hessian.dtype == np.float64 and capture.tokens == 19 * 24
+        np.testing.assert_allclose(capture.hessian, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
