@@ -9,7 +9,8 @@ codes and scales that QDQ emission writes instead of round-to-nearest. Guarantee
 the recipe's grid with the recipe's block layout, so emission is unchanged otherwise.
 
 Blocked scales are chosen when the rounding reaches a block, from the error-compensated weights
-(as GPTQ's grouped variant does), with the recipe's scale chooser. The report records, per site,
+(as GPTQ's grouped variant does), with the recipe's scale chooser; with ``rounding.refit_scales``
+they are then refit to the final codes (:mod:`lowbit.passes.scale_refit`). The report records, per site,
 the proxy output error tr(dW^T H dW) of RTN and of OPTQ, H damped as OPTQ damps it (OPTQ's comes
 from its own loop; RTN's is estimated on up to 128 evenly spaced output columns per site).
 
@@ -48,6 +49,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
 from lowbit.passes.folding import weight_kn
 from lowbit.passes.optq_kernel import element_kind, optq_batch, rtn_round
+from lowbit.passes.scale_refit import refit_block_scales
 
 __all__ = ["OptqPass", "optq_round", "optq_round_batch"]
 
@@ -212,6 +214,8 @@ class OptqPass(ir.passes.InPlacePass):
         kind, vmax = element_kind(element)
         ratios, elem_max, vmax = search_ratios(wspec.scale_method), np.float32(element.scale_max), np.float32(vmax)
         for (sites, w, h), (q_all, scale_all, optq_err) in zip(batch, results):
+            if rspec.refit_scales:
+                q_all, scale_all, optq_err = refit_block_scales(w, q_all, scale_all, h, rspec.damp, block, optq_err)
             # RTN's error for the report, on evenly spaced columns of each site (columns round
             # independently): the exact figure cost a fifth of the pass
             sample = [np.linspace(0, s.out_features - 1, min(s.out_features, _RTN_REPORT_COLUMNS)).astype(np.int64)

@@ -1,0 +1,82 @@
+"""Least-squares refit of OPTQ's block scales with the codes held fixed.
+
+OPTQ chooses a block's scale when its rounding reaches the block, from the error-compensated
+weights and a weight-error criterion, and then rounds the block's channels on that scale while it
+pushes their errors onto later channels. Once every code is known, the objective OPTQ minimises,
+``tr((W - Q)^T H (W - Q))`` with ``Q = codes * scale`` (H damped as OPTQ damps it), is a quadratic
+in the scales alone: per output column, ``nb = ceil(K / block)`` unknowns with normal equations
+
+    M s = r,  M[b, c] = codes_b^T H[b, c] codes_c,  r[b] = codes_b^T (H w)_b.
+
+Assumes: ``q`` is on the format's grid times the given scales (OPTQ's output, element values
+multiples of 1/2 as for INT-b and dINT-b), ``h`` is the site input's X^T X. Guarantees: the codes
+are unchanged; a column's scales change only if that lowers its proxy error (the change is
+evaluated in float64 from M and r, no further K x K product), and every scale stays positive
+and finite. A block
+whose codes are all zero keeps its scale (a ridge of 1e-6 of M's diagonal pulls toward the old
+scales, which also keeps the solve well posed).
+
+Measured on SmolLM2 w4a8-dint4 (blocks of 32): ppl 17.12 -> 17.00 (QDQ in float, 8 x 512).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+__all__ = ["refit_block_scales"]
+
+_RIDGE = 1e-6
+
+
+def refit_block_scales(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.ndarray, damp: float,
+                       block: int | None, error: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, scales, per-column proxy error) after the refit of the (K, N) problem ``w`` rounded
+    to ``q`` on ``scales`` (ceil(K / block), N) with per-column proxy error ``error`` (OPTQ's
+    loop figure); ``block=None``: one scale per column."""
+    k, n = w.shape
+    block = block or k
+    nb = -(-k // block)
+    kp = nb * block  # rows padded to whole blocks with zero codes: block sums become reshapes
+    expand = np.arange(k) // block
+    codes = np.zeros((kp, n), np.float32)
+    np.divide(q, scales[expand], out=codes[:k])
+    codes *= 2.0
+    np.rint(codes, out=codes)
+    codes *= 0.5  # element values: multiples of 1/2 for INT-b and dINT-b
+    hd = np.zeros((kp, kp), np.float32)
+    hd[:k, :k] = h
+    dead = np.flatnonzero(np.diag(hd)[:k] <= 0)  # as OPTQ: channels that never fire carry no error
+    hd[dead, dead] = 1.0
+    hd.flat[:: kp + 1] += np.float32(damp * float(np.mean(np.diag(hd)[:k])))
+    wd = np.zeros((kp, n), np.float32)
+    wd[:k] = w
+    wd[dead] = 0.0
+    m = np.empty((n, nb, nb))
+
+    def block_sums(t: np.ndarray) -> np.ndarray:  # (N, blocks): per block, sum of codes * t
+        np.multiply(t, codes[: len(t)], out=t)
+        return t.reshape(-1, block, n).sum(axis=1).T
+
+    # K x K x N products: all cores (OPTQ's pass pins BLAS to one thread for its small ones)
+    with threadpool_limits(os.cpu_count() or 1, user_api="blas"):
+        for c in range(nb):  # M is symmetric: blocks b <= c, mirrored
+            rows = slice(c * block, (c + 1) * block)
+            m[:, : c + 1, c] = block_sums(hd[: rows.stop, rows] @ codes[rows])
+            m[:, c, :c] = m[:, :c, c]
+        r = block_sums(hd @ wd).astype(np.float64)
+    old = scales.T.astype(np.float64)
+    ridge = _RIDGE * np.einsum("nbb->nb", m) + 1e-30
+    m_ridge = m.copy()
+    m_ridge[:, np.arange(nb), np.arange(nb)] += ridge
+    new = np.linalg.solve(m_ridge, (r + ridge * old)[:, :, None])[:, :, 0]
+    new = np.where(np.isfinite(new) & (new > 0), new, old).astype(np.float32).astype(np.float64)
+    # objective(s) = w^T H w - 2 s^T r + s^T M s, so the change needs no K x K product
+    change = (np.einsum("nb,nbc,nc->n", new, m, new) - np.einsum("nb,nbc,nc->n", old, m, old)
+              - 2.0 * np.einsum("nb,nb->n", new - old, r))  # fmt: skip
+    better = change < 0
+    scales_out = np.where(better[None], new.T, old.T).astype(np.float32)
+    q_out = np.where(better[None], codes[:k] * scales_out[expand], q).astype(np.float32)
+    return q_out, scales_out, np.where(better, error + change, error)
