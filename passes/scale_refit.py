@@ -12,11 +12,13 @@ Assumes: ``q`` is on the format's grid times the given scales (OPTQ's output, el
 multiples of 1/2 as for INT-b and dINT-b), ``h`` is the site input's X^T X. Guarantees: the codes
 are unchanged; a column's scales change only if that lowers its proxy error (the change is
 evaluated in float64 from M and r, no further K x K product), and every scale stays positive
-and finite. A block
-whose codes are all zero keeps its scale (a ridge of 1e-6 of M's diagonal pulls toward the old
-scales, which also keeps the solve well posed).
+and finite. A block whose codes are all zero keeps its scale (a ridge of 1e-6 of M's diagonal
+pulls toward the old scales, which also keeps the solve well posed).
 
-Measured on SmolLM2 w4a8-dint4 (blocks of 32): ppl 17.12 -> 17.00 (QDQ in float, 8 x 512).
+Measured: ~3.6 % lower proxy error on the synthetic problems of the tests (dINT4 blocks of 32);
+SmolLM2 w4a8-dint4 ppl 17.12 -> 16.96 (QDQ in float, 8 x 512 windows; a float64 prototype of
+the same solve gave 17.00: downstream discrete choices move 4-bit perplexity by a few hundredths).
+Cost: K x K x N multiply-adds per problem, ~6 s of SmolLM2's compile on 2 cores.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ STANDARD_OPS = {"QuantizeLinear", "DequantizeLinear", "MatMul", "Split", "Gather
                 "Mul", "Add", "RMSNormalization", "Softmax", "Sigmoid"}  # fmt: skip
 # int7 weights: |code| <= 63 keeps uint8 x int8 pair sums inside int16 (255 * 63 * 2 < 32767), so
 # CPUs without VNNI (this one) run the fused kernels exactly; see the README.
-NPU = ["weights.format=int7"]
+NPU = ["weights.format=int7", "reorder.clusters=8"]  # the npu-w8a8 recipe's grid and clusters
 
 
 def _compile(windows, target="npu", overrides=(), recipe="w8a8-rptq"):
