@@ -14,7 +14,7 @@ __all__ = ["NPU_RECIPES", "RECIPES", "lowbit_contender"]
 RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
     ("w8a8", "int8 per-channel symmetric; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
     ("w8a8-smooth", "SmoothQuant scales folded; int8 per-channel; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
-    ("w8a8-rptq", "RPTQ 8 clusters; int8 per-channel; one activation range per cluster", frozenset({"causal-lm", "encoder"})),
+    ("w8a8-rptq", "RPTQ 16 clusters; int8 per-channel; one activation range per cluster", frozenset({"causal-lm", "encoder"})),
     ("w8", "int8 per-channel symmetric, weight-only", frozenset({"causal-lm", "encoder"})),
     ("w4a8-dint4", "dINT4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ 16 clusters, int8 activations", frozenset({"causal-lm", "encoder"})),
     ("w4a8-int4", "int4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ 16 clusters, int8 activations", frozenset({"causal-lm"})),

@@ -4,8 +4,9 @@ search's objective is evaluated on it).
 
 Assumes the linear-site map and calibration windows. An analysis pass: the model is not
 modified; afterwards ``ctx.get("site_capture")`` maps each site-input value name to a
-:class:`GroupCapture`. Memory is bounded by one K x K float64 and one float32 matrix and ``sample_tokens`` x K
-float32 rows per input group, plus one window's tapped activations, however many windows run.
+:class:`GroupCapture`. Memory is bounded by one K x K float64 and one K x K float32 matrix and
+``sample_tokens`` x K float32 rows per input group, plus one window's tapped activations, however
+many windows run.
 
 Later function-preserving passes that rescale or permute an input's channels keep every analysis
 keyed by that input consistent through :func:`transform_channels` (exact: X/s and X[:, perm]
@@ -121,8 +122,9 @@ class CaptureAccumulator:
         for name in self.taps:  # tap order: the row sample's random draws depend on it
             x = activations[name]
             x2 = np.asarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-            # GEMM with beta = 1 accumulates x^T x in place (no K x K temporary, no separate add
-            # pass: ~9 % of SmolLM2's compile); x2.T is Fortran-ordered, so BLAS copies nothing
+            # GEMM with beta = 1 accumulates x^T x in place: no K x K temporary and no separate
+            # add pass (512 x 1536 window: 14.4 ms vs 19.8 ms for matmul + float64 add); x2.T is
+            # Fortran-ordered, so BLAS copies nothing
             acc = self._window_sums.get(name)
             if acc is None:
                 acc = np.zeros((x2.shape[1], x2.shape[1]), np.float32, order="F")

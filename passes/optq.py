@@ -10,9 +10,10 @@ the recipe's grid with the recipe's block layout, so emission is unchanged other
 
 Blocked scales are chosen when the rounding reaches a block, from the error-compensated weights
 (as GPTQ's grouped variant does), with the recipe's scale chooser; with ``rounding.refit_scales``
-they are then refit to the final codes (:mod:`lowbit.passes.scale_refit`). The report records, per site,
-the proxy output error tr(dW^T H dW) of RTN and of OPTQ, H damped as OPTQ damps it (OPTQ's comes
-from its own loop; RTN's is estimated on up to 128 evenly spaced output columns per site).
+they are then refit to the final codes (:mod:`lowbit.passes.scale_refit`). The report records,
+per site, the proxy output error tr(dW^T H dW) of RTN and of OPTQ, H damped as OPTQ damps it
+(OPTQ's comes from its own loop, updated by the refit; RTN's is estimated on up to 128 evenly
+spaced output columns per site).
 
 Speed: the algorithm is K sequential steps per problem, so the cost was numpy calls per step.
 

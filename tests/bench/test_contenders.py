@@ -138,3 +138,16 @@ def test_calibration_cells_say_how_many_windows_each_contender_took(tmp_path):
     assert C.CONTENDERS["fp32"].calibration is None
     rptq = C.CONTENDERS["lowbit-w8a8-rptq"].calibration(ctx)  # the recipe asks for 32: takes what exists
     assert rptq == f"{min(32, len(ctx.windows))} windows"
+
+
+def test_contender_descriptions_state_the_recipes_cluster_count():
+    """The weight-grid column is hand-written: it must not drift from the recipe it describes."""
+    import re
+
+    from lowbit.bench.lowbit_contenders import NPU_RECIPES, RECIPES
+    from lowbit.compiler.recipe import load_recipe
+
+    for recipe, description, _ in RECIPES + NPU_RECIPES:
+        stated = re.search(r"RPTQ (\d+) clusters", description)
+        if stated:
+            assert load_recipe(recipe).reorder.clusters == int(stated.group(1)), recipe

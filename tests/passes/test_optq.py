@@ -13,9 +13,6 @@ from lowbit.compiler.feeds import build_feeds
 from lowbit.compiler.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.calibrate import CalibratePass
-from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.capture import CapturePass
 from lowbit.passes.emit_qdq import EmitQDQPass
 from lowbit.passes.linear_sites import find_linear_sites
 from lowbit.passes.optq import OptqPass, optq_round, optq_round_batch
@@ -94,15 +91,8 @@ def test_act_order_helps_per_channel():
     assert np.sum((x @ w - x @ ordered) ** 2) < np.sum((x @ w - x @ plain) ** 2)
 
 
-def test_emission_writes_the_optq_codes(token_windows):
-    model = tiny_decoder(norm="rms", norm_form="fused")
-    recipe = load_recipe("w4a8-dint4", ["smooth.method=none", "reorder.clusters=0", "activations.format=none"])
-    ctx = CompileContext(model, recipe, CalibrationData(token_windows))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
-    for p in canonicalize_passes():
-        p(model)
-    CapturePass(ctx, 64)(model)
-    OptqPass(ctx)(model)
+def test_emission_writes_the_optq_codes(optq_rounded):
+    ctx, model = optq_rounded("activations.format=none")
     encodings = ctx.get("weight_encodings")
     sites = list(ctx.sites)
     assert len(encodings) == len(sites) == 15

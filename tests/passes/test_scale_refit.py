@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 
 from lowbit import formats
-from lowbit.compiler.context import CalibrationData, CompileContext
 from lowbit.compiler.recipe import load_recipe
-from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.capture import CapturePass
-from lowbit.passes.linear_sites import find_linear_sites
-from lowbit.passes.optq import OptqPass, _optq_solve, _proxy_errors
+from lowbit.passes.optq import _optq_solve, _proxy_errors
 from lowbit.passes.scale_refit import refit_block_scales
 
 
@@ -47,17 +42,10 @@ def test_refit_keeps_the_codes_and_never_raises_a_columns_error(fmt, k, block):
     np.testing.assert_array_equal(formats.decode(enc), q2)  # still codes x scales on the grid
 
 
-def test_the_pass_refits_by_default_and_lowers_the_reported_error(token_windows):
+def test_the_pass_refits_by_default_and_lowers_the_reported_error(optq_rounded):
     errors = {}
     for refit in (False, True):
-        model = tiny_decoder(norm="rms", norm_form="fused")
-        recipe = load_recipe("w4a8-dint4", ["smooth.method=none", "reorder.clusters=0", f"rounding.refit_scales={str(refit).lower()}"])
-        ctx = CompileContext(model, recipe, CalibrationData(token_windows))
-        ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
-        for p in canonicalize_passes():
-            p(model)
-        CapturePass(ctx, 64)(model)
-        OptqPass(ctx)(model)
+        ctx, _ = optq_rounded(f"rounding.refit_scales={str(refit).lower()}")
         errors[refit] = {n: r["optq_proxy_error"] for n, r in ctx.report["optq"]["sites"].items()}
     assert load_recipe("w4a8-dint4").rounding.refit_scales
     assert all(errors[True][n] <= errors[False][n] * (1 + 1e-6) for n in errors[False])
