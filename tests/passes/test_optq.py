@@ -211,3 +211,11 @@ def test_optq_equals_the_reference_and_beats_rtn_on_a_real_site(smollm2_export, 
         return float(np.sum(d * (h @ d)))
 
     assert proxy(q) < 0.8 * proxy(rtn)
+    # the scale refit on the same real site: no column's damped error rises, the total falls
+    from lowbit.passes.optq import _proxy_errors
+    from lowbit.passes.scale_refit import refit_block_scales
+
+    refit, _, refit_err = refit_block_scales(w, q, scale, h, 0.01, 32, _proxy_errors(w, q, h, 0.01))
+    before, after = _proxy_errors(w, q, h, 0.01), _proxy_errors(w, refit, h, 0.01)
+    assert np.all(after <= before * (1 + 1e-5)) and after.sum() < 0.99 * before.sum()
+    np.testing.assert_allclose(refit_err, after, rtol=1e-3)

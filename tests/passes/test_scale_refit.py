@@ -1,7 +1,8 @@
 """Scale refit after OPTQ: codes unchanged, scales positive, every column's proxy error no higher
 (and the total lower) than OPTQ's, and the returned error equal to tr(D^T H_damped D) measured
-directly. On synthetic problems (a dead channel, a block of zero codes, K not a multiple of the block) and
-through the pass on a real graph (the emitted QDQ weights decode to the refit codes x scales)."""
+directly. On synthetic problems (a dead channel, a block of zero codes, K not a multiple of the
+block) and through the pass on the tiny decoder's graph; a real SmolLM2 site is checked in
+test_optq.py's slow real-site test."""
 
 import numpy as np
 import pytest
