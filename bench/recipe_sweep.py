@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = ["main"]
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,20 @@ from pathlib import Path
 FP32_MODEL = "smollm2-135m"
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> int:
+    """Run one sweep row; bad input (unknown recipe or key, bad value) is one line on stderr, exit 2."""
+    from lowbit.errors import LowbitError
+
+    try:
+        print(sweep(argv))
+    except LowbitError as e:
+        print(f"recipe_sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def sweep(argv: list[str] | None = None) -> str:
+    """The result line and the pass seconds of one recipe variant, as text."""
     import onnxruntime as ort
 
     import lowbit
@@ -38,12 +52,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--default-options", action="store_true", help="evaluate with ORT's default session options")
     args = ap.parse_args(argv)
 
+    recipe = load_recipe(args.recipe, args.set)  # bad keys fail before the (first-run) export
     source = export_model(FP32_MODEL)
     tokenizer = load_tokenizer(source)
-    recipe = load_recipe(args.recipe, args.set)
     calibration = calibration_windows(tokenizer, 512, recipe.calibration.windows)
     evaluation = evaluation_windows(tokenizer, 512, args.windows)
-    fp32 = perplexity(source / "model.onnx" if Path(source).is_dir() else source, evaluation).ppl
+    fp32 = perplexity(source, evaluation).ppl
     start = time.perf_counter()
     compiled = lowbit.compile(source, args.recipe, calibration=calibration, overrides=args.set)
     seconds = time.perf_counter() - start
@@ -58,10 +72,8 @@ def main(argv: list[str] | None = None) -> str:
     line = (f"{args.recipe} {' '.join(args.set) or '(recipe as is)'}: ppl {ppl:.3f} ({run}), "
             f"{ppl / fp32:.4f} x FP32 {fp32:.4f}, compile {seconds:.1f} s")  # fmt: skip
     passes = ", ".join(f"{e['pass']} {e['seconds']:.1f}" for e in compiled.report["passes"] if e["seconds"] >= 0.05)
-    print(line)
-    print(f"pass seconds: {passes}")
-    return line
+    return f"{line}\npass seconds: {passes}"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -147,7 +147,15 @@ def test_contender_descriptions_state_the_recipes_cluster_count():
     from lowbit.bench.lowbit_contenders import NPU_RECIPES, RECIPES
     from lowbit.compiler.recipe import load_recipe
 
-    for recipe, description, _ in RECIPES + NPU_RECIPES:
-        stated = re.search(r"RPTQ (\d+) clusters", description)
-        if stated:
-            assert load_recipe(recipe).reorder.clusters == int(stated.group(1)), recipe
+    stated = {recipe: int(m.group(1)) for recipe, description, _ in RECIPES + NPU_RECIPES
+              if (m := re.search(r"RPTQ (\d+) clusters", description))}  # fmt: skip
+    assert {"w8a8-rptq", "w4a8-dint4", "npu-w8a8"} <= set(stated)
+    assert {r: load_recipe(r).reorder.clusters for r in stated} == stated
+
+
+def test_recipe_sweep_rejects_an_unknown_recipe_key_in_one_line(capsys):
+    from lowbit.bench import recipe_sweep
+
+    assert recipe_sweep.main(["w4a8-dint4", "--set", "rounding.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recipe_sweep: error:") and "no_such_key" in err and "\n" not in err
