@@ -8,8 +8,10 @@ keyed by the node's ``overload`` (see :mod:`lowbit.runtime_ext.specs`).
 Guarantees: decode = value_table[code] * fl(scale * global_scale), element for element the same
 float32 operations as :func:`lowbit.runtime_ext.reference.decode_weight` (bit-exact; FP8 blocks of
 mixed weights: E4M3 table * fp8_scale); FgmpActQuant's fallback is bit-exact too (FP8 rounding via
-QuantizeLinear to FLOAT8E4M3FN, E2M1 rounding by Round on its three grid spacings); matmul and
-norm results differ from the native kernels only by float32 summation order.
+QuantizeLinear to FLOAT8E4M3FN, E2M1 rounding by Round on its three grid spacings, NaN-propagating
+block maxima, the perturbation in float64 as the reference); matmul and norm results differ from
+the native kernels only by summation order, NaN/Inf included (the kernels follow these
+functions' float32 operations, overflow and NaN propagation included).
 Assumes: the model's default-domain opset is >= 18 (ReduceMax/ReduceMean take axes as an input,
 BitwiseAnd exists; FgmpActQuant needs >= 19 for FP8); the functions import exactly that opset, as
 the ONNX checker requires.
@@ -181,8 +183,21 @@ def _round_e4m3(b: _Body, y: str) -> str:
     return b.op("DequantizeLinear", b.op("QuantizeLinear", y, one, zp, saturate=1), one, zp)
 
 
+def _nan_max_abs(b: _Body, x: str, axes: str | None) -> str:
+    """ReduceMax(Abs(x)) that is NaN when x holds a NaN (numpy's max). ORT's ReduceMax keeps or
+    drops a NaN depending on where it sits, which would make the result position-dependent."""
+    kw = {"keepdims": 1} if axes is not None else {"keepdims": 0}
+    args = (axes,) if axes is not None else ()
+    amax = b.op("ReduceMax", b.op("Abs", x), *args, **kw)
+    nan_only = b.op("Where", b.op("IsNaN", x), x, b.const(np.float32(0)))  # NaN or 0
+    return b.op("Add", amax, b.op("ReduceSum", nan_only, *args, **kw))
+
+
 def fgmp_function(spec: FgmpSpec, opset: int) -> onnx.FunctionProto:
-    """FgmpActQuant(x, g2, threshold[, global_scale]) -> Y (see reference.fgmp_act_quant)."""
+    """FgmpActQuant(x, g2, threshold[, global_scale]) -> Y (see reference.fgmp_act_quant).
+
+    As the reference: amax propagates NaN, the perturbation P is summed in float64, a zero
+    result keeps the sign of x."""
     if opset < 19:
         raise LowbitError(f"the FgmpActQuant fallback needs opset >= 19 (FP8), model has {opset}")
     b = _Body()
@@ -191,11 +206,11 @@ def fgmp_function(spec: FgmpSpec, opset: int) -> onnx.FunctionProto:
     shape = b.op("Shape", "x")
     lead = b.op("Slice", shape, b.const(np.array([0], np.int64)), last)
     xb = b.op("Reshape", "x", b.op("Concat", lead, b.const(np.array([-1, 16], np.int64)), axis=0))
-    amax = b.op("ReduceMax", b.op("Abs", xb), last, keepdims=1)
+    amax = _nan_max_abs(b, xb, last)
     if spec.static_global:
         g = "global_scale"
     else:
-        t = b.op("Div", b.op("ReduceMax", b.op("Abs", "x"), keepdims=0), f(6 * 448))
+        t = b.op("Div", _nan_max_abs(b, "x", None), f(6 * 448))
         g = b.op("Where", b.op("Greater", t, f(0)), t, f(1))
     raw = b.op("Div", amax, b.op("Mul", f(6), g))
     sb = _round_e4m3(b, b.op("Where", b.op("Greater", raw, f(0)), raw, f(1)))
@@ -205,10 +220,15 @@ def fgmp_function(spec: FgmpSpec, opset: int) -> onnx.FunctionProto:
     s8 = b.op("Div", amax, f(448))
     s8 = b.op("Where", b.op("Greater", s8, f(0)), s8, f(1))
     q8 = b.op("Mul", _round_e4m3(b, b.op("Div", xb, s8)), s8)
-    d = b.op("Sub", q4, q8)
-    w = b.op("Reshape", "g2", b.const(np.array([-1, 16], np.int64)))
+    f64 = TensorProto.DOUBLE
+    d = b.op("Sub", b.op("Cast", q4, to=f64), b.op("Cast", q8, to=f64))
+    w = b.op("Cast", b.op("Reshape", "g2", b.const(np.array([-1, 16], np.int64))), to=f64)
     p = b.op("ReduceSum", b.op("Mul", w, b.op("Mul", d, d)), last, keepdims=1)
-    y = b.op("Where", b.op("Greater", p, "threshold"), q8, q4)
+    y = b.op("Where", b.op("Greater", p, b.op("Cast", "threshold", to=f64)), q8, q4)
+    # ORT's Where returns +0.0 for a selected -0.0; both candidates are copysign(.., x) * s with
+    # s > 0, so a zero result takes x's sign back (1 / x < 0 for x < 0 and for x = -0.0).
+    flip = b.op("And", b.op("Equal", y, f(0)), b.op("Less", b.op("Div", f(1), xb), f(0)))
+    y = b.op("Mul", y, b.op("Where", flip, f(-1), f(1)))
     b.op("Reshape", y, shape)
     b.rename_last("Y")
     inputs = ["x", "g2", "threshold"] + (["global_scale"] if spec.static_global else [])

@@ -2,6 +2,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 
 #include "kernels_impl.h"
@@ -85,15 +86,109 @@ const Kernels& SelectKernels() {
   return *chosen;
 }
 
+// ---- special values (see kernels.h) ----------------------------------------------------------
+bool WeightRowTame(const Kernels& kern, const Weight& w, int64_t n) {
+  if (!w.bytes_all_tame) {
+    const int64_t i0 = n * w.nb;
+    if (w.scale_f32 ? !kern.f32_scales_tame(w.scale_f32 + i0, w.nb, w.global)
+                    : !kern.byte_scales_tame(w, w.scale_u8 + i0, w.nb))
+      return false;
+  }
+  if (w.fp8_mask) {
+    const int64_t i0 = w.fp8_first[n], i1 = n + 1 < w.N ? w.fp8_first[n + 1] : w.fp8_count;
+    if (!kern.f32_scales_tame(w.fp8_scales + i0, i1 - i0, 1.0f)) return false;
+  }
+  return true;
+}
+
+void ClassifyScaleBytes(Weight& w) {
+  w.bytes_all_tame = w.scale_u8 != nullptr;
+  w.byte_ranges_exact = false;
+  if (w.scale_u8 == nullptr) return;
+  for (int b = 0; b < 256; ++b) {
+    w.byte_tame[b] = TameScale(w.byte_table[b] * w.global);
+    w.bytes_all_tame = w.bytes_all_tame && w.byte_tame[b];
+  }
+  if (w.bytes_all_tame) return;
+  // The range form: magnitude codes (E4M3 is sign-magnitude), up to two codes of value 0 / NaN,
+  // the tame codes in between a low and a high bound.
+  const uint8_t mask = w.format == Format::kNvfp4 ? 0x7F : 0xFF;
+  int nfree = 0, lo = -1, hi = -1;
+  uint8_t free_codes[2] = {0, 0};
+  for (int m = 0; m <= mask; ++m) {
+    const float v = w.byte_table[m] * w.global;
+    if (v == 0.0f || v != v) {
+      if (nfree == 2) return;  // table lookups
+      free_codes[nfree++] = uint8_t(m);
+    } else if (w.byte_tame[m]) {
+      if (lo < 0) lo = m;
+      hi = m;
+    }
+  }
+  if (lo < 0) lo = hi = free_codes[0];  // no tame nonzero code: an empty range is not possible
+  if (nfree == 1) free_codes[1] = free_codes[0];
+  for (int b = 0; b < 256; ++b) {
+    const int m = b & mask;
+    const bool range = (m >= lo && m <= hi) || m == free_codes[0] || m == free_codes[1];
+    if (range != w.byte_tame[b]) return;  // not of the range form: table lookups
+  }
+  w.byte_code_mask = mask;
+  w.byte_lo = uint8_t(lo);
+  w.byte_hi = uint8_t(hi);
+  w.byte_free[0] = free_codes[0];
+  w.byte_free[1] = free_codes[1];
+  w.byte_ranges_exact = true;
+}
+
+namespace {
+
+bool RowTame(const float* a, int64_t K) {
+  int bad = 0;
+  for (int64_t k = 0; k < K; ++k) bad |= !TameActivation(a[k]);
+  return bad == 0;
+}
+
+// y[n] for n in [n0, n1) of one activation row: `fast(e0, e1)` (a GEMV kernel) on the runs of
+// tame weight rows when the activation row is tame (`row_tame`), else the exact path: the
+// decoded weight row (the fallback's value * s) dotted with `ap`, the row in float activation
+// order (PermuteRow), which is the order decode_rows emits.
+template <typename Fast>
+void GemvRows(const Kernels& kern, const Weight& w, const float* ap, bool row_tame, float* y,
+              int64_t n0, int64_t n1, Fast&& fast) {
+  const bool check = !w.bytes_all_tame || w.fp8_mask != nullptr;
+  std::vector<float> wrow;
+  for (int64_t n = n0; n < n1;) {
+    int64_t e = n;
+    if (row_tame) {
+      if (!check) e = n1;
+      while (e < n1 && WeightRowTame(kern, w, e)) ++e;
+    }
+    if (e > n) {
+      fast(n, e);
+      n = e;
+      continue;
+    }
+    wrow.resize(static_cast<size_t>(w.K));
+    (w.fp8_mask ? DecodeRowsMixed : kern.decode_rows)(w, n, 1, 0, w.K, wrow.data(), w.K);
+    y[n] = kern.dot(ap, wrow.data(), w.K);
+    ++n;
+  }
+}
+
+}  // namespace
+
 void MatMulF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
                const Weight& w, float* Y) {
   if (M >= kGemmMinRows) return GemmF32(ctx, kern, A, M, w, Y);
   std::vector<float> ap(static_cast<size_t>(w.K));
   for (int64_t m = 0; m < M; ++m) {
+    const bool tame = RowTame(A + m * w.K, w.K);
     PermuteRow(A + m * w.K, ap.data(), w.K);
     float* y = Y + m * w.N;
     ParallelRanges(ctx, static_cast<size_t>(w.N), GemvGrain(w.N), [&](size_t n0, size_t n1) {
-      (w.fp8_mask ? kern.gemv_mixed : kern.gemv_f32)(ap.data(), w, y, int64_t(n0), int64_t(n1));
+      GemvRows(kern, w, ap.data(), tame, y, int64_t(n0), int64_t(n1), [&](int64_t e0, int64_t e1) {
+        (w.fp8_mask ? kern.gemv_mixed : kern.gemv_f32)(ap.data(), w, y, e0, e1);
+      });
     });
   }
 }
@@ -101,25 +196,42 @@ void MatMulF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int
 void MatMulI8(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
               const Weight& w, const float* row_scales, float* Y) {
   const int64_t K = w.K;
-  std::vector<int8_t> q(static_cast<size_t>(K)), qp(static_cast<size_t>(K));
+  std::vector<float> qf(static_cast<size_t>(K));
   if (M >= kGemmMinRows) {
-    // Multi-row: the quantized activations (exact small integers times the row scale) go
-    // through the float GEMM; the result differs from integer accumulation only by float
-    // rounding of the sums.
+    // Multi-row: the dequantized activations q * s (exact small integers times the row scale,
+    // NaN kept) go through the float GEMM: the fallback's products, summed in another order.
     std::vector<float> deq(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m) {
-      QuantizeRowI8(A + m * K, q.data(), K, row_scales[m]);
-      for (int64_t k = 0; k < K; ++k) deq[m * K + k] = q[k] * row_scales[m];
+      QuantizeRowF(A + m * K, qf.data(), K, row_scales[m]);
+      for (int64_t k = 0; k < K; ++k) deq[m * K + k] = qf[k] * row_scales[m];
     }
     return GemmF32(ctx, kern, deq.data(), M, w, Y);
   }
+  std::vector<int8_t> q(static_cast<size_t>(K)), qp(static_cast<size_t>(K));
+  std::vector<float> deq(static_cast<size_t>(K)), dp(static_cast<size_t>(K));
   for (int64_t m = 0; m < M; ++m) {
-    QuantizeRowI8(A + m * K, q.data(), K, row_scales[m]);
-    PermuteRowI8(q.data(), qp.data(), K);
-    float* y = Y + m * w.N;
     const float s = row_scales[m];
+    QuantizeRowF(A + m * K, qf.data(), K, s);
+    // The int8 kernel returns s * sum_b (mult * scale_b) * int32 dot_b: the fallback's sum of
+    // fl(q * s) * w up to rounding while s is positive, 127 * s finite and no q is NaN (a NaN
+    // activation, or a dynamic scale made infinite by an Inf); otherwise the exact path on the
+    // dequantized row reproduces the fallback's NaN. Untame weight rows take the exact path too.
+    int nan = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      nan |= qf[k] != qf[k];
+      deq[k] = qf[k] * s;
+    }
+    const bool int_ok = s > 0.0f && std::isfinite(127.0f * s) && nan == 0;
+    if (int_ok) {
+      for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(qf[k]);
+      PermuteRowI8(q.data(), qp.data(), K);
+    }
+    PermuteRow(deq.data(), dp.data(), K);
+    float* y = Y + m * w.N;
     ParallelRanges(ctx, static_cast<size_t>(w.N), GemvGrain(w.N), [&](size_t n0, size_t n1) {
-      kern.gemv_i8(qp.data(), s, w, y, int64_t(n0), int64_t(n1));
+      GemvRows(kern, w, dp.data(), int_ok, y, int64_t(n0), int64_t(n1), [&](int64_t e0, int64_t e1) {
+        kern.gemv_i8(qp.data(), s, w, y, e0, e1);
+      });
     });
   }
 }

@@ -28,6 +28,16 @@ struct Weight {
   const uint8_t* scale_u8 = nullptr;
   float byte_table[256];  // uint8 scale byte -> float32 (filled when scale_u8 is set)
   float global = 1.0f;
+  // uint8 scales: byte_tame[b] = TameScale(fl(byte_table[b] * global)); bytes_all_tame when
+  // every byte is (then no row needs a scale scan). Filled by BindWeight.
+  // Row scans do not look the table up: a byte b is tame iff its magnitude code
+  // m = b & byte_code_mask is one of the two codes byte_free (value 0 or NaN) or lies in
+  // [byte_lo, byte_hi] (E4M3 magnitudes and E8M0 bytes are monotone), which ClassifyScaleBytes
+  // verifies against the table (byte_ranges_exact; else the table is looked up).
+  bool byte_tame[256];
+  bool bytes_all_tame = false;
+  bool byte_ranges_exact = false;
+  uint8_t byte_code_mask = 0xFF, byte_lo = 0, byte_hi = 0, byte_free[2] = {0, 0};
   // fl(scale * global): the decode scale of block b of row n.
   inline float Scale(int64_t n, int64_t b) const { return ScaleAt(n * nb + b); }
   inline float ScaleAt(int64_t i) const {
@@ -43,10 +53,36 @@ struct Weight {
   const uint8_t* fp8_codes = nullptr;
   const float* fp8_scales = nullptr;
   std::vector<int64_t> fp8_first;
+  int64_t fp8_count = 0;  // F, the number of FP8 blocks
   inline bool IsFp8(int64_t n, int64_t b) const {
     return (fp8_mask[n * mask_stride + b / 8] >> (b % 8)) & 1;
   }
 };
+
+// ---- special values ----------------------------------------------------------------------
+// The GEMV kernels factor a block's scale out of its sum (sum_k a_k v_k) * s, while the ONNX
+// fallback (and the GEMM path) sum the products a_k * fl(v_k * s) of the decoded weights. The two
+// agree up to float32 rounding (and give the same NaN/Inf) only while no intermediate overflows,
+// loses precision as a denormal, or meets an infinite scale. "Tame" values guarantee that: an
+// activation is tame when it is 0 or 2^-96 <= |a| <= 2^96 (so NaN and +-Inf are not), a block
+// scale fl(scale * global) when it is +-0, NaN or 2^-96 <= |s| <= 2^96. A row of activations or a
+// weight row that is not tame takes the exact path instead: decode the weights (value * s, the
+// fallback's float32 operations) and sum the products a_k * w_k.
+constexpr float kTameLo = 0x1p-96f, kTameHi = 0x1p96f;
+// Branch-free (bitwise operators), so that loops over them vectorize.
+inline bool TameScale(float s) {
+  const float a = std::fabs(s);
+  return !((a > kTameHi) | ((a < kTameLo) & (a != 0.0f)));  // NaN compares false: tame
+}
+inline bool TameActivation(float x) {
+  const float a = std::fabs(x);
+  return (a == 0.0f) | ((a >= kTameLo) & (a <= kTameHi));  // NaN, +-Inf: not tame
+}
+// Whether every block scale of weight row n (and of its FP8 blocks) is tame.
+struct Kernels;
+bool WeightRowTame(const Kernels& kern, const Weight& w, int64_t n);
+// Fills w.byte_tame / w.bytes_all_tame (after scale_u8, byte_table and global are set).
+void ClassifyScaleBytes(Weight& w);
 
 // Chunk sizes of the two activation orders, and the position of element k in that order.
 constexpr int64_t kChunkF32 = 8, kChunkI8 = 32;
@@ -59,8 +95,10 @@ inline int64_t PermPos(int64_t k, int64_t K, int64_t chunk) {
 void PermuteRow(const float* a, float* out, int64_t K);
 void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K);
 
-// Symmetric int8 quantization of one row: q = clamp(rint(a / scale), -127, 127).
-void QuantizeRowI8(const float* a, int8_t* q, int64_t K, float scale);
+// Symmetric int8 quantization of one row, in float as the fallback computes it:
+// q = clamp(rint(a / scale), -127, 127), NaN kept (ONNX Clip passes NaN through) so that
+// non-finite activations behave as in the fallback; the int8 kernels take q when none is NaN.
+void QuantizeRowF(const float* a, float* q, int64_t K, float scale);
 
 struct Kernels {
   const char* name;
@@ -76,6 +114,12 @@ struct Kernels {
   void (*micro)(const float* ap, const float* wd, int64_t ldw, int64_t kc, float* c, int64_t ldc);
   // gemv_f32 for mixed NVFP4/FP8 weights (w.fp8_mask set).
   void (*gemv_mixed)(const float* ap, const Weight& w, float* y, int64_t n0, int64_t n1);
+  // sum_k a[k] * b[k] over k < n (the exact path: decoded weight row times activations).
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // Whether TameScale(s[i] * global) for every i < n.
+  bool (*f32_scales_tame)(const float* s, int64_t n, float global);
+  // Whether every scale byte b[i], i < n, is tame (w.byte_tame, in its range form when exact).
+  bool (*byte_scales_tame)(const Weight& w, const uint8_t* b, int64_t n);
 };
 
 const Kernels& SelectKernels();  // AVX2 when the CPU has it (and LOWBIT_ORT_ISA != "scalar")

@@ -37,35 +37,40 @@ LB_AVX2 inline __m256i Lut16(Format f) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(IntTable(f))));
 }
 
-// Float path: every table value (an integer of magnitude <= 12) is a float32 whose low 16 bits
-// are zero, so two byte tables (bits 16-23 and 24-31) plus in-lane interleaves with zero build
-// the float32 bit patterns directly: no int->float conversion.
+// Float path: every table value (an integer of magnitude <= 12, or such an integer times the
+// format's multiplier: at most 4 significant bits) is a float32 whose low 16 bits are zero, so
+// two byte tables (bits 16-23 and 24-31) plus in-lane interleaves with zero build the float32 bit
+// patterns directly: no int->float conversion. Two sets: the integer table (IntTable, the GEMV
+// kernels scale by mult * s per block) and the value table (ValueTable, for decoding value * s
+// exactly as the fallback does: mult * s is inexact when s is subnormal).
 struct FloatBytes {
   uint8_t b2[16], b3[16];
 };
-const FloatBytes& FloatBytesOf(Format f) {
-  static const std::array<FloatBytes, 4> tables = [] {
-    std::array<FloatBytes, 4> out{};
+const FloatBytes& FloatBytesOf(Format f, bool values = false) {
+  static const std::array<FloatBytes, 8> tables = [] {
+    std::array<FloatBytes, 8> out{};
     const Format fs[4] = {Format::kDint4, Format::kNvfp4, Format::kInt4, Format::kMxfp4};
-    for (int i = 0; i < 4; ++i)
-      for (int c = 0; c < 16; ++c) {
-        const float v = static_cast<float>(IntTable(fs[i])[c]);
-        uint32_t bits;
-        std::memcpy(&bits, &v, sizeof(bits));  // low 16 bits are 0 for integers |v| <= 12
-        out[static_cast<int>(fs[i])].b2[c] = static_cast<uint8_t>(bits >> 16);
-        out[static_cast<int>(fs[i])].b3[c] = static_cast<uint8_t>(bits >> 24);
-      }
+    for (int v = 0; v < 2; ++v)
+      for (int i = 0; i < 4; ++i)
+        for (int c = 0; c < 16; ++c) {
+          const float x = v ? ValueTable(fs[i])[c] : static_cast<float>(IntTable(fs[i])[c]);
+          uint32_t bits;
+          std::memcpy(&bits, &x, sizeof(bits));  // low 16 bits are 0 (see above)
+          FloatBytes& t = out[4 * v + static_cast<int>(fs[i])];
+          t.b2[c] = static_cast<uint8_t>(bits >> 16);
+          t.b3[c] = static_cast<uint8_t>(bits >> 24);
+        }
     return out;
   }();
-  return tables[static_cast<int>(f)];
+  return tables[4 * int(values) + static_cast<int>(f)];
 }
 
 struct F32Luts {
   __m256i b2, b3;
 };
 
-LB_AVX2 inline F32Luts LoadF32Luts(Format f) {
-  const FloatBytes& t = FloatBytesOf(f);
+LB_AVX2 inline F32Luts LoadF32Luts(Format f, bool values = false) {
+  const FloatBytes& t = FloatBytesOf(f, values);
   return {_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.b2))),
           _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.b3)))};
 }
@@ -258,13 +263,18 @@ LB_AVX2 void GemvI8Avx2(const int8_t* aq, float a_scale, const Weight& w, float*
 // 16 E4M3 codes (natural k order) -> two vectors of 8 floats in the float activation order
 // ([4 even | 4 odd] per 8-group). E4M3 -> float32 without a table: the 7 magnitude bits moved
 // to the float's exponent/mantissa position and multiplied by 2^120 (exact for normals and
-// subnormals alike); the sign bit copied. The NaN code is not supported (encoders never emit it).
+// subnormals alike); the sign bit copied. The NaN codes S.1111.111 (0x7F, 0xFF) give NaN, as the
+// E4M3 table (E4m3Table, the fallback's ml_dtypes cast) does.
 LB_AVX2 inline __m256 E4m3ToF32(__m128i bytes) {
   const __m256i d = _mm256_cvtepu8_epi32(bytes);
-  const __m256i mag = _mm256_slli_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x7F)), 20);
+  const __m256i m7 = _mm256_and_si256(d, _mm256_set1_epi32(0x7F));
+  const __m256i mag = _mm256_slli_epi32(m7, 20);
   const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x80)), 24);
   const __m256 two120 = _mm256_castsi256_ps(_mm256_set1_epi32(0x7B800000));
-  return _mm256_or_ps(_mm256_mul_ps(_mm256_castsi256_ps(mag), two120), _mm256_castsi256_ps(sign));
+  const __m256 v = _mm256_or_ps(_mm256_mul_ps(_mm256_castsi256_ps(mag), two120),
+                                _mm256_castsi256_ps(sign));
+  const __m256 nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m7, _mm256_set1_epi32(0x7F)));
+  return _mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan);
 }
 
 LB_AVX2 inline void Fp8Floats16(const uint8_t* p, __m256& v0, __m256& v1) {
@@ -317,8 +327,7 @@ LB_AVX2 void GemvMixedAvx2(const float* ap, const Weight& w, float* y, int64_t n
 
 LB_AVX2 void DecodeRowsAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
                             float* out, int64_t ldo) {
-  const F32Luts t = LoadF32Luts(w.format);
-  const float mult = IntMultiplier(w.format);
+  const F32Luts t = LoadF32Luts(w.format, /*values=*/true);
   const int64_t kend = k0 + kc, k32 = k0 + (kc & ~int64_t(31));
   __m256 v0, v1, v2, v3;
   for (int64_t r = 0; r < nr; ++r) {
@@ -329,12 +338,12 @@ LB_AVX2 void DecodeRowsAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t k0,
     int64_t b = k0 / w.block, next = (b + 1) * w.block;
     for (int64_t k = k0; k < k32; k += 32) {
       Floats32(row + k / 2, t, v0, v1, v2, v3);
-      // value * s == int_value * (mult * s) exactly: mult is a power of two. k..k+15 lie in
-      // block b, k+16..k+31 in block b or b + 1 (block 16).
+      // value * s, the fallback's decode bit for bit. k..k+15 lie in block b, k+16..k+31 in
+      // block b or b + 1 (block 16).
       if (k >= next) ++b, next += w.block;
-      const __m256 s0 = _mm256_set1_ps(w.Scale(n, b) * mult);
+      const __m256 s0 = _mm256_set1_ps(w.Scale(n, b));
       if (k + 16 >= next) ++b, next += w.block;
-      const __m256 s1 = _mm256_set1_ps(w.Scale(n, b) * mult);
+      const __m256 s1 = _mm256_set1_ps(w.Scale(n, b));
       _mm256_storeu_ps(o + k, _mm256_mul_ps(v0, s0));
       _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(v1, s0));
       _mm256_storeu_ps(o + k + 16, _mm256_mul_ps(v2, s1));
@@ -367,9 +376,55 @@ LB_AVX2 void MicroAvx2(const float* ap, const float* wd, int64_t ldw, int64_t kc
 #undef LB_STORE
 }
 
+LB_AVX2 float DotAvx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+  }
+  float s = HSum(_mm256_add_ps(s0, s1));
+  for (; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+LB_AVX2 bool F32ScalesTameAvx2(const float* s, int64_t n, float global) {
+  const __m256 g = _mm256_set1_ps(global), hi = _mm256_set1_ps(kTameHi),
+               lo = _mm256_set1_ps(kTameLo), zero = _mm256_setzero_ps(),
+               abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 bad = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {  // the branch-free TameScale, 8 at a time
+    const __m256 a = _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(s + i), g), abs_mask);
+    const __m256 small = _mm256_and_ps(_mm256_cmp_ps(a, lo, _CMP_LT_OQ),
+                                       _mm256_cmp_ps(a, zero, _CMP_NEQ_OQ));
+    bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_cmp_ps(a, hi, _CMP_GT_OQ), small));
+  }
+  return _mm256_movemask_ps(bad) == 0 && F32ScalesTameScalar(s + i, n - i, global);
+}
+
+LB_AVX2 bool ByteScalesTameAvx2(const Weight& w, const uint8_t* b, int64_t n) {
+  if (!w.byte_ranges_exact) return ByteScalesTameScalar(w, b, n);
+  const __m256i mask = _mm256_set1_epi8(char(w.byte_code_mask)), lo = _mm256_set1_epi8(char(w.byte_lo)),
+                span = _mm256_set1_epi8(char(w.byte_hi - w.byte_lo)),
+                f0 = _mm256_set1_epi8(char(w.byte_free[0])), f1 = _mm256_set1_epi8(char(w.byte_free[1]));
+  __m256i ok = _mm256_set1_epi8(-1);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i m = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i)), mask);
+    const __m256i d = _mm256_sub_epi8(m, lo);  // unsigned d <= span <=> max(d, span) == span
+    const __m256i in = _mm256_cmpeq_epi8(_mm256_max_epu8(d, span), span);
+    const __m256i free = _mm256_or_si256(_mm256_cmpeq_epi8(m, f0), _mm256_cmpeq_epi8(m, f1));
+    ok = _mm256_and_si256(ok, _mm256_or_si256(in, free));
+  }
+  return _mm256_movemask_epi8(ok) == -1 && ByteScalesTameScalar(w, b + i, n - i);
+}
+
 }  // namespace
 
-const Kernels kAvx2{"avx2", GemvF32Avx2, GemvI8Avx2, DecodeRowsAvx2, MicroAvx2, GemvMixedAvx2};
+const Kernels kAvx2{"avx2",           GemvF32Avx2,   GemvI8Avx2, DecodeRowsAvx2,
+                    MicroAvx2,        GemvMixedAvx2, DotAvx2,    F32ScalesTameAvx2,
+                    ByteScalesTameAvx2};
 
 }  // namespace detail
 }  // namespace lowbit

@@ -29,6 +29,8 @@ void DecodeRowsMixed(const Weight& w, int64_t n0, int64_t nr, int64_t k0, int64_
 void GemvMixedScalarTail(const float* ap, const Weight& w, int64_t n, int64_t b, int64_t i,
                          float& out);
 const float* E4m3Table();  // 256 E4M3 codes -> float32
+bool F32ScalesTameScalar(const float* s, int64_t n, float global);
+bool ByteScalesTameScalar(const Weight& w, const uint8_t* b, int64_t n);
 
 // The kernel sets (kernels_scalar.cc / kernels_avx2.cc).
 extern const Kernels kScalar;

@@ -21,12 +21,10 @@ static void PermuteRowT(const T* a, T* out, int64_t K, int64_t chunk) {
 void PermuteRow(const float* a, float* out, int64_t K) { PermuteRowT(a, out, K, kChunkF32); }
 void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K) { PermuteRowT(a, out, K, kChunkI8); }
 
-void QuantizeRowI8(const float* a, int8_t* q, int64_t K, float scale) {
+void QuantizeRowF(const float* a, float* q, int64_t K, float scale) {
   for (int64_t k = 0; k < K; ++k) {
-    float v = std::nearbyint(a[k] / scale);
-    v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
-    if (v != v) v = 0.f;  // NaN activations quantize to 0 (a defined int8, never UB)
-    q[k] = static_cast<int8_t>(v);
+    const float v = std::nearbyint(a[k] / scale);
+    q[k] = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);  // NaN passes through (compares false)
   }
 }
 
@@ -151,8 +149,37 @@ void MicroScalar(const float* ap, const float* wd, int64_t ldw, int64_t kc, floa
     }
 }
 
-const Kernels kScalar{"scalar", GemvF32Scalar, GemvI8Scalar, DecodeRowsScalar, MicroScalar,
-                      GemvMixedScalar};
+// Branch-free scans (the compiler vectorizes them): whether every value passes.
+bool F32ScalesTameScalar(const float* s, int64_t n, float global) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !TameScale(s[i] * global);
+  return bad == 0;
+}
+
+bool ByteScalesTameScalar(const Weight& w, const uint8_t* b, int64_t n) {
+  int bad = 0;
+  if (!w.byte_ranges_exact) {
+    for (int64_t i = 0; i < n; ++i) bad |= !w.byte_tame[b[i]];
+    return bad == 0;
+  }
+  const uint8_t mask = w.byte_code_mask, lo = w.byte_lo, span = uint8_t(w.byte_hi - w.byte_lo),
+                f0 = w.byte_free[0], f1 = w.byte_free[1];
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t m = b[i] & mask;
+    bad |= (uint8_t(m - lo) > span) & (m != f0) & (m != f1);
+  }
+  return bad == 0;
+}
+
+float DotScalar(const float* a, const float* b, int64_t n) {
+  float s = 0;
+  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+const Kernels kScalar{"scalar",        GemvF32Scalar, GemvI8Scalar,        DecodeRowsScalar,
+                      MicroScalar,     GemvMixedScalar, DotScalar, F32ScalesTameScalar,
+                      ByteScalesTameScalar};
 
 }  // namespace detail
 }  // namespace lowbit

@@ -10,6 +10,10 @@
 // act_mode (float32 | int8_dynamic | int8_static, default float32).
 // int8 modes quantize A symmetrically: q = clamp(rint(a / s), -127, 127) with s = max|a_row|/127
 // per row (dynamic; 1 for an all-zero row) or the static act_scale, then Y = s * (q @ W).
+// Special values follow the ONNX fallback (functions.py): a NaN activation stays NaN through the
+// quantization (its row of Y is NaN), an Inf makes the dynamic scale Inf (row NaN), a static
+// scale clips +-Inf to +-127; float results equal the fallback's up to summation order, NaN/Inf
+// positions included, on every kernel path (see kernels.h, "special values").
 #include "ops.h"
 
 #include "kernels.h"
@@ -78,6 +82,7 @@ void BindWeight(const char* op, Format format, int64_t block, const Input& codes
                   "bits for mxfp4); format is " + FormatName(format));
   }
   w.global = ScalarFloat(op, "global_scale", global);
+  ClassifyScaleBytes(w);
 }
 
 // Validates the FGMP mixed-precision inputs and attaches them to `w`.
@@ -114,6 +119,7 @@ static void BindFp8Blocks(const char* op, Ort::KernelContext& ctx, Weight& w) {
                   ShapeStr(codes.shape) + " and " + ShapeStr(scales.shape));
   w.fp8_codes = codes.data<uint8_t>();
   w.fp8_scales = scales.data<float>();
+  w.fp8_count = count;
 }
 
 void MatMulLowbit::Compute(Ort::KernelContext& ctx) {

@@ -2,11 +2,13 @@
 //
 // RPTQ's fused reorder: a Gather of the input channels by `perm` fused with RMSNorm (kind="rms":
 // x / sqrt(mean(x^2) + eps)) or LayerNorm (kind="layer": (x - mean) / sqrt(var + eps)) over the
-// last axis. The statistics are permutation invariant, so they are taken over x in its stored
-// order; gamma and beta are given already permuted (gamma_perm[j] = gamma[perm[j]]).
+// last axis. The statistics are taken over the gathered row x[perm], as the fallback does (the
+// same as over x when perm is a permutation; perm may repeat channels); gamma and beta are given
+// already permuted (gamma_perm[j] = gamma[perm[j]]).
 // Inputs: x float32 [..., C], perm int64 [C] (values in [-C, C)), gamma float32 [C], optional
 // beta float32 [C]. Attributes: kind (rms | layer, default rms), epsilon (default 1e-5).
-// Statistics accumulate in double; the output is float32.
+// Float32 arithmetic as the ONNX fallback (overflow, underflow and NaN included); the two sums
+// accumulate in double and are rounded to float32 once.
 #include "ops.h"
 
 namespace lowbit {
@@ -55,18 +57,30 @@ void ReorderNorm::Compute(Ort::KernelContext& ctx) {
   const float* g = gamma.data<float>();
   const float* bt = beta.present() ? beta.data<float>() : nullptr;
   ParallelRanges(ctx, static_cast<size_t>(rows), 16, [&](size_t r0, size_t r1) {
+    std::vector<float> d(static_cast<size_t>(C));
     for (size_t r = r0; r < r1; ++r) {
       const float* xr = X + static_cast<int64_t>(r) * C;
       float* yr = y + static_cast<int64_t>(r) * C;
-      double mean = 0.0, sq = 0.0;
+      // The fallback's float32 operations on the gathered row: mean = ReduceMean(x[perm]),
+      // d = x[perm] - mean, ms = ReduceMean(d * d), y = d / sqrt(ms + eps) * gamma (+ beta).
+      // Only the two sums differ (double accumulation, rounded once to float32 before the
+      // division by C, so a sum past FLT_MAX is Inf there too); squares, quotients and the
+      // overflow / underflow / NaN they produce are the fallback's.
+      float mean = 0.0f;
       if (layer_) {
-        for (int64_t c = 0; c < C; ++c) mean += xr[c];
-        mean /= static_cast<double>(C);
+        double sum = 0.0;
+        for (int64_t j = 0; j < C; ++j) sum += xr[p[j]];
+        mean = static_cast<float>(sum) / static_cast<float>(C);
       }
-      for (int64_t c = 0; c < C; ++c) sq += (xr[c] - mean) * (xr[c] - mean);
-      const double inv = 1.0 / std::sqrt(sq / static_cast<double>(C) + epsilon_);
+      double sq = 0.0;
       for (int64_t j = 0; j < C; ++j) {
-        const float v = static_cast<float>((xr[p[j]] - mean) * inv) * g[j];
+        d[j] = xr[p[j]] - mean;
+        const float d2 = d[j] * d[j];  // the float32 square, as Mul(x, x)
+        sq += d2;
+      }
+      const float denom = std::sqrt(static_cast<float>(sq) / static_cast<float>(C) + epsilon_);
+      for (int64_t j = 0; j < C; ++j) {
+        const float v = d[j] / denom * g[j];
         yr[j] = bt ? v + bt[j] : v;
       }
     }

@@ -1,7 +1,10 @@
 """Bad shapes, dtypes, attributes and block sizes give a clear ORT error, never a crash.
 
 All cases run in one child process (a segfault there fails the test instead of killing pytest);
-the child prints one JSON line per case: "ok <output shape>" or the ORT error message.
+the child prints one JSON line per case: "ok <output shape>" or the ORT error message. The same
+cases run again with special values (NaN, +-Inf, -0.0, FLT_MAX, a denormal) in every float input;
+their values (not their agreement with the fallbacks: tests/adversarial/
+test_native_special_values.py) are checked there.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def run(op, attrs, feeds):
         return "err " + str(e).replace("\n", " ")
 
 for case in json.loads(sys.stdin.read()):
-    feeds = [(n, np.zeros(s, dtype=d) if d != "float32" else np.ones(s, np.float32)) if n else ("", None)
+    fill = np.float32(case.get("fill", 1.0))
+    feeds = [(n, np.zeros(s, dtype=d) if d != "float32" else np.full(s, fill, np.float32)) if n else ("", None)
              for n, s, d in case["feeds"]]
     print(json.dumps(run(case["op"], case["attrs"], feeds)), flush=True)
 '''
@@ -166,3 +170,28 @@ def test_errors_name_the_op(native_lib, op):
     proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps([case]),
                           capture_output=True, text=True, timeout=120)
     assert op in json.loads(proc.stdout.splitlines()[0])
+
+
+SPECIAL_FILLS = [float("nan"), float("inf"), float("-inf"), -0.0, 3.4028234663852886e38, 1e-45]
+
+
+def _expected_with_fill(case, want: str, fill: float) -> str:
+    """The outcome with every float input equal to `fill`: the same, except that an int8_static
+    act_scale must be positive and finite."""
+    static = case["op"] == "MatMulLowbit" and case["attrs"].get("act_mode") == "int8_static"
+    if static and want.startswith("ok") and not (0 < fill < float("inf")):
+        return "act_scale must be positive and finite"
+    return want
+
+
+def test_special_values_in_every_float_input_never_crash(native_lib):
+    cases = FIXED + _random_cases(30, seed=12)
+    runs = [({**c, "fill": f}, _expected_with_fill(c, want, f)) for f in SPECIAL_FILLS
+            for c, want in cases]
+    proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps([c for c, _ in runs]),
+                          capture_output=True, text=True, timeout=300)
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    assert proc.returncode == 0, f"child died after {len(lines)} cases: {proc.stderr[-1500:]}"
+    assert len(lines) == len(runs)
+    for (case, want), got in zip(runs, lines):
+        assert want in got, f"fill {case['fill']}: {case}: expected {want!r}, got {got!r}"
