@@ -1,13 +1,16 @@
 """Canonicalize: bring any exported model into the one form the quantization passes expect.
 
 Assumes a float32 ONNX model (torch-dynamo opset-23 or optimum opset-18 exports, or anything
-similar). Guarantees, function-preserving (verified numerically in tests on both SmolLM2 export
-forms; differences are float32 rounding of the fused reciprocal only):
+similar); float16 / bfloat16 weights stored and Cast to float32 before use are accepted, any
+other float16 / bfloat16 / float64 tensor is refused with one line (``float_types``).
+Guarantees, function-preserving (verified numerically in tests on both SmolLM2 export forms;
+differences are float32 rounding of the fused reciprocal only):
 
 1. large ``Constant`` nodes become initializers (weights are then visible as initializers);
-2. types are inferred, then small constant subexpressions and no-op Casts are folded (onnxscript's folder; inputs above
-   ``fold_size_limit`` elements are never folded, so weight Transposes, e.g. a tied lm_head, stay
-   as they are and the initializer is not duplicated);
+2. types are inferred; float16 / bfloat16 weight storage is widened to float32 under the weight's
+   name (exact, ``float_types``); then small constant subexpressions and no-op Casts are folded
+   (onnxscript's folder; inputs above ``fold_size_limit`` elements are never folded, so weight
+   Transposes, e.g. a tied lm_head, stay as they are and the initializer is not duplicated);
 3. decomposed RMSNorm / LayerNorm chains become single norm nodes (``norm_fusion``);
 4. dead nodes and initializers are removed; shapes and types are inferred where ONNX can.
 KV-cache inputs/outputs and the model signature are untouched.
@@ -24,6 +27,7 @@ from onnx_ir.passes.common import (
 )
 from onnxscript import optimizer
 
+from lowbit.passes.float_types import FloatTypesPass
 from lowbit.passes.norm_fusion import FuseNormsPass
 
 __all__ = ["FoldConstants", "canonicalize_passes"]
@@ -50,6 +54,9 @@ def canonicalize_passes(*, fold_size_limit: int = 8192, shape_inference: bool = 
         # types first: the folder drops no-op Casts (optimum's float->float around norms) only
         # when it knows the input dtype
         ShapeInferencePass(strict_mode=False),
+        # float16/bfloat16 weights Cast to float32 become float32 weights; other non-float32
+        # floats are refused here, before the folder or calibration see them
+        FloatTypesPass(),
         FoldConstants(fold_size_limit),
         RemoveUnusedNodesPass(),  # dead Identity left by folded Casts would block the fusion
         FuseNormsPass(),
