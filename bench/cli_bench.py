@@ -8,6 +8,7 @@ windows and evaluated on the same evaluation windows within one run (see
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """None when the option is absent (= all); ``--sections ,`` gives [] (an error, not "all")."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,13 +41,18 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.bench.runner import SECTIONS, BenchConfig, run_bench
     from lowbit.compiler.fsutil import atomic_path, check_writable_parent
     from lowbit.errors import LowbitError
-    from lowbit.models.data import read_text_file
+    from lowbit.models.data import check_text_file
 
     # Validate everything now, not after twenty minutes of measuring.
     out = Path(args.output)
     check_writable_parent(out)
+    if os.path.lexists(out) and not out.is_symlink() and not out.is_file():  # a link is replaced, not followed
+        raise LowbitError(f"-o {out} exists and is not a regular file (a directory, device or pipe): "
+                          "the report is a file, name a new one")  # fmt: skip
     contenders, sections = _split(args.contenders), _split(args.sections)
     for kind, names, known in (("contender", contenders, CONTENDERS), ("section", sections, SECTIONS)):
+        if names == []:
+            raise LowbitError(f"--{kind}s names no {kind}; known: {', '.join(known)}")
         unknown = [n for n in names or [] if n not in known]
         if unknown:
             raise LowbitError(f"unknown bench {kind}(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                       calib_text=args.calib_text, eval_text=args.eval_text)
     for f in (args.calib_text, args.eval_text):
         if f is not None:
-            read_text_file(f)  # missing/empty text is an error now, not after the export
+            check_text_file(f)  # missing/empty text is an error now, not after the export
     argv = sys.argv[1:] if "bench" in sys.argv[1:] else ["bench"]  # also right under pytest
     command = "lowbit " + " ".join(shlex.quote(a) for a in argv)
     report = run_bench(cfg, command, sections)

@@ -5,15 +5,20 @@ shipped model name (exported on first use, cached), or an ``onnx_ir.Model``. Out
 ``CompiledModel`` whose ``save(path)`` writes ``.onnx`` (external data beside it when large) or a
 directory, atomically, with ``report.json`` / ``report.md`` / ``report.html`` next to it.
 
-Directory outputs stay loadable by optimum (``ORTModelForCausalLM`` / ``ORTModelForFeatureExtraction``):
+Outputs go through :func:`lowbit.compiler.fsutil.check_model_output` (lowbit replaces only what
+it wrote) and one journaled :class:`~lowbit.compiler.swap.Swap` per save, so a failure, a signal
+or a kill leaves the old output or the new one. Directory outputs stay loadable by optimum
+(``ORTModelForCausalLM`` / ``ORTModelForFeatureExtraction``):
 
-- to a new directory: the input directory's companion files (config, tokenizer, generation
-  config, ...) are copied; its other ``.onnx`` files are not (they would be uncompiled siblings);
-- in place (``save`` to the directory the model was compiled from): the directory is rebuilt
-  beside the original -- new ``model.onnx`` + external data, every other entry hard-linked -- and
-  swapped in by rename, so a failure leaves the original untouched. The replaced FP32 model files
-  stay in a hidden temporary sibling until the ``CompiledModel`` goes away: ``evaluate()``
-  compares against them, and weights the compiled model still shares with its input (e.g. an
+- to a new directory: the input directory's companion data files (config, tokenizer, generation
+  config, chat template: regular files ending in .json/.txt/.model/.jinja/.tiktoken/.md) are
+  copied; code, symbolic links, subdirectories and other ``.onnx`` files are not (the report's
+  ``source.not_copied`` lists them);
+- in place (``save`` to the path the model was compiled from, a directory or a ``.onnx``): the
+  directory is rebuilt in the swap's staging area -- new ``model.onnx`` + external data, every
+  other entry hard-linked, links kept as links -- and swapped in by rename. The replaced FP32
+  model stays in the swap's backup until the ``CompiledModel`` goes away: ``evaluate()``
+  compares against it, and weights the compiled model still shares with its input (e.g. an
   embedding table) stay readable for a second ``save``.
 
 The input's ``lowbit_export.json`` (which describes the FP32 export) is never carried over: a
@@ -27,8 +32,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,13 +46,15 @@ import onnx_ir as ir
 import lowbit
 from lowbit.compiler import report as report_mod
 from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.fsutil import atomic_path
+from lowbit.compiler.fsutil import check_model_output, normalized, recover_around
+from lowbit.compiler.model_checks import check_onnx_graph
 from lowbit.compiler.ort_format import CONFIG_SUFFIX, write_ort_format
 from lowbit.compiler.pipeline import PipelineOptions, run_pipeline
 from lowbit.compiler.recipe import Recipe, load_recipe
+from lowbit.compiler.swap import Swap, remove_entry
 from lowbit.errors import LowbitError
 
-__all__ = ["CompiledModel", "check_in_place", "compile", "load_onnx"]
+__all__ = ["CompiledModel", "compile", "load_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +67,18 @@ def load_onnx(path: Path) -> ir.Model:
         raise LowbitError(f"{path}: no such file")
     try:
         onnx.checker.check_model(str(path))  # path form: handles > 2 GB and external data
-        return ir.load(path)
+        proto = onnx.load(str(path), load_external_data=False)
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
         raise LowbitError(f"{path}: not an ONNX model ({str(e).splitlines()[0].strip()})") from e
     except Exception as e:  # protobuf DecodeError and friends: corrupt or not ONNX at all
         raise LowbitError(f"{path}: not an ONNX model ({type(e).__name__})") from e
+    check_onnx_graph(path, proto)  # names the tensor: unknown data type, external data out of its file, cycle
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise LowbitError(f"{path}: not an ONNX model ({type(e).__name__})") from e
+    ir.external_data.set_base_dir(model.graph, path.parent)  # what ir.load does, without a second parse
+    return model
 
 
 @dataclass
@@ -72,6 +86,7 @@ class _Source:
     model: ir.Model
     directory: Path | None  # directory whose companion files (config, tokenizer) we keep
     label: str
+    file: Path | None = None  # the .onnx read
 
 
 def _resolve(model: str | Path | ir.Model) -> _Source:
@@ -79,16 +94,18 @@ def _resolve(model: str | Path | ir.Model) -> _Source:
         return _Source(model, None, "in-memory model")
     path = Path(model)
     if path.suffix == ".onnx" or path.is_file():
-        return _Source(load_onnx(path), None, str(path))
+        recover_around(path)  # an in-place compile killed mid-swap is put right before reading
+        return _Source(load_onnx(path), None, str(path), normalized(path))
     if path.is_dir():
-        return _Source(load_onnx(path / "model.onnx"), path, str(path))
+        recover_around(path)
+        return _Source(load_onnx(path / "model.onnx"), normalized(path), str(path), normalized(path) / "model.onnx")
     from lowbit.models.registry import SHIPPED
 
     if str(model) in SHIPPED:
         from lowbit.models.export import export_model
 
         directory = export_model(str(model))
-        return _Source(load_onnx(directory / "model.onnx"), directory, str(model))
+        return _Source(load_onnx(directory / "model.onnx"), directory, str(model), directory / "model.onnx")
     raise LowbitError(f"{model}: not an .onnx file, a model directory, or a shipped model ({', '.join(SHIPPED)})")
 
 
@@ -119,11 +136,15 @@ def _calibration(arg: Any, source: _Source, recipe: Recipe) -> CalibrationData |
     windows = list(data.calibration_windows(tokenizer, cal.seq_len, cal.windows, text_file=arg))
     probes = {n: list(data.calibration_windows(tokenizer, n, cal.slac_windows, text_file=arg))
               for n in cal.slac_lengths if cal.slac_windows and n != cal.seq_len}  # fmt: skip
-    return CalibrationData(windows, probes, source=str(arg) if arg else "pydoc_data calibration split")
+    return CalibrationData(windows, probes, source=str(arg) if arg else "pydoc_data calibration split",
+                           vocab_size=len(tokenizer))
 
 
 # Files of an input directory that describe the input, not the compiled model.
 _SOURCE_ONLY = frozenset({"lowbit_export.json", "report.json", "report.md", "report.html"})
+# What a new output directory takes from its input directory: data files that deployment loaders
+# read (config, tokenizer, generation config, chat template), never code, links or other models.
+_COMPANION_SUFFIXES = frozenset({".json", ".txt", ".model", ".jinja", ".tiktoken", ".md"})
 
 
 def _is_model_file(name: str) -> bool:
@@ -133,42 +154,58 @@ def _is_model_file(name: str) -> bool:
 
 def _source_info(directory: Path) -> dict[str, Any]:
     """What the input directory held: its export record and model size on disk."""
-    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and _is_model_file(f.name))
+    size = sum(f.stat().st_size for f in directory.iterdir()
+               if f.is_file() and not f.is_symlink() and _is_model_file(f.name))  # fmt: skip
     info: dict[str, Any] = {"directory": str(directory), "model_bytes": size}
     meta = directory / "lowbit_export.json"
-    if meta.is_file():
-        info["export"] = json.loads(meta.read_text())
+    if meta.is_file() and not meta.is_symlink():
+        try:
+            info["export"] = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info["export"] = "unreadable"
     return info
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_or_copy)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not supported
-        shutil.copy2(src, dst)
+    """Rebuild ``src`` at ``dst`` for an in-place compile: links stay links (never followed),
+    files are hard-linked (copied across filesystems), directories rebuilt entry by entry."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        shutil.copystat(src, dst)
+        for entry in src.iterdir():
+            _link_or_copy(entry, dst / entry.name)
+    else:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:  # links not supported here
+            shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def check_in_place(directory: Path) -> None:
-    """Refuse to compile lowbit's own export cache in place (every later compile reads it)."""
-    from lowbit.models.export import cache_root
-
-    if directory.resolve().is_relative_to(cache_root().resolve()):
-        raise LowbitError(f"{directory} is in lowbit's export cache: compile it to a new directory, or "
-                          "`lowbit export MODEL -o DIR` first and compile DIR in place")  # fmt: skip
-
-
-def _carry_companions(source: Path, dest: Path, *, everything: bool) -> None:
-    """Config/tokenizer files into a new directory; every other entry when in place."""
-    for f in source.iterdir():
+def _carry_companions(source: Path, dest: Path, *, everything: bool) -> list[str]:
+    """Config/tokenizer files into a new directory (regular files of known data kinds only; the
+    names passed over are returned); every other entry, unchanged, when in place."""
+    skipped = []
+    for f in sorted(source.iterdir()):
         if _is_model_file(f.name) or f.name in _SOURCE_ONLY:
             continue
         if everything:
             _link_or_copy(f, dest / f.name)
-        elif f.is_file() and f.suffix != ".onnx":
-            shutil.copy2(f, dest / f.name)
+        elif f.is_file() and not f.is_symlink() and f.suffix in _COMPANION_SUFFIXES:
+            shutil.copyfile(f, dest / f.name, follow_symlinks=False)
+        else:
+            skipped.append(f.name)
+    return skipped
+
+
+def _file_entries(path: Path, *, ort_format: bool) -> list[str]:
+    """The names a ``.onnx`` output owns beside it (one swap replaces them together)."""
+    stem = path.stem
+    names = [path.name, f"{path.name}.data", f"{stem}.report.json", f"{stem}.report.md", f"{stem}.report.html"]
+    if ort_format or path.with_suffix(".ort").exists():  # a previous output's .ort goes with it
+        names += [f"{stem}.ort", f"{stem}{CONFIG_SUFFIX}"]
+    return names
 
 
 @dataclass
@@ -177,66 +214,65 @@ class CompiledModel:
     recipe: Recipe
     report: dict[str, Any]
     source_dir: Path | None = None
+    source_file: Path | None = None  # the input .onnx (the model file of source_dir for directories)
     saved_to: Path | None = field(default=None, init=False)
-    _kept_source: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
-    _fp32_dir: Path | None = field(default=None, init=False, repr=False)  # the input, once replaced in place
+    _baseline: Path | None = field(default=None, init=False, repr=False)  # the input's model, once replaced
+    _keepalive: list = field(default_factory=list, init=False, repr=False)
 
-    def save(self, path: str | Path, *, ort_format: bool = False) -> Path:
-        """Write the model (``.onnx`` file or directory) atomically, with its reports (``ort_format``:
-        also the ONNX Runtime mobile ``.ort`` and its operator config beside the ``.onnx``); a directory
-        equal to the input directory is replaced in place (see the module docstring)."""
-        path = Path(path)
+    def save(self, path: str | Path, *, ort_format: bool = False, force: bool = False) -> Path:
+        """Write the model (``.onnx`` file or directory) with its reports, atomically and only over
+        what lowbit wrote (:func:`lowbit.compiler.fsutil.check_model_output`; ``force`` lifts the
+        marker check). ``ort_format``: also the ONNX Runtime mobile ``.ort`` and its operator config.
+        The input's own path is replaced in place (see the module docstring)."""
+        from lowbit.models.export import cache_root
+
+        path = normalized(path)
         is_dir = path.suffix != ".onnx"
-        source = self.source_dir
-        in_place = is_dir and source is not None and path.exists() and path.resolve() == source.resolve()
-        kept = old_input = None
-        if in_place:
-            check_in_place(source)
-            kept = tempfile.TemporaryDirectory(prefix=f".{path.name}.fp32-", dir=path.resolve().parent)
-            old_input = Path(kept.name) / path.name  # where the swap moves the input directory
-        with atomic_path(path, is_dir=is_dir, keep_old=old_input) as tmp:
+        recover_around(path)
+        sources = tuple(p for p in (self.source_dir, self.source_file) if p is not None)
+        check_model_output(path, is_dir=is_dir, sources=sources, force=force, cache=cache_root())
+        in_place = any(path.resolve() == normalized(s).resolve() for s in sources)
+        names = [path.name] if is_dir else _file_entries(path, ort_format=ort_format)
+        with Swap(path.parent, names, keep_backup=in_place) as swap:
+            tmp = swap.new_path(path.name)
             if is_dir:
-                if source is not None:
-                    _carry_companions(source, tmp, everything=in_place)
+                tmp.mkdir()
+                if self.source_dir is not None:
+                    skipped = _carry_companions(self.source_dir, tmp, everything=in_place)
+                    if skipped:
+                        self.report.setdefault("source", {})["not_copied"] = skipped
                 _write_onnx(self.model, tmp / "model.onnx")
                 if ort_format:
                     write_ort_format(tmp / "model.onnx")
-                report_mod.write(self.report, tmp, "report")
+                report_mod.write(self.report, tmp, "report", atomic=False)
             else:
                 _write_onnx(self.model, tmp)
-                if ort_format:  # renamed into place before the .onnx, the commit point
-                    write_ort_format(tmp, dest=path)
-                data = tmp.with_name(tmp.name + ".data")
-                if data.exists():  # the .onnx rename below is the commit point
-                    os.replace(data, path.with_name(data.name))
-        if not is_dir:
-            report_mod.write(self.report, path.parent, f"{path.stem}.report")
+                if ort_format:
+                    write_ort_format(tmp)
+                report_mod.write(self.report, tmp.parent, f"{path.stem}.report", atomic=False)
         if in_place:
-            self._adopt_input(kept, old_input, path)
+            self._adopt_input(swap, path, is_dir)
         self.saved_to = path
         return path
 
-    def _adopt_input(self, kept: tempfile.TemporaryDirectory, old_input: Path, path: Path) -> None:
-        """After an in-place swap: keep the replaced input's model files (the FP32 weights the
-        compiled model may still read, and evaluate()'s baseline) until this object goes away, and
-        drop the rest, which lives on (hard-linked) in the new directory: a file with two links is
-        what onnx and onnx_ir refuse to read as external data."""
-        for f in old_input.iterdir():
-            if _is_model_file(f.name):
-                continue
-            if f.is_dir() and not f.is_symlink():
-                shutil.rmtree(f)
-            else:
-                f.unlink()
-        where = path.resolve()
+    def _adopt_input(self, swap: Swap, path: Path, is_dir: bool) -> None:
+        """After an in-place swap the replaced input sits in the swap's backup until this object
+        goes away: the FP32 weights the compiled model may still read, and evaluate()'s baseline.
+        Its entries that live on in the new directory (hard links) are dropped from the backup:
+        onnx refuses external data files with two links."""
+        old_dir = swap.backup_path(path.name) if is_dir else swap.backup_path("").parent
+        if is_dir:
+            for f in old_dir.iterdir():
+                if not _is_model_file(f.name):
+                    remove_entry(f)
+        where = path.resolve() if is_dir else path.resolve().parent
         for value in self.model.graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor) and Path(tensor.base_dir or ".").resolve() == where:
-                tensor.base_dir = str(old_input)
-        if self._kept_source is None:  # a second in-place save replaced a compiled model, not the FP32 one
-            self._kept_source, self._fp32_dir = kept, old_input
-        else:
-            kept.cleanup()
+                tensor.base_dir = str(old_dir)
+        if self._baseline is None:  # a second in-place save replaced a compiled model, not the FP32 one
+            self._baseline = old_dir / "model.onnx" if is_dir else old_dir / path.name
+        self._keepalive.append(weakref.finalize(self, swap.finish))
 
     def evaluate(self, **options: Any) -> dict[str, Any]:
         """Measure the saved model as ``lowbit eval`` does (options: ``EvalOptions`` fields);
@@ -246,13 +282,13 @@ class CompiledModel:
             raise LowbitError("save the compiled model before evaluating it")
         from lowbit.models.cli_eval import EvalOptions, evaluate_saved
 
-        fp32_dir = self._fp32_dir or self.source_dir
-        kept_baseline = "baseline" not in options and self._fp32_dir is not None
-        if fp32_dir is not None:
-            options.setdefault("baseline", str(fp32_dir / "model.onnx"))
+        baseline = self._baseline or self.source_file
+        kept_baseline = "baseline" not in options and self._baseline is not None
+        if baseline is not None:
+            options.setdefault("baseline", str(baseline))
         result = evaluate_saved(self.saved_to, **options)
-        if kept_baseline and "source" in self.report:  # name the input, not the hidden directory kept for it
-            result["baseline"]["path"] = f"{self.report['source']['directory']} (FP32, before the in-place compile)"
+        if kept_baseline:  # name the input, not the backup kept for it
+            result["baseline"]["path"] = f"{self.report.get('input', 'the input')} (FP32, before the in-place compile)"
         effective = asdict(EvalOptions(**options))
         effective.pop("baseline")
         if result["model"]["kind"] == "causal-lm":
@@ -268,11 +304,17 @@ class CompiledModel:
 
 
 def _write_onnx(model: ir.Model, path: Path) -> None:
+    """Save ``model`` self-contained: every weight in ``path`` or in its own ``path.data``, never a
+    reference to the input's data file (which an in-place compile removes, and which another
+    directory does not have)."""
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if total > _EXTERNAL_THRESHOLD:
         ir.save(model, path, external_data=f"{path.name}.data")
-    else:
-        ir.save(model, path)
+        return
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):  # small model: read it in
+            value.const_value = ir.tensor(value.const_value.numpy(), dtype=value.const_value.dtype, name=value.name)
+    ir.save(model, path)
 
 
 def compile(  # noqa: A001 - the public verb of the product
@@ -285,7 +327,10 @@ def compile(  # noqa: A001 - the public verb of the product
     verify: bool = False,
     dump_dir: str | Path | None = None,
 ) -> CompiledModel:
-    """Compile ``model`` with ``recipe`` (a name, a TOML path or a Recipe); see module docs."""
+    """Compile ``model`` with ``recipe`` (a name, a TOML path or a Recipe); see module docs.
+    Bad input of any kind raises :class:`LowbitError` (one line), before the model is loaded
+    wherever it can be told from the arguments alone."""
+    options = PipelineOptions(verify=verify, dump_dir=dump_dir)  # validates dump_dir
     overrides = list(overrides) + ([f"target={target}"] if target else [])
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -297,10 +342,10 @@ def compile(  # noqa: A001 - the public verb of the product
     ctx.report.update({"input": source.label, "lowbit_version": lowbit.__version__, "versions": report_mod.versions()})
     if source.directory is not None:
         ctx.report["source"] = _source_info(source.directory)
-    run_pipeline(ctx, PipelineOptions(verify=verify, dump_dir=Path(dump_dir) if dump_dir else None))
+    run_pipeline(ctx, options)
     ctx.report["compile_seconds"] = round(time.perf_counter() - start, 3)
     _stamp_metadata(ctx)
-    return CompiledModel(ctx.model, recipe, ctx.report, source.directory)
+    return CompiledModel(ctx.model, recipe, ctx.report, source.directory, source.file)
 
 
 def _stamp_metadata(ctx: CompileContext) -> None:

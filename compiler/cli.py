@@ -3,6 +3,12 @@
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
 modules are imported only when their command runs, so ``lowbit --help`` stays fast and the
 compiler never imports torch unless a command needs it.
+
+Process-wide duties of the command line: bad input (:class:`LowbitError`) becomes one line on
+stderr and exit code 2, with control characters from model-controlled text (file and tensor
+names) escaped; SIGTERM and SIGHUP unwind like SIGINT (exit 128 + signal number), so every
+``finally`` and the scratch directory's removal run; Python's temporary files go into this run's
+scratch directory (:mod:`lowbit.compiler.scratch`).
 """
 
 from __future__ import annotations
@@ -10,9 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
+import tempfile
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, printable
 
 __all__ = ["main", "build_parser"]
 
@@ -28,17 +37,41 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too: ``lowbit COMMAND: error: ...``, exit 2 (``--help`` shows usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)}\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lowbit", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if only is None or only == name:
             module = importlib.import_module(module_name)
             module.add_arguments(cmd)
-            cmd.set_defaults(run=module.run)
+            cmd.set_defaults(run=module.run, parser=cmd)
     return parser
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, like SIGINT's KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+class _PrintableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,21 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     # Import only the chosen command's module (cheap --help, no torch for `compile`).
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(only=chosen)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s"
-    )
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's parser, not the top one
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING - 10 * args.verbose, handlers=[handler])
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupted)
+    from lowbit.compiler.scratch import run_dir
+
+    # every library's temporary files (ONNX Runtime's native ones too) die with this run
+    os.environ["TMPDIR"] = tempfile.tempdir = str(run_dir())
     try:
         return int(args.run(args) or 0)
     except LowbitError as e:
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        print(f"lowbit {args.command}: error: {printable(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"lowbit {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # `lowbit recipes | head`: the reader left; not an error
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

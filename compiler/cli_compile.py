@@ -1,8 +1,9 @@
 """``lowbit compile IN -o OUT --recipe NAME [--eval]``.
 
-``-o`` equal to an input directory compiles it in place (e.g. an optimum export: ``model.onnx`` and
-its external data are replaced, tokenizer/config and every other file stay; see
-:mod:`lowbit.compiler.api`). ``--eval`` measures the output against the FP32 input as
+``-o`` equal to the input (a directory or a ``.onnx``) compiles it in place (e.g. an optimum
+export: ``model.onnx`` and its external data are replaced, tokenizer/config and every other file
+stay; see :mod:`lowbit.compiler.api`). An existing ``-o`` that lowbit did not write is refused
+unless ``--force`` (:func:`lowbit.compiler.fsutil.check_model_output`), before any compiling. ``--eval`` measures the output against the FP32 input as
 ``lowbit eval`` does and adds the numbers to the compile report."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help=".onnx file, model directory (e.g. an export), or shipped model name")
     parser.add_argument("-o", "--output", required=True, help="output .onnx file or directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output even if lowbit did not write it (never a file by a directory)")
     parser.add_argument("-r", "--recipe", default="w8a8", help="recipe name (see `lowbit recipes`) or a .toml file")
     parser.add_argument("-t", "--target", help="emission target, overrides the recipe's (qdq | qdq-fp4 | ort-cpu | npu)")
     parser.add_argument("--ort-format", action="store_true",
@@ -32,19 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.compiler.api import check_in_place, compile
-    from lowbit.compiler.fsutil import check_writable_parent
+    from lowbit.compiler.api import compile
+    from lowbit.compiler.fsutil import check_model_output, recover_around
+    from lowbit.models.export import cache_root
 
-    out = Path(args.output)
-    check_writable_parent(out)
     source = Path(args.input)
-    if source.is_dir() and out.exists() and out.resolve() == source.resolve():
-        check_in_place(source)  # before minutes of compiling, not after
+    sources = (source, source / "model.onnx") if source.is_dir() else (source,) if source.exists() else ()
+    recover_around(args.output, *sources)
+    # the same check save() makes, before minutes of compiling rather than after
+    out = check_model_output(args.output, is_dir=Path(args.output).suffix != ".onnx", sources=sources,
+                             force=args.force, cache=cache_root())  # fmt: skip
     if args.calib_text and not Path(args.calib_text).is_file():
         raise LowbitError(f"--calib-text {args.calib_text}: no such file")
     result = compile(args.input, args.recipe, target=args.target, calibration=args.calib_text,
                      overrides=args.overrides, verify=args.verify, dump_dir=args.dump_dir)  # fmt: skip
-    path = result.save(out, ort_format=args.ort_format)
+    path = result.save(out, ort_format=args.ort_format, force=args.force)
     sites = result.report["sites"]
     done = sum(1 for s in sites.values() if s.get("quantized"))
     print(f"wrote {path}: {done}/{len(sites)} linear sites quantized with recipe "

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.compiler.model_checks import check_ir_external_data, check_token_ids, ir_vocab_limits
+from lowbit.passes.float_types import check_float_types
 from lowbit.compiler.recipe import Recipe
 
 __all__ = ["CalibrationData", "CompileContext"]
@@ -30,10 +32,21 @@ class CalibrationData:
     windows: list[np.ndarray]
     probes: dict[int, list[np.ndarray]] = field(default_factory=dict)
     source: str = ""
+    vocab_size: int | None = None  # the tokenizer's vocabulary, when known (named in id errors)
 
 
 class CompileContext:
     def __init__(self, model: ir.Model, recipe: Recipe, calibration: CalibrationData | None = None) -> None:
+        # The model and its calibration data meet here, before any pass reads a weight or runs
+        # the model (--verify runs it on the first window before the first pass): external data
+        # must lie inside its files, token ids inside the embedding table and the logits.
+        check_ir_external_data(model)
+        check_float_types(model)  # before --verify runs the input: ORT has no bfloat16 kernels
+        if calibration is not None:
+            limits = ir_vocab_limits(model)
+            for windows in (calibration.windows, *calibration.probes.values()):
+                check_token_ids(windows, limits, what=f"calibration data ({calibration.source or 'given windows'})",
+                                model="the model", vocab_size=calibration.vocab_size)  # fmt: skip
         self.model = model
         self.recipe = recipe
         self.calibration = calibration

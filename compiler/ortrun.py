@@ -5,12 +5,13 @@ Always goes through a temporary file with external data, so models over 2 GB wor
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import onnx_ir as ir
 import onnxruntime as ort
+
+from lowbit.compiler.scratch import scratch_dir
 
 __all__ = ["ort_session", "run_on_tokens"]
 
@@ -32,8 +33,8 @@ def ort_session(model: ir.Model, extra_outputs: Iterable[ir.Value] = (), *,
             v.type = ir.TensorType(ir.DataType.FLOAT)
     graph.outputs.extend(added)
     try:
-        with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as tmp:
-            path = Path(tmp) / "model.onnx"
+        with scratch_dir("ort-") as tmp:  # removed even when the run is killed (the next run sweeps it)
+            path = tmp / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
             opts = session_options
             if opts is None:

@@ -10,6 +10,7 @@ function-preserving -- optionally checks numerically that the model's outputs di
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,23 @@ VERIFY_RTOL = 1e-4
 @dataclass(frozen=True)
 class PipelineOptions:
     verify: bool = False
-    dump_dir: Path | None = None
+    dump_dir: Path | None = None  # an existing directory, or a new one in an existing directory
     verify_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.dump_dir is None:
+            return
+        path = Path(os.path.abspath(self.dump_dir))  # a str is fine too
+        object.__setattr__(self, "dump_dir", path)
+        where = path
+        if os.path.lexists(path) and not path.is_dir():
+            raise LowbitError(f"--dump-dir {path} is an existing file, not a directory")
+        if not path.exists():
+            where = path.parent
+            if not where.is_dir():
+                raise LowbitError(f"--dump-dir {path}: its parent directory {where} does not exist")
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise LowbitError(f"--dump-dir {path}: directory {where} is not writable")
 
 
 class _Verifier:
@@ -163,7 +179,10 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
 def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions()) -> None:
     ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     if options.dump_dir is not None:
-        options.dump_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            options.dump_dir.mkdir(exist_ok=True)  # the parent exists (PipelineOptions checked)
+        except OSError as e:  # removed or replaced since the check
+            raise LowbitError(f"--dump-dir {options.dump_dir}: cannot create it ({e.strerror})") from e
     verifier = _Verifier(ctx, options.verify_tokens) if options.verify else None
     wrapped = [
         Instrumented(p, ctx, i, preserving=keeps, options=options, verifier=verifier)

@@ -3,11 +3,22 @@
 Every key is a dataclass field documented once, in its ``doc`` metadata; ``lowbit recipes``
 prints those docs. Unknown keys and bad values raise :class:`LowbitError` naming the key, so a
 typo never silently falls back to a default. ``--set section.key=value`` overrides any key.
+
+The dataclasses check themselves (:class:`_Spec`): every field against its annotation (ints are
+not bools, floats are finite, list elements have the element type), then each section's ranges
+and combinations -- so a ``Recipe`` built in Python is held to the same rules as a TOML file.
+Recipe files are regular UTF-8 files of at most :data:`MAX_RECIPE_BYTES`; values quoted in
+messages are shortened so that every message stays one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
+import reprlib
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,22 +66,107 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise LowbitError(f"recipe key '{key}': {message}")
 
 
+# Values quoted in messages are cut short: a recipe value can be a megabyte string or a deeply
+# nested list, and the message must stay one readable line (repr escapes control characters).
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict, _repr.maxlevel = 60, 60, 4, 4, 2
+
+
+def _show(value: Any) -> str:
+    try:
+        return _repr.repr(value)
+    except ValueError:  # an int beyond Python's 4300-digit str() limit
+        return f"<a {type(value).__name__} too long to print>"
+
+
+_SCALAR_TYPES = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
+
+
+def _scalar(value: Any, ftype: str) -> Any:
+    """``value`` as the field type ``ftype`` (int, float, bool, str), or raise ``TypeError``."""
+    if ftype == "bool":
+        if isinstance(value, bool):
+            return value
+    elif ftype == "int":
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    elif ftype == "float":
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float range
+                number = math.inf
+            if math.isfinite(number):
+                return number
+    elif ftype == "str":
+        if isinstance(value, str):
+            return value
+    raise TypeError(ftype)
+
+
+def _typed(value: Any, ftype: str, key: str) -> Any:
+    """Check ``value`` against a field annotation (``int``, ``float``, ``bool``, ``str``,
+    ``tuple[T, ...]``, or a section class name) and normalise it (int -> float, list -> tuple)."""
+    if ftype in _SCALAR_TYPES:
+        try:
+            return _scalar(value, ftype)
+        except TypeError:
+            raise LowbitError(f"recipe key {key!r} must be {ftype} ({_SCALAR_TYPES[ftype]}), got {_show(value)}") from None
+    if ftype.startswith("tuple[") and ftype.endswith(", ...]"):
+        elem = ftype[len("tuple["):-len(", ...]")]
+        if not isinstance(value, (list, tuple)):
+            raise LowbitError(f"recipe key {key!r} must be a list of {elem}, got {_show(value)}")
+        items = []
+        for v in value:
+            try:
+                items.append(_scalar(v, elem))
+            except TypeError:
+                raise LowbitError(f"recipe key {key!r} must be a list of {elem} ({_SCALAR_TYPES[elem]} each), "
+                                  f"got {_show(v)} in it") from None  # fmt: skip
+        return tuple(items)
+    section = _SECTIONS.get(key)
+    if section is not None and section.__name__ == ftype:
+        if not isinstance(value, section):
+            raise LowbitError(f"recipe key {key!r} must be a table, got {_show(value)}")
+        return value
+    raise AssertionError(f"recipe field {key} has an annotation the checker does not know: {ftype}")
+
+
+class _Spec:
+    """Base of every recipe section: each field is checked against its annotation (so a value of
+    the wrong type fails naming its key, whether it came from TOML, ``--set`` or Python), then
+    the section's own ``_validate`` checks ranges and combinations."""
+
+    def __post_init__(self) -> None:
+        section = _SECTION_NAMES.get(type(self), "")
+        for f in dataclasses.fields(self):
+            key = f"{section}.{f.name}" if section else f.name
+            value = getattr(self, f.name)
+            checked = _typed(value, f.type, key)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)  # frozen: normalise in place
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
-class WeightSpec:
+class WeightSpec(_Spec):
     format: str = _doc("weight format (a lowbit.formats name, or 'none' to keep float)", "int8")
     block_size: int = _doc("0 = one scale per output channel; >0 = blocks of this size along the reduction axis", 0)
     symmetric: bool = _doc("symmetric (zero point 0) integer weights; false = asymmetric with zero point", True)
     scale_method: str = _doc("weight scale chooser: absmax | mse (clip-ratio search)", "absmax")
 
-    def __post_init__(self) -> None:
-        _require(self.format in WEIGHT_FORMATS, "weights.format", f"{self.format!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    def _validate(self) -> None:
+        _require(self.format in WEIGHT_FORMATS, "weights.format", f"{_show(self.format)} is not one of {', '.join(WEIGHT_FORMATS)}")
         _require(self.block_size >= 0, "weights.block_size", "must be >= 0")
-        _require(self.scale_method in ("absmax", "mse"), "weights.scale_method", f"{self.scale_method!r} is not absmax or mse")
+        _require(self.scale_method in ("absmax", "mse"), "weights.scale_method", f"{_show(self.scale_method)} is not absmax or mse")
         _require(self.symmetric or self.format.startswith("int"), "weights.symmetric", "only int formats can be asymmetric")
 
 
 @dataclass(frozen=True)
-class ActivationSpec:
+class ActivationSpec(_Spec):
     format: str = _doc("activation format at every linear-site input: int8 | int16 | int4 | fp8_e4m3 | none", "int8")
     symmetric: bool = _doc("int8/int16: symmetric signed codes; false = uint8/uint16 with a zero point (ORT's default)", False)
     granularity: str = _doc("per_tensor | per_channel static scales from calibration | per_token_group: symmetric scale computed at run time per token and group of group_size contiguous channels (after any RPTQ reorder), standard ops", "per_tensor")
@@ -79,28 +175,28 @@ class ActivationSpec:
     group_size: int = _doc("per_token_group: channels per group (must divide every quantized input's channel count); 0 = the whole token", 0)
     outlier_format: str = _doc("per_token_group with RPTQ: none | int8 -- groups holding the widest-range cluster's channels use int8 codes (the report gives the average bits)", "none")
 
-    def __post_init__(self) -> None:
-        _require(self.format in ACTIVATION_FORMATS, "activations.format", f"{self.format!r} is not one of {', '.join(ACTIVATION_FORMATS)}")
+    def _validate(self) -> None:
+        _require(self.format in ACTIVATION_FORMATS, "activations.format", f"{_show(self.format)} is not one of {', '.join(ACTIVATION_FORMATS)}")
         _require(self.format != "int4" or self.symmetric, "activations.symmetric", "int4 activations are symmetric (set symmetric = true)")
-        _require(self.granularity in ("per_tensor", "per_channel", "per_token_group"), "activations.granularity", f"{self.granularity!r} is not per_tensor, per_channel or per_token_group")
+        _require(self.granularity in ("per_tensor", "per_channel", "per_token_group"), "activations.granularity", f"{_show(self.granularity)} is not per_tensor, per_channel or per_token_group")
         dynamic = self.granularity == "per_token_group"
         _require(not dynamic or (self.format in ("int8", "int4") and self.symmetric), "activations.granularity", "per_token_group takes symmetric int8 or int4 activations")
         _require(self.group_size >= 0, "activations.group_size", "must be >= 0")
         _require(self.group_size == 0 or dynamic, "activations.group_size", "needs granularity = per_token_group")
-        _require(self.outlier_format in ("none", "int8"), "activations.outlier_format", f"{self.outlier_format!r} is not none or int8")
+        _require(self.outlier_format in ("none", "int8"), "activations.outlier_format", f"{_show(self.outlier_format)} is not none or int8")
         _require(self.outlier_format == "none" or (dynamic and self.format == "int4"), "activations.outlier_format", "needs granularity = per_token_group and format = int4")
-        _require(self.range in ("minmax", "percentile"), "activations.range", f"{self.range!r} is not minmax or percentile")
+        _require(self.range in ("minmax", "percentile"), "activations.range", f"{_show(self.range)} is not minmax or percentile")
         _require(50.0 < self.percentile <= 100.0, "activations.percentile", "must be in (50, 100]")
 
 
 @dataclass(frozen=True)
-class CalibrationSpec:
+class CalibrationSpec(_Spec):
     seq_len: int = _doc("deploy sequence length: calibration windows have this many tokens (SLAC)", 512)
     windows: int = _doc("number of calibration windows at seq_len", 8)
     slac_lengths: tuple[int, ...] = _doc("extra sequence lengths probed for the SLAC range table", (64, 128, 256))
     slac_windows: int = _doc("windows per extra SLAC length", 2)
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         _require(self.seq_len >= 1, "calibration.seq_len", "must be >= 1")
         _require(self.windows >= 1, "calibration.windows", "must be >= 1")
         _require(all(n >= 1 for n in self.slac_lengths), "calibration.slac_lengths", "lengths must be >= 1")
@@ -108,7 +204,7 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
-class SiteSpec:
+class SiteSpec(_Spec):
     exclude: tuple[str, ...] = _doc("fnmatch patterns over site names (weight initializer names) kept in float", ())
 
 
@@ -116,44 +212,44 @@ FEEDER_KINDS = ("norm", "attention_v", "gated_linear")
 
 
 @dataclass(frozen=True)
-class SmoothSpec:
+class SmoothSpec(_Spec):
     method: str = _doc("equivalent per-channel scaling folded into producers: none | smoothquant | awq | aqas", "none")
     alpha_grid: tuple[float, ...] = _doc("migration strengths searched per input group (the output-error objective picks one)", (0.0, 0.15, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85))
     feeders: tuple[str, ...] = _doc("producer kinds scales may be folded into: norm | attention_v | gated_linear", FEEDER_KINDS)
     sample_tokens: int = _doc("calibration rows kept per input group for the scale search (and OPTQ's X^T X uses all rows)", 512)
 
-    def __post_init__(self) -> None:
-        _require(self.method in ("none", "smoothquant", "awq", "aqas"), "smooth.method", f"{self.method!r} is not none, smoothquant, awq or aqas")
+    def _validate(self) -> None:
+        _require(self.method in ("none", "smoothquant", "awq", "aqas"), "smooth.method", f"{_show(self.method)} is not none, smoothquant, awq or aqas")
         _require(len(self.alpha_grid) > 0 and all(0.0 <= a <= 1.0 for a in self.alpha_grid), "smooth.alpha_grid", "needs values in [0, 1]")
         _require(all(k in FEEDER_KINDS for k in self.feeders), "smooth.feeders", f"kinds must be among {', '.join(FEEDER_KINDS)}")
         _require(self.sample_tokens >= 16, "smooth.sample_tokens", "must be >= 16")
 
 
 @dataclass(frozen=True)
-class ReorderSpec:
+class ReorderSpec(_Spec):
     clusters: int = _doc("RPTQ: K-means clusters of channels by calibrated (min, max) per site input; 0 = off", 0)
     # attention_v is opt-in: on SmolLM2 w4a8-dint4 it measured 17.19 vs 17.09 without (BASIC, 8 x 512)
     feeders: tuple[str, ...] = _doc("inputs to reorder, by producer kind: norm (Gather + permuted gamma), gated_linear (permuted gate/up columns), attention_v (o_proj inputs sorted inside each head: v_proj columns + o_proj rows); every other quantized input gets per-cluster ranges without reordering", ("norm", "gated_linear"))
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         _require(self.clusters >= 0, "reorder.clusters", "must be >= 0")
         _require(all(k in FEEDER_KINDS for k in self.feeders), "reorder.feeders", f"kinds must be among {', '.join(FEEDER_KINDS)}")
 
 
 @dataclass(frozen=True)
-class RoundingSpec:
+class RoundingSpec(_Spec):
     method: str = _doc("weight rounding: rtn (round to nearest) | optq (GPTQ second-order error compensation with X^T X)", "rtn")
     damp: float = _doc("optq: damping added to the Hessian diagonal, as a fraction of its mean", 0.01)
     act_order: bool = _doc("optq: quantize input channels in order of decreasing Hessian diagonal (per-channel scales only)", False)
     refit_scales: bool = _doc("optq: with the codes fixed, refit each output column's scales by least squares on OPTQ's objective (kept only where it lowers the error; SmolLM2 w4a8-dint4 17.12 -> 16.96)", True)
 
-    def __post_init__(self) -> None:
-        _require(self.method in ("rtn", "optq"), "rounding.method", f"{self.method!r} is not rtn or optq")
+    def _validate(self) -> None:
+        _require(self.method in ("rtn", "optq"), "rounding.method", f"{_show(self.method)} is not rtn or optq")
         _require(0.0 < self.damp < 1.0, "rounding.damp", "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
-class KVCacheSpec:
+class KVCacheSpec(_Spec):
     format: str = _doc("K/V (attention inputs) quantization: none | int8 | int4 (static, calibrated ranges)", "none")
     granularity: str = _doc("per_channel: one scale per head and head_dim channel | per_head: one per attention head | "
                             "per_tensor: one per K or V", "per_head")  # fmt: skip
@@ -164,17 +260,17 @@ class KVCacheSpec:
     dynamic_k: bool = _doc("K: static per-channel scales normalise channels, then one int scale per token and head is "
                            "computed at run time (max over head_dim); V stays static", False)  # fmt: skip
 
-    def __post_init__(self) -> None:
-        _require(self.format in ("none", "int8", "int4"), "kv.format", f"{self.format!r} is not none, int8 or int4")
+    def _validate(self) -> None:
+        _require(self.format in ("none", "int8", "int4"), "kv.format", f"{_show(self.format)} is not none, int8 or int4")
         _require(self.granularity in ("per_channel", "per_head", "per_tensor"), "kv.granularity",
-                 f"{self.granularity!r} is not per_channel, per_head or per_tensor")  # fmt: skip
-        _require(self.range in ("absmax", "percentile"), "kv.range", f"{self.range!r} is not absmax or percentile")
+                 f"{_show(self.granularity)} is not per_channel, per_head or per_tensor")  # fmt: skip
+        _require(self.range in ("absmax", "percentile"), "kv.range", f"{_show(self.range)} is not absmax or percentile")
         _require(0.0 < self.percentile <= 100.0, "kv.percentile", "must be in (0, 100]")
         _require(self.symmetric or not self.dynamic_k, "kv.dynamic_k", "needs kv.symmetric = true")
 
 
 @dataclass(frozen=True)
-class PrecisionSpec:
+class PrecisionSpec(_Spec):
     enabled: bool = _doc("FGMP: weights.format (nvfp4) blocks of 16, the most sensitive kept in FP8 E4M3", False)
     assignment: str = _doc("which blocks keep FP8: fgmp (Fisher impact, global threshold) | random | per_layer (whole sites)", "fgmp")
     fp8_fraction: float = _doc("fraction of weight blocks kept in FP8 (ties at the threshold broken by position)", 0.3)
@@ -186,30 +282,35 @@ class PrecisionSpec:
     activations: str = _doc("uniform: activations.format QDQ at every input | static: FP8 E4M3 or E2M1 per input channel, chosen from calibration, standard ops | runtime: FgmpActQuant per token-block of 16 (static and runtime need activations.format = none)", "uniform")
     act_fp8_fraction: float = _doc("static / runtime activations: fraction of FP8 channel blocks (static) or token-blocks on calibration data (runtime); < 0 = the weights' budget", -1.0)
 
-    def __post_init__(self) -> None:
-        _require(self.assignment in ("fgmp", "random", "per_layer"), "precision.assignment", f"{self.assignment!r} is not fgmp, random or per_layer")
+    def _validate(self) -> None:
+        _require(self.assignment in ("fgmp", "random", "per_layer"), "precision.assignment", f"{_show(self.assignment)} is not fgmp, random or per_layer")
         _require(0.0 <= self.fp8_fraction <= 1.0, "precision.fp8_fraction", "must be in [0, 1]")
         _require(self.avg_bits == 0.0 or 4.5 <= self.avg_bits <= 8.0, "precision.avg_bits", "must be 0 or in [4.5, 8.0]")
-        _require(self.sensitivity in ("auto", "fisher", "proxy"), "precision.sensitivity", f"{self.sensitivity!r} is not auto, fisher or proxy")
-        _require(self.clip in ("fisher", "mse", "absmax"), "precision.clip", f"{self.clip!r} is not fisher, mse or absmax")
-        _require(self.activations in ("uniform", "static", "runtime"), "precision.activations", f"{self.activations!r} is not uniform, static or runtime")
+        _require(self.sensitivity in ("auto", "fisher", "proxy"), "precision.sensitivity", f"{_show(self.sensitivity)} is not auto, fisher or proxy")
+        _require(self.clip in ("fisher", "mse", "absmax"), "precision.clip", f"{_show(self.clip)} is not fisher, mse or absmax")
+        _require(self.activations in ("uniform", "static", "runtime"), "precision.activations", f"{_show(self.activations)} is not uniform, static or runtime")
         _require(self.act_fp8_fraction <= 1.0, "precision.act_fp8_fraction", "must be <= 1 (< 0: the weights' budget)")
+        _require(self.seed >= 0, "precision.seed", "must be >= 0")
+        if self.fisher_file:  # the file's layout now, not after minutes of calibration
+            from lowbit.passes.fisher import check_fisher_file
+
+            check_fisher_file(self.fisher_file, "recipe key 'precision.fisher_file'")
 
 
 @dataclass(frozen=True)
-class OrtCpuSpec:
+class OrtCpuSpec(_Spec):
     embeddings: bool = _doc("target ort-cpu: store the token-embedding table in packed 4 bits (GatherLowbit, weights.format); a tied lm_head shares the table", False)
     dynamic_activations: bool = _doc("target ort-cpu: 4-bit sites with float inputs quantize them to int8 per row at run time (W4A8 kernels; faster decode, no longer equal to the qdq model)", False)
 
 
 @dataclass(frozen=True)
-class NpuSpec:
+class NpuSpec(_Spec):
     power_of_two_scales: str = _doc("target npu: round every weight-channel and activation-cluster scale to a power of two: none | ceil (up: never clips, costs up to 1 bit) | nearest (in log2: may clip the largest values by up to sqrt 2)", "none")
     int4_storage: str = _doc("target npu, int4 weights: int8 (codes in [-7, 7] in int8 tensors: integer kernels in ORT CPU and OpenVINO) | int4 (INT4 tensors, half the size; ORT CPU runs them in float)", "int8")
 
-    def __post_init__(self) -> None:
-        _require(self.power_of_two_scales in ("none", "ceil", "nearest"), "npu.power_of_two_scales", f"{self.power_of_two_scales!r} is not none, ceil or nearest")
-        _require(self.int4_storage in ("int8", "int4"), "npu.int4_storage", f"{self.int4_storage!r} is not int8 or int4")
+    def _validate(self) -> None:
+        _require(self.power_of_two_scales in ("none", "ceil", "nearest"), "npu.power_of_two_scales", f"{_show(self.power_of_two_scales)} is not none, ceil or nearest")
+        _require(self.int4_storage in ("int8", "int4"), "npu.int4_storage", f"{_show(self.int4_storage)} is not int8 or int4")
 
 
 NPU_WEIGHT_FORMATS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "none")
@@ -217,10 +318,10 @@ NPU_WEIGHT_FORMATS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "n
 
 def _check_npu(r: Recipe) -> None:
     """The npu target emits standard integer QDQ only: refuse what it cannot express."""
-    _require(r.weights.format in NPU_WEIGHT_FORMATS, "weights.format", f"target npu takes symmetric integer weights ({', '.join(NPU_WEIGHT_FORMATS)}), not {r.weights.format!r}")
+    _require(r.weights.format in NPU_WEIGHT_FORMATS, "weights.format", f"target npu takes symmetric integer weights ({', '.join(NPU_WEIGHT_FORMATS)}), not {_show(r.weights.format)}")
     _require(r.weights.block_size == 0, "weights.block_size", "target npu uses one scale per output channel (set 0)")
     _require(r.weights.symmetric, "weights.symmetric", "target npu weights are symmetric (zero point 0)")
-    _require(r.activations.format in ("int8", "int16", "none"), "activations.format", f"target npu takes int8, int16 or none, not {r.activations.format!r}")
+    _require(r.activations.format in ("int8", "int16", "none"), "activations.format", f"target npu takes int8, int16 or none, not {_show(r.activations.format)}")
     _require(r.activations.granularity == "per_tensor", "activations.granularity", "target npu uses per-tensor activation scales (RPTQ clusters get one each)")
     _require(not r.precision.enabled, "precision.enabled", "target npu has no FP4/FP8 mixed precision")
     _require(r.kv.format == "none", "kv.format", "target npu does not quantize K/V (set none)")
@@ -228,7 +329,7 @@ def _check_npu(r: Recipe) -> None:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(_Spec):
     name: str = _doc("recipe name (file stem)", "custom")
     description: str = _doc("one line shown by `lowbit recipes`", "")
     target: str = _doc("emission target: qdq (standard ONNX, exact in ORT CPU) | qdq-fp4 (FLOAT4E2M1 + FP8 scales) | ort-cpu (packed 4-bit weights in lowbit custom ops, ONNX function fallbacks) | npu (standard integer QDQ only: per-tensor activations, symmetric per-channel weights, RPTQ clusters as split MatMuls)", "qdq")
@@ -244,8 +345,8 @@ class Recipe:
     ort_cpu: OrtCpuSpec = field(default_factory=OrtCpuSpec, metadata={"doc": "target ort-cpu lowering options"})
     npu: NpuSpec = field(default_factory=NpuSpec, metadata={"doc": "target npu emission options"})
 
-    def __post_init__(self) -> None:
-        _require(self.target in TARGETS, "target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
+    def _validate(self) -> None:
+        _require(self.target in TARGETS, "target", f"{_show(self.target)} is not one of {', '.join(TARGETS)}")
         if self.target == "npu":
             _check_npu(self)
 
@@ -254,58 +355,88 @@ class Recipe:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """``cls`` from a TOML table: unknown keys are refused here, values are checked by the
+    dataclass itself (:class:`_Spec`)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
             known = ", ".join(f"{prefix}{k}" for k in fields)
-            raise LowbitError(f"unknown recipe key '{dotted}' (known: {known})")
-        ftype = fields[key].type
+            raise LowbitError(f"unknown recipe key {_show(dotted)} (known: {known})")
         sub = _SECTIONS.get(key) if not prefix else None
-        if sub is not None:
-            if not isinstance(value, dict):
-                raise LowbitError(f"recipe key '{dotted}' must be a table")
-            kwargs[key] = _build(sub, value, f"{key}.")
-            continue
-        kwargs[key] = _coerce(value, ftype, dotted)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - guarded by the key check above
-        raise LowbitError(f"bad recipe section '{prefix or 'top'}': {e}") from e
-
-
-def _coerce(value: Any, ftype: str, key: str) -> Any:
-    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(ftype)
-    if ftype.startswith("tuple"):
-        if not isinstance(value, (list, tuple)):
-            raise LowbitError(f"recipe key '{key}' must be a list, got {value!r}")
-        return tuple(value)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
-        raise LowbitError(f"recipe key '{key}' must be {ftype}, got {value!r}")
-    return value
+        if sub is not None and isinstance(value, dict):
+            value = _build(sub, value, f"{key}.")
+        kwargs[key] = value
+    return cls(**kwargs)
 
 
 _SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec, "sites": SiteSpec,
              "smooth": SmoothSpec, "reorder": ReorderSpec, "rounding": RoundingSpec, "kv": KVCacheSpec,
              "precision": PrecisionSpec, "ort_cpu": OrtCpuSpec, "npu": NpuSpec}
+_SECTION_NAMES = {cls: name for name, cls in _SECTIONS.items()}
 
 
 def available_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.toml"))}
 
 
+MAX_RECIPE_BYTES = 1 << 20  # the shipped recipes are under 2 KB; anything near this is not a recipe
+
+
+def _parse_toml(text: str, what: str) -> dict[str, Any]:
+    """tomllib, with its failures as one-line errors: TOMLDecodeError and int() limits are
+    ValueErrors; its recursive descent overflows the stack on deeply nested arrays or tables."""
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise LowbitError(f"{what} is not a usable recipe: arrays or inline tables nested too deeply") from None
+    except tomllib.TOMLDecodeError as e:  # "Invalid value (at line 3, column 5)"
+        raise LowbitError(f"{what} is not valid TOML: {e}") from None
+    except ValueError as e:  # int(): "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise LowbitError(f"{what} is not valid TOML: {str(e).split(':')[0]}") from None
+
+
+def _read_recipe_file(path: Path) -> str:
+    """The UTF-8 text of a recipe file: a regular file of at most MAX_RECIPE_BYTES."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang us
+    except FileNotFoundError:
+        raise LowbitError(f"recipe file {path} does not exist") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise LowbitError(f"recipe file {path} cannot be opened ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise LowbitError(f"recipe file {path} is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise LowbitError(f"recipe file {path} is not a regular file")
+        chunks, size = [], 0
+        while size <= MAX_RECIPE_BYTES and (chunk := os.read(fd, MAX_RECIPE_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as e:
+        raise LowbitError(f"recipe file {path} cannot be read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise LowbitError(f"recipe file {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")  # an editor's byte-order mark is harmless
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"recipe file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'weights.block_size=32'`` -> (['weights', 'block_size'], 32); values use TOML syntax,
-    bare words are strings."""
+    bare words (and anything else TOML does not parse) are strings."""
     if "=" not in text:
-        raise LowbitError(f"override {text!r} must look like section.key=value")
+        raise LowbitError(f"override {_show(text)} must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not TOML (or too deep for tomllib): the raw string
         value = raw
     return key.strip().split("."), value
 
@@ -316,14 +447,9 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:
     if path.suffix != ".toml":
         recipes = available_recipes()
         if str(name_or_path) not in recipes:
-            raise LowbitError(f"unknown recipe {str(name_or_path)!r} (known: {', '.join(recipes)})")
+            raise LowbitError(f"unknown recipe {_show(str(name_or_path))} (known: {', '.join(recipes)})")
         path = recipes[str(name_or_path)]
-    if not path.is_file():
-        raise LowbitError(f"recipe file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise LowbitError(f"recipe file {path} is not valid TOML: {e}") from e
+    data = _parse_toml(_read_recipe_file(path), f"recipe file {path}")
     data.setdefault("name", path.stem)
     for item in overrides:
         keys, value = parse_override(item)
@@ -331,7 +457,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise LowbitError(f"override {item!r}: '{k}' is not a section")
+                raise LowbitError(f"override {_show(item)}: {_show(k)} is not a section")
         node[keys[-1]] = value
     return _build(Recipe, data, "")
 

@@ -79,13 +79,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict[str, Any], directory: Path, stem: str) -> tuple[Path, Path, Path]:
-    """Write ``{stem}.json``, ``{stem}.md`` and ``{stem}.html`` into ``directory``."""
+def write(report: dict[str, Any], directory: Path, stem: str, *, atomic: bool = True) -> tuple[Path, Path, Path]:
+    """Write ``{stem}.json``, ``{stem}.md`` and ``{stem}.html`` into ``directory`` (each file
+    atomically; ``atomic=False`` inside a staging directory that is swapped in as a whole)."""
     from lowbit.compiler.report_html import render_html
 
     paths = directory / f"{stem}.json", directory / f"{stem}.md", directory / f"{stem}.html"
     texts = json.dumps(report, indent=1, default=str), render_markdown(report), render_html(report)
     for path, text in zip(paths, texts):
+        if not atomic:
+            path.write_text(text, encoding="utf-8")
+            continue
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return paths

@@ -51,7 +51,9 @@ class Blocking:
         if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) \
                 or block_size < 1:
             raise LowbitError(f"{fmt}: block_size must be a positive integer, got {block_size!r}")
-        return cls(shape, axis, int(block_size), fmt)
+        # a block longer than the axis is the whole axis (i // B = 0 for every i < D): no padding
+        # to B, which for a huge B would allocate rows of B elements
+        return cls(shape, axis, min(int(block_size), max(dim, 1)), fmt)
 
     # -- geometry ---------------------------------------------------------------------------------
     @property

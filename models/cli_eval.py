@@ -84,6 +84,13 @@ def _tokenizer(path: str, baseline: str | None) -> Any:
         return load_tokenizer(onnx_model_file(baseline))
 
 
+def _vocab_size(tokenizer: Any) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:  # a stand-in tokenizer without a vocabulary
+        return None
+
+
 def evaluate_saved(path: str | Path, **options: Any) -> dict[str, Any]:
     """Measure the model at ``path`` (and its baseline) as ``lowbit eval`` does.
 
@@ -91,7 +98,9 @@ def evaluate_saved(path: str | Path, **options: Any) -> dict[str, Any]:
     None, "ppl_ratio": model ppl / baseline ppl or None}``; a row holds path, kind, size_bytes,
     linear_sites, bits_per_weight, perplexity (PerplexityResult as dict) or cosine, latency.
     """
+    from lowbit.compiler.model_checks import check_token_ids, onnx_vocab_limits
     from lowbit.models import data as textdata
+    from lowbit.models.footprint import load_graph_only
     from lowbit.models.registry import onnx_model_file, onnx_model_kind
 
     opts = EvalOptions(**options)
@@ -101,9 +110,14 @@ def evaluate_saved(path: str | Path, **options: Any) -> dict[str, Any]:
         base_kind = onnx_model_kind(onnx_model_file(opts.baseline))
         if base_kind != kind:
             raise LowbitError(f"{path} is a {kind} but the baseline is a {base_kind}")
+    # types, external data and graph of both models, before minutes of tokenizing and running
+    limits = {p: onnx_vocab_limits(load_graph_only(p)[1]) for p in (path, opts.baseline) if p}
     tokenizer = _tokenizer(path, opts.baseline)
     if kind == "causal-lm":
         data = textdata.evaluation_windows(tokenizer, opts.seq_len, opts.windows, text_file=opts.eval_text)
+        for p, sizes in limits.items():  # ids past the embedding or the logits: refused before running
+            check_token_ids([data], sizes, what=opts.eval_text or "evaluation text", model=p,
+                            vocab_size=_vocab_size(tokenizer))
     else:
         data = textdata.text_samples("evaluation", opts.texts, text_file=opts.eval_text)
     model = _measure(path, kind, opts, tokenizer, data)
@@ -138,7 +152,9 @@ def _print(result: dict[str, Any], opts: EvalOptions) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.compiler.fsutil import atomic_path, check_writable_parent
+    from lowbit.compiler.fsutil import atomic_path, check_writable_parent, recover_around
+
+    recover_around(*(p for p in (args.path, args.baseline) if p))  # a compile killed mid-swap is put right first
 
     opts = EvalOptions(baseline=args.baseline, seq_len=args.seq_len, windows=args.windows,
                        texts=args.texts, eval_text=args.eval_text, latency=not args.no_latency, runtime=args.runtime,

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help=f"shipped name ({', '.join(sorted(SHIPPED))}) or HF model directory")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="export directory to write")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing DIR even if lowbit did not write it")
     parser.add_argument("--with-past", action="store_true",
                         help="optimum export with KV-cache inputs (opset 18) instead of torch dynamo (opset 23)")
 
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.models.export import export_model
 
-    out = export_model(args.model, with_past=args.with_past, out_dir=args.output)
+    out = export_model(args.model, with_past=args.with_past, out_dir=args.output, force=args.force)
     meta = json.loads((out / "lowbit_export.json").read_text())
     print(f"exported {meta['model']} ({meta['kind']}, {meta['exporter']}, opset {meta['opset']}) -> {out}")
     return 0

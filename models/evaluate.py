@@ -121,7 +121,7 @@ def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_op
     idx = _output_index(session, "logits")
     total = 0.0
     for row in tqdm(windows, desc=f"perplexity {_label(model_path)}", unit="win",
-                    disable=not progress, leave=False):
+                    disable=None if progress else True, leave=False):
         logits = session.run(None, build_feeds(session, row[None, :]))[idx][0]
         if not np.all(np.isfinite(logits)):
             raise LowbitError(f"{model_path}: the model produced non-finite logits")
@@ -142,7 +142,7 @@ def pooled_embeddings(model_path: str | os.PathLike, texts: Sequence[str], token
     out = []
     starts = range(0, len(texts), batch_size)
     for s in tqdm(starts, desc=f"embed {_label(model_path)}", unit="batch",
-                  disable=not progress, leave=False):
+                  disable=None if progress else True, leave=False):
         enc = tokenizer(list(texts[s : s + batch_size]), padding=True, truncation=True,
                         max_length=max_length, return_tensors="np")
         mask = enc["attention_mask"].astype(np.float64)

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 from lowbit.compiler.fsutil import atomic_path
 from lowbit.errors import LowbitError
-from lowbit.models.registry import ModelSource, load_tokenizer, load_torch_model, resolve_model
+from lowbit.models.registry import ModelSource, check_hf_directory, load_tokenizer, load_torch_model, resolve_model
 
 __all__ = [
     "export_model",
@@ -164,13 +163,15 @@ def _export_dynamo(model: Any, kind: str, onnx_file: Path) -> None:
 def _export_with_past(model: Any, tokenizer: Any, out: Path) -> None:
     from optimum.exporters.onnx import main_export
 
-    with tempfile.TemporaryDirectory(prefix="lowbit-hf-") as hf_dir:
+    from lowbit.compiler.scratch import scratch_dir
+
+    with scratch_dir("hf-") as hf_dir:
         # optimum exports from a directory; GGUF-loaded models must be saved as HF first.
         model.save_pretrained(hf_dir)
         tokenizer.save_pretrained(hf_dir)
         main_export(
-            hf_dir, output=str(out), task="text-generation-with-past", opset=WITH_PAST_OPSET,
-            device="cpu", do_validation=False, local_files_only=True,
+            str(hf_dir), output=str(out), task="text-generation-with-past", opset=WITH_PAST_OPSET,
+            device="cpu", do_validation=False, local_files_only=True, trust_remote_code=False,
         )
 
 
@@ -188,7 +189,7 @@ def _build(src: ModelSource, with_past: bool, out: Path) -> None:
 
     if with_past and src.kind != "causal-lm":
         raise LowbitError(f"{src.name}: --with-past applies to causal LMs only")
-    steps = tqdm(total=3, desc=f"export {Path(src.name).name}", unit="step", leave=False)
+    steps = tqdm(total=3, desc=f"export {Path(src.name).name}", unit="step", leave=False, disable=None)
     t0 = time.perf_counter()
     steps.set_postfix_str("load torch model")
     model, tokenizer = load_torch_model(src), load_tokenizer(src)
@@ -215,21 +216,28 @@ def _build(src: ModelSource, with_past: bool, out: Path) -> None:
     (out / _META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def export_model(model: str, *, with_past: bool = False, out_dir: str | os.PathLike | None = None) -> Path:
+def export_model(model: str, *, with_past: bool = False, out_dir: str | os.PathLike | None = None,
+                 force: bool = False) -> Path:
     """Export ``model`` (shipped name or HF directory) and return the export directory.
 
     The export is built once into the cache; with ``out_dir`` the cached directory is copied
-    there (atomically) and ``out_dir`` is returned, otherwise the cache directory is.
+    there (atomically) and ``out_dir`` is returned, otherwise the cache directory is. An existing
+    ``out_dir`` is replaced only under :func:`lowbit.compiler.fsutil.check_model_output`'s rules.
     """
     src = resolve_model(model)
     if src.format == "onnx":
         raise LowbitError(f"{model} is already an ONNX model: compile or eval it directly")
     if out_dir is not None:  # fail before a minute of export, not after
-        from lowbit.compiler.fsutil import check_writable_parent
+        from lowbit.compiler.fsutil import check_model_output
 
-        check_writable_parent(Path(out_dir))
+        sources = (src.path,) if src.format == "hf-dir" else ()
+        out_dir = check_model_output(out_dir, is_dir=True, sources=sources, force=force, cache=cache_root())
+        if out_dir == src.path:
+            raise LowbitError(f"-o {out_dir} is the model directory itself: export into a new directory")
     cached = _cache_dir(src, with_past)
     if not (cached / _META).is_file():
+        if src.format == "hf-dir":  # safetensors only, no custom code: refused before any progress output
+            check_hf_directory(src.path)
         cached.parent.mkdir(parents=True, exist_ok=True)
         log.info("exporting %s into %s", src.name, cached)
         with atomic_path(cached, is_dir=True) as tmp:

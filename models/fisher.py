@@ -54,7 +54,7 @@ def empirical_fisher(model: Any, windows: np.ndarray, *, progress: bool = True) 
     handles = [m.register_forward_pre_hook(_act_hook(n, a_acc)) for n, m in linears.items()]
     model.eval()
     try:
-        for row in tqdm(windows, desc="empirical Fisher", unit="window", disable=not progress, leave=False):
+        for row in tqdm(windows, desc="empirical Fisher", unit="window", disable=None if progress else True, leave=False):
             ids = torch.from_numpy(row[None, :])
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnx
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, printable
 from lowbit.models.registry import onnx_model_file
 
 __all__ = ["WeightBits", "load_graph_only", "size_on_disk", "linear_weight_bits", "tensor_bits"]
@@ -60,7 +60,11 @@ def tensor_bits(data_type: int) -> int:
 
 
 def load_graph_only(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto]:
-    """(the .onnx file, its ModelProto without external data); LowbitError if not ONNX."""
+    """(the .onnx file, its ModelProto without external data); LowbitError if not ONNX, or if a
+    tensor type, an external data reference or the graph's order is broken
+    (:func:`lowbit.compiler.model_checks.check_onnx_graph`)."""
+    from lowbit.compiler.model_checks import check_onnx_graph
+
     f = onnx_model_file(path)
     try:
         model = onnx.load(str(f), load_external_data=False)
@@ -68,6 +72,7 @@ def load_graph_only(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto]:
         raise LowbitError(f"{f} is not an ONNX model ({type(e).__name__})") from e
     if not model.graph.node:
         raise LowbitError(f"{f} is not an ONNX model (empty graph)")
+    check_onnx_graph(f, model)
     return f, model
 
 
@@ -91,30 +96,42 @@ class _Tracer:
         return math.prod(self.inits[name].dims)
 
     def storage(self, name: str) -> set[str] | None:
-        """Initializers ``name`` is computed from, or None if it depends on an activation."""
-        if name in self.inits:
-            return {name}
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        if node.op_type in _LAYOUT_OPS:
-            found = self.storage(node.input[0])
-            # Reshape's shape input etc. are metadata, not weight storage.
-            return found
-        if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
-            # Q of a constant (a weight quantized as if it were an activation) is constant too.
-            parts = [self.storage(i) for i in node.input if i]
-            if any(p is None for p in parts):
+        """Initializers ``name`` is computed from, or None if it depends on an activation.
+
+        Iterative (a weight may sit behind thousands of layout ops) and cycle-safe: a value met
+        twice is counted once."""
+        found: set[str] = set()
+        stack, seen = [name], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in self.inits:
+                found.add(n)
+                continue
+            node = self.producer.get(n)
+            if node is None or not node.input:
                 return None
-            return set().union(*parts)  # type: ignore[arg-type]
-        return None
+            if node.op_type in _LAYOUT_OPS:
+                # Reshape's shape input etc. are metadata, not weight storage.
+                stack.append(node.input[0])
+            elif node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+                # Q of a constant (a weight quantized as if it were an activation) is constant too.
+                stack.extend(i for i in node.input if i)
+            else:
+                return None
+        return found
 
     def elements(self, name: str) -> int:
         """Logical elements of a constant weight: follow DQ/layout ops to the data tensor."""
-        if name in self.inits:
-            return self.numel(name)
-        node = self.producer[name]
-        return self.elements(node.input[0])
+        seen = set()
+        while name not in self.inits:
+            if name in seen:  # storage() found initializers, so this is a layout-op cycle
+                raise LowbitError(f"the graph has a cycle through {printable(name)!r}")
+            seen.add(name)
+            name = self.producer[name].input[0]
+        return self.numel(name)
 
     def bytes(self, names: set[str]) -> int:
         total = 0
@@ -126,13 +143,17 @@ class _Tracer:
 
 def linear_weight_bits(path: str | os.PathLike) -> WeightBits:
     """Effective storage of the linear layers of the model at ``path`` (see module docstring)."""
-    _, model = load_graph_only(path)
+    f, model = load_graph_only(path)
     tracer = _Tracer(model.graph)
     storage: set[str] = set()
     seen_weights: set[str] = set()
     elements = sites = 0
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx"):
+            if len(node.input) < 2 or not node.input[1]:
+                label = node.name or (node.output[0] if node.output else "")
+                raise LowbitError(f"{f}: {node.op_type} node {printable(label)!r} has "
+                                  f"{len([i for i in node.input if i])} input(s), needs at least 2")  # fmt: skip
             found = tracer.storage(node.input[1])
             if found is None:
                 continue

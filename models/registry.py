@@ -11,6 +11,19 @@ Accepted forms (resolved in this order):
 Guarantees: only local paths are read (safe under ``HF_HUB_OFFLINE=1``); a bad argument raises
 :class:`~lowbit.errors.LowbitError` with a one-line message. torch and transformers are imported
 lazily inside the loaders, so resolving a name or an ONNX path never imports them.
+
+A model directory is data, never code: nothing in it is imported or executed.
+
+* Tokenizers: a directory with ``tokenizer.json`` gets the *fast* tokenizer that file describes,
+  its class chosen by name among transformers' own fast tokenizer classes (``tokenizer_class`` of
+  ``tokenizer_config.json``, else ``PreTrainedTokenizerFast``); ``auto_map`` is never consulted,
+  so a custom tokenizer class (a ``.py`` beside the files) is neither imported nor asked about.
+  The JSON files are checked first (UTF-8, JSON, the shape transformers reads). A directory with
+  no ``tokenizer.json`` goes through ``AutoTokenizer`` with ``trust_remote_code=False``.
+* Torch models: ``trust_remote_code=False`` and, for HF directories, safetensors only
+  (``use_safetensors=True``): pickle weights (``.bin``, ``.pt``) can run code when loaded and are
+  refused; a ``config.json`` whose ``auto_map`` names a model type transformers does not ship is
+  refused before transformers sees it.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, printable
 
 __all__ = [
     "ModelKind",
@@ -31,6 +44,7 @@ __all__ = [
     "resolve_model",
     "load_torch_model",
     "load_tokenizer",
+    "check_hf_directory",
     "onnx_model_file",
     "onnx_model_kind",
 ]
@@ -92,10 +106,14 @@ def _package_dir(package: str) -> Path:
 
 def _hf_kind(directory: Path) -> ModelKind:
     try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LowbitError(f"{directory}/config.json is not readable JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise LowbitError(f"{directory}/config.json is not a model config (a JSON object)")
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise LowbitError(f"{directory}/config.json: 'architectures' must be a list of class names")
     return "causal-lm" if any(a.endswith("ForCausalLM") for a in architectures) else "encoder"
 
 
@@ -159,25 +177,173 @@ def _from_pretrained_args(src: ModelSource) -> tuple[str, dict[str, Any]]:
     raise LowbitError(f"{src.name} is already ONNX: there is no torch model to load")
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """A safetensors file starts with an 8-byte little-endian length and that many bytes of JSON."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            size = path.stat().st_size
+            header = f.read(n) if 0 < n <= size - 8 else b""
+    except OSError as e:
+        raise LowbitError(f"{path}: cannot read it ({e.strerror})") from e
+    try:
+        ok = isinstance(json.loads(header.decode("utf-8")), dict) if header else False
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        ok = False
+    if not ok:
+        raise LowbitError(f"{path}: not a safetensors file (corrupt or truncated header)")
+
+
+def check_hf_directory(directory: Path) -> None:
+    """What :func:`load_torch_model` needs of an HF directory, checked before transformers sees it:
+    safetensors weights (pickles are refused: loading one can run code) and no ``auto_map`` to a
+    model type transformers does not ship (that would be the directory's own code)."""
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file():
+        shards = [directory / "model.safetensors"]
+    elif index.is_file():
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LowbitError(f"{index}: no 'weight_map' of tensor name -> shard file")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if Path(name).name != name or name in (".", "..") or not (directory / name).is_file():
+                raise LowbitError(f"{index}: shard {printable(name)!r} is not a file of the directory")
+        shards = [directory / name for name in names]
+    else:
+        pickles = sorted(f.name for f in directory.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise LowbitError(f"{directory}: weights only in pickle form ({', '.join(pickles[:3])}), which can run "
+                              "code when loaded: lowbit reads model.safetensors only (convert them to safetensors)")  # fmt: skip
+        raise LowbitError(f"{directory}: no model.safetensors (or model.safetensors.index.json) weights")
+    for shard in shards:
+        _check_safetensors_header(shard)
+    _hf_kind(directory)  # config.json: readable JSON object
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if config.get("auto_map"):
+        from transformers import CONFIG_MAPPING
+
+        model_type = config.get("model_type")
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise LowbitError(f"{directory}/config.json: model type {printable(str(model_type))!r} needs the "
+                              "directory's own code (auto_map); lowbit never runs code from a model directory")  # fmt: skip
+
+
 def load_torch_model(src: ModelSource) -> Any:
-    """The FP32 torch model in eval mode (causal LM or base encoder), from local files only."""
+    """The FP32 torch model in eval mode (causal LM or base encoder), from local files only:
+    safetensors (HF directories) or the shipped GGUF, never pickles, never the directory's code."""
+    if src.format == "hf-dir":
+        check_hf_directory(src.path)
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     where, extra = _from_pretrained_args(src)
+    if src.format == "hf-dir":
+        extra["use_safetensors"] = True
     cls = AutoModelForCausalLM if src.kind == "causal-lm" else AutoModel
-    model = cls.from_pretrained(where, dtype=torch.float32, local_files_only=True, **extra)
+    try:
+        model = cls.from_pretrained(where, dtype=torch.float32, local_files_only=True, trust_remote_code=False, **extra)
+    except (OSError, ValueError) as e:  # transformers' errors for missing/unusable files and configs
+        raise LowbitError(f"{src.path}: transformers cannot load the model: {_first_line(e)}") from e
+    if getattr(model.config, "auto_map", None):  # exported configs must not point at code we did not run
+        del model.config.auto_map
     return model.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return printable(text.splitlines()[0][:300]) if text else type(e).__name__
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A tokenizer/config JSON file: UTF-8 text holding one JSON object."""
+    from lowbit.compiler.fsutil import read_json
+
+    data = read_json(path, "a tokenizer or config file")
+    if not isinstance(data, dict):
+        raise LowbitError(f"{path}: expected a JSON object, found a JSON {type(data).__name__}")
+    return data
+
+
+def _check_tokenizer_json(path: Path) -> None:
+    """``tokenizer.json`` as the tokenizers library and transformers read it."""
+    data = _read_json_object(path)
+    added = data.get("added_tokens")
+    if not isinstance(data.get("model"), dict) or not isinstance(added, list):
+        raise LowbitError(f"{path}: not a tokenizer file (needs a 'model' object and an 'added_tokens' list)")
+    for tok in added:
+        if not (isinstance(tok, dict) and isinstance(tok.get("id"), int) and isinstance(tok.get("content"), str)):
+            raise LowbitError(f"{path}: not a tokenizer file ('added_tokens' entries need an integer 'id' and "
+                              "a string 'content')")  # fmt: skip
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_str(json.dumps(data))
+    except Exception as e:  # tokenizers raises a bare Exception naming what does not match its schema
+        raise LowbitError(f"{path}: not a valid tokenizer ({_first_line(e)})") from e
+
+
+def _fast_tokenizer_class(name: Any) -> Any:
+    """transformers' own fast tokenizer class called ``name`` (or ``name + "Fast"``), else the
+    generic ``PreTrainedTokenizerFast``: never a class from the model directory."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    if isinstance(name, str) and name.isidentifier():
+        cls = tokenizer_class_from_name(name if name.endswith("Fast") else f"{name}Fast")
+        if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast):
+            return cls
+    return PreTrainedTokenizerFast
+
+
+def _tokenizer_from_dir(directory: Path) -> Any:
+    # the files first (cheap, and before seconds of importing transformers)
+    config: dict[str, Any] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        if (directory / name).exists():
+            data = _read_json_object(directory / name)
+            if name == "tokenizer_config.json":
+                config = data
+    fast = (directory / "tokenizer.json").exists()
+    if fast:
+        _check_tokenizer_json(directory / "tokenizer.json")
+    elif config.get("auto_map"):
+        raise LowbitError(f"{directory}/tokenizer_config.json asks for the directory's own tokenizer code "
+                          "(auto_map) and there is no tokenizer.json: lowbit never runs code from a model "
+                          "directory")  # fmt: skip
+    import transformers
+    from transformers import AutoTokenizer
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # e.g. "class differs from tokenizer_config.json": not the user's concern
+    try:
+        if fast:
+            cls = _fast_tokenizer_class(config.get("tokenizer_class"))
+            tokenizer = cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        else:  # slow-only files (e.g. a SentencePiece tokenizer.model): transformers picks, no remote code
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+            except (OSError, ValueError) as e:  # transformers' errors for unusable tokenizer files
+                raise LowbitError(f"{directory}: cannot load its tokenizer: {_first_line(e)}") from e
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    tokenizer.init_kwargs.pop("auto_map", None)  # a saved copy must not point at code that never ran
+    return tokenizer
 
 
 def load_tokenizer(src: ModelSource | str | os.PathLike) -> Any:
     """The model's tokenizer: from a ModelSource, or from a directory holding tokenizer files
-    (an export dir, or the directory of a bare ``.onnx`` file)."""
-    from transformers import AutoTokenizer
+    (an export dir, or the directory of a bare ``.onnx`` file). Never runs code from the
+    directory (see the module docstring)."""
+    if isinstance(src, ModelSource) and src.format == "gguf":
+        from transformers import AutoTokenizer
 
-    if isinstance(src, ModelSource) and src.format != "onnx":
-        where, extra = _from_pretrained_args(src)
-        return AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
+        where, extra = _from_pretrained_args(src)  # the shipped GGUF: a package file, not a user's directory
+        return AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False, **extra)
     directory = Path(src.path if isinstance(src, ModelSource) else src)
     if directory.is_file():
         directory = directory.parent
@@ -186,4 +352,4 @@ def load_tokenizer(src: ModelSource | str | os.PathLike) -> Any:
             f"{directory} has no tokenizer files: evaluate an export directory "
             "(lowbit export writes them) or copy tokenizer.json next to the .onnx file"
         )
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return _tokenizer_from_dir(directory)

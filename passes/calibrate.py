@@ -140,7 +140,7 @@ class CalibratePass(ir.passes.InPlacePass):
         kv_taps = {kv.value.name: kv for kv in kv_inputs(self.ctx.sites) if kv.value.name in taps}
         kv_spec = self.ctx.recipe.kv
         kv_pct = kv_spec.percentile if kv_spec.format != "none" and kv_spec.range == "percentile" else None
-        for ids in tqdm(data.windows, desc="calibrating", unit="window", leave=False):
+        for ids in tqdm(data.windows, desc="calibrating", unit="window", leave=False, disable=None):
             outs = session.run(ids)
             if capture is not None:
                 capture.add(outs, int(np.prod(np.shape(ids))))
@@ -158,7 +158,7 @@ class CalibratePass(ir.passes.InPlacePass):
             stats.slac[name] = {stats.seq_len: float(s.absmax.max())}
         _link_v_channels(stats, kv_taps)
         for length, windows in sorted(data.probes.items()):
-            for ids in tqdm(windows, desc=f"SLAC probe {length}", unit="window", leave=False):
+            for ids in tqdm(windows, desc=f"SLAC probe {length}", unit="window", leave=False, disable=None):
                 for name, x in session.run(ids).items():
                     if name in stats.slac:
                         prev = stats.slac[name].get(length, 0.0)

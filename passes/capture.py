@@ -167,7 +167,7 @@ class CapturePass(ir.passes.InPlacePass):
         acc = CaptureAccumulator(self.ctx, self.sample_tokens, self.seed)
         session = ort_session(model, acc.taps.values())
         names = list(acc.taps)
-        for ids in tqdm(self.ctx.calibration.windows, desc="capturing X^T X", unit="window", leave=False):
+        for ids in tqdm(self.ctx.calibration.windows, desc="capturing X^T X", unit="window", leave=False, disable=None):
             outs = session.run(names, make_feed(session.get_inputs(), ids))
             acc.add(dict(zip(names, outs)), int(np.prod(np.shape(ids))))
         acc.publish(self.ctx)

@@ -249,7 +249,7 @@ class FgmpStaticActivationsPass(ir.passes.InPlacePass):
             accs[g[0].input.name] = ChannelStatsAccumulator(stats[g[0].input.name].absmax)
         session = ort_session(model, [g[0].input for g in groups])
         names = [g[0].input.name for g in groups]
-        for ids in tqdm(data.windows, desc="static FGMP activations", unit="window", leave=False):
+        for ids in tqdm(data.windows, desc="static FGMP activations", unit="window", leave=False, disable=None):
             for name, x in zip(names, session.run(names, make_feed(session.get_inputs(), ids))):
                 accs[name].update(x)
         g2, kind = self._sensitivities(groups)

@@ -35,11 +35,9 @@ Guarantees:
    input ONNX Runtime can run for calibration, ``--verify`` and ``--eval``, by exporting in
    float32.
 
-Known gap: with ``--verify`` the pipeline runs the *input* in ONNX Runtime before the first
-canonicalization pass, so a bfloat16-compute model (no ORT CPU kernels) fails there with ORT's
-error instead of this refusal; float16 compute and both storage forms are unaffected.
-:func:`check_float_types` is the same refusal without changing the model, for a hook that runs
-before the pipeline (``CompileContext``, where the other input checks are).
+``check_float_types`` makes the same refusal without changing the model; the compile context
+calls it before anything runs the input (``--verify`` runs it before the first pass, and ONNX
+Runtime has no CPU bfloat16 kernels).
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ class OptqPass(ir.passes.InPlacePass):
         encodings, report = {}, {}
         # One BLAS thread: the factorizations and products here are small, and on a shared
         # 2-core machine OpenBLAS's threads made this pass 3x slower (211 s vs 68 s, SmolLM2).
-        with tqdm(total=sum(len(b) for b in batches), desc="OPTQ", unit="group", leave=False) as bar, \
+        with tqdm(total=sum(len(b) for b in batches), desc="OPTQ", unit="group", leave=False, disable=None) as bar, \
                 threadpool_limits(1, user_api="blas"):
             for batch in batches:
                 self._round(batch, encodings, report)
@@ -208,7 +208,8 @@ class OptqPass(ir.passes.InPlacePass):
 
     def _round(self, batch: list[list], encodings: dict, report: dict) -> None:
         wspec, rspec = self.ctx.recipe.weights, self.ctx.recipe.rounding
-        block = wspec.block_size or None
+        k = batch[0][1].shape[0]  # one shape per batch
+        block = min(wspec.block_size, k) if wspec.block_size else None  # a longer block is the whole axis
         results = _optq_solve([w for _, w, _ in batch], [h for _, _, h in batch], wspec.format, block,
                               damp=rspec.damp, scale_method=wspec.scale_method, act_order=rspec.act_order)  # fmt: skip
         element = formats.get_format(wspec.format).element

@@ -16,12 +16,12 @@ every bucket edge of float32.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.formats.dint import DintElement
 from lowbit.formats.integer import IntElement
+from lowbit.passes.jit import numba  # with its cache in a private, writable directory
 
 __all__ = ["KIND_DINT", "KIND_INT", "element_kind", "optq_batch", "round_element", "rtn_round"]
 

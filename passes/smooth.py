@@ -74,7 +74,7 @@ def _fake_weights(w_kn: np.ndarray, wspec) -> np.ndarray:
         # OPTQ's compiled round-to-nearest: equal to fake_quantize (tests/passes/test_optq.py),
         # 8x faster, and this runs once per candidate scale of every input group
         kind, vmax = element_kind(element)
-        return rtn_round(np.ascontiguousarray(w_kn, dtype=np.float32), block or w_kn.shape[0], search_ratios("absmax"),
+        return rtn_round(np.ascontiguousarray(w_kn, dtype=np.float32), min(block or w_kn.shape[0], w_kn.shape[0]), search_ratios("absmax"),
                          np.float32(element.scale_max), kind, np.float32(vmax))  # fmt: skip
     return formats.fake_quantize(w_kn, wspec.format, axis=0, block_size=block, symmetric=wspec.symmetric)
 
@@ -112,7 +112,7 @@ class SmoothPass(ir.passes.InPlacePass):
         spec = self.ctx.recipe.smooth
         report = self.ctx.report.setdefault("smooth", {"method": spec.method, "groups": {}})
         folded = 0
-        for group in tqdm(self.ctx.sites.input_groups(), desc=f"smooth ({spec.method})", unit="group", leave=False):
+        for group in tqdm(self.ctx.sites.input_groups(), desc=f"smooth ({spec.method})", unit="group", leave=False, disable=None):
             target = fold_target(group, spec.feeders)
             key = group[0].name
             if isinstance(target, str):
