@@ -64,7 +64,7 @@ _EXTERNAL_THRESHOLD = 64 * 1024 * 1024  # write weights as external data above t
 def load_onnx(path: Path) -> ir.Model:
     """Load an ONNX file (with its external data) into onnx_ir, or raise a one-line LowbitError."""
     if not path.is_file():
-        raise LowbitError(f"{path}: no such file")
+        raise LowbitError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
         onnx.checker.check_model(str(path))  # path form: handles > 2 GB and external data
         proto = onnx.load(str(path), load_external_data=False)

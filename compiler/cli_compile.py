@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_model_output(args.output, is_dir=Path(args.output).suffix != ".onnx", sources=sources,
                              force=args.force, cache=cache_root())  # fmt: skip
     if args.calib_text and not Path(args.calib_text).is_file():
-        raise LowbitError(f"--calib-text {args.calib_text}: no such file")
+        what = "not a regular file" if Path(args.calib_text).exists() else "no such file"
+        raise LowbitError(f"--calib-text {args.calib_text}: {what}")
     result = compile(args.input, args.recipe, target=args.target, calibration=args.calib_text,
                      overrides=args.overrides, verify=args.verify, dump_dir=args.dump_dir)  # fmt: skip
     path = result.save(out, ort_format=args.ort_format, force=args.force)

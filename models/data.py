@@ -77,6 +77,8 @@ def text_chunks(path: str | os.PathLike, chunk_chars: int = CHUNK_CHARS) -> Iter
     byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM2) tokenizing the chunks gives the ids of the
     whole text; SentencePiece tokenizers may add a word-start marker at a chunk's first word.
     """
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise LowbitError(f"{path}: not a regular file")
     try:
         f = open(path, encoding="utf-8", newline="")  # noqa: SIM115 - closed below, generator-owned
     except FileNotFoundError as e:

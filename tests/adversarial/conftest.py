@@ -60,6 +60,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
                 out[rel] = ("link", os.readlink(p))
             elif p.is_dir():
                 out[rel] = ("dir", st.st_mode)
+            elif not p.is_file():  # a FIFO or a device: reading it would block
+                out[rel] = ("special", st.st_mode)
             else:
                 out[rel] = ("file", st.st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
     return out

@@ -144,3 +144,30 @@ def test_in_place_keeps_links_as_links_and_every_other_file(place):
     after = snapshot(m)
     assert {k: v for k, v in after.items() if k in before} == before  # links not followed or copied
     assert not [p for p in place.iterdir() if ".lowbit-" in p.name]
+
+
+def test_special_files_as_inputs_are_refused_without_blocking(place):
+    """A FIFO would block a reader forever, /dev/zero never ends, a link loop never resolves."""
+    os.mkfifo(place / "pipe.txt")
+    os.mkfifo(place / "pipe.onnx")
+    os.symlink("loop", place / "loop")
+    calib = ["-r", "w8a8", "--set", "calibration.seq_len=64", "--set", "calibration.windows=2"]
+    before = snapshot(place)
+    for args, fragment in [
+        (["m", "-o", "o1", *calib, "--calib-text", "pipe.txt"], "--calib-text pipe.txt: not a regular file"),
+        (["m", "-o", "o2", *calib, "--calib-text", "/dev/zero"], "--calib-text /dev/zero: not a regular file"),
+        (["m", "-o", "o3", *calib, "--calib-text", "project"], "--calib-text project: not a regular file"),
+        (["pipe.onnx", "-o", "o4.onnx", *RECIPE], "pipe.onnx: not a regular file"),
+        (["loop", "-o", "o5", *RECIPE], "loop: not an .onnx file, a model directory"),
+    ]:
+        assert_user_error(run_lowbit("compile", *args, cwd=place, timeout=60), fragment)
+    assert snapshot(place) == before
+
+
+def test_api_refuses_a_fifo_as_calibration_text(place):
+    import lowbit
+
+    os.mkfifo(place / "pipe.txt")
+    with pytest.raises(lowbit.LowbitError, match="pipe.txt: not a regular file"):
+        lowbit.compile(place / "m", "w8a8", calibration=str(place / "pipe.txt"),
+                       overrides=["calibration.seq_len=64", "calibration.windows=2"])
