@@ -46,7 +46,7 @@ import onnx_ir as ir
 import lowbit
 from lowbit.compiler import report as report_mod
 from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.fsutil import check_model_output, normalized, recover_around
+from lowbit.compiler.fsutil import check_model_output, file_output_names, normalized, recover_around
 from lowbit.compiler.model_checks import check_onnx_graph
 from lowbit.compiler.ort_format import CONFIG_SUFFIX, write_ort_format
 from lowbit.compiler.pipeline import PipelineOptions, run_pipeline
@@ -199,15 +199,6 @@ def _carry_companions(source: Path, dest: Path, *, everything: bool) -> list[str
     return skipped
 
 
-def _file_entries(path: Path, *, ort_format: bool) -> list[str]:
-    """The names a ``.onnx`` output owns beside it (one swap replaces them together)."""
-    stem = path.stem
-    names = [path.name, f"{path.name}.data", f"{stem}.report.json", f"{stem}.report.md", f"{stem}.report.html"]
-    if ort_format or path.with_suffix(".ort").exists():  # a previous output's .ort goes with it
-        names += [f"{stem}.ort", f"{stem}{CONFIG_SUFFIX}"]
-    return names
-
-
 @dataclass
 class CompiledModel:
     model: ir.Model
@@ -232,7 +223,7 @@ class CompiledModel:
         sources = tuple(p for p in (self.source_dir, self.source_file) if p is not None)
         check_model_output(path, is_dir=is_dir, sources=sources, force=force, cache=cache_root())
         in_place = any(path.resolve() == normalized(s).resolve() for s in sources)
-        names = [path.name] if is_dir else _file_entries(path, ort_format=ort_format)
+        names = [path.name] if is_dir else file_output_names(path, ort_format=ort_format)
         with Swap(path.parent, names, keep_backup=in_place) as swap:
             tmp = swap.new_path(path.name)
             if is_dir:

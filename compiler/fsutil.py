@@ -21,10 +21,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from lowbit.compiler.ort_format import CONFIG_SUFFIX
 from lowbit.compiler.swap import Swap, recover
 from lowbit.errors import LowbitError
 
-__all__ = ["atomic_path", "check_model_output", "check_writable_parent", "normalized", "read_json", "recover_around"]
+__all__ = ["atomic_path", "check_model_output", "check_writable_parent", "file_output_names", "normalized", "read_json",
+           "recover_around"]
 
 
 def normalized(path: str | os.PathLike) -> Path:
@@ -96,13 +98,25 @@ def is_lowbit_output(path: Path) -> bool:
     return False
 
 
+def file_output_names(path: Path, *, ort_format: bool = False) -> list[str]:
+    """The entries a ``.onnx`` output owns in its directory: the model first, then its external
+    data, reports and (with ``ort_format``, or when a previous output has one) the ``.ort`` files.
+    One swap replaces them together."""
+    stem = path.stem
+    names = [path.name, f"{path.name}.data", f"{stem}.report.json", f"{stem}.report.md", f"{stem}.report.html"]
+    if ort_format or os.path.lexists(path.with_suffix(".ort")):
+        names += [f"{stem}.ort", f"{stem}{CONFIG_SUFFIX}"]
+    return names
+
+
 def check_model_output(out: str | os.PathLike, *, is_dir: bool, sources: tuple[Path, ...] = (),
                        force: bool = False, cache: Path | None = None) -> Path:  # fmt: skip
     """Refuse an output path that would replace something lowbit did not create (module docstring).
 
     ``sources``: the input paths (an output equal to one of them is an in-place compile, allowed;
     one that contains an input is refused). ``cache``: lowbit's export cache, never an output.
-    Returns the normalized output path.
+    For a new ``.onnx`` output, an existing file it would own beside it (``NAME.onnx.data``,
+    ``NAME.report.md``, ...) is somebody else's too. Returns the normalized output path.
     """
     path = normalized(out)
     check_writable_parent(path)
@@ -117,6 +131,10 @@ def check_model_output(out: str | os.PathLike, *, is_dir: bool, sources: tuple[P
                               + (f" (to compile it in place: lowbit compile {src.parent} -o {src.parent})"
                                  if src.name == "model.onnx" else ""))  # fmt: skip
     if not os.path.lexists(path):
+        taken = [n for n in file_output_names(path)[1:] if os.path.lexists(path.parent / n)] if not is_dir else []
+        if taken and not force:
+            raise LowbitError(f"-o {out}: {path.parent / taken[0]} already exists and lowbit did not write it "
+                              f"beside a {path.name}: refusing to replace it (choose a new path, or pass --force)")
         return path
     if path.is_symlink():
         if not force:

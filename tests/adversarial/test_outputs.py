@@ -171,3 +171,15 @@ def test_api_refuses_a_fifo_as_calibration_text(place):
     with pytest.raises(lowbit.LowbitError, match="pipe.txt: not a regular file"):
         lowbit.compile(place / "m", "w8a8", calibration=str(place / "pipe.txt"),
                        overrides=["calibration.seq_len=64", "calibration.windows=2"])
+
+
+def test_new_onnx_output_never_replaces_files_it_would_own(place):
+    """out.onnx does not exist, but out.report.md (the user's notes) and out.onnx.data do."""
+    (place / "out.report.md").write_text("my notes\n")
+    (place / "out.onnx.data").write_bytes(b"data")
+    before = snapshot(place)
+    assert_user_error(run_lowbit("compile", "m", "-o", "out.onnx", *RECIPE, cwd=place),
+                      "out.onnx.data already exists and lowbit did not write it")
+    assert snapshot(place) == before
+    assert run_lowbit("compile", "m", "-o", "out.onnx", "--force", *RECIPE, cwd=place).returncode == 0
+    assert not (place / "out.onnx.data").exists() and "lowbit" in (place / "out.report.md").read_text()
