@@ -104,8 +104,10 @@ def _window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
 
 
 def _label(model_path: str | os.PathLike) -> str:
+    from lowbit.errors import printable
+
     p = Path(model_path)
-    return p.parent.name if p.name == "model.onnx" else p.name
+    return printable(p.parent.name if p.name == "model.onnx" else p.name)  # shown in a progress bar
 
 
 def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_options: Any = None,
