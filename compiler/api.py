@@ -111,7 +111,8 @@ def _resolve(model: str | Path | ir.Model) -> _Source:
 
 def _calibration(arg: Any, source: _Source, recipe: Recipe) -> CalibrationData | None:
     """Token windows from: a CalibrationData, a sequence of id arrays, a text file, or the
-    default calibration split tokenized with the source directory's tokenizer."""
+    default calibration split, tokenized with the tokenizer of the model's directory (or beside
+    a bare ``.onnx``)."""
     if isinstance(arg, CalibrationData):
         return arg
     if arg is not None and not isinstance(arg, (str, Path)):
@@ -124,15 +125,16 @@ def _calibration(arg: Any, source: _Source, recipe: Recipe) -> CalibrationData |
     needs_data = recipe.precision.enabled or recipe.smooth.method != "none" or recipe.rounding.method == "optq"
     if recipe.activations.format == "none" and not needs_data:
         return None
-    if source.directory is None:
+    beside = source.directory or (source.file.parent if source.file is not None else None)
+    if beside is None or not any((beside / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         if arg is None:
             return None  # the calibrate pass reports what is missing
-        raise LowbitError("--calib-text needs a model directory with a tokenizer next to model.onnx")
+        raise LowbitError(f"--calib-text needs the model's tokenizer (tokenizer.json) next to {source.file or 'the model'}")
     from lowbit.models import data
     from lowbit.models.registry import load_tokenizer
 
     cal = recipe.calibration
-    tokenizer = load_tokenizer(source.directory)
+    tokenizer = load_tokenizer(beside)
     windows = list(data.calibration_windows(tokenizer, cal.seq_len, cal.windows, text_file=arg))
     probes = {n: list(data.calibration_windows(tokenizer, n, cal.slac_windows, text_file=arg))
               for n in cal.slac_lengths if cal.slac_windows and n != cal.seq_len}  # fmt: skip

@@ -380,3 +380,18 @@ def test_export_refuses_corrupt_safetensors(tmp_path):
     proc = run_lowbit("export", str(directory), "-o", str(tmp_path / "out"), env={"LOWBIT_CACHE": str(tmp_path / "cache")})
     assert_user_error(proc, "model.safetensors: not a safetensors file")
     assert not (tmp_path / "out").exists()
+
+
+def test_bare_onnx_calibrates_with_the_tokenizer_beside_it(tmp_path):
+    """README: `lowbit compile model.onnx -o small.onnx ... --calib-text my.txt` (it was refused)."""
+    directory = make_model_dir(tmp_path / "m")
+    (directory / "net.onnx").write_bytes((directory / "model.onnx").read_bytes())
+    args = ["-r", "w8a8", "--calib-text", str(directory / "calib.txt"),
+            "--set", "calibration.seq_len=64", "--set", "calibration.windows=2"]  # fmt: skip
+    proc = run_lowbit("compile", str(directory / "net.onnx"), "-o", str(tmp_path / "small.onnx"), *args)
+    assert proc.returncode == 0, proc.stderr
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "net.onnx").write_bytes((directory / "model.onnx").read_bytes())
+    assert_user_error(run_lowbit("compile", str(alone / "net.onnx"), "-o", str(tmp_path / "x.onnx"), *args),
+                      "--calib-text needs the model's tokenizer (tokenizer.json) next to")
