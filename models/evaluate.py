@@ -79,6 +79,9 @@ def open_session(model_path: str | os.PathLike, session_options: Any = None, run
         from lowbit.models.openvino_session import OpenVinoSession
 
         return OpenVinoSession(f)
+    session_options = session_options or ort.SessionOptions()
+    # ORT's own log would print its error as a second stderr line: the exception below says it
+    session_options.log_severity_level = 4
     try:
         return ort.InferenceSession(str(f), sess_options=session_options,
                                     providers=["CPUExecutionProvider"])

@@ -395,3 +395,21 @@ def test_bare_onnx_calibrates_with_the_tokenizer_beside_it(tmp_path):
     (alone / "net.onnx").write_bytes((directory / "model.onnx").read_bytes())
     assert_user_error(run_lowbit("compile", str(alone / "net.onnx"), "-o", str(tmp_path / "x.onnx"), *args),
                       "--calib-text needs the model's tokenizer (tokenizer.json) next to")
+
+
+def test_eval_of_a_model_onnx_runtime_cannot_run_is_one_line(tmp_path):
+    """Valid ONNX that ONNX Runtime cannot run on CPU (a FLOAT4E2M1 Cast): one line naming why."""
+    directory = make_model_dir(tmp_path / "m")
+    ids = onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["b", "s"])
+    logits = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", "s", 64])
+    nodes = [onnx.helper.make_node("Cast", ["input_ids"], ["f4"], to=onnx.TensorProto.FLOAT4E2M1),
+             onnx.helper.make_node("Cast", ["f4"], ["f"], to=onnx.TensorProto.FLOAT),
+             onnx.helper.make_node("Unsqueeze", ["f", "axes"], ["f3"]),
+             onnx.helper.make_node("Mul", ["f3", "row"], ["logits"])]  # fmt: skip
+    inits = [onnx.numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             onnx.numpy_helper.from_array(np.ones(64, np.float32), "row")]  # fmt: skip
+    graph = onnx.helper.make_graph(nodes, "g", [ids], [logits], inits)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23)], ir_version=11),
+              str(directory / "model.onnx"))
+    assert_user_error(run_lowbit("eval", str(directory), "--no-latency", "--windows", "1", "--seq-len", "16"),
+                      "ONNX Runtime cannot load it: [ONNXRuntimeError] : 9 : NOT_IMPLEMENTED")
