@@ -31,6 +31,7 @@ __all__ = ["is_held", "run_dir", "scratch_dir", "sweep_stale"]
 logger = logging.getLogger(__name__)
 
 _PREFIX = "lowbit-run-"
+_MARKER = ".lowbit-run"  # written first: a directory without it was not made by run_dir()
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "path": Path, "fd": int, "pid": int
 
@@ -51,14 +52,15 @@ def is_held(path: Path) -> bool:
 
 
 def sweep_stale(root: Path | None = None) -> list[Path]:
-    """Remove the ``lowbit-run-*`` directories of this user that no live process holds."""
+    """Remove the ``lowbit-run-*`` directories of this user that :func:`run_dir` made (its marker
+    file inside) and that no live process holds."""
     root = Path(root or tempfile.gettempdir())
     removed = []
     with contextlib.suppress(OSError):
         for entry in root.iterdir():
             if not entry.name.startswith(_PREFIX) or entry.is_symlink() or not entry.is_dir():
                 continue
-            if entry.lstat().st_uid != os.getuid() or is_held(entry):
+            if entry.lstat().st_uid != os.getuid() or not (entry / _MARKER).is_file() or is_held(entry):
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
@@ -77,6 +79,7 @@ def run_dir() -> Path:
         init = Path(tempfile.mkdtemp(prefix="lowbit-init-", dir=root))  # mode 0700
         fd = os.open(init, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        (init / _MARKER).write_text(f"{os.getpid()}\n")
         path = init.with_name(_PREFIX + init.name.removeprefix("lowbit-init-"))
         os.rename(init, path)
         _state.update(path=path, fd=fd, pid=os.getpid())

@@ -199,6 +199,17 @@ def _roll_back(directory: Path, staging: Path, entries: list[dict]) -> None:
                 remove_entry(target)
 
 
+_STAGING_ENTRIES = frozenset({"new", "backup", "journal.json", "journal.json.tmp"})
+
+
+def _is_staging(path: Path) -> bool:
+    """Only a directory laid out as a Swap lays it out is ever touched by recovery."""
+    try:
+        return {p.name for p in path.iterdir()} <= _STAGING_ENTRIES
+    except OSError:
+        return False
+
+
 def recover(directory: Path) -> list[str]:
     """Finish or undo every swap in ``directory`` whose process died; one message per swap."""
     directory = Path(directory)
@@ -215,7 +226,7 @@ def recover(directory: Path) -> list[str]:
             if time.time() - staging.lstat().st_mtime > 60 and not is_held(staging):
                 shutil.rmtree(staging, ignore_errors=True)
             continue
-        if MARK not in name or is_held(staging):
+        if not (name.startswith(".") and MARK in name) or not _is_staging(staging) or is_held(staging):
             continue
         try:
             journal = json.loads((staging / "journal.json").read_text(encoding="utf-8"))

@@ -27,20 +27,23 @@ HOLD = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcn
 def test_stale_scratch_directories_are_swept_live_ones_kept(tmp_path):
     tmpdir = tmp_path / "tmp"
     dead, alive = tmpdir / "lowbit-run-dead0000", tmpdir / "lowbit-run-live0000"
-    for d in (dead, alive):
+    users = tmpdir / "lowbit-run-not-lowbits"  # the name alone proves nothing: no marker, kept
+    for d in (dead, alive, users):
         d.mkdir(parents=True)
         (d / "model.onnx.data").write_bytes(b"\0" * 4096)  # what a killed ORT session copy leaves
+    for d in (dead, alive):
+        (d / ".lowbit-run").write_text("1\n")
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(alive)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         proc = run_lowbit("recipes", env={"TMPDIR": str(tmpdir)})
         assert proc.returncode == 0, proc.stderr
-        assert sorted(p.name for p in tmpdir.iterdir()) == [alive.name]  # and its own run dir is gone
+        assert sorted(p.name for p in tmpdir.iterdir()) == [alive.name, users.name]  # its own run dir is gone
     finally:
         holder.kill()
         holder.wait()
     assert run_lowbit("recipes", env={"TMPDIR": str(tmpdir)}).returncode == 0
-    assert not list(tmpdir.iterdir())
+    assert [p.name for p in tmpdir.iterdir()] == [users.name]
 
 
 def test_model_controlled_names_are_escaped(tmp_path):
@@ -65,3 +68,17 @@ def test_file_names_are_escaped(tmp_path):
                              "not an ONNX model")
     assert "\\x1b]0;title\\x07\\n.onnx" in line
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == [name]
+
+
+def test_recovery_touches_only_staging_directories_it_laid_out(tmp_path):
+    """A user's directory whose name looks like a staging directory is never removed."""
+    from lowbit.compiler.swap import recover
+
+    mine = tmp_path / ".notes.lowbit-swap-abc"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert recover(tmp_path) == []
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    stale = tmp_path / ".out.lowbit-swap-def"
+    (stale / "new").mkdir(parents=True)
+    assert len(recover(tmp_path)) == 1 and not stale.exists()
