@@ -197,32 +197,10 @@ def check_ir_external_data(model: ir.Model) -> None:
 _DQ_OPS = ("DequantizeLinear",)
 
 
-def onnx_vocab_limits(model: onnx.ModelProto) -> tuple[int | None, int | None]:
+def ir_vocab_limits(model: ir.Model) -> tuple[int | None, int | None]:
     """(embedding table rows, logits size) of a causal LM's graph, each None when not static:
     rows of the initializer a ``Gather`` on ``input_ids`` reads (directly or through a
     DequantizeLinear of stored codes), and the last dimension of the ``logits`` output."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    rows = None
-    for node in graph.node:
-        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.input) == 2 \
-                and node.input[1] == "input_ids":  # fmt: skip
-            data = node.input[0]
-            if data not in inits and data in producer and producer[data].op_type in _DQ_OPS:
-                data = producer[data].input[0]
-            if data in inits and len(inits[data].dims) == 2:
-                rows = int(inits[data].dims[0]) if rows is None else min(rows, int(inits[data].dims[0]))
-    logits = None
-    for out in graph.output:
-        dims = out.type.tensor_type.shape.dim if out.type.HasField("tensor_type") else []
-        if out.name == "logits" and dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0:
-            logits = int(dims[-1].dim_value)
-    return rows, logits
-
-
-def ir_vocab_limits(model: ir.Model) -> tuple[int | None, int | None]:
-    """:func:`onnx_vocab_limits` of an ``onnx_ir`` model."""
     graph = model.graph
     rows = None
     for node in graph:
@@ -242,6 +220,12 @@ def ir_vocab_limits(model: ir.Model) -> tuple[int | None, int | None]:
                 and out.shape[-1] > 0:  # fmt: skip
             logits = int(out.shape[-1])
     return rows, logits
+
+
+def onnx_vocab_limits(model: onnx.ModelProto) -> tuple[int | None, int | None]:
+    """:func:`ir_vocab_limits` of a ``ModelProto`` loaded without its external data (the IR view
+    of it reads no weight bytes)."""
+    return ir_vocab_limits(ir.serde.deserialize_model(model))
 
 
 def check_token_ids(windows: Iterable[np.ndarray], limits: tuple[int | None, int | None], *, what: str,
