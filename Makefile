@@ -30,10 +30,10 @@ test-fast: venv native
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: venv native
-	$(BIN)/lowbit demo
+	$(BIN)/lowbit-bench demo
 
 bench: venv native
-	$(BIN)/lowbit bench
+	$(BIN)/lowbit-bench run
 
 clean:
 	rm -rf $(VENV) build *.egg-info runtime_ext/_build $(NATIVE)

@@ -1,9 +1,18 @@
 """lowbit: an ONNX graph-rewriting compiler that turns exported models into low-bit ONNX.
 
-The repository root is this package; its folders are the subpackages:
-``lowbit.formats`` (exact number formats), ``lowbit.passes`` (graph passes),
-``lowbit.compiler`` (pipeline, recipes, CLI), ``lowbit.models`` (adapters, export, eval),
-``lowbit.runtime_ext`` (native ONNX Runtime ops), ``lowbit.bench`` (side-by-side benchmarks).
+The repository root is this package; its folders are the subpackages, in layers that import
+only downward (pyproject ``[tool.importlinter]``, checked by the test suite):
+
+- ``formats`` exact number formats (numpy only), under ``files`` (atomic outputs, scratch,
+  caches) and ``runtime_ext`` (native ONNX Runtime ops and their ONNX fallbacks);
+- ``core``: recipe schema and validation, compile context and analyses, linear/KV sites, folding;
+- ``ort``: ONNX Runtime sessions, feeds, the observation run over calibration data;
+- ``encode``: per-site exact encodings (RTN, OPTQ, refit, activation scales);
+- ``passes``: function-preserving rewrites and analyses (canonicalize, smooth, reorder, FGMP);
+- ``emit`` (one emitter per target) and, beside it, ``models`` (export, data, evaluation);
+- ``compiler``: pipeline, API, report, the ``lowbit`` command line.
+
+The benchmarks (bench/, the ``lowbit-bench`` command) sit on top; the product never imports them.
 
 ``lowbit.compile(model, recipe=..., target=..., calibration=...)`` is the Python entry point.
 """

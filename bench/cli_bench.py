@@ -1,4 +1,4 @@
-"""``lowbit bench``: measure every contender side by side and write ``bench/RESULTS.md``.
+"""``lowbit-bench run``: measure every contender side by side and write ``bench/RESULTS.md``.
 
 All contenders of a model section are built from the same FP32 export with the same calibration
 windows and evaluated on the same evaluation windows within one run (see
@@ -39,7 +39,7 @@ def _split(value: str | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.bench.contenders import CONTENDERS
     from lowbit.bench.runner import SECTIONS, BenchConfig, run_bench
-    from lowbit.compiler.fsutil import atomic_path, check_writable_parent
+    from lowbit.files.fsutil import atomic_path, check_writable_parent
     from lowbit.errors import LowbitError
     from lowbit.models.data import check_text_file
 
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     for f in (args.calib_text, args.eval_text):
         if f is not None:
             check_text_file(f)  # missing/empty text is an error now, not after the export
-    argv = sys.argv[1:] if "bench" in sys.argv[1:] else ["bench"]  # also right under pytest
-    command = "lowbit " + " ".join(shlex.quote(a) for a in argv)
+    argv = sys.argv[1:] if "run" in sys.argv[1:] else ["run"]  # also right under pytest
+    command = "lowbit-bench " + " ".join(shlex.quote(a) for a in argv)
     report = run_bench(cfg, command, sections)
     with atomic_path(out) as tmp:
         tmp.write_text(report)

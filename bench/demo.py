@@ -1,4 +1,4 @@
-"""``lowbit demo`` (what ``make demo`` runs): export SmolLM2-135M, compile it with the default
+"""``lowbit-bench demo`` (what ``make demo`` runs): export SmolLM2-135M, compile it with the default
 recipe, and evaluate FP32 vs lowbit vs ONNX Runtime's own quantizers (static W8A8, 4-bit weight-only
 RTN) side by side on the same windows -- the bench's SmolLM2 section, restricted to those four."""
 
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.bench.contenders import CONTENDERS
     from lowbit.bench.runner import BenchConfig, smollm2_section
-    from lowbit.compiler.recipe import load_recipe
+    from lowbit.core.recipe import load_recipe
     from lowbit.errors import LowbitError
 
     name = f"lowbit-{args.recipe}"

@@ -62,15 +62,16 @@ def _session_options():
 def _prepare(export_dir: Path, calib: np.ndarray, overrides: list[str]):
     """A context whose model has activation QDQ and float weights, plus the FGMP assignment."""
     from lowbit.compiler.api import load_onnx
-    from lowbit.compiler.context import CalibrationData, CompileContext
+    from lowbit.core.context import CalibrationData, CompileContext
     from lowbit.compiler.pipeline import build_pipeline
-    from lowbit.compiler.recipe import load_recipe
-    from lowbit.passes.emit_mixed import EmitMixedWeightsPass
-    from lowbit.passes.linear_sites import find_linear_sites
+    from lowbit.core.recipe import load_recipe
+    from lowbit.emit.mixed import EmitMixedWeightsPass
+    from lowbit.models.fisher import shipped_fisher_provider
+    from lowbit.core.linear_sites import find_linear_sites
 
     recipe = load_recipe("fgmp-nvfp4-fp8", overrides)
-    ctx = CompileContext(load_onnx(export_dir / "model.onnx"), recipe, CalibrationData(list(calib)))
-    ctx.report["input"] = str(export_dir)
+    ctx = CompileContext(load_onnx(export_dir / "model.onnx"), recipe, CalibrationData(list(calib)),
+                         fisher_provider=shipped_fisher_provider(str(export_dir), np.stack(calib)))
     ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for step, _ in build_pipeline(ctx):
         if isinstance(step, EmitMixedWeightsPass):

@@ -1,12 +1,12 @@
 """lowbit's recipes as bench contenders, built from the same FP32 export and calibration data
-as every other contender of the run (imported by ``bench/contenders.py``)."""
+as every other contender of the run (collected by ``bench/contenders.py``)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from lowbit.bench.contenders import BuildContext, Contender, register, windows_cell
+from lowbit.bench.contender import BuildContext, Contender, register, windows_cell
 
 __all__ = ["NPU_RECIPES", "RECIPES", "lowbit_contender"]
 
@@ -37,7 +37,7 @@ def _calibration(ctx: BuildContext, recipe: str) -> list:
     """The run's shared calibration windows, as many as the recipe asks for (its
     ``calibration.windows``); every contender draws from the same split in the same order."""
     if ctx.windows is not None:
-        from lowbit.compiler.recipe import load_recipe
+        from lowbit.core.recipe import load_recipe
 
         return list(ctx.windows)[: load_recipe(recipe).calibration.windows]
     return [feed["input_ids"] for feed in ctx.feeds]  # encoders: the padded token batches

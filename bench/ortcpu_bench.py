@@ -172,7 +172,7 @@ def decode_profile(path: Path, native: bool, threads: int, steps: int = 20, *,
                    prefill: bool = False) -> list[tuple[str, float]]:
     """(op type, ms per decode step) from ORT's profiler, largest first (``prefill``: per
     128-token prefill run instead)."""
-    from lowbit.compiler.feeds import build_feeds
+    from lowbit.ort.feeds import build_feeds
     from lowbit.models.evaluate import open_session
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ def sweep(argv: list[str] | None = None) -> str:
     import onnxruntime as ort
 
     import lowbit
-    from lowbit.compiler.recipe import load_recipe
+    from lowbit.core.recipe import load_recipe
     from lowbit.models.data import calibration_windows, evaluation_windows
     from lowbit.models.evaluate import perplexity
     from lowbit.models.export import export_model

@@ -5,8 +5,8 @@ shipped model name (exported on first use, cached), or an ``onnx_ir.Model``. Out
 ``CompiledModel`` whose ``save(path)`` writes ``.onnx`` (external data beside it when large) or a
 directory, atomically, with ``report.json`` / ``report.md`` / ``report.html`` next to it.
 
-Outputs go through :func:`lowbit.compiler.fsutil.check_model_output` (lowbit replaces only what
-it wrote) and one journaled :class:`~lowbit.compiler.swap.Swap` per save, so a failure, a signal
+Outputs go through :func:`lowbit.files.fsutil.check_model_output` (lowbit replaces only what
+it wrote) and one journaled :class:`~lowbit.files.swap.Swap` per save, so a failure, a signal
 or a kill leaves the old output or the new one. Directory outputs stay loadable by optimum
 (``ORTModelForCausalLM`` / ``ORTModelForFeatureExtraction``):
 
@@ -45,13 +45,15 @@ import onnx_ir as ir
 
 import lowbit
 from lowbit.compiler import report as report_mod
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.fsutil import check_model_output, file_output_names, normalized, recover_around
-from lowbit.compiler.model_checks import check_onnx_graph
-from lowbit.compiler.ort_format import CONFIG_SUFFIX, write_ort_format
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.files.fsutil import check_model_output, file_output_names, normalized, recover_around
+from lowbit.core.model_checks import check_onnx_graph
+from lowbit.files.fsutil import CONFIG_SUFFIX
+from lowbit.ort.ort_format import write_ort_format
 from lowbit.compiler.pipeline import PipelineOptions, run_pipeline
-from lowbit.compiler.recipe import Recipe, load_recipe
-from lowbit.compiler.swap import Swap, remove_entry
+from lowbit.core.recipe import Recipe, load_recipe
+from lowbit.models.fisher import shipped_fisher_provider
+from lowbit.files.swap import Swap, remove_entry
 from lowbit.errors import LowbitError
 
 __all__ = ["CompiledModel", "compile", "load_onnx"]
@@ -214,10 +216,10 @@ class CompiledModel:
 
     def save(self, path: str | Path, *, ort_format: bool = False, force: bool = False) -> Path:
         """Write the model (``.onnx`` file or directory) with its reports, atomically and only over
-        what lowbit wrote (:func:`lowbit.compiler.fsutil.check_model_output`; ``force`` lifts the
+        what lowbit wrote (:func:`lowbit.files.fsutil.check_model_output`; ``force`` lifts the
         marker check). ``ort_format``: also the ONNX Runtime mobile ``.ort`` and its operator config.
         The input's own path is replaced in place (see the module docstring)."""
-        from lowbit.models.export import cache_root
+        from lowbit.files.paths import cache_root
 
         path = normalized(path)
         is_dir = path.suffix != ".onnx"
@@ -331,7 +333,9 @@ def compile(  # noqa: A001 - the public verb of the product
         raise LowbitError("overrides apply to recipe names or files, not to a Recipe object")
     start = time.perf_counter()
     source = _resolve(model)
-    ctx = CompileContext(source.model, recipe, _calibration(calibration, source, recipe))
+    data = _calibration(calibration, source, recipe)
+    windows = np.stack(data.windows) if data is not None and data.windows else np.zeros((0, 0), np.int64)
+    ctx = CompileContext(source.model, recipe, data, fisher_provider=shipped_fisher_provider(source.label, windows))
     ctx.report.update({"input": source.label, "lowbit_version": lowbit.__version__, "versions": report_mod.versions()})
     if source.directory is not None:
         ctx.report["source"] = _source_info(source.directory)

@@ -8,7 +8,7 @@ Process-wide duties of the command line: bad input (:class:`LowbitError`) become
 stderr and exit code 2, with control characters from model-controlled text (file and tensor
 names) escaped; SIGTERM and SIGHUP unwind like SIGINT (exit 128 + signal number), so every
 ``finally`` and the scratch directory's removal run; Python's temporary files go into this run's
-scratch directory (:mod:`lowbit.compiler.scratch`).
+scratch directory (:mod:`lowbit.files.scratch`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lowbit.models.cli_export", "export a model to ONNX (torch dynamo or optimum)"),
     "compile": ("lowbit.compiler.cli_compile", "compile an ONNX model with a recipe"),
     "eval": ("lowbit.models.cli_eval", "perplexity / cosine, size and latency of an ONNX model"),
-    "bench": ("lowbit.bench.cli_bench", "measure lowbit and its peers side by side"),
     "recipes": ("lowbit.compiler.cli_recipes", "list the named recipes and their keys"),
     "report": ("lowbit.compiler.cli_report", "render the compile report of an output"),
-    "demo": ("lowbit.bench.demo", "export -> compile -> evaluate SmolLM2-135M, print a table"),
 }
 
 
@@ -44,11 +42,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {printable(message)}\n")
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="lowbit", description=__doc__.splitlines()[0])
+def build_parser(only: str | None = None, *, commands: dict[str, tuple[str, str]] = COMMANDS,
+                 prog: str = "lowbit", description: str | None = None) -> argparse.ArgumentParser:  # fmt: skip
+    parser = _Parser(prog=prog, description=description or __doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in commands.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if only is None or only == name:
             module = importlib.import_module(module_name)
@@ -74,11 +73,14 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, commands: dict[str, tuple[str, str]] = COMMANDS,
+         prog: str = "lowbit", description: str | None = None) -> int:  # fmt: skip
+    """Run one command of ``commands`` (name -> (module, help)) with the process-wide duties of
+    the module doc; the ``lowbit-bench`` command (bench/cli.py) runs its own commands through it."""
     argv = sys.argv[1:] if argv is None else argv
     # Import only the chosen command's module (cheap --help, no torch for `compile`).
-    chosen = next((a for a in argv if a in COMMANDS), None)
-    parser = build_parser(only=chosen)
+    chosen = next((a for a in argv if a in commands), None)
+    parser = build_parser(only=chosen, commands=commands, prog=prog, description=description)
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command's parser, not the top one
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -87,18 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, handlers=[handler])
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_interrupted)
-    from lowbit.compiler.scratch import run_dir
+    from lowbit.files.scratch import run_dir
 
     # every library's temporary files (ONNX Runtime's native ones too) die with this run
     os.environ["TMPDIR"] = tempfile.tempdir = str(run_dir())
     try:
         return int(args.run(args) or 0)
     except LowbitError as e:
-        print(f"lowbit {args.command}: error: {printable(str(e))}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"lowbit {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        print(f"{prog} {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except BrokenPipeError:  # `lowbit recipes | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

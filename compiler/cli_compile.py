@@ -3,7 +3,7 @@
 ``-o`` equal to the input (a directory or a ``.onnx``) compiles it in place (e.g. an optimum
 export: ``model.onnx`` and its external data are replaced, tokenizer/config and every other file
 stay; see :mod:`lowbit.compiler.api`). An existing ``-o`` that lowbit did not write is refused
-unless ``--force`` (:func:`lowbit.compiler.fsutil.check_model_output`), before any compiling. ``--eval`` measures the output against the FP32 input as
+unless ``--force`` (:func:`lowbit.files.fsutil.check_model_output`), before any compiling. ``--eval`` measures the output against the FP32 input as
 ``lowbit eval`` does and adds the numbers to the compile report."""
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lowbit.compiler.api import compile
-    from lowbit.compiler.fsutil import check_model_output, recover_around
-    from lowbit.models.export import cache_root
+    from lowbit.files.fsutil import check_model_output, recover_around
+    from lowbit.files.paths import cache_root
 
     source = Path(args.input)
     sources = (source, source / "model.onnx") if source.is_dir() else (source,) if source.exists() else ()
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {done}/{len(sites)} linear sites quantized with recipe "
           f"'{result.recipe.name}' in {result.report['compile_seconds']:.1f}s")  # fmt: skip
     if args.ort_format:
-        from lowbit.compiler.ort_format import config_path_for, ort_path_for
+        from lowbit.ort.ort_format import config_path_for, ort_path_for
 
         onnx_file = path / "model.onnx" if path.is_dir() else path
         print(f"wrote {ort_path_for(onnx_file)} and {config_path_for(onnx_file).name}")

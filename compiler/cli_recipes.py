@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.compiler.recipe import available_recipes, describe_keys, load_recipe
+    from lowbit.core.recipe import available_recipes, describe_keys, load_recipe
 
     if args.name:
         recipe = load_recipe(args.name)

@@ -159,7 +159,7 @@ def _json_kind(value: Any) -> str:
 
 def read_report(path: Path) -> dict:
     """A report.json parsed and checked (:class:`_Shape`); LowbitError naming what is wrong."""
-    from lowbit.compiler.fsutil import read_json
+    from lowbit.files.fsutil import read_json
 
     data = read_json(path, "a compile report")
     return _Shape(path).report(data)
@@ -167,7 +167,7 @@ def read_report(path: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from lowbit.compiler import report
-    from lowbit.compiler.fsutil import recover_around
+    from lowbit.files.fsutil import recover_around
 
     recover_around(args.output)  # a compile killed mid-swap is put right first
     path = report_json_path(Path(args.output))
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         raise LowbitError(f"{args.output}: no compile report found ({path.name} missing)")
     data = read_report(path)
     if args.screenshot:
-        from lowbit.compiler.fsutil import check_writable_parent
+        from lowbit.files.fsutil import check_writable_parent
 
         check_writable_parent(Path(args.screenshot))
     _, _, html_path = report.write(data, path.parent, path.name.removesuffix(".json"))

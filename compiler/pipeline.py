@@ -19,21 +19,21 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from lowbit.compiler.context import CompileContext
-from lowbit.compiler.ortrun import run_on_tokens
+from lowbit.core.context import CompileContext
+from lowbit.ort.session import run_on_tokens
 from lowbit.errors import LowbitError
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.capture import CapturePass
 from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.emit_mixed import EmitMixedWeightsPass
-from lowbit.passes.emit_npu import EmitNpuPass
-from lowbit.passes.emit_qdq import EmitQDQPass
-from lowbit.passes.fgmp_act import FgmpActivationsPass
-from lowbit.passes.fgmp_static_act import FgmpStaticActivationsPass
-from lowbit.passes.kv_quant import KvQuantPass
-from lowbit.passes.linear_sites import find_linear_sites
-from lowbit.passes.lower_ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass
-from lowbit.passes.optq import OptqPass
+from lowbit.emit.mixed import EmitMixedWeightsPass
+from lowbit.emit.npu import EmitNpuPass
+from lowbit.emit.qdq import EmitQDQPass
+from lowbit.emit.fgmp_act import FgmpActivationsPass
+from lowbit.emit.fgmp_static_act import FgmpStaticActivationsPass
+from lowbit.emit.kv import KvQuantPass
+from lowbit.core.linear_sites import find_linear_sites
+from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass
+from lowbit.encode.optq import OptqPass
 from lowbit.passes.precision import AssignPrecisionPass
 from lowbit.passes.reorder import ReorderPass
 from lowbit.passes.smooth import SmoothPass

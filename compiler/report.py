@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lowbit.compiler.fsutil import atomic_path
+from lowbit.files.fsutil import atomic_path
 
 __all__ = ["render_markdown", "versions", "write"]
 

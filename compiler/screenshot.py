@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lowbit.compiler.fsutil import atomic_path
+from lowbit.files.fsutil import atomic_path
 from lowbit.errors import LowbitError
 
 __all__ = ["BROWSERS", "find_browser", "screenshot"]

@@ -98,7 +98,7 @@ def evaluate_saved(path: str | Path, **options: Any) -> dict[str, Any]:
     None, "ppl_ratio": model ppl / baseline ppl or None}``; a row holds path, kind, size_bytes,
     linear_sites, bits_per_weight, perplexity (PerplexityResult as dict) or cosine, latency.
     """
-    from lowbit.compiler.model_checks import check_token_ids, onnx_vocab_limits
+    from lowbit.core.model_checks import check_token_ids, onnx_vocab_limits
     from lowbit.models import data as textdata
     from lowbit.models.footprint import load_graph_only
     from lowbit.models.registry import onnx_model_file, onnx_model_kind
@@ -152,7 +152,7 @@ def _print(result: dict[str, Any], opts: EvalOptions) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.compiler.fsutil import atomic_path, check_writable_parent, recover_around
+    from lowbit.files.fsutil import atomic_path, check_writable_parent, recover_around
 
     recover_around(*(p for p in (args.path, args.baseline) if p))  # a compile killed mid-swap is put right first
 

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lowbit.compiler.feeds import build_feeds
+from lowbit.ort.feeds import build_feeds
 from lowbit.errors import LowbitError
 from lowbit.models.registry import onnx_model_file
 

@@ -33,13 +33,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lowbit.compiler.fsutil import atomic_path
+from lowbit.files.fsutil import atomic_path
+from lowbit.files.paths import cache_root
 from lowbit.errors import LowbitError
 from lowbit.models.registry import ModelSource, check_hf_directory, load_tokenizer, load_torch_model, resolve_model
 
 __all__ = [
     "export_model",
-    "cache_root",
     "fix_ir_version",
     "EXPORT_OPSET",
     "WITH_PAST_OPSET",
@@ -57,10 +57,6 @@ ORT_MAX_IR_VERSION = 11
 EXTERNAL_DATA_THRESHOLD = 256 * 2**20
 _EXPORT_FORMAT = 2  # bump when the layout of an export changes, to invalidate caches
 _META = "lowbit_export.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")).expanduser()
 
 
 def _versions() -> dict[str, str]:
@@ -163,7 +159,7 @@ def _export_dynamo(model: Any, kind: str, onnx_file: Path) -> None:
 def _export_with_past(model: Any, tokenizer: Any, out: Path) -> None:
     from optimum.exporters.onnx import main_export
 
-    from lowbit.compiler.scratch import scratch_dir
+    from lowbit.files.scratch import scratch_dir
 
     with scratch_dir("hf-") as hf_dir:
         # optimum exports from a directory; GGUF-loaded models must be saved as HF first.
@@ -222,13 +218,13 @@ def export_model(model: str, *, with_past: bool = False, out_dir: str | os.PathL
 
     The export is built once into the cache; with ``out_dir`` the cached directory is copied
     there (atomically) and ``out_dir`` is returned, otherwise the cache directory is. An existing
-    ``out_dir`` is replaced only under :func:`lowbit.compiler.fsutil.check_model_output`'s rules.
+    ``out_dir`` is replaced only under :func:`lowbit.files.fsutil.check_model_output`'s rules.
     """
     src = resolve_model(model)
     if src.format == "onnx":
         raise LowbitError(f"{model} is already an ONNX model: compile or eval it directly")
     if out_dir is not None:  # fail before a minute of export, not after
-        from lowbit.compiler.fsutil import check_model_output
+        from lowbit.files.fsutil import check_model_output
 
         sources = (src.path,) if src.format == "hf-dir" else ()
         out_dir = check_model_output(out_dir, is_dir=True, sources=sources, force=force, cache=cache_root())

@@ -18,21 +18,24 @@ matter to FGMP, which ranks blocks globally.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lowbit.compiler.fsutil import atomic_path
+from lowbit.files.fsutil import atomic_path
+from lowbit.core.fisher_file import ACT_PREFIX, WEIGHT_PREFIX
 from lowbit.errors import LowbitError
+from lowbit.files.paths import cache_root
 
-__all__ = ["ACT_PREFIX", "WEIGHT_PREFIX", "empirical_fisher", "load_fisher", "save_fisher"]
+__all__ = ["ACT_PREFIX", "WEIGHT_PREFIX", "empirical_fisher", "save_fisher", "shipped_fisher_provider"]
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_PREFIX = "weight/"
-ACT_PREFIX = "act/"
 
 
 def empirical_fisher(model: Any, windows: np.ndarray, *, progress: bool = True) -> dict[str, np.ndarray]:
@@ -93,15 +96,46 @@ def save_fisher(fisher: dict[str, np.ndarray], path: str | Path, *, source: str)
     return path
 
 
-def load_fisher(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
-    """(Fisher dict, source description) from a :func:`save_fisher` file."""
-    path = Path(path)
+def shipped_fisher_provider(source: str, windows: np.ndarray) -> Callable[[], Path | None]:
+    """A memoized provider of the Fisher side file for ``source`` on ``windows``: for a shipped
+    model name (or a lowbit dynamo export directory of one) the cached npz under
+    ``$LOWBIT_CACHE/fisher``, computed with torch on first use; None for anything else."""
+    found: list[Path | None] = []
+
+    def provide() -> Path | None:
+        if not found:
+            found.append(_shipped_fisher(source, windows))
+        return found[0]
+
+    return provide
+
+
+def _shipped_fisher(source: str, windows: np.ndarray) -> Path | None:
+    from lowbit.models.registry import SHIPPED
+
+    name = _torch_source(source)
+    if name not in SHIPPED or len(windows) == 0:
+        return None
+    windows = np.stack(windows)
+    digest = hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest()[:16]
+    path = cache_root() / "fisher" / f"{name}-{digest}.npz"
     if not path.is_file():
-        raise LowbitError(f"Fisher side file {path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        fisher = {k: data[k] for k in data.files if not k.startswith("meta/")}
-        source = str(data["meta/source"]) if "meta/source" in data.files else str(path)
-    bad = [k for k, v in fisher.items() if not np.isfinite(v).all() or (v < 0).any()]
-    if bad:
-        raise LowbitError(f"Fisher side file {path}: non-finite or negative values in {bad[:3]}")
-    return fisher, source
+        from lowbit.models.registry import load_torch_model, resolve_model
+
+        logger.info("computing the empirical Fisher of %s on %d windows (torch)", name, len(windows))
+        torch_model = load_torch_model(resolve_model(name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fisher = empirical_fisher(torch_model, windows)
+        save_fisher(fisher, path, source=f"empirical Fisher (torch autograd) of {name} on "
+                                         f"{windows.shape[0]}x{windows.shape[1]} calibration tokens")  # fmt: skip
+    return path
+
+
+def _torch_source(label: str) -> str:
+    """The shipped model behind an input: its name, or the source recorded in a lowbit export
+    directory (``lowbit_export.json``, dynamo exports only: their site names are torch paths)."""
+    meta = Path(label) / "lowbit_export.json" if label else None
+    if meta is not None and meta.is_file():
+        info = json.loads(meta.read_text())
+        return str(info.get("model", "")) if not info.get("with_past") else ""
+    return label

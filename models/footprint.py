@@ -62,8 +62,8 @@ def tensor_bits(data_type: int) -> int:
 def load_graph_only(path: str | os.PathLike) -> tuple[Path, onnx.ModelProto]:
     """(the .onnx file, its ModelProto without external data); LowbitError if not ONNX, or if a
     tensor type, an external data reference or the graph's order is broken
-    (:func:`lowbit.compiler.model_checks.check_onnx_graph`)."""
-    from lowbit.compiler.model_checks import check_onnx_graph
+    (:func:`lowbit.core.model_checks.check_onnx_graph`)."""
+    from lowbit.core.model_checks import check_onnx_graph
 
     f = onnx_model_file(path)
     try:

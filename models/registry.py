@@ -261,7 +261,7 @@ def _first_line(e: BaseException) -> str:
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """A tokenizer/config JSON file: UTF-8 text holding one JSON object."""
-    from lowbit.compiler.fsutil import read_json
+    from lowbit.files.fsutil import read_json
 
     data = read_json(path, "a tokenizer or config file")
     if not isinstance(data, dict):

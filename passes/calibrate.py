@@ -5,7 +5,7 @@ Guarantees: the model is not modified (an analysis pass); afterwards ``ctx.get("
 holds per-channel min / max / absmax (and a per-window percentile of |x| averaged over windows
 when the recipe asks for it) at every linear-site input and at attention K/V, gathered on windows
 of the *deploy* sequence length. K/V channels are (head, head_dim) pairs (layouts in
-:mod:`lowbit.passes.kv_sites`), with the per-window percentile ``kv.percentile`` when
+:mod:`lowbit.core.kv_sites`), with the per-window percentile ``kv.percentile`` when
 ``kv.range`` asks for it; ``links`` says which o_proj channel scale applies to each V channel, so
 smoothing's closed-form updates keep V's ranges exact too. Memory is bounded by one window's
 tapped activations plus the running per-channel reductions, however many windows are used. With ``capture_tokens`` it
@@ -27,12 +27,12 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from lowbit.compiler.context import CompileContext
-from lowbit.compiler.feeds import build_feeds
-from lowbit.compiler.ortrun import ort_session
+from lowbit.core.context import CompileContext
+from lowbit.ort.feeds import build_feeds
+from lowbit.ort.session import ort_session
 from lowbit.errors import LowbitError
 from lowbit.passes.capture import CaptureAccumulator
-from lowbit.passes.kv_sites import attention_kv, kv_inputs, to_channels
+from lowbit.core.kv_sites import attention_kv, kv_inputs, to_channels
 
 __all__ = ["ActivationStats", "ChannelStats", "CalibratePass", "calibration_taps", "slac_table", "slac_tensor_rows"]
 

@@ -27,7 +27,7 @@ from onnx_ir.passes.common import (
 )
 from onnxscript import optimizer
 
-from lowbit.passes.float_types import FloatTypesPass
+from lowbit.core.float_types import FloatTypesPass
 from lowbit.passes.norm_fusion import FuseNormsPass
 
 __all__ = ["FoldConstants", "canonicalize_passes"]

@@ -24,9 +24,9 @@ import onnx_ir as ir
 from scipy.linalg import blas
 from tqdm.auto import tqdm
 
-from lowbit.compiler.context import CompileContext
-from lowbit.compiler.feeds import make_feed
-from lowbit.compiler.ortrun import ort_session
+from lowbit.core.context import CompileContext
+from lowbit.ort.feeds import make_feed
+from lowbit.ort.session import ort_session
 from lowbit.errors import LowbitError
 
 __all__ = ["CaptureAccumulator", "CapturePass", "GroupCapture", "transform_channels"]

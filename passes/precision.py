@@ -23,7 +23,7 @@ adds 1/16 bit per weight, reported separately. ``precision.avg_bits = b`` means
 ``fraction = (b - 4.5) / 3.5``.
 
 Read-only (function-preserving): the result is the ``precision_assignment`` analysis that
-:mod:`lowbit.passes.emit_mixed` turns into two complementary DequantizeLinear branches.
+:mod:`lowbit.emit.mixed` turns into two complementary DequantizeLinear branches.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.formats.blocking import Blocking
 from lowbit.passes.fisher import site_sensitivities
-from lowbit.passes.linear_sites import LinearSite
+from lowbit.core.linear_sites import LinearSite
 
 __all__ = [
     "BITMAP_BITS", "BLOCK", "FP8_BITS", "NVFP4_BITS", "AssignPrecisionPass", "Assignment",

@@ -3,7 +3,7 @@ contiguous, and give each cluster its own activation quantization range.
 
 Assumes the linear-site map and ``activation_stats``. Function-preserving (a permutation is exact
 in float32; the norm reduces over the same set of channels in another order, a few-ulp change).
-Per foldable input group (:mod:`lowbit.passes.folding`):
+Per foldable input group (:mod:`lowbit.core.folding`):
 
 - ``norm`` feeder: a ``Gather(axis=-1)`` reorders the *norm input* on its own branch, gamma/beta
   are permuted, consumer weight rows are permuted; the residual stream keeps its order. The Gather
@@ -39,9 +39,9 @@ import numpy as np
 import onnx_ir as ir
 from scipy.cluster.vq import kmeans2
 
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.passes.capture import transform_channels
-from lowbit.passes.folding import FoldTarget, fold_target
+from lowbit.core.folding import FoldTarget, fold_target
 
 __all__ = ["ReorderPass", "cluster_channels", "head_local_order", "range_plot_png"]
 

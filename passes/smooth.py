@@ -3,7 +3,7 @@
 Assumes the linear-site map, ``activation_stats`` (calibration) and ``site_capture`` (X^T X and a
 row sample per input group). Function-preserving in exact arithmetic (float32 moves outputs by a
 few ulps); touches only input groups whose producer can absorb the scale exactly (see
-:mod:`lowbit.passes.folding`): norms (gamma, beta), v_proj columns for o_proj (one scale per v
+:mod:`lowbit.core.folding`): norms (gamma, beta), v_proj columns for o_proj (one scale per v
 channel under GQA), up_proj columns for down_proj. Every analysis keyed by a rescaled input is
 updated in closed form (:func:`lowbit.passes.capture.transform_channels`).
 
@@ -31,14 +31,14 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.formats.choosers import search_ratios
 from lowbit.formats.dint import DintElement
 from lowbit.formats.integer import IntElement
 from lowbit.passes.capture import transform_channels
-from lowbit.passes.emit_qdq import activation_qparams
-from lowbit.passes.folding import FoldTarget, fold_target, weight_kn
-from lowbit.passes.optq_kernel import element_kind, rtn_round
+from lowbit.encode.activations import activation_qparams
+from lowbit.core.folding import FoldTarget, fold_target, weight_kn
+from lowbit.encode.optq_kernel import element_kind, rtn_round
 
 __all__ = ["SmoothPass", "candidate_scales", "fake_quantize_activations"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 
-def lowbit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lowbit", *args], cwd=cwd, capture_output=True,
+def lowbit(*args: str, cwd: Path, module: str = "lowbit") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -21,7 +21,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert fragment in lines[0]
-    assert lines[0].startswith("lowbit ")
+    assert lines[0].startswith(("lowbit ", "lowbit-bench "))
 
 
 def assert_no_leftovers(directory: Path, before: set[str]) -> None:
@@ -133,11 +133,14 @@ def test_eval_errors(workdir, args, fragment):
 ])
 def test_bench_errors(workdir, args, fragment):
     before = {p.name for p in workdir.iterdir()}
-    assert_user_error(lowbit("bench", *args, cwd=workdir), fragment)
+    assert_user_error(lowbit("run", *args, cwd=workdir, module="lowbit.bench"), fragment)
     assert_no_leftovers(workdir, before)
 
 
 def test_help_works_everywhere(workdir):
-    for cmd in ("export", "eval", "bench"):
+    for cmd in ("export", "eval", "compile"):
         proc = lowbit(cmd, "--help", cwd=workdir)
         assert proc.returncode == 0 and "usage: lowbit" in proc.stdout
+    for cmd in ("run", "demo"):
+        proc = lowbit(cmd, "--help", cwd=workdir, module="lowbit.bench")
+        assert proc.returncode == 0 and f"usage: lowbit-bench {cmd}" in proc.stdout

@@ -24,8 +24,9 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five doze
 
 
 def run_lowbit(*args: str, cwd: Path | None = None, timeout: float = 300, mem_mb: int | None = None,
-               env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """`python -m lowbit ARGS` as a user runs it; ``mem_mb`` caps the address space."""
+               env: dict[str, str] | None = None, module: str = "lowbit", **kwargs) -> subprocess.CompletedProcess:
+    """`python -m lowbit ARGS` as a user runs it (``module="lowbit.bench"``: `lowbit-bench ARGS`);
+    ``mem_mb`` caps the address space."""
 
     def cap() -> None:
         if mem_mb is not None:
@@ -33,7 +34,7 @@ def run_lowbit(*args: str, cwd: Path | None = None, timeout: float = 300, mem_mb
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lowbit", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=cap, env=full_env, stdin=subprocess.DEVNULL, **kwargs)
 
 
@@ -43,7 +44,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("lowbit "), lines[0]
+    assert lines[0].startswith(("lowbit ", "lowbit-bench ")), lines[0]
     assert fragment in lines[0], lines[0]
     return lines[0]
 

@@ -1,6 +1,6 @@
 """Every float type ONNX allows for weights and activations, through `lowbit compile`.
 
-The decided contract (``passes/float_types.py``):
+The decided contract (``core/float_types.py``):
 
 - float32: compiles (the rest of the suite);
 - float16 / bfloat16 weights *stored* and Cast to float32 before use ("fp16 storage, fp32
@@ -29,7 +29,7 @@ import pytest
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import TinyConfig, tiny_decoder
-from lowbit.passes.float_types import FloatTypesPass, check_float_types
+from lowbit.core.float_types import FloatTypesPass, check_float_types
 
 from .conftest import TEXT, assert_user_error, run_lowbit, write_tokenizer
 

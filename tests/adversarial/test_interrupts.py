@@ -1,6 +1,6 @@
 """In-place compiles stopped at every step of the output swap, by SIGINT, SIGTERM and SIGKILL.
 
-The swap's test hooks (see :mod:`lowbit.compiler.swap`) list the steps a compile goes through and
+The swap's test hooks (see :mod:`lowbit.files.swap`) list the steps a compile goes through and
 pause it at one of them. Whatever the signal and the step, the model directory ends up exactly as
 it was or as the finished compile, never in between: SIGINT/SIGTERM are handled by the process
 itself (exit 130/143), SIGKILL is put right by the next lowbit run, which says so in one line. No

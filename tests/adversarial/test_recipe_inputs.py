@@ -19,7 +19,7 @@ Before (each reproduced here first):
 - ``--dump-dir`` naming a file: ``FileExistsError``; a missing parent was created silently;
 - any compile (not only OPTQ) raised numba's "cannot cache function ... no locator available"
   at import when neither ``$HOME`` nor the package's ``__pycache__`` was writable;
-- ``lowbit bench -o DIR`` (or a device or FIFO) measured for minutes, then replaced it (as root,
+- ``lowbit-bench run -o DIR`` (or a device or FIFO) measured for minutes, then replaced it (as root,
   ``-o /dev/full`` replaced the device node); ``--sections ,`` wrote an empty report and
   ``--contenders ,`` ran every contender.
 """
@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 import lowbit
-from lowbit.compiler.recipe import (MAX_RECIPE_BYTES, ActivationSpec, CalibrationSpec, Recipe, WeightSpec, describe_keys,
+from lowbit.core.recipe import (MAX_RECIPE_BYTES, ActivationSpec, CalibrationSpec, Recipe, WeightSpec, describe_keys,
                                     load_recipe)
 from lowbit.errors import LowbitError
 
@@ -274,7 +274,7 @@ def _site_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """torch-orientation [out, in] shape of each linear site of the tiny model."""
     import onnx_ir as ir
 
-    from lowbit.passes.linear_sites import find_linear_sites
+    from lowbit.core.linear_sites import find_linear_sites
 
     sites = find_linear_sites(ir.load(model_dir / "model.onnx").graph)
     return {s.name: (s.out_features, s.in_features) for s in sites}
@@ -345,14 +345,15 @@ def test_dump_dir_must_be_a_directory_in_an_existing_one(model_dir, dump, fragme
 # -- 4. numba's cache ---------------------------------------------------------------------------
 
 
-def _readonly_run(args: list[str], read_only: list[Path], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+def _readonly_run(args: list[str], read_only: list[Path], env: dict[str, str], cwd: Path,
+                  module: str = "lowbit") -> subprocess.CompletedProcess:  # fmt: skip
     """``python -m lowbit ARGS`` in a private mount namespace where ``read_only`` are read-only
     bind mounts (a user namespace: works unprivileged, and root cannot write through it either)."""
     mounts = "".join(f"mount --bind {shlex.quote(str(p))} {shlex.quote(str(p))} && "
                      f"mount -o remount,bind,ro {shlex.quote(str(p))} && " for p in read_only)  # fmt: skip
     script = f'{mounts}exec "$@"'
     return subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh",
-                           sys.executable, "-m", "lowbit", *args],
+                           sys.executable, "-m", module, *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -375,7 +376,7 @@ def test_optq_compiles_without_writable_home_or_package(model_dir, tmp_path):
 
 @pytest.fixture
 def numba_env(monkeypatch, tmp_path):
-    from lowbit.passes import jit
+    from lowbit.encode import jit
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
@@ -425,7 +426,7 @@ def test_every_numba_user_goes_through_jit():
     assert users == []
 
 
-# -- 5. lowbit bench -------------------------------------------------------------------------------
+# -- 5. lowbit-bench run ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -442,14 +443,15 @@ def test_bench_argument_errors(tmp_path, args, fragment):
     (tmp_path / "afile").write_text("x")
     os.mkfifo(tmp_path / "fifo")
     before = sorted(p.name for p in tmp_path.iterdir())
-    line = assert_user_error(run_lowbit("bench", *args, cwd=tmp_path, timeout=60), fragment)
-    assert line.startswith("lowbit bench: error: ")
+    line = assert_user_error(run_lowbit("run", *args, cwd=tmp_path, timeout=60, module="lowbit.bench"), fragment)
+    assert line.startswith("lowbit-bench run: error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == before and list((tmp_path / "adir").iterdir()) == []
 
 
 def test_bench_unwritable_output(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
-    proc = _readonly_run(["bench", "-o", str(ro / "R.md"), "--sections", "formats"], [ro], dict(os.environ), tmp_path)
-    assert_user_error(proc, f"lowbit bench: error: output directory {ro} is not writable")
+    proc = _readonly_run(["run", "-o", str(ro / "R.md"), "--sections", "formats"], [ro], dict(os.environ), tmp_path,
+                         module="lowbit.bench")  # fmt: skip
+    assert_user_error(proc, f"lowbit-bench run: error: output directory {ro} is not writable")
     assert list(ro.iterdir()) == []

@@ -72,7 +72,7 @@ def test_file_names_are_escaped(tmp_path):
 
 def test_recovery_touches_only_staging_directories_it_laid_out(tmp_path):
     """A user's directory whose name looks like a staging directory is never removed."""
-    from lowbit.compiler.swap import recover
+    from lowbit.files.swap import recover
 
     mine = tmp_path / ".notes.lowbit-swap-abc"
     mine.mkdir()

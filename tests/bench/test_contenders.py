@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.bench import contenders as C
-from lowbit.bench import runner
+from lowbit.bench import peers, runner
 from lowbit.errors import LowbitError
 from lowbit.models import evaluate, footprint
 
@@ -134,7 +134,7 @@ def test_calibration_cells_say_how_many_windows_each_contender_took(tmp_path):
 
     ctx = dataclasses.replace(_ctx(tmp_path, "cells"), peer_windows=1)
     assert C.CONTENDERS["ort-w8a8"].calibration(ctx) == "1 window"
-    assert C._peer_feeds(ctx) == ctx.feeds[:1]
+    assert peers._peer_feeds(ctx) == ctx.feeds[:1]
     assert C.CONTENDERS["fp32"].calibration is None
     rptq = C.CONTENDERS["lowbit-w8a8-rptq"].calibration(ctx)  # the recipe asks for 32: takes what exists
     assert rptq == f"{min(32, len(ctx.windows))} windows"
@@ -145,7 +145,7 @@ def test_contender_descriptions_state_the_recipes_cluster_count():
     import re
 
     from lowbit.bench.lowbit_contenders import NPU_RECIPES, RECIPES
-    from lowbit.compiler.recipe import load_recipe
+    from lowbit.core.recipe import load_recipe
 
     stated = {recipe: int(m.group(1)) for recipe, description, _ in RECIPES + NPU_RECIPES
               if (m := re.search(r"RPTQ (\d+) clusters", description))}  # fmt: skip

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 import lowbit
-from lowbit.compiler import ort_format
+from lowbit.ort import ort_format
 from lowbit.models import evaluate
 from lowbit.models.openvino_session import OpenVinoSession, integer_matmuls
 

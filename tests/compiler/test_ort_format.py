@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import lowbit
-from lowbit.compiler import ort_format
+from lowbit.ort import ort_format
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
 

@@ -13,9 +13,9 @@ import pytest
 
 import lowbit
 from lowbit.compiler.api import load_onnx
-from lowbit.compiler.ortrun import run_on_tokens
+from lowbit.ort.session import run_on_tokens
 from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.core.linear_sites import find_linear_sites
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lowbit.compiler.recipe import available_recipes, describe_keys, load_recipe, parse_override
+from lowbit.core.recipe import available_recipes, describe_keys, load_recipe, parse_override
 from lowbit.errors import LowbitError
 
 REQUIRED = {"w8a8", "w4a8-int4", "w4a8-dint4", "fp8", "nvfp4"}

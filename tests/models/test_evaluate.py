@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from lowbit.compiler.feeds import build_feeds
+from lowbit.ort.feeds import build_feeds
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.errors import LowbitError

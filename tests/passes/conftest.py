@@ -12,13 +12,13 @@ def token_windows() -> list[np.ndarray]:
 def optq_rounded(token_windows):
     """(ctx, model) of the fused-RMSNorm tiny decoder after canonicalization, X^T X capture and
     OPTQ under ``w4a8-dint4`` without smoothing or reordering, plus the given overrides."""
-    from lowbit.compiler.context import CalibrationData, CompileContext
-    from lowbit.compiler.recipe import load_recipe
+    from lowbit.core.context import CalibrationData, CompileContext
+    from lowbit.core.recipe import load_recipe
     from lowbit.models.synthetic import tiny_decoder
     from lowbit.passes.canonicalize import canonicalize_passes
     from lowbit.passes.capture import CapturePass
-    from lowbit.passes.linear_sites import find_linear_sites
-    from lowbit.passes.optq import OptqPass
+    from lowbit.core.linear_sites import find_linear_sites
+    from lowbit.encode.optq import OptqPass
 
     def build(*overrides: str):
         model = tiny_decoder(norm="rms", norm_form="fused")

@@ -3,13 +3,13 @@ CapturePass run over the same windows yields, so the pipeline can run the window
 
 import numpy as np
 
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.capture import CaptureAccumulator, CapturePass
-from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.core.linear_sites import find_linear_sites
 
 
 def _context(windows):

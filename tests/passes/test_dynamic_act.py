@@ -10,8 +10,8 @@ import pytest
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.dynamic_act import dynamic_group_nodes, fake_quant, group_qmax
-from lowbit.passes.initializers import SCALE_FLOOR
+from lowbit.emit.dynamic_act import dynamic_group_nodes, fake_quant, group_qmax
+from lowbit.core.initializers import SCALE_FLOOR
 
 _DYNAMIC = ["activations.granularity=per_token_group", "activations.group_size=16", "activations.outlier_format=none",
             "rounding.method=rtn"]

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 
 import lowbit
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.emit_npu import power_of_two
+from lowbit.emit.npu import power_of_two
 
 INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits")
 STANDARD_OPS = {"QuantizeLinear", "DequantizeLinear", "MatMul", "Split", "Gather", "Sum", "Transpose", "Reshape",

@@ -14,11 +14,11 @@ import onnxruntime as ort
 import pytest
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.context import CompileContext
+from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.emit_qdq import EmitQDQPass, ensure_opset
-from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.emit.qdq import EmitQDQPass, ensure_opset
+from lowbit.core.linear_sites import find_linear_sites
 
 CASES = [  # (format, block_size, symmetric)
     ("int8", 0, True), ("int8", 0, False), ("int4", 16, True), ("int4", 0, True), ("int4", 16, False),

@@ -10,16 +10,16 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from lowbit import formats
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.ortrun import ort_session
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.ort.session import ort_session
 from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.fisher import save_fisher
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.emit_mixed import BITMAP_KEY, decode_bitmap
+from lowbit.emit.mixed import BITMAP_KEY, decode_bitmap
 from lowbit.passes.fisher import fisher_for_site, proxy_for_site
-from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.core.linear_sites import find_linear_sites
 from lowbit.passes.precision import (
     block_impact, candidates, choose_blocks, fraction_for_bits, mixed_weight, n_fp8_blocks, top_k_masks,
 )  # fmt: skip

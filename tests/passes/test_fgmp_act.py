@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.feeds import make_feed
-from lowbit.compiler.ortrun import ort_session
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.ort.feeds import make_feed
+from lowbit.ort.session import ort_session
 from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.fgmp_act import activation_perturbation, calibrated_threshold
+from lowbit.emit.fgmp_act import activation_perturbation, calibrated_threshold
 from lowbit.runtime_ext.reference import fgmp_act_quant
 
 

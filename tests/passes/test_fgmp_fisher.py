@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.models.fisher import empirical_fisher, load_fisher, save_fisher
+from lowbit.core.fisher_file import load_fisher
+from lowbit.models.fisher import empirical_fisher, save_fisher
 
 
 class _TinyLM(torch.nn.Module):

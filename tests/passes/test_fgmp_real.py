@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lowbit.compiler.api import load_onnx
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.ortrun import ort_session
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.ort.session import ort_session
 from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.recipe import load_recipe
 from lowbit.passes.precision import mixed_weight, n_fp8_blocks
 
 pytestmark = pytest.mark.slow

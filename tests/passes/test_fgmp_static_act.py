@@ -9,16 +9,16 @@ import onnx_ir as ir
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.feeds import make_feed
-from lowbit.compiler.ortrun import ort_session
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.ort.feeds import make_feed
+from lowbit.ort.session import ort_session
 from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.formats.minifloat import FP4_E2M1
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.emit_mixed import decode_bitmap
-from lowbit.passes.fgmp_static_act import (
+from lowbit.emit.mixed import decode_bitmap
+from lowbit.emit.fgmp_static_act import (
     ACT_BITMAP_KEY, CLIP_RATIOS, ChannelPlan, ChannelStatsAccumulator, choose_channels, static_act_nodes, static_act_quant,
 )  # fmt: skip
 from lowbit.passes.precision import activation_fp8_fraction, n_fp8_blocks

@@ -8,19 +8,19 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lowbit.compiler.context import CalibrationData, CompileContext
+from lowbit.core.context import CalibrationData, CompileContext
 from lowbit.compiler.api import load_onnx
-from lowbit.compiler.feeds import build_feeds, make_feed
-from lowbit.compiler.ortrun import ort_session, run_on_tokens
+from lowbit.ort.feeds import build_feeds, make_feed
+from lowbit.ort.session import ort_session, run_on_tokens
 from lowbit.compiler.pipeline import run_pipeline
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.passes.calibrate import CalibratePass
-from lowbit.passes.initializers import SCALE_FLOOR
+from lowbit.core.initializers import SCALE_FLOOR
 from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.kv_quant import kv_qparams, kv_range
-from lowbit.passes.kv_sites import kv_inputs, to_channels
-from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.emit.kv import kv_qparams, kv_range
+from lowbit.core.kv_sites import kv_inputs, to_channels
+from lowbit.core.linear_sites import find_linear_sites
 from lowbit.passes.smooth import SmoothPass
 
 IDS = np.arange(20, dtype=np.int64) * 7 % 64

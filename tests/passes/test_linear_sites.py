@@ -3,7 +3,7 @@
 import pytest
 
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.core.linear_sites import find_linear_sites
 from lowbit.passes.norm_fusion import FuseNormsPass
 
 

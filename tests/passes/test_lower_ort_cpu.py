@@ -15,13 +15,13 @@ import pytest
 import lowbit
 from lowbit import formats
 from lowbit import runtime_ext as rx
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.compiler.pipeline import build_pipeline
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.linear_sites import find_linear_sites
-from lowbit.passes.lower_ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass, read_weight_encoding
+from lowbit.core.linear_sites import find_linear_sites
+from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass, read_weight_encoding
 from lowbit.runtime_ext.reference import decode_weight
 
 IDS = (np.arange(12, dtype=np.int64) * 5 % 64)[None]

@@ -9,7 +9,7 @@ import pytest
 
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.passes.norm_fusion import FuseNormsPass
-from lowbit.compiler.ortrun import run_on_tokens
+from lowbit.ort.session import run_on_tokens
 
 
 def run_logits(model, ids):

@@ -7,16 +7,16 @@ import pytest
 import scipy.linalg
 
 from lowbit import formats
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.ortrun import ort_session
-from lowbit.compiler.feeds import build_feeds
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.ort.session import ort_session
+from lowbit.ort.feeds import build_feeds
+from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.emit_qdq import EmitQDQPass
-from lowbit.passes.linear_sites import find_linear_sites
-from lowbit.passes.optq import OptqPass, optq_round, optq_round_batch
-from lowbit.passes.optq_kernel import element_kind, round_element, rtn_round
+from lowbit.emit.qdq import EmitQDQPass
+from lowbit.core.linear_sites import find_linear_sites
+from lowbit.encode.optq import OptqPass, optq_round, optq_round_batch
+from lowbit.encode.optq_kernel import element_kind, round_element, rtn_round
 from lowbit.formats.choosers import search_ratios
 
 
@@ -169,7 +169,7 @@ def test_optq_equals_the_reference_on_synthetic_problems(fmt, block, method, act
 def test_optq_loop_error_is_the_damped_proxy_error(block, act_order):
     """The report's OPTQ error, summed from the loop's scaled errors, equals tr(D^T H_damped D)
     computed directly (a dead input channel included)."""
-    from lowbit.passes.optq import _optq_solve, _proxy_errors
+    from lowbit.encode.optq import _optq_solve, _proxy_errors
 
     x, w = _problem(k=160, n=24, seed=7)
     x[:, 5] = 0.0
@@ -197,7 +197,7 @@ def test_optq_equals_the_reference_and_beats_rtn_on_a_real_site(smollm2_export, 
     for ids in calib_windows[:2]:
         x = session.run([name], build_feeds(session, ids))[0].reshape(-1, 576).astype(np.float64)
         h = h + x.T @ x
-    from lowbit.passes.folding import weight_kn
+    from lowbit.core.folding import weight_kn
 
     w = np.concatenate([weight_kn(s) for s in group], axis=1)
     q, scale = optq_round(w, h, "dint4", 32, scale_method="mse")
@@ -212,8 +212,8 @@ def test_optq_equals_the_reference_and_beats_rtn_on_a_real_site(smollm2_export, 
 
     assert proxy(q) < 0.8 * proxy(rtn)
     # the scale refit on the same real site: no column's damped error rises, the total falls
-    from lowbit.passes.optq import _proxy_errors
-    from lowbit.passes.scale_refit import refit_block_scales
+    from lowbit.encode.optq import _proxy_errors
+    from lowbit.encode.scale_refit import refit_block_scales
 
     refit, _, refit_err = refit_block_scales(w, q, scale, h, 0.01, 32, _proxy_errors(w, q, h, 0.01))
     before, after = _proxy_errors(w, q, h, 0.01), _proxy_errors(w, refit, h, 0.01)

@@ -9,16 +9,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.feeds import make_feed
-from lowbit.compiler.ortrun import ort_session, run_on_tokens
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.ort.feeds import make_feed
+from lowbit.ort.session import ort_session, run_on_tokens
+from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.emit_qdq import EmitQDQPass
-from lowbit.passes.linear_sites import find_linear_sites
-from lowbit.passes.folding import FoldTarget, producer_permutation
+from lowbit.emit.qdq import EmitQDQPass
+from lowbit.core.linear_sites import find_linear_sites
+from lowbit.core.folding import FoldTarget, producer_permutation
 from lowbit.passes.reorder import ReorderPass, cluster_channels, head_local_order
 
 IDS = np.arange(20, dtype=np.int64) * 5 % 64

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from lowbit import formats
-from lowbit.compiler.recipe import load_recipe
-from lowbit.passes.optq import _optq_solve, _proxy_errors
-from lowbit.passes.scale_refit import refit_block_scales
+from lowbit.core.recipe import load_recipe
+from lowbit.encode.optq import _optq_solve, _proxy_errors
+from lowbit.encode.scale_refit import refit_block_scales
 
 
 def _problem(k, n, seed):

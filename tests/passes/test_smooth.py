@@ -4,15 +4,15 @@ the search never picks a candidate worse than no scaling on its own objective.""
 import numpy as np
 import pytest
 
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.ortrun import run_on_tokens
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.ort.session import run_on_tokens
+from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.capture import CapturePass
-from lowbit.passes.folding import _gqa_map
-from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.core.folding import _gqa_map
+from lowbit.core.linear_sites import find_linear_sites
 from lowbit.passes.smooth import SmoothPass, candidate_scales
 
 IDS = np.arange(20, dtype=np.int64) * 3 % 64

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from lowbit.compiler.api import load_onnx
-from lowbit.compiler.context import CalibrationData, CompileContext
-from lowbit.compiler.ortrun import run_on_tokens
-from lowbit.compiler.recipe import load_recipe
+from lowbit.core.context import CalibrationData, CompileContext
+from lowbit.ort.session import run_on_tokens
+from lowbit.core.recipe import load_recipe
 from lowbit.passes.calibrate import CalibratePass
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.capture import CapturePass
-from lowbit.passes.linear_sites import find_linear_sites
+from lowbit.core.linear_sites import find_linear_sites
 from lowbit.passes.reorder import ReorderPass
 from lowbit.passes.smooth import SmoothPass
 

@@ -25,10 +25,10 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
-from lowbit.compiler.feeds import make_feed
-from lowbit.compiler.ortrun import ort_session
-from lowbit.passes.emit_qdq import ensure_opset
+from lowbit.core.context import CompileContext
+from lowbit.ort.feeds import make_feed
+from lowbit.ort.session import ort_session
+from lowbit.emit.qdq import ensure_opset
 from lowbit.passes.precision import BLOCK, activation_fp8_fraction, activation_groups, n_fp8_blocks
 
 __all__ = ["FgmpActivationsPass", "activation_perturbation", "calibrated_threshold"]

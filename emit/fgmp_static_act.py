@@ -54,15 +54,15 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from lowbit.compiler.context import CompileContext
-from lowbit.compiler.feeds import make_feed
-from lowbit.compiler.ortrun import ort_session
+from lowbit.core.context import CompileContext
+from lowbit.ort.feeds import make_feed
+from lowbit.ort.session import ort_session
 from lowbit.errors import LowbitError
 from lowbit.formats.minifloat import FP4_E2M1, FP8_E4M3
-from lowbit.passes.emit_mixed import encode_bitmap
-from lowbit.passes.emit_qdq import ensure_opset
-from lowbit.passes.initializers import add_initializer
-from lowbit.passes.linear_sites import LinearSite
+from lowbit.emit.mixed import encode_bitmap
+from lowbit.emit.qdq import ensure_opset
+from lowbit.core.initializers import add_initializer
+from lowbit.core.linear_sites import LinearSite
 from lowbit.passes.precision import BLOCK, FP8_BITS, NVFP4_BITS, activation_fp8_fraction, activation_groups, n_fp8_blocks, top_k_masks
 
 __all__ = [

@@ -21,12 +21,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from lowbit.compiler.ort_format import CONFIG_SUFFIX
-from lowbit.compiler.swap import Swap, recover
+from lowbit.files.swap import Swap, recover
 from lowbit.errors import LowbitError
 
 __all__ = ["atomic_path", "check_model_output", "check_writable_parent", "file_output_names", "normalized", "read_json",
            "recover_around"]
+
+# ORT-format companions of NAME.onnx: NAME.ort and this config (lowbit.ort.ort_format writes them)
+CONFIG_SUFFIX = ".required_operators_and_types.config"
 
 
 def normalized(path: str | os.PathLike) -> Path:

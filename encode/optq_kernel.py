@@ -21,7 +21,7 @@ import numpy as np
 from lowbit.errors import LowbitError
 from lowbit.formats.dint import DintElement
 from lowbit.formats.integer import IntElement
-from lowbit.passes.jit import numba  # with its cache in a private, writable directory
+from lowbit.encode.jit import numba  # with its cache in a private, writable directory
 
 __all__ = ["KIND_DINT", "KIND_INT", "element_kind", "optq_batch", "round_element", "rtn_round"]
 

@@ -1,7 +1,7 @@
 """Emit standard ONNX QDQ for every linear site: weights as DequantizeLinear chains over stored
 codes, activations as one QuantizeLinear/DequantizeLinear pair per shared input (or, with
 ``activations.granularity = per_token_group``, the run-time group quantizer of
-:mod:`lowbit.passes.dynamic_act`).
+:mod:`lowbit.emit.dynamic_act`).
 
 Assumes: the linear-site map, and (when activations are quantized) ``activation_stats`` from
 calibration. Not function-preserving (it quantizes). Guarantees:
@@ -33,13 +33,14 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
+from lowbit.encode.activations import activation_qparams, cluster_ranges
 from lowbit.errors import LowbitError
-from lowbit.passes.dynamic_act import dynamic_group_nodes, group_qmax
-from lowbit.passes.initializers import add_initializer
-from lowbit.passes.linear_sites import LinearSite
+from lowbit.emit.dynamic_act import dynamic_group_nodes, group_qmax
+from lowbit.core.initializers import add_initializer
+from lowbit.core.linear_sites import LinearSite
 
-__all__ = ["EmitQDQPass", "activation_qparams", "add_initializer", "cluster_ranges", "ensure_opset", "quantizable_groups",
+__all__ = ["EmitQDQPass", "add_initializer", "ensure_opset", "quantizable_groups",
            "stored_codes", "weight_dq_nodes"]
 
 logger = logging.getLogger(__name__)
@@ -121,51 +122,6 @@ def weight_dq_nodes(graph: ir.Graph, site: LinearSite, enc: formats.Encoded, fmt
     dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     nodes.append(dq)
     return nodes, dq.outputs[0]
-
-
-def activation_qparams(stats, spec, round_scale: Callable[[np.ndarray], np.ndarray] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, int | None]:  # fmt: skip
-    """Static activation scale/zero point from calibrated ranges: (scale, zero_point, axis).
-
-    ``round_scale`` (e.g. to a power of two) is applied to integer scales before the zero point
-    is derived from them, so the zero point matches the scale actually stored."""
-    lo, hi = stats.min.astype(np.float64), stats.max.astype(np.float64)
-    if spec.range == "percentile":
-        p = stats.percentile.astype(np.float64)
-        lo, hi = np.maximum(lo, -p), np.minimum(hi, p)
-    if spec.granularity == "per_tensor":
-        lo, hi = np.array(lo.min()), np.array(hi.max())
-    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-    axis = -1 if spec.granularity == "per_channel" else None
-    if spec.format == "fp8_e4m3":
-        scale = np.maximum(-lo, hi) / 448.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        return scale, np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), axis
-    round_scale = round_scale or (lambda s: s)
-    if spec.symmetric:
-        qmax, dtype = {"int4": (7.0, ml_dtypes.int4), "int16": (32767.0, np.int16)}.get(spec.format, (127.0, np.int8))
-        scale = np.maximum(-lo, hi) / qmax
-        scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
-        return scale, np.zeros(scale.shape, dtype), axis
-    qmax, dtype = (65535.0, np.uint16) if spec.format == "int16" else (255.0, np.uint8)
-    scale = (hi - lo) / qmax
-    scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
-    zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(dtype)
-    return scale, zp, axis
-
-
-def cluster_ranges(stats, labels: np.ndarray) -> SimpleNamespace:
-    """Per-channel min/max (and percentile) replaced by their cluster's extreme values."""
-    out = {}
-    pct = stats.percentile if stats.percentile_sum is not None and stats.windows else None
-    for attr, values, reduce in (("min", stats.min, np.minimum), ("max", stats.max, np.maximum), ("percentile", pct, np.maximum)):
-        if values is None:
-            continue
-        init = np.inf if reduce is np.minimum else -np.inf
-        per = np.full(labels.max() + 1, init)
-        reduce.at(per, labels, values)
-        out[attr] = per[labels].astype(np.float32)
-    return SimpleNamespace(**out)
 
 
 def quantizable_groups(ctx: CompileContext) -> list[list[LinearSite]]:

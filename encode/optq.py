@@ -10,7 +10,7 @@ the recipe's grid with the recipe's block layout, so emission is unchanged other
 
 Blocked scales are chosen when the rounding reaches a block, from the error-compensated weights
 (as GPTQ's grouped variant does), with the recipe's scale chooser; with ``rounding.refit_scales``
-they are then refit to the final codes (:mod:`lowbit.passes.scale_refit`). The report records,
+they are then refit to the final codes (:mod:`lowbit.encode.scale_refit`). The report records,
 per site, the proxy output error tr(dW^T H dW) of RTN and of OPTQ, H damped as OPTQ damps it
 (OPTQ's comes from its own loop, updated by the refit; RTN's is estimated on up to 128 evenly
 spaced output columns per site).
@@ -22,7 +22,7 @@ Speed: the algorithm is K sequential steps per problem, so the cost was numpy ca
   stacked and stepped together, each with its own H.
 - The sequential part -- round a channel, choose a block's scales when the rounding reaches it,
   push the error onto the rest of the lazy batch -- is one compiled loop
-  (:mod:`lowbit.passes.optq_kernel`, numba, parallel over problems and column chunks); the
+  (:mod:`lowbit.encode.optq_kernel`, numba, parallel over problems and column chunks); the
   batch's errors reach the later channels as one matrix product (GPTQ's lazy batch update).
 - The inverse-Hessian factor comes from one Cholesky factorization and a triangular inverse.
 
@@ -45,12 +45,12 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
-from lowbit.passes.folding import weight_kn
-from lowbit.passes.optq_kernel import element_kind, optq_batch, rtn_round
-from lowbit.passes.scale_refit import refit_block_scales
+from lowbit.core.folding import weight_kn
+from lowbit.encode.optq_kernel import element_kind, optq_batch, rtn_round
+from lowbit.encode.scale_refit import refit_block_scales
 
 __all__ = ["OptqPass", "optq_round", "optq_round_batch"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
-from lowbit.compiler.scratch import scratch_dir
+from lowbit.files.scratch import scratch_dir
 
 __all__ = ["ort_session", "run_on_tokens"]
 
@@ -49,7 +49,7 @@ def ort_session(model: ir.Model, extra_outputs: Iterable[ir.Value] = (), *,
 
 def run_on_tokens(model: ir.Model, ids) -> list:
     """All graph outputs of ``model`` for one token window (feeds built from its inputs)."""
-    from lowbit.compiler.feeds import build_feeds
+    from lowbit.ort.feeds import build_feeds
 
     session = ort_session(model)
     return session.run(None, build_feeds(session, ids))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passes.initializers import SCALE_FLOOR, add_initializer
+from lowbit.core.initializers import SCALE_FLOOR, add_initializer
 
 __all__ = ["dynamic_group_nodes", "fake_quant", "group_qmax"]
 

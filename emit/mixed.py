@@ -6,7 +6,7 @@ their inputs). Not function-preserving (it quantizes). For each assigned site:
 
     W = DQ_nvfp4(codes4 with FP8 blocks zeroed) + DQ_fp8(codes8 with NVFP4 blocks zeroed)
 
-Each branch is :func:`lowbit.passes.emit_qdq.weight_dq_nodes` (exact in ``qdq``: NVFP4 as int8
+Each branch is :func:`lowbit.emit.qdq.weight_dq_nodes` (exact in ``qdq``: NVFP4 as int8
 codes of 2v with half scales, FP8 as FLOAT8E4M3FN per-channel; FLOAT4E2M1 + FP8-scale chains in
 ``qdq-fp4``). In every element one branch decodes to +0, and ``v + 0 == v`` in float32, so the sum
 equals :func:`lowbit.passes.precision.mixed_weight` bit for bit (a -0 becomes +0). A site with no
@@ -26,10 +26,10 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
-from lowbit.passes.emit_qdq import ensure_opset, weight_dq_nodes
-from lowbit.passes.linear_sites import LinearSite
+from lowbit.emit.qdq import ensure_opset, weight_dq_nodes
+from lowbit.core.linear_sites import LinearSite
 from lowbit.passes.precision import BITMAP_BITS, FP8_BITS, NVFP4_BITS, SiteChoice
 
 __all__ = ["BITMAP_KEY", "EmitMixedWeightsPass", "decode_bitmap", "encode_bitmap", "masked"]

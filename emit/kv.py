@@ -2,7 +2,7 @@
 W4A4KV experiments), with one scale per tensor, per head, or per (head, head_dim) channel.
 
 Assumes the linear-site map (attentions are found as the feeders of o_proj sites, layouts in
-:mod:`lowbit.passes.kv_sites`) and ``activation_stats`` from calibration, whose K/V entries are
+:mod:`lowbit.core.kv_sites`) and ``activation_stats`` from calibration, whose K/V entries are
 per (head, channel) and were kept exact through smoothing (V's channels are rescaled with the
 o_proj input's, see ``ActivationStats.links``) -- so this pass runs no model. Not
 function-preserving (it quantizes). Guarantees: each K/V input of an attention (the fused
@@ -39,11 +39,11 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
-from lowbit.passes.emit_qdq import ensure_opset
-from lowbit.passes.initializers import SCALE_FLOOR, add_initializer
-from lowbit.passes.kv_sites import KvInput, broadcast_shape, kv_inputs
+from lowbit.emit.qdq import ensure_opset
+from lowbit.core.initializers import SCALE_FLOOR, add_initializer
+from lowbit.core.kv_sites import KvInput, broadcast_shape, kv_inputs
 
 __all__ = ["KvQuantPass", "kv_qparams", "kv_range"]
 

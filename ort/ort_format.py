@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.files.fsutil import CONFIG_SUFFIX
 
 __all__ = ["ORT_SESSION_CONFIG", "config_path_for", "ort_path_for", "write_ort_format"]
 
@@ -34,7 +35,6 @@ __all__ = ["ORT_SESSION_CONFIG", "config_path_for", "ort_path_for", "write_ort_f
 # it applies the same fusions as the .ort holds.
 ORT_SESSION_CONFIG = {"session.qdqisint8allowed": "1"}
 
-CONFIG_SUFFIX = ".required_operators_and_types.config"
 
 
 def ort_path_for(onnx_path: Path) -> Path:

@@ -292,7 +292,7 @@ class PrecisionSpec(_Spec):
         _require(self.act_fp8_fraction <= 1.0, "precision.act_fp8_fraction", "must be <= 1 (< 0: the weights' budget)")
         _require(self.seed >= 0, "precision.seed", "must be >= 0")
         if self.fisher_file:  # the file's layout now, not after minutes of calibration
-            from lowbit.passes.fisher import check_fisher_file
+            from lowbit.core.fisher_file import check_fisher_file
 
             check_fisher_file(self.fisher_file, "recipe key 'precision.fisher_file'")
 

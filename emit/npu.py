@@ -36,12 +36,13 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
-from lowbit.passes.emit_qdq import activation_qparams, ensure_opset, quantizable_groups, stored_codes
-from lowbit.passes.folding import weight_kn
-from lowbit.passes.initializers import add_initializer
-from lowbit.passes.linear_sites import LinearSite
+from lowbit.encode.activations import activation_qparams
+from lowbit.emit.qdq import ensure_opset, quantizable_groups, stored_codes
+from lowbit.core.folding import weight_kn
+from lowbit.core.initializers import add_initializer
+from lowbit.core.linear_sites import LinearSite
 
 __all__ = ["EmitNpuPass", "power_of_two"]
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lowbit.compiler.scratch import is_held
+from lowbit.files.scratch import is_held
 
 __all__ = ["Swap", "recover", "remove_entry"]
 

@@ -4,7 +4,7 @@ Assumes: :class:`EmitQDQPass` ran with a 4-bit ``weights.format`` the native ker
 (dint4, nvfp4, int4, mxfp4; symmetric), so every quantized weight reaches its MatMul as
 ``DequantizeLinear(codes, scale) [-> Transpose(perm=[1, 0])] -> MatMul`` with constant codes
 (int8 codes of 2 x value with half scales for dint/FP4 formats, INT4 codes for int4; see
-:mod:`lowbit.passes.emit_qdq`); :class:`FindEmbeddingsPass` ran before emission when embeddings
+:mod:`lowbit.emit.qdq`); :class:`FindEmbeddingsPass` ran before emission when embeddings
 are to be lowered. Not function-preserving as a pipeline step, but see the guarantees.
 
 Guarantees:
@@ -41,10 +41,10 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lowbit import formats
-from lowbit.compiler.context import CompileContext
+from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.formats.minifloat import FP8_E4M3
-from lowbit.passes.initializers import add_initializer
+from lowbit.core.initializers import add_initializer
 from lowbit.runtime_ext import (
     DOMAIN,
     GatherSpec,

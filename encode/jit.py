@@ -53,7 +53,7 @@ def _trusted(path: Path) -> bool:
 
 
 def _user_cache() -> Path | None:
-    from lowbit.models.export import cache_root
+    from lowbit.files.paths import cache_root
 
     try:
         path = Path(os.path.abspath(cache_root() / "numba"))

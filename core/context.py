@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.compiler.model_checks import check_ir_external_data, check_token_ids, ir_vocab_limits
-from lowbit.passes.float_types import check_float_types
-from lowbit.compiler.recipe import Recipe
+from lowbit.core.model_checks import check_ir_external_data, check_token_ids, ir_vocab_limits
+from lowbit.core.float_types import check_float_types
+from lowbit.core.recipe import Recipe
 
 __all__ = ["CalibrationData", "CompileContext"]
 
@@ -36,7 +37,8 @@ class CalibrationData:
 
 
 class CompileContext:
-    def __init__(self, model: ir.Model, recipe: Recipe, calibration: CalibrationData | None = None) -> None:
+    def __init__(self, model: ir.Model, recipe: Recipe, calibration: CalibrationData | None = None, *,
+                 fisher_provider: Callable[[], Path | None] | None = None) -> None:  # fmt: skip
         # The model and its calibration data meet here, before any pass reads a weight or runs
         # the model (--verify runs it on the first window before the first pass): external data
         # must lie inside its files, token ids inside the embedding table and the logits.
@@ -50,6 +52,9 @@ class CompileContext:
         self.model = model
         self.recipe = recipe
         self.calibration = calibration
+        # the Fisher side file of this model when the recipe names none (the compiler knows where
+        # the model came from; passes never load a torch model themselves)
+        self.fisher_provider = fisher_provider
         self.report: dict[str, Any] = {"recipe": recipe.to_dict(), "passes": [], "sites": {}}
         self._analyses: dict[str, Any] = {}
         self._builders: dict[str, Callable[[CompileContext], Any]] = {}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passes.linear_sites import LinearSite
+from lowbit.core.linear_sites import LinearSite
 
 __all__ = ["FoldTarget", "fold_target", "producer_permutation", "set_weight_kn", "weight_kn"]
 

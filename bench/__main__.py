@@ -1,0 +1,5 @@
+import sys
+
+from lowbit.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,28 @@
+"""``lowbit-bench`` (also ``python -m lowbit.bench``): the measurement commands, kept out of the
+product's ``lowbit`` command so that nothing in the product imports ``lowbit.bench``.
+
+Commands: ``run`` (every contender side by side -> ``bench/RESULTS.md``) and ``demo`` (what
+``make demo`` runs). Errors, signals and scratch files behave exactly as in ``lowbit``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lowbit.compiler.cli import main as _cli_main
+
+__all__ = ["COMMANDS", "main"]
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("lowbit.bench.cli_bench", "measure lowbit and its peers side by side (writes bench/RESULTS.md)"),
+    "demo": ("lowbit.bench.demo", "export -> compile -> evaluate SmolLM2-135M, print a table"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli_main(argv, commands=COMMANDS, prog="lowbit-bench",
+                     description="measure lowbit against its peers on the same model, data and machine")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Static activation encodings: the scale and zero point of every quantized activation, from the
+ranges calibration observed (optionally merged per RPTQ cluster).
+
+Owns the mapping calibrated range -> (scale, zero point, axis); emitters write what it returns and
+the scale searches (smoothing) evaluate the same numbers, so what is searched is what is emitted.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["activation_qparams", "cluster_ranges"]
+
+
+def activation_qparams(stats, spec, round_scale: Callable[[np.ndarray], np.ndarray] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, int | None]:  # fmt: skip
+    """Static activation scale/zero point from calibrated ranges: (scale, zero_point, axis).
+
+    ``round_scale`` (e.g. to a power of two) is applied to integer scales before the zero point
+    is derived from them, so the zero point matches the scale actually stored."""
+    lo, hi = stats.min.astype(np.float64), stats.max.astype(np.float64)
+    if spec.range == "percentile":
+        p = stats.percentile.astype(np.float64)
+        lo, hi = np.maximum(lo, -p), np.minimum(hi, p)
+    if spec.granularity == "per_tensor":
+        lo, hi = np.array(lo.min()), np.array(hi.max())
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    axis = -1 if spec.granularity == "per_channel" else None
+    if spec.format == "fp8_e4m3":
+        scale = np.maximum(-lo, hi) / 448.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return scale, np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), axis
+    round_scale = round_scale or (lambda s: s)
+    if spec.symmetric:
+        qmax, dtype = {"int4": (7.0, ml_dtypes.int4), "int16": (32767.0, np.int16)}.get(spec.format, (127.0, np.int8))
+        scale = np.maximum(-lo, hi) / qmax
+        scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
+        return scale, np.zeros(scale.shape, dtype), axis
+    qmax, dtype = (65535.0, np.uint16) if spec.format == "int16" else (255.0, np.uint8)
+    scale = (hi - lo) / qmax
+    scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
+    zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(dtype)
+    return scale, zp, axis
+
+
+def cluster_ranges(stats, labels: np.ndarray) -> SimpleNamespace:
+    """Per-channel min/max (and percentile) replaced by their cluster's extreme values."""
+    out = {}
+    pct = stats.percentile if stats.percentile_sum is not None and stats.windows else None
+    for attr, values, reduce in (("min", stats.min, np.minimum), ("max", stats.max, np.maximum), ("percentile", pct, np.maximum)):
+        if values is None:
+            continue
+        init = np.inf if reduce is np.minimum else -np.inf
+        per = np.full(labels.max() + 1, init)
+        reduce.at(per, labels, values)
+        out[attr] = per[labels].astype(np.float32)
+    return SimpleNamespace(**out)
