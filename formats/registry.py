@@ -27,7 +27,7 @@ from lowbit.formats.element import ElementFormat
 from lowbit.formats.integer import IntElement
 from lowbit.formats.minifloat import FP4_E2M1, FP8_E4M3, FP8_E5M2
 
-__all__ = ["ScaleKind", "ScaledFormat", "FORMATS", "get_format", "code_table"]
+__all__ = ["ScaleKind", "ScaledFormat", "FORMATS", "get_format", "code_table", "integer_codes"]
 
 
 class ScaleKind(enum.Enum):
@@ -72,6 +72,20 @@ class ScaledFormat:
     def supports_asymmetric(self) -> bool:
         return isinstance(self.element, IntElement) and self.scale_kind is ScaleKind.FLOAT32
 
+    @property
+    def half_step_storage(self) -> bool:
+        """Elements are multiples of 1/2 but not all integers (dINT, E2M1-based) and 2 * value fits
+        int8: stored exactly in standard ONNX as int8 codes of 2 * value with half the scale
+        (dINT8, whose 2 * 127 does not fit, has no exact standard-ONNX storage)."""
+        grid = self.element.grid.astype(np.float64)
+        halves = np.all(2 * grid == np.rint(2 * grid)) and not np.all(grid == np.rint(grid))
+        return bool(halves and 2 * np.abs(grid).max() <= 127)
+
+    def block_size(self, requested: int | None) -> int | None:
+        """The block size a tensor of this format uses: ``requested`` (0/None = none asked), else
+        the format's own (16 for NVFP4, 32 for MX), else None (per channel)."""
+        return requested or self.default_block_size
+
 
 def _build() -> dict[str, ScaledFormat]:
     formats: dict[str, ScaledFormat] = {}
@@ -109,3 +123,19 @@ def code_table(fmt: str | ScaledFormat) -> np.ndarray:
     For nvfp4/mxfp4 this is the E2M1 table (16 entries), for mxfp8 the E4M3 one (256).
     """
     return get_format(fmt).element.code_table()
+
+
+def integer_codes(name: str, signed: bool = True) -> tuple[int, int, type]:
+    """(lowest code, highest code, numpy/ml_dtypes storage type) of an integer activation or
+    weight format ``int4`` / ``int8`` / ``int16``: signed two's complement, or unsigned codes
+    with a zero point (``signed=False``)."""
+    import ml_dtypes
+
+    bits = {"int4": 4, "int8": 8, "int16": 16}.get(name)
+    if bits is None:
+        raise LowbitError(f"{name!r} is not an integer code format (int4, int8, int16)")
+    if signed:
+        dtype = {4: ml_dtypes.int4, 8: np.int8, 16: np.int16}[bits]
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1, dtype
+    dtype = {4: ml_dtypes.uint4, 8: np.uint8, 16: np.uint16}[bits]
+    return 0, (1 << bits) - 1, dtype
