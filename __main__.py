@@ -1,3 +1,5 @@
+"""``python -m lowbit``: the ``lowbit`` command line (:mod:`lowbit.compiler.cli`)."""
+
 import sys
 
 from lowbit.compiler.cli import main

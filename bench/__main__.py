@@ -1,3 +1,5 @@
+"""``python -m lowbit.bench``: the ``lowbit-bench`` command (bench/cli.py)."""
+
 import sys
 
 from lowbit.bench.cli import main

@@ -123,9 +123,7 @@ def _calibration(arg: Any, source: _Source, recipe: Recipe) -> CalibrationData |
         # SLAC probes: prefixes of the same windows, i.e. the same text with a shorter context
         probes = {n: [w[..., :n] for w in windows[: cal.slac_windows]] for n in cal.slac_lengths if n < length}
         return CalibrationData(windows, {n: p for n, p in probes.items() if p}, source="given token windows")
-    # FGMP (Fisher, activation choice), smoothing and OPTQ (X^T X) need data even for float activations
-    needs_data = recipe.precision.enabled or recipe.smooth.method != "none" or recipe.rounding.method == "optq"
-    if recipe.activations.format == "none" and not needs_data:
+    if not recipe.needs_calibration:
         return None
     beside = source.directory or (source.file.parent if source.file is not None else None)
     if beside is None or not any((beside / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):

@@ -22,23 +22,26 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from lowbit.core.context import CompileContext
 from lowbit.ort.session import run_on_tokens
 from lowbit.errors import LowbitError
-from lowbit.passes.calibrate import CalibratePass
-from lowbit.passes.capture import CapturePass
+from lowbit.core.recipe import Recipe
+from lowbit.ort.observe import Accumulator, ObservePass
+from lowbit.passes.calibrate import CalibrationAccumulator
+from lowbit.passes.capture import CaptureAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.emit.mixed import EmitMixedWeightsPass
 from lowbit.emit.npu import EmitNpuPass
 from lowbit.emit.qdq import EmitQDQPass
-from lowbit.emit.fgmp_act import FgmpActivationsPass
+from lowbit.emit.fgmp_act import FgmpActivationsPass, PerturbationAccumulator, observed_early
 from lowbit.emit.fgmp_static_act import FgmpStaticActivationsPass
 from lowbit.emit.kv import KvQuantPass
-from lowbit.core.linear_sites import find_linear_sites
 from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass
+from lowbit.emit.reorder_norm import FuseReorderNormPass
+from lowbit.encode.weights import EncodeWeightsPass
 from lowbit.encode.optq import OptqPass
 from lowbit.passes.precision import AssignPrecisionPass
 from lowbit.passes.reorder import ReorderPass
 from lowbit.passes.smooth import SmoothPass
 
-__all__ = ["Instrumented", "PipelineOptions", "build_pipeline", "run_pipeline"]
+__all__ = ["Instrumented", "PipelineOptions", "build_pipeline", "observers", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ class Instrumented(ir.passes.InPlacePass):
         entry = {"pass": self.name, "seconds": round(seconds, 3), "modified": bool(result.modified),
                  "nodes_before": nodes_before, "nodes_after": model.graph.num_nodes()}  # fmt: skip
         if result.modified:
-            self.ctx.invalidate("linear_sites")
+            self.ctx.analyses.graph_edited()  # structural analyses are rebuilt from the edited graph
             if self.verifier is not None and not verify:
                 self.verifier.reference = None  # a quantizing pass: later checks compare to the new model
         if verify and result.modified:
@@ -133,6 +136,24 @@ class Instrumented(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=result.modified)
 
 
+def observers(recipe: Recipe) -> list[Accumulator]:
+    """The statistics the recipe's passes read, gathered in the compile's one observation run
+    (none: no run). Whether calibration data is needed at all is ``recipe.needs_calibration``;
+    this picks which analyses that data feeds."""
+    if not recipe.needs_calibration:
+        return []
+    p = recipe.precision
+    ranges = (recipe.activations.format != "none" or recipe.kv.format != "none" or recipe.smooth.method != "none"
+              or (p.enabled and p.activations == "static")  # per-channel absmax
+              or (p.enabled and (p.sensitivity == "proxy" or (p.sensitivity == "auto" and not p.fisher_file))))  # fmt: skip
+    accumulators: list[Accumulator] = [CalibrationAccumulator()] if ranges else []
+    if recipe.smooth.method != "none" or (recipe.rounding.method == "optq" and recipe.weights.format != "none"):
+        accumulators.append(CaptureAccumulator(recipe.smooth.sample_tokens))  # X^T X, row samples
+    if p.enabled and p.activations == "runtime" and observed_early(recipe):
+        accumulators.append(PerturbationAccumulator())
+    return accumulators
+
+
 def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]:
     """(pass, function_preserving) in order, as the recipe asks."""
     steps: list[tuple[ir.passes.PassBase, bool]] = [(p, True) for p in canonicalize_passes()]
@@ -140,13 +161,9 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
     smooth = recipe.smooth.method != "none"
     fgmp = recipe.precision.enabled
     static_acts = fgmp and recipe.precision.activations == "static"  # needs per-channel absmax
-    capture = smooth or recipe.rounding.method == "optq"  # X^T X and row samples per input group
-    kv = recipe.kv.format != "none"  # K/V ranges come from the shared calibration run
-    if recipe.activations.format != "none" or smooth or static_acts or kv or (fgmp and recipe.precision.sensitivity == "proxy"):
-        # one run over the calibration windows serves both analyses
-        steps.append((CalibratePass(ctx, recipe.smooth.sample_tokens if capture else None), True))
-    elif capture:
-        steps.append((CapturePass(ctx, recipe.smooth.sample_tokens), True))
+    accumulators = observers(recipe)
+    if accumulators:  # the one run over the calibration windows (lowbit.ort.observe)
+        steps.append((ObservePass(ctx, accumulators), True))
     if smooth:
         steps.append((SmoothPass(ctx), True))
     if recipe.reorder.clusters and recipe.activations.format != "none":
@@ -164,20 +181,23 @@ def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]
     ort_cpu = recipe.target == "ort-cpu"
     if ort_cpu:  # analysis only: embedding tables and their tied sites, before emission unties them
         steps.append((FindEmbeddingsPass(ctx), True))
+    if recipe.weights.format != "none" and not fgmp:  # analysis only: every site's exact encoding
+        steps.append((EncodeWeightsPass(ctx), True))
     if recipe.target == "npu":  # standard integer QDQ only, RPTQ clusters as split MatMuls
         steps.append((EmitNpuPass(ctx), False))
     else:
         steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only
     if fgmp:
         steps.append((EmitMixedWeightsPass(ctx), False))
-    if ort_cpu:  # 4-bit QDQ weight sites -> lowbit custom ops with packed weights
+    if ort_cpu:  # the encodings of the sites the kernels take -> lowbit custom ops, packed
         steps.append((LowerOrtCpuPass(ctx), False))
+        if recipe.reorder.clusters and recipe.activations.format != "none":
+            steps.append((FuseReorderNormPass(), True))  # RPTQ Gather + norm -> ReorderNorm
     steps.append((RemoveUnusedNodesPass(), True))  # the float weights the codes replaced
     return steps
 
 
 def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions()) -> None:
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     if options.dump_dir is not None:
         try:
             options.dump_dir.mkdir(exist_ok=True)  # the parent exists (PipelineOptions checked)

@@ -1,9 +1,11 @@
-"""The compilation context: the model being compiled, its recipe, and shared analyses.
+"""The compilation context: the model being compiled, its recipe, its calibration data, the
+typed analyses passes share (:mod:`lowbit.core.analyses`) and the report passes write.
 
-Analyses (the linear-site map, calibration statistics, later sensitivities and clusters) are
-computed once and cached here. A pass that changes what an analysis describes calls
-``invalidate(name)``; the next ``get(name)`` recomputes it. Passes receive the context in their
-constructor and record what they did in ``ctx.report`` (a plain dict that becomes report.json).
+Owns the checks that the model and its calibration data meet (external data inside its files,
+float types ORT can run, token ids inside the vocabulary) before any pass reads a weight. Passes
+receive the context in their constructor, read and write analyses through ``ctx.analyses`` and
+record what they did in ``ctx.report`` (a plain dict that becomes report.json) -- which no pass
+reads back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.core.analyses import Analyses, Key
+from lowbit.core.linear_sites import LINEAR_SITES, LinearSiteMap, find_linear_sites
 from lowbit.core.model_checks import check_ir_external_data, check_token_ids, ir_vocab_limits
 from lowbit.core.float_types import check_float_types
 from lowbit.core.recipe import Recipe
@@ -56,30 +60,30 @@ class CompileContext:
         # the model came from; passes never load a torch model themselves)
         self.fisher_provider = fisher_provider
         self.report: dict[str, Any] = {"recipe": recipe.to_dict(), "passes": [], "sites": {}}
-        self._analyses: dict[str, Any] = {}
-        self._builders: dict[str, Callable[[CompileContext], Any]] = {}
+        self.analyses = Analyses()
+        self.analyses.register(LINEAR_SITES, lambda: find_linear_sites(self.model.graph))
 
-    def register_analysis(self, name: str, builder: Callable[[CompileContext], Any]) -> None:
-        self._builders[name] = builder
+    # Name-keyed access, kept while passes move to typed keys (ctx.analyses.get(KEY)).
+    def _key(self, name: str | Key) -> Key:
+        if isinstance(name, Key):
+            return name
+        return self.analyses._keys.get(name) or Key(name, name)
 
-    def get(self, name: str) -> Any:
-        if name not in self._analyses:
-            if name not in self._builders:
-                raise KeyError(f"analysis {name!r} is not available; did its pass run?")
-            logger.debug("computing analysis %s", name)
-            self._analyses[name] = self._builders[name](self)
-        return self._analyses[name]
+    def register_analysis(self, name: str | Key, builder: Callable[[CompileContext], Any]) -> None:
+        self.analyses.register(self._key(name), lambda: builder(self))
 
-    def put(self, name: str, value: Any) -> None:
-        self._analyses[name] = value
+    def get(self, name: str | Key) -> Any:
+        return self.analyses.get(self._key(name))
 
-    def has(self, name: str) -> bool:
-        return name in self._analyses or name in self._builders
+    def put(self, name: str | Key, value: Any) -> None:
+        self.analyses.put(self._key(name), value)
 
-    def invalidate(self, *names: str) -> None:
-        for name in names:
-            self._analyses.pop(name, None)
+    def has(self, name: str | Key) -> bool:
+        return self.analyses.has(self._key(name))
+
+    def invalidate(self, *names: str | Key) -> None:
+        self.analyses.invalidate(*(self._key(n) for n in names))
 
     @property
-    def sites(self):
-        return self.get("linear_sites")
+    def sites(self) -> LinearSiteMap:
+        return self.analyses.get(LINEAR_SITES)

@@ -15,12 +15,17 @@ and the *feeder* that a scale or permutation can be folded into:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-__all__ = ["Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS", "find_linear_sites", "site_name"]
+from lowbit.core.analyses import Key
+
+__all__ = ["LINEAR_SITES", "Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS", "find_linear_sites", "selected_sites",
+           "site_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,3 +205,15 @@ def find_linear_sites(graph: ir.Graph) -> LinearSiteMap:
         s.feeder = site_map._feeder(s)
     logger.info("found %d linear sites in %d input groups", len(sites), len(site_map.groups))
     return site_map
+
+
+def selected_sites(sites: Iterable[LinearSite], exclude: Iterable[str]) -> list[LinearSite]:
+    """The sites to quantize: ``sites`` (in order) minus those whose name matches any
+    ``sites.exclude`` fnmatch pattern. The one site selector of every encoder and emitter."""
+    patterns = tuple(exclude)
+    return [s for s in sites if not any(fnmatch.fnmatch(s.name, p) for p in patterns)]
+
+
+# The structural analysis every pass reads: dropped after any graph edit, rebuilt on next read.
+LINEAR_SITES: Key[LinearSiteMap] = Key("linear_sites", "linear sites (MatMul/Gemm with a constant weight) and their feeders",
+                                       structural=True)  # fmt: skip

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.formats import ScaleKind, get_format
 
 __all__ = [
     "ActivationSpec",
@@ -328,6 +329,53 @@ def _check_npu(r: Recipe) -> None:
     _require(r.npu.power_of_two_scales == "none" or r.rounding.method == "rtn", "npu.power_of_two_scales", "needs rounding.method = rtn (OPTQ rounds on its own scales)")
 
 
+def _check_cross_sections(r: Recipe) -> None:
+    """Rules between sections, checked before any model is loaded (a pass would otherwise find
+    them only after minutes of calibration, or silently do less than the recipe says)."""
+    w, a, p = r.weights, r.activations, r.precision
+    if w.format != "none":
+        fmt = get_format(w.format)
+        fixed = fmt.scale_kind is not ScaleKind.FLOAT32  # NVFP4 / MX scales are defined per block
+        _require(not fixed or w.block_size in (0, fmt.default_block_size), "weights.block_size",
+                 f"{w.format} blocks are {fmt.default_block_size} by definition (set 0 or {fmt.default_block_size})")
+    if r.rounding.method == "optq":
+        _require(w.format == "none" or (w.format.startswith(("int", "dint")) and w.symmetric), "rounding.method",
+                 f"optq rounds symmetric int or dint weights, not {_show(w.format)}{'' if w.symmetric else ' (asymmetric)'}")
+    if r.reorder.clusters:
+        _require(a.format != "none", "reorder.clusters",
+                 "RPTQ clusters set per-cluster activation ranges: needs activations.format (or set 0)")
+    if p.enabled:
+        _require(w.format == "nvfp4", "weights.format",
+                 f"precision.enabled mixes NVFP4 and FP8 blocks: set weights.format = 'nvfp4' (got {_show(w.format)})")
+        _require(p.activations == "uniform" or a.format == "none", "activations.format",
+                 f"precision.activations = {_show(p.activations)} quantizes activations itself: set activations.format = 'none'")
+    else:
+        _require(p.activations == "uniform", "precision.activations", "needs precision.enabled = true")
+    _require(not r.ort_cpu.embeddings or r.target == "ort-cpu", "ort_cpu.embeddings", "needs target = 'ort-cpu'")
+    _require(not r.ort_cpu.dynamic_activations or r.target == "ort-cpu", "ort_cpu.dynamic_activations",
+             "needs target = 'ort-cpu'")
+
+
+def _check_ort_cpu(r: Recipe) -> None:
+    """target ort-cpu packs 4-bit weights into the native kernels' layout: refuse a recipe whose
+    weights they cannot hold, instead of leaving every site in QDQ."""
+    from lowbit.runtime_ext.specs import FORMATS as KERNEL_FORMATS, GatherSpec
+
+    w = r.weights
+    if w.format == "none":
+        _require(not r.ort_cpu.embeddings, "ort_cpu.embeddings", "needs a 4-bit weights.format")
+        return
+    _require(w.format in KERNEL_FORMATS, "weights.format",
+             f"target ort-cpu packs {', '.join(KERNEL_FORMATS)} weights, not {_show(w.format)}")
+    _require(w.symmetric, "weights.symmetric", "target ort-cpu kernels take symmetric weights")
+    block = get_format(w.format).block_size(w.block_size)
+    _require(block is not None, "weights.block_size", f"target ort-cpu packs {w.format} in blocks: set 16 or a multiple of 32")
+    try:
+        GatherSpec(w.format, block)
+    except LowbitError as e:
+        _require(False, "weights.block_size", f"target ort-cpu: {e}")
+
+
 @dataclass(frozen=True)
 class Recipe(_Spec):
     name: str = _doc("recipe name (file stem)", "custom")
@@ -347,11 +395,25 @@ class Recipe(_Spec):
 
     def _validate(self) -> None:
         _require(self.target in TARGETS, "target", f"{_show(self.target)} is not one of {', '.join(TARGETS)}")
+        _check_cross_sections(self)
         if self.target == "npu":
             _check_npu(self)
+        elif self.target == "ort-cpu":
+            _check_ort_cpu(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether compiling needs calibration windows (the one place that says so): static
+        activation or K/V ranges, X^T X for smoothing or OPTQ, FGMP activation choices, the
+        diag(X^T X) sensitivity proxy, or FGMP without ``precision.fisher_file`` (a shipped
+        model's Fisher is computed on the calibration windows; ``auto`` falls back to the proxy)."""
+        p = self.precision
+        return (self.activations.format != "none" or self.kv.format != "none" or self.smooth.method != "none"
+                or (self.rounding.method == "optq" and self.weights.format != "none")
+                or (p.enabled and (p.activations != "uniform" or p.sensitivity == "proxy" or not p.fisher_file)))  # fmt: skip
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -1,1 +1,7 @@
-"""emit"""
+"""lowbit.emit: one emitter per target, each writing the encodings it is given into the graph.
+
+``qdq`` (standard ONNX QDQ; ``qdq-fp4`` too), ``npu`` (standard integer QDQ, clusters as split
+MatMuls), ``mixed`` (FGMP NVFP4/FP8 weight blocks), ``ort_cpu`` (lowbit's packed 4-bit custom ops)
+and ``reorder_norm`` (the fused ReorderNorm op), plus the quantizers inserted on activations:
+``dynamic_act`` (run-time per-token groups), ``kv`` (attention K/V), ``fgmp_act`` /
+``fgmp_static_act`` (FGMP activation blocks)."""

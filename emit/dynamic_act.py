@@ -24,15 +24,17 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.initializers import SCALE_FLOOR, add_initializer
+from lowbit.formats import integer_codes
 
 __all__ = ["dynamic_group_nodes", "fake_quant", "group_qmax"]
 
 
 def group_qmax(channels: int, group_size: int, outlier_channels: np.ndarray | None = None) -> np.ndarray:
-    """qmax per group: 7 (int4), or 127 (int8) for groups holding any of ``outlier_channels``."""
-    qmax = np.full(channels // group_size, 7.0, np.float32)
+    """qmax per group: int4's (7), or int8's (127) for groups holding any of ``outlier_channels``
+    (symmetric: the codes stay in [-qmax, qmax])."""
+    qmax = np.full(channels // group_size, float(integer_codes("int4")[1]), np.float32)
     if outlier_channels is not None and len(outlier_channels):
-        qmax[np.unique(np.asarray(outlier_channels) // group_size)] = 127.0
+        qmax[np.unique(np.asarray(outlier_channels) // group_size)] = float(integer_codes("int8")[1])
     return qmax
 
 

@@ -12,7 +12,12 @@ sites: per block of 16 channels of each token, the block is fake-quantized to FP
 Threshold: the perturbations of every token-block of every group over the calibration windows are
 pooled (across all layers); with k = round(fraction * count), the threshold is the (k+1)-th largest
 value, so exactly the k largest blocks exceed it on calibration data unless values tie there (the
-achieved calibration fraction is reported). The fallback FunctionProto from ``runtime_ext`` is
+achieved calibration fraction is reported). The perturbations come from the compile's one
+observation run (:class:`PerturbationAccumulator`, registered by the pipeline when
+:func:`observed_early` holds); otherwise this pass runs the windows itself, a second, counted
+observation run (``report["observation"]``): the perturbation is non-linear in x (dynamic block
+scales), so it cannot be carried in closed form through smoothing (x / s) or K/V quantization,
+which change this pass's inputs after the first run. The fallback FunctionProto from ``runtime_ext`` is
 attached, so any ORT runs the model; the native kernel is used when its library is registered.
 Not function-preserving (it quantizes).
 """
@@ -20,18 +25,23 @@ Not function-preserving (it quantizes).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
 from lowbit.core.context import CompileContext
-from lowbit.ort.feeds import make_feed
-from lowbit.ort.session import ort_session
+from lowbit.core.linear_sites import LinearSite
+from lowbit.core.recipe import Recipe
+from lowbit.ort.observe import Window, observe
 from lowbit.emit.qdq import ensure_opset
 from lowbit.passes.precision import BLOCK, activation_fp8_fraction, activation_groups, n_fp8_blocks
 
-__all__ = ["FgmpActivationsPass", "activation_perturbation", "calibrated_threshold"]
+__all__ = ["FgmpActivationsPass", "PerturbationAccumulator", "activation_perturbation", "calibrated_threshold",
+           "observed_early"]  # fmt: skip
+
+ANALYSIS = "fgmp_act_perturbations"  # input name -> per-window perturbation arrays (float64, flat)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +64,56 @@ def calibrated_threshold(perturbations: np.ndarray, fraction: float) -> float:
     return float(p[k])
 
 
+def observed_early(recipe: Recipe) -> bool:
+    """Whether the compile's first observation run sees this pass's inputs as they will be: no
+    smoothing (it divides inputs by scales) and no K/V quantization (it changes what attention
+    feeds o_proj and every later layer) runs between the two. Reordering needs quantized
+    activations, which this mode excludes."""
+    return recipe.smooth.method == "none" and recipe.kv.format == "none"
+
+
+def _g2(ctx: CompileContext, site: LinearSite) -> np.ndarray:
+    from lowbit.passes.fisher import activation_fisher
+
+    g2 = activation_fisher(ctx, site)
+    return np.ones(site.in_features, np.float32) if g2 is None else g2
+
+
+class PerturbationAccumulator:
+    """Per token-block perturbations (:func:`activation_perturbation`) of every input group over
+    the calibration windows: the ``fgmp_act_perturbations`` analysis. Without ``groups``, every
+    input group whose channels come in blocks of 16 (the precision assignment, which selects the
+    covered groups, is made after the run)."""
+
+    probes = False
+
+    def __init__(self, groups: list[list[LinearSite]] | None = None) -> None:
+        self.groups = groups
+        self.g2: dict[str, np.ndarray] = {}
+        self.pooled: dict[str, list[np.ndarray]] = {}
+
+    def taps(self, ctx: CompileContext) -> dict[str, ir.Value]:
+        groups = self.groups
+        if groups is None:
+            groups = [g for g in ctx.sites.input_groups() if g[0].in_features % BLOCK == 0]
+        taps = {}
+        for i, g in enumerate(groups):
+            x = g[0].input
+            if x.name is None:
+                x.name = f"lowbit_group_input_{i}"
+            taps[x.name] = x
+            self.g2[x.name] = _g2(ctx, g[0])
+        self.pooled = {n: [] for n in taps}
+        return taps
+
+    def add(self, window: Window, values: Mapping[str, np.ndarray]) -> None:
+        for name, x in values.items():
+            self.pooled[name].append(activation_perturbation(x, self.g2[name]).reshape(-1))
+
+    def finish(self, ctx: CompileContext) -> None:
+        ctx.put(ANALYSIS, self.pooled)
+
+
 class FgmpActivationsPass(ir.passes.InPlacePass):
     """Insert calibrated FgmpActQuant nodes at every linear-site input group (module doc)."""
 
@@ -62,16 +122,18 @@ class FgmpActivationsPass(ir.passes.InPlacePass):
         self.ctx = ctx
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        recipe, data = self.ctx.recipe, self.ctx.calibration
+        recipe = self.ctx.recipe
         groups = activation_groups(self.ctx, "runtime", assigned_sites_only=False)
-        g2 = {id(g[0]): self._g2(g[0]) for g in groups}
-        session = ort_session(model, [g[0].input for g in groups])
-        names = [g[0].input.name for g in groups]
-        pooled = []
-        for ids in data.windows:
-            outs = session.run(names, make_feed(session.get_inputs(), ids))
-            pooled += [activation_perturbation(x, g2[id(g[0])]).reshape(-1) for g, x in zip(groups, outs)]
-        pooled = np.concatenate(pooled)
+        g2 = {id(g[0]): _g2(self.ctx, g[0]) for g in groups}
+        observed = self.ctx.get(ANALYSIS) if self.ctx.has(ANALYSIS) else {}
+        if groups and any(g[0].input.name not in observed for g in groups):
+            observe(self.ctx, model, [PerturbationAccumulator(groups)], desc="FGMP activations",
+                    why="FGMP runtime activations: smoothing or K/V quantization changed the inputs whose "
+                        "(non-linear) block perturbations set the threshold")  # fmt: skip
+            observed = self.ctx.get(ANALYSIS)
+        # the threshold depends on the pooled values only, not on their order
+        pooled = np.concatenate([p for g in groups for p in observed[g[0].input.name]] or [np.zeros(0)])
+        self.ctx.invalidate(ANALYSIS)  # used once; it holds every calibration token-block
         fraction = activation_fp8_fraction(recipe.precision)
         threshold = calibrated_threshold(pooled, fraction)
         for g in groups:
@@ -83,12 +145,6 @@ class FgmpActivationsPass(ir.passes.InPlacePass):
             "requested_fp8_fraction": fraction}  # fmt: skip
         logger.info("FgmpActQuant at %d inputs, threshold %.4g", len(groups), threshold)
         return ir.passes.PassResult(model, modified=bool(groups))
-
-    def _g2(self, site) -> np.ndarray:
-        from lowbit.passes.fisher import activation_fisher
-
-        g2 = activation_fisher(self.ctx, site)
-        return np.ones(site.in_features, np.float32) if g2 is None else g2
 
     def _insert(self, model: ir.Model, group, g2: np.ndarray, threshold: float) -> None:
         graph, x = model.graph, group[0].input

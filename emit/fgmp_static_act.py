@@ -47,16 +47,15 @@ Bits (report): the weights' accounting, NVFP4 4.5 / FP8 8.0 per element.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from lowbit.core.context import CompileContext
-from lowbit.ort.feeds import make_feed
-from lowbit.ort.session import ort_session
+from lowbit.ort.observe import Window, observe
 from lowbit.errors import LowbitError
 from lowbit.formats.minifloat import FP4_E2M1, FP8_E4M3
 from lowbit.emit.mixed import encode_bitmap
@@ -100,6 +99,25 @@ def static_act_quant(x: np.ndarray, fp8: np.ndarray, s8: np.ndarray, s4: np.ndar
     q8 = FP8_E4M3.round(x / s8) * s8
     q4 = FP4_E2M1.round(x / s4) * s4
     return np.where(fp8, q8, q4).astype(np.float32)
+
+
+class _GroupChannelStats:
+    """The observation accumulator: one :class:`ChannelStatsAccumulator` per input group."""
+
+    probes = False
+
+    def __init__(self, groups: list[list[LinearSite]], accs: dict[str, ChannelStatsAccumulator]) -> None:
+        self.groups, self.accs = groups, accs
+
+    def taps(self, ctx: CompileContext) -> dict[str, ir.Value]:
+        return {g[0].input.name: g[0].input for g in self.groups}
+
+    def add(self, window: Window, values: Mapping[str, np.ndarray]) -> None:
+        for name, x in values.items():
+            self.accs[name].update(x)
+
+    def finish(self, ctx: CompileContext) -> None:
+        pass
 
 
 class ChannelStatsAccumulator:
@@ -239,7 +257,7 @@ class FgmpStaticActivationsPass(ir.passes.InPlacePass):
         self.ctx = ctx
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        recipe, data = self.ctx.recipe, self.ctx.calibration
+        recipe = self.ctx.recipe
         groups = activation_groups(self.ctx, "static", assigned_sites_only=True)
         stats = self.ctx.get("activation_stats")
         accs = {}
@@ -247,11 +265,10 @@ class FgmpStaticActivationsPass(ir.passes.InPlacePass):
             if g[0].input.name not in stats.by_value:
                 raise LowbitError(f"no calibration statistics for the input of {g[0].name}")
             accs[g[0].input.name] = ChannelStatsAccumulator(stats[g[0].input.name].absmax)
-        session = ort_session(model, [g[0].input for g in groups])
-        names = [g[0].input.name for g in groups]
-        for ids in tqdm(data.windows, desc="static FGMP activations", unit="window", leave=False, disable=None):
-            for name, x in zip(names, session.run(names, make_feed(session.get_inputs(), ids))):
-                accs[name].update(x)
+        if groups:
+            observe(self.ctx, model, [_GroupChannelStats(groups, accs)], desc="static FGMP activations",
+                    why="static FGMP activations: per-channel 4-bit errors are summed on a scale grid "
+                        "built from the final absmax of the first run")  # fmt: skip
         g2, kind = self._sensitivities(groups)
         plans, impacts = [], []
         for g, w in zip(groups, g2):

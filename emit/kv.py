@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -44,13 +43,18 @@ from lowbit.errors import LowbitError
 from lowbit.emit.qdq import ensure_opset
 from lowbit.core.initializers import SCALE_FLOOR, add_initializer
 from lowbit.core.kv_sites import KvInput, broadcast_shape, kv_inputs
+from lowbit.formats import integer_codes
 
 __all__ = ["KvQuantPass", "kv_qparams", "kv_range"]
 
 logger = logging.getLogger(__name__)
 
-# format -> (symmetric code dtype, qmin, qmax), (asymmetric code dtype, qmax)
-_CODES = {"int8": ((np.int8, -128, 127), (np.uint8, 255)), "int4": ((ml_dtypes.int4, -8, 7), (ml_dtypes.uint4, 15))}
+
+def _codes(fmt: str) -> tuple[tuple[type, int, int], tuple[type, int]]:
+    """((symmetric code dtype, qmin, qmax), (asymmetric code dtype, qmax)) of a kv.format."""
+    lo, hi, dtype = integer_codes(fmt, signed=True)
+    _, umax, udtype = integer_codes(fmt, signed=False)
+    return (dtype, lo, hi), (udtype, umax)
 
 
 def kv_range(channel_stats, spec) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +70,7 @@ def kv_range(channel_stats, spec) -> tuple[np.ndarray, np.ndarray]:
 def kv_qparams(lo: np.ndarray, hi: np.ndarray, heads: int, spec) -> tuple[np.ndarray, np.ndarray | None]:
     """(scale, zero point or None) per (head, channel) from calibrated per-channel lo/hi, at the
     recipe's granularity (coarser granularities take the max over their channels)."""
-    (_, _, qmax), (_, umax) = _CODES[spec.format]
+    (_, _, qmax), (_, umax) = _codes(spec.format)
     group = {"per_tensor": lo.size, "per_head": lo.size // heads, "per_channel": 1}[spec.granularity]
     lo_g = np.repeat(lo.reshape(-1, group).min(axis=1), group)
     hi_g = np.repeat(hi.reshape(-1, group).max(axis=1), group)
@@ -140,7 +144,7 @@ class KvQuantPass(ir.passes.InPlacePass):
     def _emit_dynamic(self, graph: ir.Graph, kv: KvInput, shape: tuple[int, ...], scale: np.ndarray) -> str:
         """x / s (static, per channel) -> one symmetric scale per token and head, from the max of
         |x / s| over head_dim at run time -> Q/DQ with unit scale -> times both scales."""
-        (dtype, _, qmax), base, x = _CODES[self.ctx.recipe.kv.format][0], kv.value.name, kv.value
+        (dtype, _, qmax), base, x = _codes(self.ctx.recipe.kv.format)[0], kv.value.name, kv.value
         s_val = add_initializer(graph, scale.reshape(broadcast_shape(kv, shape, scale.size)), f"{base}.kv_scale")
         axes = add_initializer(graph, np.array([kv.channel_axes(len(shape))[-1]], np.int64), f"{base}.kv_token_axes")
         q_max = add_initializer(graph, np.array(qmax, np.float32), f"{base}.kv_qmax")
@@ -166,7 +170,7 @@ class KvQuantPass(ir.passes.InPlacePass):
     def _emit(self, graph: ir.Graph, kv: KvInput, shape: tuple[int, ...], scale: np.ndarray,
               zero: np.ndarray | None) -> str:  # fmt: skip
         spec = self.ctx.recipe.kv
-        (sdtype, _, _), (udtype, _) = _CODES[spec.format]
+        (sdtype, _, _), (udtype, _) = _codes(spec.format)
         dtype = sdtype if zero is None else udtype
         zero = np.zeros_like(scale) if zero is None else zero
         bshape = broadcast_shape(kv, shape, scale.size)

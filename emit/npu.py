@@ -1,7 +1,7 @@
 """Emit the ``npu`` target: standard ONNX QDQ in the one form integer-only accelerators take.
 
 Assumes: the linear-site map; ``activation_stats`` when activations are quantized; optionally
-``act_clusters`` (RPTQ labels from the reorder pass) and ``weight_encodings`` (OPTQ codes).
+``act_clusters`` (RPTQ labels from the reorder pass) and ``weight_encodings`` (:mod:`lowbit.encode.weights`; computed here if that pass did not run).
 Not function-preserving (it quantizes). Guarantees, for every selected linear site:
 
 - only standard ops (QuantizeLinear, DequantizeLinear, MatMul, Split, Gather, Sum; Mul/Add for a
@@ -40,6 +40,7 @@ from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.encode.activations import activation_qparams
 from lowbit.emit.qdq import ensure_opset, quantizable_groups, stored_codes
+from lowbit.encode.weights import encode_weights, power_of_two, transposed
 from lowbit.core.folding import weight_kn
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import LinearSite
@@ -47,15 +48,6 @@ from lowbit.core.linear_sites import LinearSite
 __all__ = ["EmitNpuPass", "power_of_two"]
 
 logger = logging.getLogger(__name__)
-
-
-def power_of_two(scale: np.ndarray, mode: str) -> np.ndarray:
-    """``scale`` rounded to powers of two: ``ceil`` (up), ``nearest`` (in log2), ``none``."""
-    if mode == "none":
-        return scale
-    exponent = np.log2(np.asarray(scale, np.float64))
-    exponent = np.ceil(exponent) if mode == "ceil" else np.rint(exponent)
-    return np.exp2(exponent).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -82,6 +74,7 @@ class EmitNpuPass(ir.passes.InPlacePass):
         super().__init__()
         self.ctx = ctx
         self.totals = {"partial_matmuls": 0, "split_inputs": 0, "gathered_inputs": 0}
+        self.encodings: dict[str, formats.Encoded] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
@@ -90,6 +83,7 @@ class EmitNpuPass(ir.passes.InPlacePass):
         ensure_opset(model, 21)  # INT4 and 16-bit Q/DQ
         stats = self.ctx.get("activation_stats") if recipe.activations.format != "none" else None
         clusters = self.ctx.get("act_clusters") if stats is not None and self.ctx.has("act_clusters") else {}
+        self.encodings = encode_weights(self.ctx) if recipe.weights.format != "none" else {}
         count = 0
         for group in quantizable_groups(self.ctx):
             x = group[0].input
@@ -152,19 +146,13 @@ class EmitNpuPass(ir.passes.InPlacePass):
 
     # --- weights and partial MatMuls -----------------------------------------------------------
     def _encoding(self, site: LinearSite) -> formats.Encoded:
-        """Symmetric per-output-channel codes of the (K, N) weight (OPTQ's when it ran)."""
-        wspec = self.ctx.recipe.weights
-        w = weight_kn(site)
-        if not np.isfinite(w).all():
-            raise LowbitError(f"weight {site.name} has {int((~np.isfinite(w)).sum())} NaN/Inf values")
-        enc = self.ctx.get("weight_encodings").get(site.name) if self.ctx.has("weight_encodings") else None
-        if enc is not None:  # stored orientation -> (K, N)
-            if site.reduction_axis == 0:
-                return enc
-            return formats.encode(formats.decode(enc).T, wspec.format, axis=0, scale=enc.scale.T)
-        scale = formats.choose_scale(w, wspec.format, axis=0, scale_method=wspec.scale_method).scale
-        scale = power_of_two(scale, self.ctx.recipe.npu.power_of_two_scales)
-        return formats.encode(w, wspec.format, axis=0, scale=scale)
+        """The site's symmetric per-output-channel encoding (:mod:`lowbit.encode.weights`; OPTQ's
+        when it ran) as the (K, N) matrix."""
+        enc = self.encodings[site.name]
+        if enc.zero_point is not None or (enc.block_size is not None and enc.scale.shape[site.reduction_axis] > 1):
+            raise LowbitError(f"npu: weight {site.name} must be symmetric per output channel, got "
+                              f"{'a zero point' if enc.zero_point is not None else f'blocks of {enc.block_size}'}")
+        return enc if site.reduction_axis == 0 else transposed(enc)
 
     def _emit_site(self, graph: ir.Graph, site: LinearSite, slices: list[_Slice]) -> None:
         recipe, node = self.ctx.recipe, site.node

@@ -1,20 +1,19 @@
-"""Lower 4-bit QDQ weight sites to the lowbit ORT custom ops (target ``ort-cpu``).
+"""Emit 4-bit weight sites as the lowbit ORT custom ops (target ``ort-cpu``).
 
-Assumes: :class:`EmitQDQPass` ran with a 4-bit ``weights.format`` the native kernels know
-(dint4, nvfp4, int4, mxfp4; symmetric), so every quantized weight reaches its MatMul as
-``DequantizeLinear(codes, scale) [-> Transpose(perm=[1, 0])] -> MatMul`` with constant codes
-(int8 codes of 2 x value with half scales for dint/FP4 formats, INT4 codes for int4; see
-:mod:`lowbit.emit.qdq`); :class:`FindEmbeddingsPass` ran before emission when embeddings
+Assumes: :class:`lowbit.encode.weights.EncodeWeightsPass` filled ``weight_encodings`` and
+:class:`EmitQDQPass` ran with target ``ort-cpu``: it emitted the activation Q/DQ and the weight QDQ
+of the sites :func:`kernel_reason` refuses, and left the weights of the others float (their
+MatMuls are still linear sites); :class:`FindEmbeddingsPass` ran before emission when embeddings
 are to be lowered. Not function-preserving as a pipeline step, but see the guarantees.
 
 Guarantees:
 
-- Each such MatMul becomes one ``lowbit.MatMulLowbit`` whose packed codes/scales are read back
-  from the DQ exactly: the decoded weight equals the DQ's output bit for bit, hence
-  ``lowbit.formats.decode`` of the emitted encoding (E2M1's -0 excepted, as in ``qdq``). Scales are
-  float32 per block, or the exact uint8 E4M3 (nvfp4) / E8M0 (mxfp4) bytes when they reproduce every
-  block scale exactly. With float inputs the op runs ``act_mode=float32``: outputs differ from the
-  ``qdq`` model only by float32 summation order.
+- Each such MatMul becomes one ``lowbit.MatMulLowbit`` packing the site's encoding itself
+  (:func:`lowbit.runtime_ext.pack_matmul_weight`): the kernel's decoded weight equals
+  ``lowbit.formats.decode`` of it bit for bit, hence the ``qdq`` target's DQ output (E2M1's -0
+  excepted). Scales are float32 per block (dint4, int4) or the uint8 E4M3 (nvfp4) / E8M0 (mxfp4)
+  codes. With float inputs the op runs ``act_mode=float32``: outputs differ from the ``qdq`` model
+  only by float32 summation order.
 - A symmetric int8 per-tensor activation pair ``QuantizeLinear -> DequantizeLinear`` (zero point 0)
   feeding the MatMul is folded into ``act_mode=int8_static`` with the same scale; the kernel clamps
   to [-127, 127] where QuantizeLinear clamps to [-128, 127], which differs only for inputs below
@@ -28,6 +27,11 @@ Guarantees:
 - Sites the kernels cannot take (block sizes other than 16 or multiples of 32, Gemm, other
   layout ops) keep their QDQ form; the report says why. Every lowbit node gets its ONNX function
   fallback, so the model runs with or without ``lowbit.runtime_ext.session_options()``.
+- :class:`lowbit.emit.reorder_norm.FuseReorderNormPass`: an RPTQ ``Gather(x, perm, axis=-1) -> RMS/LayerNormalization``
+  (last axis, constant 1-D gamma/beta, the Gather read by the norm only) becomes one
+  ``lowbit.ReorderNorm(x, perm, gamma[, beta])``: the same function (statistics over the gathered
+  row, as the kernel and its fallback compute them); outputs differ from the unfused graph only by
+  float32 rounding inside the norm.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from lowbit import formats
 from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
-from lowbit.formats.minifloat import FP8_E4M3
 from lowbit.core.initializers import add_initializer
+from lowbit.core.linear_sites import LinearSite
+from lowbit.encode.weights import ENCODINGS
 from lowbit.runtime_ext import (
     DOMAIN,
     GatherSpec,
@@ -55,15 +60,13 @@ from lowbit.runtime_ext import (
     pack_matmul_weight,
 )
 from lowbit.runtime_ext.packing import Packed
-from lowbit.runtime_ext.reference import INT_TABLES
 
 __all__ = ["KERNEL_FORMATS", "EmbeddingTable", "FindEmbeddingsPass", "LowerOrtCpuPass",
-           "read_weight_encoding"]
+           "attach_fallbacks", "kernel_reason"]
 
 logger = logging.getLogger(__name__)
 
 KERNEL_FORMATS = ("dint4", "nvfp4", "int4", "mxfp4")
-_HALF_STEP = ("dint4", "nvfp4", "mxfp4")  # emit_qdq stores int8 codes of 2 x value
 _EMBEDDINGS = "embedding_tables"  # analysis name (FindEmbeddingsPass -> LowerOrtCpuPass)
 
 
@@ -119,114 +122,48 @@ def _same_matrix(weight: ir.Value, table: ir.Value) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _WeightSite:
-    matmul: ir.Node
-    dq: ir.Node
-    transpose: ir.Node | None
-    axis: int  # reduction axis of the stored codes
-
-    @property
-    def label(self) -> str:  # emit_qdq names the DQ "<site>.dq"; cosmetic only
-        return (self.dq.name or self.matmul.name or "matmul").removesuffix(".dq")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
 class _Lowered:
     packed: Packed
     arrays: tuple[ir.Value, ir.Value, ir.Value]  # codes, scales, global_scale initializers
 
 
-def _weight_site(node: ir.Node) -> _WeightSite | str | None:
-    """The QDQ weight path of a MatMul, a reason it cannot be lowered, or None (no DQ weight)."""
-    if node.domain != "" or node.op_type != "MatMul" or len(node.inputs) != 2:
-        return None
-    producer = node.inputs[1].producer() if node.inputs[1] is not None else None
-    transpose = None
-    if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
-        transpose, producer = producer, producer.inputs[0].producer()
-    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain != "":
-        return None
-    codes = producer.inputs[0]
-    if codes.const_value is None or len(codes.const_value.shape) != 2:
-        return None  # activations (K/V Q/DQ) or non-matrix weights
-    if transpose is not None and list(transpose.attributes.get_ints("perm", [1, 0])) != [1, 0]:
-        return "weight transposed with a perm other than [1, 0]"
-    if len(producer.inputs) > 2 and producer.inputs[2] is not None:
+def kernel_reason(site: LinearSite, enc: formats.Encoded) -> str | None:
+    """Why the lowbit kernels cannot take ``site`` with encoding ``enc``, or None if they can.
+
+    They take a MatMul whose weight initializer reaches it directly or through one
+    Transpose(perm=[1, 0]), in a symmetric 4-bit kernel format with blocks of 16 or multiples
+    of 32 dividing a reduction axis that is a multiple of 16.
+    """
+    if enc.fmt not in KERNEL_FORMATS:
+        return f"{enc.fmt} has no lowbit kernel (kernel formats: {', '.join(KERNEL_FORMATS)})"
+    if site.node.op_type != "MatMul":
+        return f"{site.node.op_type} sites keep their QDQ form"
+    path = site.weight_path
+    if path and (len(path) > 1 or path[0].op_type != "Transpose"
+                 or list(path[0].attributes.get_ints("perm", [1, 0])) != [1, 0]):
+        return "weight layout ops other than one Transpose(perm=[1, 0])"
+    if enc.zero_point is not None:
         return "asymmetric weights (zero point): the lowbit kernels are symmetric"
-    return _WeightSite(node, producer, transpose, 1 if transpose is not None else 0)
+    d = enc.shape[enc.axis]
+    block = enc.block_size or d
+    try:
+        GatherSpec(enc.fmt, block)
+    except LowbitError as e:
+        return str(e)
+    if d % 16 or d % block:
+        return f"reduction axis {d} must be a multiple of 16 and of block_size={block}"
+    return None
 
 
-def _inverse_table(fmt: str) -> np.ndarray:
-    """Integer value (2 x value for half-step formats) + 12 -> 4-bit code; 99 = not on the grid."""
-    inv = np.full(25, 99, np.uint8)
-    for code in range(15, -1, -1):  # lowest code wins: +0 is code 0, never the -0 code
-        inv[int(INT_TABLES[fmt][code]) + 12] = code
-    return inv
+def _scale_dtype(fmt: str) -> str:
+    """uint8 (the exact E4M3 / E8M0 bytes) for formats whose block scales are such codes."""
+    kind = formats.get_format(fmt).scale_kind
+    return "uint8" if kind in (formats.ScaleKind.NVFP4, formats.ScaleKind.E8M0) else "float32"
 
 
-def read_weight_encoding(dq: ir.Node, fmt: str, axis: int) -> formats.Encoded | str:
-    """The :class:`formats.Encoded` whose decode equals ``dq``'s output bit for bit, or why not.
-
-    ``axis``: reduction axis of the stored codes (the blocked axis of the DQ). The encoding has
-    global scale 1 and float32 scales fl(scale * global) -- the product the DQ holds -- except
-    that :func:`_compact_scales` turns them back into E4M3 / E8M0 values when that is exact.
-    """
-    codes = dq.inputs[0].const_value.numpy()
-    scale = dq.inputs[1].const_value
-    if scale is None:
-        return "scale is not a constant (e.g. an FP8 scale chain)"
-    scale = scale.numpy().astype(np.float32)
-    shape = tuple(int(d) for d in codes.shape)
-    block = dq.attributes.get_int("block_size", 0) or None
-    want = "int8" if fmt in _HALF_STEP else "int4"
-    if codes.dtype.name != want:
-        return f"codes are {codes.dtype.name}, {fmt} weights are emitted as {want}"
-    ints = codes.astype(np.int32)
-    if fmt in _HALF_STEP:  # (2v) * (s / 2) == v * s: doubling the half scale is exact
-        scale = (scale * np.float32(2)).astype(np.float32)
-    inv = _inverse_table(fmt)
-    if ints.min() < -12 or ints.max() > 12 or (inv[ints + 12] == 99).any():
-        return f"codes are not on the {fmt} grid"
-    # scale layout: same rank as the codes, D / B on the blocked axis
-    n_blocks = 1 if block is None else shape[axis] // block
-    scale_shape = (n_blocks, shape[1]) if axis == 0 else (shape[0], n_blocks)
-    if block is not None and shape[axis] % block:
-        return f"block_size {block} does not divide the reduction axis ({shape[axis]})"
-    if scale.size != int(np.prod(scale_shape)):
-        return f"scale shape {scale.shape} does not match {scale_shape}"
-    scale, global_scale = _compact_scales(scale.reshape(scale_shape), fmt)
-    return formats.Encoded(fmt, shape, axis, block, inv[ints + 12].astype(np.uint8), scale,
-                           np.float32(global_scale), None)
-
-
-def _compact_scales(s_eff: np.ndarray, fmt: str) -> tuple[np.ndarray, float]:
-    """(scale, global) with fl(scale * global) == s_eff everywhere: E4M3 block scales and a
-    global scale (nvfp4) when exact, else (s_eff, 1).
-
-    NVFP4's largest block scale is fl(448 * global) for absmax scales, so the global scale is
-    within a few ulps of max / 448: those candidates are tried, and any mismatch (e.g. clipped
-    scales) keeps float32 scales.
-    """
-    if fmt != "nvfp4" or not s_eff.size or not s_eff.max() > 0:
-        return s_eff, 1.0
-    g = np.float32(s_eff.max() / np.float32(448))
-    for step in (0, 1, -1, 2, -2, 3, -3):
-        cand = g
-        for _ in range(abs(step)):
-            cand = np.nextafter(cand, np.float32(np.inf if step > 0 else 0), dtype=np.float32)
-        sb = FP8_E4M3.round((s_eff / cand).astype(np.float32)).astype(np.float32)
-        if (sb > 0).all() and np.array_equal((sb * cand).astype(np.float32), s_eff):
-            return sb, float(cand)
-    return s_eff, 1.0
-
-
-def _scale_dtype(enc: formats.Encoded) -> str:
-    """uint8 when the scales are exactly E4M3 values (nvfp4) or powers of two (mxfp4)."""
-    if enc.fmt == "nvfp4" and enc.global_scale != 1.0:
-        return "uint8"
-    if enc.fmt == "mxfp4" and (enc.scale > 0).all() and (np.frexp(enc.scale)[0] == 0.5).all():
-        return "uint8"
-    return "float32"
+def _pack(graph: ir.Graph, packed: Packed, base: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+    return tuple(add_initializer(graph, arr, f"{base}.{key}4") for key, arr in (
+        ("codes", packed.codes), ("scales", packed.scales), ("global_scale", packed.global_scale)))
 
 
 def _static_int8_pair(a: ir.Value) -> tuple[ir.Value, ir.Value] | None:
@@ -260,7 +197,7 @@ def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
 
 
 class LowerOrtCpuPass(ir.passes.InPlacePass):
-    """QDQ 4-bit weight sites -> MatMulLowbit; embeddings -> GatherLowbit (see module docs)."""
+    """4-bit weight sites -> MatMulLowbit; embeddings -> GatherLowbit (see module docs)."""
 
     def __init__(self, ctx: CompileContext) -> None:
         super().__init__()
@@ -269,22 +206,18 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
         fmt, opts = recipe.weights.format, recipe.ort_cpu
-        summary = {"lowered": 0, "act_modes": Counter(), "kept_qdq": {}, "embeddings": []}
+        encodings = self.ctx.get(ENCODINGS) if self.ctx.has(ENCODINGS) else {}
+        kept = {name: entry["ort_cpu_kept_qdq"] for name, entry in self.ctx.report["sites"].items()
+                if "ort_cpu_kept_qdq" in entry}  # fmt: skip
+        summary = {"lowered": 0, "act_modes": Counter(), "kept_qdq": kept, "embeddings": []}
         lowered: dict[int, _Lowered] = {}
-        if fmt in KERNEL_FORMATS:
-            for node in list(model.graph):
-                site = _weight_site(node)
-                if site is None:
-                    continue
-                label = site.label if isinstance(site, _WeightSite) else node.name
-                result = self._lower_site(model.graph, site, fmt, opts.dynamic_activations)
-                if isinstance(result, str):
-                    summary["kept_qdq"][label] = result
-                    logger.debug("ort-cpu: %s stays QDQ: %s", label, result)
-                    continue
-                lowered[id(node)], mode = result
-                summary["lowered"] += 1
-                summary["act_modes"][mode] += 1
+        for site in list(self.ctx.sites):  # float weights left: the sites EmitQDQPass kept for us
+            enc = encodings.get(site.name)
+            if enc is None or kernel_reason(site, enc) is not None:
+                continue  # excluded by sites.exclude (or not emitted by EmitQDQPass)
+            lowered[id(site.node)], mode = self._lower_site(model.graph, site, enc, opts.dynamic_activations)
+            summary["lowered"] += 1
+            summary["act_modes"][mode] += 1
         if opts.embeddings:
             if fmt not in KERNEL_FORMATS:
                 raise LowbitError(f"ort_cpu.embeddings needs a 4-bit weights.format "
@@ -293,38 +226,28 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
                 summary["embeddings"].append(self._lower_embedding(model.graph, emb, lowered, fmt))
         count = summary["lowered"] + len(summary["embeddings"])
         if count:
-            RemoveUnusedNodesPass()(model)  # the DQ/Transpose/QDQ chains and float tables replaced
-            _attach_fallbacks(model)
+            RemoveUnusedNodesPass()(model)  # the float weights and tables replaced
+            attach_fallbacks(model)
         summary["act_modes"] = dict(summary["act_modes"])
         self.ctx.report["ort_cpu"] = summary
         logger.info("ort-cpu: %d MatMulLowbit, %d GatherLowbit, %d sites kept in QDQ",
                     summary["lowered"], len(summary["embeddings"]), len(summary["kept_qdq"]))
         return ir.passes.PassResult(model, modified=bool(count))
 
-    def _lower_site(self, graph: ir.Graph, site: _WeightSite | str, fmt: str, dynamic: bool
-                    ) -> tuple[_Lowered, str] | str:  # fmt: skip
-        if isinstance(site, str):
-            return site
-        enc = read_weight_encoding(site.dq, fmt, site.axis)
-        if isinstance(enc, str):
-            return enc
-        try:
-            packed = pack_matmul_weight(enc, scale_dtype=_scale_dtype(enc))
-        except LowbitError as e:  # block sizes / lengths the kernels do not take
-            return str(e)
-        label = site.label
-        arrays = tuple(add_initializer(graph, arr, f"{label}.{key}4") for key, arr in (
-            ("codes", packed.codes), ("scales", packed.scales), ("global_scale", packed.global_scale)))
-        a, act_scale, mode = site.matmul.inputs[0], None, "float32"
+    def _lower_site(self, graph: ir.Graph, site: LinearSite, enc: formats.Encoded, dynamic: bool
+                    ) -> tuple[_Lowered, str]:  # fmt: skip
+        packed = pack_matmul_weight(enc, scale_dtype=_scale_dtype(enc.fmt))
+        arrays = _pack(graph, packed, site.name)
+        a, act_scale, mode = site.node.inputs[0], None, "float32"
         pair = _static_int8_pair(a)
         if pair is not None:
             (a, act_scale), mode = pair, "int8_static"
         elif dynamic and not _from_dequantize(a):
             mode = "int8_dynamic"
         node = matmul_node_ir(a, *arrays, packed.matmul_spec(mode), act_scale=act_scale,
-                              name=f"{label}.lowbit")
-        _replace(graph, site.matmul, node)
-        entry = self.ctx.report["sites"].get(label)
+                              name=f"{site.name}.lowbit")
+        _replace(graph, site.node, node)
+        entry = self.ctx.report["sites"].get(site.name)
         if entry is not None:
             entry["ort_cpu"] = f"MatMulLowbit {packed.spec.overload}_{mode}"
         return _Lowered(packed, arrays), mode
@@ -342,14 +265,10 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
             packed, arrays = shared.packed, shared.arrays  # tied lm_head: one packed copy
         else:
             wspec = self.ctx.recipe.weights
-            block = wspec.block_size or (16 if fmt == "nvfp4" else 32 if fmt == "mxfp4" else None)
-            enc = formats.encode(table, fmt, axis=1, block_size=block,
-                                 scale_method=wspec.scale_method)
-            packed = pack_gather_table(
-                enc, scale_dtype="uint8" if fmt in ("nvfp4", "mxfp4") else "float32")
-            arrays = tuple(add_initializer(graph, arr, f"{name}.{key}4") for key, arr in (
-                ("codes", packed.codes), ("scales", packed.scales),
-                ("global_scale", packed.global_scale)))
+            block = formats.get_format(fmt).block_size(wspec.block_size)
+            enc = formats.encode(table, fmt, axis=1, block_size=block, scale_method=wspec.scale_method)
+            packed = pack_gather_table(enc, scale_dtype=_scale_dtype(fmt))
+            arrays = _pack(graph, packed, name)
             shared = None
         spec = GatherSpec(packed.spec.fmt, packed.spec.block_size, packed.spec.scale_dtype)
         node = gather_node_ir(*arrays, emb.gather.inputs[1], spec, name=f"{name}.lowbit_gather")
@@ -358,7 +277,7 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
                 "shared_with_lm_head": shared is not None}
 
 
-def _attach_fallbacks(model: ir.Model) -> None:
+def attach_fallbacks(model: ir.Model) -> None:
     """The fallback function of every runtime_ext op variant in the graph.
 
     Not ``attach_functions_ir``: that one wants a fallback builder for every ``lowbit``-domain
@@ -366,7 +285,7 @@ def _attach_fallbacks(model: ir.Model) -> None:
     """
     opset = model.opset_imports[""]
     ours = [ir.serde.serialize_node(n) for n in model.graph
-            if n.domain == DOMAIN and n.op_type in ("MatMulLowbit", "GatherLowbit")]
+            if n.domain == DOMAIN and n.op_type in ("MatMulLowbit", "GatherLowbit", "ReorderNorm")]
     for proto in function_protos(ours, opset):
         fn = ir.serde.deserialize_function(proto)
         model.functions[fn.identifier()] = fn

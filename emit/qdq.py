@@ -16,6 +16,10 @@ calibration. Not function-preserving (it quantizes). Guarantees:
   FLOAT8E4M3FN codes dequantized by the FP32 global scale (DQ(DQ(f8 scale, global)) chain). Meant
   for runtimes that implement FP4 (TensorRT-class); ORT CPU does not, so it is verified with
   ``onnx.reference``.
+- weights: every selected site writes exactly ``weight_encodings[site]`` (:mod:`lowbit.encode.weights`,
+  computed here if that pass did not run; FGMP sites are left to :mod:`lowbit.emit.mixed`). Target
+  ``ort-cpu``: the sites :func:`lowbit.emit.ort_cpu.kernel_reason` accepts keep their float weight
+  for :class:`~lowbit.emit.ort_cpu.LowerOrtCpuPass`; the others get QDQ and the report says why.
 - the default opset is raised to 21 when blocked or 4-bit DQ needs it (23 for FLOAT4E2M1); ops in
   exported LLM graphs keep their semantics across 18 -> 23 (only type lists grew).
 """
@@ -23,10 +27,7 @@ calibration. Not function-preserving (it quantizes). Guarantees:
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
-from types import SimpleNamespace
-from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -37,16 +38,15 @@ from lowbit.core.context import CompileContext
 from lowbit.encode.activations import activation_qparams, cluster_ranges
 from lowbit.errors import LowbitError
 from lowbit.emit.dynamic_act import dynamic_group_nodes, group_qmax
+from lowbit.emit.ort_cpu import kernel_reason
+from lowbit.encode.weights import encode_weights
 from lowbit.core.initializers import add_initializer
-from lowbit.core.linear_sites import LinearSite
+from lowbit.core.linear_sites import LinearSite, selected_sites
 
 __all__ = ["EmitQDQPass", "add_initializer", "ensure_opset", "quantizable_groups",
            "stored_codes", "weight_dq_nodes"]
 
 logger = logging.getLogger(__name__)
-
-_HALF_STEP_FORMATS = ("dint", "fp4_e2m1", "nvfp4", "mxfp4")  # stored as int8 codes of 2*value
-_FP4_FORMATS = ("fp4_e2m1", "nvfp4", "mxfp4")
 
 
 def ensure_opset(model: ir.Model, version: int) -> None:
@@ -76,13 +76,18 @@ def stored_codes(enc: formats.Encoded, fmt: str, target: str, *, unsigned_int8: 
     """
     values = enc.values()
     scale = (enc.scale.astype(np.float32) * np.float32(enc.global_scale)).astype(np.float32)
-    if target == "qdq-fp4" and fmt.startswith(_FP4_FORMATS):
+    spec = formats.get_format(fmt)
+    element = spec.element.name
+    if target == "qdq-fp4" and element == "fp4_e2m1":
         return values.astype(ml_dtypes.float4_e2m1fn), scale, None, "fp4"
-    if fmt.startswith(_HALF_STEP_FORMATS):
+    if spec.half_step_storage:
         return (2 * values).astype(np.int8), (scale / np.float32(2)).astype(np.float32), None, "half"
-    if fmt.startswith("fp8") or fmt == "mxfp8":
+    if element.startswith("fp8"):
         return values.astype(ml_dtypes.float8_e4m3fn), scale, None, "fp8"
-    bits = formats.get_format(fmt).bits
+    if not np.array_equal(spec.grid, np.rint(spec.grid)):
+        raise LowbitError(f"{fmt}: no exact standard-ONNX storage (its values are not integers and "
+                          "2 x value does not fit int8)")
+    bits = spec.bits
     if enc.zero_point is not None:  # asymmetric: unsigned codes with a zero point, like ONNX
         dtype = ml_dtypes.uint4 if bits == 4 else np.uint8
         return enc.codes.astype(dtype), scale, enc.zero_point.astype(dtype), "int"
@@ -132,7 +137,7 @@ def quantizable_groups(ctx: CompileContext) -> list[list[LinearSite]]:
         site_report[name] = {"quantized": False, "reason": why}
     groups = []
     for group in ctx.sites.input_groups():
-        chosen = [s for s in group if not any(fnmatch.fnmatch(s.name, p) for p in ctx.recipe.sites.exclude)]
+        chosen = selected_sites(group, ctx.recipe.sites.exclude)
         for s in group:
             if s not in chosen:
                 site_report[s.name] = {"quantized": False, "reason": "excluded by sites.exclude"}
@@ -157,12 +162,14 @@ class EmitQDQPass(ir.passes.InPlacePass):
         stats = self.ctx.get("activation_stats") if aspec.format != "none" else None
         graph, count = model.graph, 0
         site_report = self.ctx.report["sites"]
+        weights = wspec.format != "none" and not recipe.precision.enabled  # FGMP emits its own
+        encodings = encode_weights(self.ctx) if weights else {}
         for chosen in quantizable_groups(self.ctx):
             if stats is not None:
                 self._quantize_input(graph, chosen, stats)
             for site in chosen:
-                if wspec.format != "none" and not recipe.precision.enabled:  # FGMP emits its own
-                    self._quantize_weight(graph, site)
+                if weights:
+                    self._quantize_weight(graph, site, encodings[site.name])
                 site_report.setdefault(site.name, {}).update(
                     {"quantized": True, "activations": aspec.format, "feeder": site.feeder.describe(),
                      "shape": [site.in_features, site.out_features]})  # fmt: skip
@@ -171,31 +178,26 @@ class EmitQDQPass(ir.passes.InPlacePass):
         logger.info("quantized %d linear sites", count)
         return ir.passes.PassResult(model, modified=bool(count))
 
-    def _quantize_weight(self, graph: ir.Graph, site: LinearSite) -> None:
-        wspec = self.ctx.recipe.weights
-        w = site.weight.const_value.numpy()
-        if not np.isfinite(w).all():
-            raise LowbitError(f"weight {site.name} has {int((~np.isfinite(w)).sum())} NaN/Inf values")
-        block = wspec.block_size or None
-        if wspec.format in ("nvfp4", "mxfp4", "mxfp8") and block is None:
-            block = 16 if wspec.format == "nvfp4" else 32
-        # codes rounded by an earlier pass (OPTQ) for exactly this weight take precedence over RTN
-        enc = self.ctx.get("weight_encodings").get(site.name) if self.ctx.has("weight_encodings") else None
-        if enc is None:
-            enc = formats.encode(w, wspec.format, axis=site.reduction_axis, block_size=block,
-                                 symmetric=wspec.symmetric, scale_method=wspec.scale_method)  # fmt: skip
-        aspec = self.ctx.recipe.activations
+    def _quantize_weight(self, graph: ir.Graph, site: LinearSite, enc: formats.Encoded) -> None:
+        recipe = self.ctx.recipe
+        wspec, target = recipe.weights, recipe.target
+        spec = formats.get_format(wspec.format)
+        n_scales = int(np.prod(enc.scale.shape))
+        entry = self.ctx.report["sites"].setdefault(site.name, {})
+        entry.update({"weights": wspec.format, "block_size": spec.block_size(wspec.block_size) or 0,
+                      "bits_per_weight": spec.bits + 32.0 * n_scales / int(np.prod(enc.shape)),
+                      "in_features": site.in_features})  # fmt: skip
+        if target == "ort-cpu":  # sites the lowbit kernels take stay float for LowerOrtCpuPass
+            why = kernel_reason(site, enc)
+            if why is None:
+                return
+            entry["ort_cpu_kept_qdq"] = why
+        aspec = recipe.activations
         uint8_acts = aspec.format == "int8" and not aspec.symmetric
-        nodes, dq_out = weight_dq_nodes(graph, site, enc, wspec.format, self.ctx.recipe.target, unsigned_int8=uint8_acts)
+        nodes, dq_out = weight_dq_nodes(graph, site, enc, wspec.format, target, unsigned_int8=uint8_acts)
         consumer = site.weight_path[0] if site.weight_path else site.node
         graph.insert_before(consumer, nodes)
         consumer.replace_input_with(0 if site.weight_path else 1, dq_out)
-        spec = formats.get_format(wspec.format)
-        k = site.in_features
-        n_scales = int(np.prod(enc.scale.shape))
-        self.ctx.report["sites"].setdefault(site.name, {}).update(
-            {"weights": wspec.format, "block_size": block or 0,
-             "bits_per_weight": spec.bits + 32.0 * n_scales / w.size, "in_features": k})  # fmt: skip
 
     def _quantize_input(self, graph: ir.Graph, sites: list[LinearSite], stats) -> None:
         aspec = self.ctx.recipe.activations
@@ -246,7 +248,10 @@ class EmitQDQPass(ir.passes.InPlacePass):
         outliers = None
         if aspec.outlier_format == "int8" and clusters is not None:
             outliers = np.flatnonzero(clusters == clusters.max())  # labels rank clusters by range
-        qmax = group_qmax(channels, group, outliers) if aspec.format == "int4" else np.full(channels // group, 127.0, np.float32)
+        if aspec.format == "int4":
+            qmax = group_qmax(channels, group, outliers)
+        else:
+            qmax = np.full(channels // group, float(formats.integer_codes(aspec.format)[1]), np.float32)
         nodes, out = dynamic_group_nodes(graph, x, channels, group, qmax, x.name)
         graph.insert_before(sites[0].node, nodes)
         for site in sites:

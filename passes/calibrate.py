@@ -1,16 +1,16 @@
-"""SLAC: sequence-length-aware calibration with ONNX Runtime.
+"""SLAC: sequence-length-aware calibration, an accumulator of the observation run
+(:mod:`lowbit.ort.observe`).
 
 Assumes the linear-site map is available in the context and calibration windows were given.
-Guarantees: the model is not modified (an analysis pass); afterwards ``ctx.get("activation_stats")``
-holds per-channel min / max / absmax (and a per-window percentile of |x| averaged over windows
-when the recipe asks for it) at every linear-site input and at attention K/V, gathered on windows
-of the *deploy* sequence length. K/V channels are (head, head_dim) pairs (layouts in
-:mod:`lowbit.core.kv_sites`), with the per-window percentile ``kv.percentile`` when
+Guarantees: the model is not modified; after the run ``ctx.get("activation_stats")``
+holds per-channel min / max / absmax / sum of x^2 (and a per-window percentile of |x| averaged
+over windows when the recipe asks for it) at every linear-site input and at attention K/V,
+gathered on windows of the *deploy* sequence length. K/V channels are (head, head_dim) pairs
+(layouts in :mod:`lowbit.core.kv_sites`), with the per-window percentile ``kv.percentile`` when
 ``kv.range`` asks for it; ``links`` says which o_proj channel scale applies to each V channel, so
 smoothing's closed-form updates keep V's ranges exact too. Memory is bounded by one window's
-tapped activations plus the running per-channel reductions, however many windows are used. With ``capture_tokens`` it
-also does :class:`lowbit.passes.capture.CapturePass`'s job (``site_capture``) on the same run
-of the windows, which saves running the model over the calibration data a second time.
+tapped activations plus the running per-channel reductions, however many windows are used.
+:class:`lowbit.passes.capture.CaptureAccumulator` (``X^T X``, row samples) is fed by the same run.
 
 Why sequence length matters: outlier magnitudes grow with context (attention sinks, massive
 activations appear at specific positions), so ranges calibrated on short windows under-estimate
@@ -21,20 +21,17 @@ of per-tensor absmax at each length relative to the deploy length.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from lowbit.core.context import CompileContext
-from lowbit.ort.feeds import build_feeds
-from lowbit.ort.session import ort_session
-from lowbit.errors import LowbitError
-from lowbit.passes.capture import CaptureAccumulator
 from lowbit.core.kv_sites import attention_kv, kv_inputs, to_channels
+from lowbit.ort.observe import Window
 
-__all__ = ["ActivationStats", "ChannelStats", "CalibratePass", "calibration_taps", "slac_table", "slac_tensor_rows"]
+__all__ = ["ActivationStats", "CalibrationAccumulator", "ChannelStats", "calibration_taps", "slac_table", "slac_tensor_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,75 +100,62 @@ def calibration_taps(ctx: CompileContext) -> dict[str, ir.Value]:
     return taps
 
 
-class _TappedSession:
-    """An ORT session over the model with the tapped values as extra outputs."""
+class CalibrationAccumulator:
+    """Per-channel ranges at every linear-site input and attention K/V over the calibration
+    windows, absmax per tensor over the probe windows: the ``activation_stats`` analysis and the
+    report's ``slac``, ``slac_tensors`` and ``calibration`` entries (module doc)."""
 
-    def __init__(self, model: ir.Model, taps: dict[str, ir.Value]) -> None:
-        self.session = ort_session(model, taps.values())
-        self.names = list(taps)
+    probes = True
 
-    def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.names, build_feeds(self.session, ids))
-        return dict(zip(self.names, outs))
+    def __init__(self) -> None:
+        self.stats: ActivationStats | None = None
+        self.kv_taps: dict = {}
+        self.labels: dict[str, str] = {}
+        self.probe_absmax: dict[str, dict[int, float]] = {}  # tap -> {probe length: absmax}
 
+    def taps(self, ctx: CompileContext) -> dict[str, ir.Value]:
+        taps = calibration_taps(ctx)
+        recipe = ctx.recipe
+        self.pct = recipe.activations.percentile if recipe.activations.range == "percentile" else None
+        kv = recipe.kv
+        self.kv_pct = kv.percentile if kv.format != "none" and kv.range == "percentile" else None
+        self.kv_taps = {kv.value.name: kv for kv in kv_inputs(ctx.sites) if kv.value.name in taps}
+        self.labels = _tap_labels(ctx, taps)
+        self.stats = ActivationStats(seq_len=int(np.shape(ctx.calibration.windows[0])[-1]))
+        self.source = ctx.calibration.source
+        return taps
 
-class CalibratePass(ir.passes.InPlacePass):
-    """Collect activation statistics (SLAC) into ``ctx`` as the ``activation_stats`` analysis."""
+    def add(self, window: Window, values: Mapping[str, np.ndarray]) -> None:
+        stats = self.stats
+        for name, x in values.items():
+            if x.dtype != np.float32 or x.ndim == 0:
+                continue
+            if window.probe:
+                per = self.probe_absmax.setdefault(name, {})
+                per[window.length] = max(per.get(window.length, 0.0), float(max(x.max(), -x.min())))
+                continue
+            p = self.pct
+            if name in self.kv_taps:
+                stats.kv_shapes.setdefault(name, x.shape)
+                x, p = to_channels(x, self.kv_taps[name]), self.kv_pct
+            if name not in stats.by_value:
+                stats.by_value[name] = ChannelStats.empty(x.shape[-1], p is not None)
+            stats.by_value[name].update(x, p)
 
-    def __init__(self, ctx: CompileContext, capture_tokens: int | None = None) -> None:
-        super().__init__()
-        self.ctx = ctx
-        # also capture X^T X and row samples (what CapturePass does) from the same windows
-        self.capture_tokens = capture_tokens
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        data = self.ctx.calibration
-        if data is None or not data.windows:
-            raise LowbitError("this recipe calibrates (activation ranges, smoothing or OPTQ) and needs calibration data (--calib-text or a model directory with a tokenizer)")
-        spec = self.ctx.recipe.activations
-        pct = spec.percentile if spec.range == "percentile" else None
-        taps = calibration_taps(self.ctx)
-        capture = None
-        if self.capture_tokens is not None:
-            capture = CaptureAccumulator(self.ctx, self.capture_tokens)
-            taps.update((n, v) for n, v in capture.taps.items() if n not in taps)
-        session = _TappedSession(model, taps)
-        stats = ActivationStats(seq_len=int(np.shape(data.windows[0])[-1]))
-        kv_taps = {kv.value.name: kv for kv in kv_inputs(self.ctx.sites) if kv.value.name in taps}
-        kv_spec = self.ctx.recipe.kv
-        kv_pct = kv_spec.percentile if kv_spec.format != "none" and kv_spec.range == "percentile" else None
-        for ids in tqdm(data.windows, desc="calibrating", unit="window", leave=False, disable=None):
-            outs = session.run(ids)
-            if capture is not None:
-                capture.add(outs, int(np.prod(np.shape(ids))))
-            for name, x in outs.items():
-                if x.dtype != np.float32 or x.ndim == 0:
-                    continue
-                p = pct
-                if name in kv_taps:
-                    stats.kv_shapes.setdefault(name, x.shape)
-                    x, p = to_channels(x, kv_taps[name]), kv_pct
-                if name not in stats.by_value:
-                    stats.by_value[name] = ChannelStats.empty(x.shape[-1], p is not None)
-                stats.by_value[name].update(x, p)
+    def finish(self, ctx: CompileContext) -> None:
+        stats = self.stats
         for name, s in stats.by_value.items():
             stats.slac[name] = {stats.seq_len: float(s.absmax.max())}
-        _link_v_channels(stats, kv_taps)
-        for length, windows in sorted(data.probes.items()):
-            for ids in tqdm(windows, desc=f"SLAC probe {length}", unit="window", leave=False, disable=None):
-                for name, x in session.run(ids).items():
-                    if name in stats.slac:
-                        prev = stats.slac[name].get(length, 0.0)
-                        stats.slac[name][length] = max(prev, float(np.abs(x).max()))
-        self.ctx.put("activation_stats", stats)
-        if capture is not None:
-            capture.publish(self.ctx)
-        self.ctx.report["slac"] = slac_table(stats)
-        self.ctx.report["slac_tensors"] = slac_tensor_rows(stats, _tap_labels(self.ctx, taps))
-        self.ctx.report["calibration"] = {"windows": len(data.windows), "seq_len": stats.seq_len,
-                                          "taps": len(stats.by_value), "source": data.source}  # fmt: skip
-        logger.info("calibrated %d tensors on %d windows of %d tokens", len(stats.by_value), len(data.windows), stats.seq_len)
-        return ir.passes.PassResult(model, modified=False)
+            for length, absmax in sorted(self.probe_absmax.get(name, {}).items()):
+                stats.slac[name][length] = absmax
+        _link_v_channels(stats, self.kv_taps)
+        ctx.put("activation_stats", stats)
+        windows = len(ctx.calibration.windows)
+        ctx.report["slac"] = slac_table(stats)
+        ctx.report["slac_tensors"] = slac_tensor_rows(stats, self.labels)
+        ctx.report["calibration"] = {"windows": windows, "seq_len": stats.seq_len, "taps": len(stats.by_value),
+                                     "source": self.source}  # fmt: skip
+        logger.info("calibrated %d tensors on %d windows of %d tokens", len(stats.by_value), windows, stats.seq_len)
 
 
 def _link_v_channels(stats: ActivationStats, kv_taps: dict) -> None:

@@ -28,7 +28,6 @@ Read-only (function-preserving): the result is the ``precision_assignment`` anal
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass
 
@@ -40,7 +39,7 @@ from lowbit.core.context import CompileContext
 from lowbit.errors import LowbitError
 from lowbit.formats.blocking import Blocking
 from lowbit.passes.fisher import site_sensitivities
-from lowbit.core.linear_sites import LinearSite
+from lowbit.core.linear_sites import LinearSite, selected_sites
 
 __all__ = [
     "BITMAP_BITS", "BLOCK", "FP8_BITS", "NVFP4_BITS", "AssignPrecisionPass", "Assignment",
@@ -116,9 +115,7 @@ def activation_groups(ctx: CompileContext, mode: str, *, assigned_sites_only: bo
     after the checks both modes share. A group is covered when any of its sites has an assignment;
     ``assigned_sites_only`` also drops the group's unassigned sites (the static mode's per-site
     channel choice), otherwise the whole group is kept (one runtime quantizer feeds every site)."""
-    recipe, data = ctx.recipe, ctx.calibration
-    if recipe.activations.format != "none":
-        raise LowbitError(f"precision.activations = '{mode}' quantizes activations itself: set activations.format = 'none'")
+    data = ctx.calibration
     if data is None or not data.windows:
         raise LowbitError(f"{mode} FGMP activations need calibration windows")
     assigned = ctx.get("precision_assignment").sites
@@ -223,15 +220,11 @@ class AssignPrecisionPass(ir.passes.InPlacePass):
         self.ctx = ctx
 
     def _selected(self) -> list[LinearSite]:
-        exclude = self.ctx.recipe.sites.exclude
-        return [s for s in self.ctx.sites if not any(fnmatch.fnmatch(s.name, p) for p in exclude)]
+        return selected_sites(self.ctx.sites, self.ctx.recipe.sites.exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
         spec = recipe.precision
-        if recipe.weights.format != "nvfp4":
-            raise LowbitError(f"precision.enabled mixes NVFP4 and FP8 blocks: set weights.format = 'nvfp4' "
-                              f"(got {recipe.weights.format!r})")
         sites = self._selected()
         sens = site_sensitivities(self.ctx, sites)
         pending = []

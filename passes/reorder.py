@@ -111,33 +111,42 @@ class ReorderPass(ir.passes.InPlacePass):
             entry = {"feeder": group[0].feeder.kind if group[0].feeder else "other", "clusters": int(labels.max() + 1)}
             if not isinstance(target, str) and target.kind == "attention_v" and target.head_dim is None:
                 target = "attention head layout unknown"
+            reordered = False
             if isinstance(target, str):
                 entry["reason"] = f"per-cluster ranges only, not reordered: {target}"
                 clusters[name] = labels
             else:
                 perm = self._permute(model, target, labels, key)
+                reordered = perm is not None
+                if reordered:
+                    gathers += target.kind == "norm"
+                    permuted += 1
+                else:  # clusters already contiguous: nothing to permute, the graph stays as it is
+                    perm = np.arange(len(labels))
                 clusters[name] = labels[perm]
-                gathers += target.kind == "norm"
-                permuted += 1
                 width = hi - lo  # the plotted input: the one whose widest channel stands out most
                 spread = float(width.max() / max(float(np.median(width)), 1e-12))
                 if spread > widest[0] and target.kind != "attention_v":  # plotted: contiguous clusters
                     widest = (spread, (key, lo, hi, labels, perm))
-            entry["reordered"] = not isinstance(target, str)
+            entry["reordered"] = reordered
             report["groups"][key] = entry
         self.ctx.put("act_clusters", clusters)
         report.update({"gathers": gathers, "permuted_groups": permuted, "clustered_groups": len(clusters)})
         if widest[1] is not None:
             report["plot"] = {"site": widest[1][0], "png_base64": range_plot_png(*widest[1])}
         logger.info("reorder: %d inputs clustered, %d permuted (%d Gathers)", len(clusters), permuted, gathers)
-        return ir.passes.PassResult(model, modified=bool(clusters))
+        # modified only when a permutation was applied: cluster labels alone change no graph value
+        return ir.passes.PassResult(model, modified=bool(permuted))
 
-    def _permute(self, model: ir.Model, target: FoldTarget, labels: np.ndarray, key: str) -> np.ndarray:
-        """Make each cluster contiguous (within heads for attention outputs); returns the perm."""
+    def _permute(self, model: ir.Model, target: FoldTarget, labels: np.ndarray, key: str) -> np.ndarray | None:
+        """Make each cluster contiguous (within heads for attention outputs); returns the perm,
+        or None (nothing edited) when the clusters are contiguous already."""
         if target.kind == "attention_v":
             perm = head_local_order(labels, target.channel_map, target.head_dim)
         else:
             perm = np.argsort(labels, kind="stable")
+        if np.array_equal(perm, np.arange(len(perm))):
+            return None
         if target.kind == "norm":
             _insert_gather(model.graph, target.norm, perm, key)
         target.apply_permutation(perm)

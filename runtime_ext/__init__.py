@@ -7,7 +7,12 @@ The C++ library is built by ``runtime_ext/build.py`` (``make native``), never at
 every node also has an ONNX FunctionProto fallback so models run where it is not registered.
 """
 
-from lowbit.runtime_ext.ir_support import attach_functions_ir, gather_node_ir, matmul_node_ir
+from lowbit.runtime_ext.ir_support import (
+    attach_functions_ir,
+    gather_node_ir,
+    matmul_node_ir,
+    reorder_norm_node_ir,
+)
 from lowbit.runtime_ext.library import library_path, session_options
 from lowbit.runtime_ext.nodes import (
     DOMAIN,
@@ -30,5 +35,6 @@ __all__ = [
     "DOMAIN", "FgmpSpec", "GatherSpec", "MatMulSpec", "NormSpec", "attach_functions",
     "attach_functions_ir", "decode_mixed", "function_protos", "gather_node_ir", "matmul_node_ir",
     "library_path", "make_fgmp_node", "make_gather_node", "make_matmul_node", "make_reorder_norm_node",
-    "pack_gather_table", "pack_matmul_weight", "pack_mixed_matmul_weight", "session_options",
+    "pack_gather_table", "pack_matmul_weight", "pack_mixed_matmul_weight", "reorder_norm_node_ir",
+    "session_options",
 ]

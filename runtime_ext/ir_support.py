@@ -1,6 +1,6 @@
 """onnx_ir counterparts of the node builders, for compiler passes that edit ``ir.Model``s.
 
-``matmul_node_ir`` / ``gather_node_ir`` build ``ir.Node``s (attributes and ``overload`` exactly as
+``matmul_node_ir`` / ``gather_node_ir`` / ``reorder_norm_node_ir`` build ``ir.Node``s (attributes and ``overload`` exactly as
 the onnx.helper builders in :mod:`lowbit.runtime_ext.nodes` write them); ``attach_functions_ir``
 adds the fallback functions of every lowbit node of the main graph and the ``lowbit`` opset.
 Guarantees: a model built either way serializes to the same nodes and functions.
@@ -8,7 +8,7 @@ Guarantees: a model built either way serializes to the same nodes and functions.
 
 from __future__ import annotations
 
-__all__ = ["matmul_node_ir", "gather_node_ir", "attach_functions_ir"]
+__all__ = ["matmul_node_ir", "gather_node_ir", "reorder_norm_node_ir", "attach_functions_ir"]
 
 import onnx_ir as ir
 
@@ -38,6 +38,15 @@ def gather_node_ir(table: ir.Value, scales: ir.Value, global_scale: ir.Value,
     """``GatherLowbit``; its output is ``node.outputs[0]``."""
     proto = nodes.make_gather_node("t", "s", "g", "i", "y", spec)
     return _node(proto, [table, scales, global_scale, indices], name)
+
+
+def reorder_norm_node_ir(x: ir.Value, perm: ir.Value, gamma: ir.Value, *, kind: str,
+                         epsilon: float, beta: ir.Value | None = None,
+                         name: str | None = None) -> ir.Node:
+    """``ReorderNorm``: ``norm(x)[..., perm] * gamma (+ beta)``, gamma/beta already permuted."""
+    proto = nodes.make_reorder_norm_node("x", "p", "g", "y", kind=kind, epsilon=epsilon,
+                                         beta="b" if beta is not None else None)
+    return _node(proto, [x, perm, gamma] + ([beta] if beta is not None else []), name)
 
 
 def _node(proto, inputs, name: str | None) -> ir.Node:

@@ -1,5 +1,7 @@
 """Recipes: every named recipe loads; unknown keys and bad values fail naming the key."""
 
+import re
+
 import pytest
 
 from lowbit.core.recipe import available_recipes, describe_keys, load_recipe, parse_override
@@ -72,3 +74,28 @@ def test_w4a4_rptq_is_dynamic_and_static_variant_stays_reachable():
     static = load_recipe("w4a4-rptq", ["activations.granularity=per_tensor", "activations.group_size=0",
                                        "activations.outlier_format=none"]).activations  # fmt: skip
     assert (static.granularity, static.group_size, static.outlier_format) == ("per_tensor", 0, "none")
+
+
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("w8", ["precision.enabled=true"], "recipe key 'weights.format': precision.enabled mixes NVFP4 and FP8"),
+    ("nvfp4", ["precision.enabled=true", "precision.activations=static"], "recipe key 'activations.format': precision.activations = 'static'"),
+    ("w8", ["precision.activations=runtime"], "recipe key 'precision.activations': needs precision.enabled"),
+    ("w8", ["weights.format=nvfp4", "weights.block_size=32"], "recipe key 'weights.block_size': nvfp4 blocks are 16"),
+    ("w8", ["weights.format=mxfp4", "weights.block_size=16"], "recipe key 'weights.block_size': mxfp4 blocks are 32"),
+    ("w8", ["rounding.method=optq", "weights.format=nvfp4"], "recipe key 'rounding.method': optq rounds symmetric int or dint"),
+    ("w8", ["reorder.clusters=8"], "recipe key 'reorder.clusters': RPTQ clusters set per-cluster activation ranges"),
+    ("w8", ["ort_cpu.embeddings=true"], "recipe key 'ort_cpu.embeddings': needs target = 'ort-cpu'"),
+    ("w8", ["target=ort-cpu"], "recipe key 'weights.format': target ort-cpu packs dint4, nvfp4, int4, mxfp4 weights, not 'int8'"),
+    ("w8", ["target=ort-cpu", "weights.format=int4"], "recipe key 'weights.block_size': target ort-cpu packs int4 in blocks"),
+    ("w8", ["target=ort-cpu", "weights.format=int4", "weights.block_size=48"], "recipe key 'weights.block_size': target ort-cpu: int4: block_size must be 16 or a positive multiple of 32"),
+    ("w8", ["target=ort-cpu", "weights.format=int4", "weights.block_size=32", "weights.symmetric=false"], "recipe key 'weights.symmetric': target ort-cpu kernels take symmetric"),
+])  # fmt: skip
+def test_cross_section_and_kernel_rules_fail_before_any_model_is_loaded(recipe, overrides, message):
+    with pytest.raises(LowbitError, match=re.escape(message)):
+        load_recipe(recipe, overrides)
+
+
+def test_every_shipped_recipe_passes_the_cross_section_rules():
+    for name in available_recipes():
+        load_recipe(name)
+    load_recipe("w8", ["target=ort-cpu", "weights.format=nvfp4"])  # the format's own block of 16

@@ -16,7 +16,8 @@ def optq_rounded(token_windows):
     from lowbit.core.recipe import load_recipe
     from lowbit.models.synthetic import tiny_decoder
     from lowbit.passes.canonicalize import canonicalize_passes
-    from lowbit.passes.capture import CapturePass
+    from lowbit.ort.observe import ObservePass
+    from lowbit.passes.capture import CaptureAccumulator
     from lowbit.core.linear_sites import find_linear_sites
     from lowbit.encode.optq import OptqPass
 
@@ -27,7 +28,7 @@ def optq_rounded(token_windows):
         ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
         for p in canonicalize_passes():
             p(model)
-        CapturePass(ctx, 64)(model)
+        ObservePass(ctx, [CaptureAccumulator(64)])(model)
         OptqPass(ctx)(model)
         return ctx, model
 

@@ -1,14 +1,16 @@
-"""Capture: the calibration pass's own run (``capture_tokens``) yields exactly what a separate
-CapturePass run over the same windows yields, so the pipeline can run the windows once."""
+"""Capture: fed by the same observation run as calibration, it yields what a separate run over
+the same windows yields, so the pipeline runs the windows once; X^T X (symmetric rank-k updates,
+upper triangle, float32 flushed to float64) equals the float64 X^T X."""
 
 import numpy as np
 
 from lowbit.core.context import CalibrationData, CompileContext
 from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.calibrate import CalibratePass
+from lowbit.ort.observe import ObservePass, Window, observe
+from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.capture import CaptureAccumulator, CapturePass
+from lowbit.passes.capture import CaptureAccumulator
 from lowbit.core.linear_sites import find_linear_sites
 
 
@@ -23,10 +25,13 @@ def _context(windows):
 
 def test_capture_during_calibration_equals_a_separate_capture(token_windows):
     separate, model_a = _context(token_windows)
-    CalibratePass(separate)(model_a)
-    CapturePass(separate, 40)(model_a)
+    observe(separate, model_a, [CalibrationAccumulator()])
+    observe(separate, model_a, [CaptureAccumulator(40)], why="the test compares with a separate run")
+    assert separate.report["observation"]["runs"] == 2
     merged, model_b = _context(token_windows)
-    CalibratePass(merged, capture_tokens=40)(model_b)
+    ObservePass(merged, [CalibrationAccumulator(), CaptureAccumulator(40)])(model_b)
+    assert merged.report["observation"] == {"runs": 1, "sessions": 1, "why_extra": [],
+                                            "windows": len(token_windows)}  # no probes given  # fmt: skip
     a, b = separate.get("site_capture"), merged.get("site_capture")
     assert list(a) == list(b) and len(a) == len(separate.sites.input_groups())
     for name in a:
@@ -46,16 +51,18 @@ def test_accumulated_hessian_equals_float64_x_transpose_x_across_flushes():
     rng = np.random.default_rng(3)
     windows = [rng.integers(0, 64, 24) for _ in range(19)]
     ctx, _ = _context(windows)
-    acc = CaptureAccumulator(ctx, 40)
-    xs = {name: [] for name in acc.taps}
-    for _ in windows:
-        outs = {name: rng.standard_normal((1, 24, v.shape[-1])).astype(np.float32) * 30.0 for name, v in acc.taps.items()}
+    acc = CaptureAccumulator(40)
+    taps = acc.taps(ctx)
+    xs = {name: [] for name in taps}
+    for i, ids in enumerate(windows):
+        outs = {name: rng.standard_normal((1, 24, v.shape[-1])).astype(np.float32) * 30.0 for name, v in taps.items()}
         for name, x in outs.items():
             xs[name].append(x[0].astype(np.float64))
-        acc.add(outs, 24)
-    acc.publish(ctx)
+        acc.add(Window(i, ids), outs)
+    acc.finish(ctx)
     for name, capture in ctx.get("site_capture").items():
         x = np.concatenate(xs[name])
         expected = x.T @ x
         assert capture.hessian.dtype == np.float64 and capture.tokens == 19 * 24
+        np.testing.assert_array_equal(capture.hessian, capture.hessian.T)  # both triangles filled
         np.testing.assert_allclose(capture.hessian, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())

@@ -188,11 +188,10 @@ def test_qdq_fp4_emission_matches_in_onnx_reference(tmp_path, token_windows):
         assert np.array_equal(got, mixed_weight(assignment.sites[name])), name
 
 
-def test_fgmp_needs_nvfp4_weights(token_windows):
-    recipe = load_recipe("fgmp-nvfp4-fp8", ["weights.format=int4", "precision.sensitivity=proxy"])
-    ctx = CompileContext(tiny_decoder(), recipe, CalibrationData(token_windows))
-    with pytest.raises(LowbitError, match="nvfp4"):
-        run_pipeline(ctx)
+def test_fgmp_needs_nvfp4_weights():
+    """Refused when the recipe is loaded, before any model or calibration."""
+    with pytest.raises(LowbitError, match="recipe key 'weights.format': precision.enabled mixes NVFP4"):
+        load_recipe("fgmp-nvfp4-fp8", ["weights.format=int4", "precision.sensitivity=proxy"])
 
 
 def test_proxy_sensitivity_end_to_end(token_windows):

@@ -61,6 +61,5 @@ def test_runtime_activations_match_the_reference(token_windows):
 
 
 def test_runtime_activations_refuse_static_activation_qdq(token_windows):
-    recipe = load_recipe("fgmp-nvfp4-fp8", ["precision.sensitivity=proxy", "precision.activations=runtime"])
-    with pytest.raises(LowbitError, match="activations.format"):
-        run_pipeline(CompileContext(tiny_decoder(), recipe, CalibrationData(token_windows)))
+    with pytest.raises(LowbitError, match="recipe key 'activations.format'"):  # at load, before any model
+        load_recipe("fgmp-nvfp4-fp8", ["precision.sensitivity=proxy", "precision.activations=runtime"])

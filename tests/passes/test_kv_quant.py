@@ -15,7 +15,9 @@ from lowbit.ort.session import ort_session, run_on_tokens
 from lowbit.compiler.pipeline import run_pipeline
 from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.calibrate import CalibratePass
+from lowbit.ort.observe import ObservePass
+from lowbit.passes.calibrate import CalibrationAccumulator
+from lowbit.passes.capture import CaptureAccumulator
 from lowbit.core.initializers import SCALE_FLOOR
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.emit.kv import kv_qparams, kv_range
@@ -142,7 +144,7 @@ def _calibrated(model, overrides, windows) -> CompileContext:
     ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
         p(model)
-    CalibratePass(ctx, 64)(model)
+    ObservePass(ctx, [CalibrationAccumulator(), CaptureAccumulator(64)])(model)
     return ctx
 
 

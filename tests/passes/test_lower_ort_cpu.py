@@ -21,7 +21,8 @@ from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.core.linear_sites import find_linear_sites
-from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass, read_weight_encoding
+from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass, kernel_reason
+from lowbit.encode.weights import EncodeWeightsPass
 from lowbit.runtime_ext.reference import decode_weight
 
 IDS = (np.arange(12, dtype=np.int64) * 5 % 64)[None]
@@ -69,9 +70,9 @@ def _init(model: ir.Model, value: ir.Value) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt,block,ffn", [("dint4", 16, 48), ("nvfp4", 16, 48), ("int4", 16, 48),
-                                           ("mxfp4", 16, 48), ("dint4", 0, 64)])
+                                           ("mxfp4", 32, 64), ("dint4", 64, 64)])
 def test_lowered_weights_decode_bit_exact_and_model_equals_qdq(native_lib, fmt, block, ffn):
-    # block 0 = one scale per output channel: the kernel block is K, so K must be 32 x n (ffn 64)
+    # blocks of 32 or 64 must divide down_proj's K (ffn 64)
     overrides = [f"weights.format={fmt}", f"weights.block_size={block}"]
     compiled, originals = _compile(overrides, ffn=ffn)
     model = compiled.model
@@ -96,8 +97,8 @@ def test_lowered_weights_decode_bit_exact_and_model_equals_qdq(native_lib, fmt, 
 
 
 def test_nvfp4_and_mxfp4_scales_are_stored_as_bytes(native_lib):
-    for fmt in ("nvfp4", "mxfp4"):
-        compiled, _ = _compile([f"weights.format={fmt}", "weights.block_size=16"])
+    for fmt, block in (("nvfp4", 16), ("mxfp4", 32)):
+        compiled, _ = _compile([f"weights.format={fmt}", f"weights.block_size={block}"], ffn=64)
         dtypes = {n.inputs[2].const_value.dtype for n in compiled.model.graph
                   if n.op_type == "MatMulLowbit"}
         assert dtypes == {ir.DataType.UINT8}, fmt
@@ -192,31 +193,74 @@ def test_untied_embedding_is_encoded_on_its_own(native_lib):
 
 
 def test_embeddings_need_a_4bit_weight_format():
-    with pytest.raises(LowbitError, match="ort_cpu.embeddings needs a 4-bit weights.format"):
+    with pytest.raises(LowbitError, match="target ort-cpu packs dint4, nvfp4, int4, mxfp4 weights"):
         _compile(["weights.format=int8", "ort_cpu.embeddings=true"])
 
 
-def test_off_grid_codes_are_reported_not_lowered():
-    model = tiny_decoder()
-    recipe = load_recipe("w8", ["weights.format=int8", "target=ort-cpu"])
-    ctx = CompileContext(model, recipe)
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
+def _pipeline(overrides, ffn=64):
+    model = tiny_decoder(ffn=ffn)
+    ctx = CompileContext(model, load_recipe("w8", overrides + ["target=ort-cpu"]))
+    encodings = {}
     for step, _ in build_pipeline(ctx)[:-1]:
         step(model)
-    # int8 weights are not a kernel format: the pass leaves every site in QDQ
-    assert ctx.report["ort_cpu"]["lowered"] == 0 and _ops(model)["MatMulLowbit"] == 0
-    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
-    assert read_weight_encoding(dq, "dint4", 0) == "codes are not on the dint4 grid"
+        if isinstance(step, EncodeWeightsPass):
+            encodings = dict(ctx.get("weight_encodings"))
+    return model, ctx, encodings
+
+
+def test_sites_the_kernels_refuse_are_reported_and_stay_qdq():
+    model, ctx, encodings = _pipeline(["weights.format=dint4", "weights.block_size=32"], ffn=48)
+    # blocks of 32 fit the hidden axis (32) but not down_proj's 48 inputs
+    kept = ctx.report["ort_cpu"]["kept_qdq"]
+    assert sorted(kept) == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+    assert set(kept.values()) == {"reduction axis 48 must be a multiple of 16 and of block_size=32"}
+    assert _ops(model)["MatMulLowbit"] == 13 and _ops(model)["DequantizeLinear"] == 2
+    assert len(encodings) == 15
+
+
+@pytest.mark.parametrize("fmt,block", [("dint4", 16), ("nvfp4", 0), ("mxfp4", 32), ("int4", 32)])
+def test_packed_arrays_are_the_site_encodings(fmt, block):
+    """The kernel arrays are pack_matmul_weight of the encode step's encoding, byte for byte
+    (nvfp4: its own E4M3 scale bytes and global scale, nothing recovered from a graph)."""
+    model, ctx, encodings = _pipeline([f"weights.format={fmt}", f"weights.block_size={block}"])
+    lowered = {n.name.removesuffix(".lowbit"): n for n in model.graph if n.op_type == "MatMulLowbit"}
+    assert sorted(lowered) == sorted(encodings) and len(lowered) == 15
+    scale_dtype = "float32" if fmt in ("dint4", "int4") else "uint8"
+    for name, node in lowered.items():
+        enc = encodings[name]
+        assert enc.blocking.block_size == min(formats.get_format(fmt).block_size(block), enc.shape[enc.axis])
+        packed = rx.pack_matmul_weight(enc, scale_dtype=scale_dtype)
+        for value, want in zip(node.inputs[1:4], (packed.codes, packed.scales, packed.global_scale)):
+            got = value.const_value.numpy()
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
+        w = decode_weight(packed.codes, packed.scales, packed.global_scale, fmt, packed.spec.block_size)
+        want = formats.decode(enc) if enc.axis == 1 else formats.decode(enc).T
+        np.testing.assert_array_equal((w + np.float32(0)).view(np.uint32), (want + np.float32(0)).view(np.uint32))
+
+
+def test_kernel_reason_names_what_the_kernels_cannot_take():
+    sites = {s.name: s for s in find_linear_sites(tiny_decoder(ffn=48).graph)}
+    site = sites["layers.0.mlp.down_proj"]  # K = 48
+    w = site.weight.const_value.numpy()
+    assert kernel_reason(site, formats.encode(w, "dint4", axis=0, block_size=16)) is None
+    assert kernel_reason(site, formats.encode(w, "int8", axis=0)) == \
+        "int8 has no lowbit kernel (kernel formats: dint4, nvfp4, int4, mxfp4)"
+    assert kernel_reason(site, formats.encode(w, "dint4", axis=0, block_size=32)) == \
+        "reduction axis 48 must be a multiple of 16 and of block_size=32"
+    assert "block_size must be 16" in kernel_reason(site, formats.encode(w, "int4", axis=0, block_size=8))
+    assert kernel_reason(site, formats.encode(w, "int4", axis=0, block_size=16, symmetric=False)) == \
+        "asymmetric weights (zero point): the lowbit kernels are symmetric"
 
 
 def test_pipeline_adds_the_passes_only_for_ort_cpu():
     def names(target):
-        ctx = CompileContext(tiny_decoder(), load_recipe("w8", [f"target={target}"]))
+        ctx = CompileContext(tiny_decoder(), load_recipe("w8", [f"target={target}", "weights.format=dint4",
+                                                                "weights.block_size=32"]))
         return [type(p) for p, _ in build_pipeline(ctx)]
 
     assert FindEmbeddingsPass not in names("qdq") and LowerOrtCpuPass not in names("qdq")
     steps = names("ort-cpu")
-    assert steps.index(FindEmbeddingsPass) < steps.index(LowerOrtCpuPass)
+    assert steps.index(FindEmbeddingsPass) < steps.index(EncodeWeightsPass) < steps.index(LowerOrtCpuPass)
 
 
 def test_saved_model_runs_with_and_without_the_library(native_lib, tmp_path):
@@ -262,16 +306,15 @@ def test_kv_cache_smollm2_generates_through_optimum(native_lib, smollm2_with_pas
 
 @pytest.mark.slow
 def test_smollm2_perplexity_equals_qdq(native_lib, smollm2_export, eval_windows, tmp_path):
-    """Issue 7 acceptance on 2 of the 8 evaluation windows (the bench runs all 8): the same
-    compiled qdq model, lowered in place, gives the qdq model's perplexity within 0.1%."""
+    """Issue 7 acceptance on 2 of the 8 evaluation windows (the bench runs all 8): the ort-cpu
+    model, packed from the same encodings, gives the qdq model's perplexity within 0.1%."""
     from lowbit.models.evaluate import perplexity
 
     overrides = ["weights.format=dint4", "weights.block_size=32"]
     compiled = lowbit.compile(smollm2_export, "w8", target="qdq", overrides=overrides)
     qdq_path = compiled.save(tmp_path / "qdq.onnx")
-    ctx = CompileContext(compiled.model, load_recipe("w8", overrides + ["target=ort-cpu"]))
-    LowerOrtCpuPass(ctx)(compiled.model)
-    assert ctx.report["ort_cpu"]["lowered"] == 211 and not ctx.report["ort_cpu"]["kept_qdq"]
+    compiled = lowbit.compile(smollm2_export, "w8", target="ort-cpu", overrides=overrides)
+    assert compiled.report["ort_cpu"]["lowered"] == 211 and not compiled.report["ort_cpu"]["kept_qdq"]
     ortcpu_path = compiled.save(tmp_path / "ortcpu.onnx")
     as_written = ort.SessionOptions()
     as_written.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -14,7 +14,8 @@ from lowbit.ort.feeds import make_feed
 from lowbit.ort.session import ort_session, run_on_tokens
 from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.calibrate import CalibratePass
+from lowbit.ort.observe import ObservePass
+from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.emit.qdq import EmitQDQPass
 from lowbit.core.linear_sites import find_linear_sites
@@ -34,7 +35,7 @@ def _reordered(norm, form, windows, clusters=4):
     ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
         p(model)
-    CalibratePass(ctx)(model)
+    ObservePass(ctx, [CalibrationAccumulator()])(model)
     before = {k: (v.min.copy(), v.max.copy()) for k, v in ctx.get("activation_stats").by_value.items()}
     ctx.invalidate("linear_sites")
     assert ReorderPass(ctx)(model).modified
@@ -70,7 +71,7 @@ def test_clusters_are_contiguous_and_stats_follow_the_permutation(token_windows)
     # the fresh calibration of the reordered model agrees with the permuted statistics
     fresh = CompileContext(model, ctx.recipe, ctx.calibration)
     fresh.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
-    CalibratePass(fresh)(model)
+    ObservePass(fresh, [CalibrationAccumulator()])(model)
     for name, s in fresh.get("activation_stats").by_value.items():
         if name in clusters:
             np.testing.assert_allclose(s.max, stats[name].max, rtol=1e-5, atol=1e-6)
@@ -131,3 +132,20 @@ def test_attention_output_order_stays_inside_heads_and_agrees_across_gqa_replica
     skewed[[0, 1]] = [1, 0]  # query head 0 swaps two channels, its replicas (heads 1, 2) do not
     with pytest.raises(ValueError, match="differs between query heads"):
         producer_permutation(target, skewed)
+
+
+def test_modified_only_when_a_permutation_was_applied(token_windows):
+    """One cluster per input: every order is already contiguous, so the pass edits nothing and
+    says so (cluster labels alone are an analysis, not a graph change)."""
+    import onnx_ir as ir
+
+    model = tiny_decoder()
+    ctx = CompileContext(model, load_recipe("w8a8", ["reorder.clusters=1", FEEDERS]), CalibrationData(token_windows))
+    for p in canonicalize_passes():
+        p(model)
+    ObservePass(ctx, [CalibrationAccumulator()])(model)
+    before = ir.to_proto(model).SerializeToString()
+    result = ReorderPass(ctx)(model)
+    assert not result.modified and ctx.report["reorder"]["permuted_groups"] == 0
+    assert ir.to_proto(model).SerializeToString() == before
+    assert ctx.get("act_clusters")  # the per-cluster ranges are still recorded

@@ -1,0 +1,105 @@
+"""The exact weight encoding of every quantized linear site, before any emitter runs.
+
+Assumes the linear-site map with float weights (smoothing/reordering already folded in) and,
+optionally, the ``weight_encodings`` an earlier rounding pass stored (OPTQ). Analysis only: never
+edits the graph. Guarantees: afterwards ``ctx.get("weight_encodings")[site.name]`` is a
+:class:`lowbit.formats.Encoded` for every site :func:`~lowbit.core.linear_sites.selected_sites`
+keeps, in the *stored* orientation of the site's initializer (``axis = site.reduction_axis``):
+
+- sites an earlier pass rounded keep that encoding (OPTQ codes take precedence over RTN);
+- the others are rounded to nearest with the recipe's scale chooser (``weights.scale_method``,
+  ``weights.symmetric``) in blocks of ``get_format(fmt).block_size(weights.block_size)``;
+- target ``npu``: one symmetric scale per output channel (no blocks), rounded to a power of two
+  when ``npu.power_of_two_scales`` asks, chosen on the (K, N) matrix and stored transposed back.
+
+Every emitter (``qdq``, ``qdq-fp4``, ``npu``, ``ort-cpu``) writes these codes and scales and
+nothing else. FGMP mixed-precision sites are not encoded here: their per-block NVFP4/FP8 choice
+and both encodings live in ``precision_assignment`` (:mod:`lowbit.passes.precision`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit import formats
+from lowbit.core.context import CompileContext
+from lowbit.core.folding import weight_kn
+from lowbit.core.linear_sites import LinearSite, selected_sites
+from lowbit.errors import LowbitError
+
+__all__ = ["ENCODINGS", "EncodeWeightsPass", "encode_weights", "power_of_two", "transposed"]
+
+logger = logging.getLogger(__name__)
+
+ENCODINGS = "weight_encodings"  # analysis: site name -> formats.Encoded (stored orientation)
+
+
+def power_of_two(scale: np.ndarray, mode: str) -> np.ndarray:
+    """``scale`` rounded to powers of two: ``ceil`` (up), ``nearest`` (in log2), ``none``."""
+    if mode == "none":
+        return scale
+    exponent = np.log2(np.asarray(scale, np.float64))
+    exponent = np.ceil(exponent) if mode == "ceil" else np.rint(exponent)
+    return np.exp2(exponent).astype(np.float32)
+
+
+def transposed(enc: formats.Encoded) -> formats.Encoded:
+    """The same 2-D encoding of the transposed matrix: codes and scale layout swap axes (exact)."""
+    if len(enc.shape) != 2 or enc.axis is None:
+        raise LowbitError(f"transposed: needs a 2-D encoding along an axis, got {enc.shape} axis {enc.axis}")
+    zp = None if enc.zero_point is None else np.ascontiguousarray(enc.zero_point.T)
+    return formats.Encoded(enc.fmt, tuple(enc.shape[::-1]), 1 - enc.axis, enc.block_size,
+                           np.ascontiguousarray(enc.codes.T), np.ascontiguousarray(enc.scale.T),
+                           enc.global_scale, zp)
+
+
+def _rtn(ctx: CompileContext, site: LinearSite) -> formats.Encoded:
+    recipe = ctx.recipe
+    wspec = recipe.weights
+    w = site.weight.const_value.numpy()
+    if not np.isfinite(w).all():
+        raise LowbitError(f"weight {site.name} has {int((~np.isfinite(w)).sum())} NaN/Inf values")
+    if recipe.target == "npu":  # symmetric per output channel of the (K, N) matrix
+        w_kn = weight_kn(site)
+        scale = formats.choose_scale(w_kn, wspec.format, axis=0, scale_method=wspec.scale_method).scale
+        scale = power_of_two(scale, recipe.npu.power_of_two_scales)
+        enc = formats.encode(w_kn, wspec.format, axis=0, scale=scale)
+        return enc if site.reduction_axis == 0 else transposed(enc)
+    block = formats.get_format(wspec.format).block_size(wspec.block_size)
+    return formats.encode(w, wspec.format, axis=site.reduction_axis, block_size=block,
+                          symmetric=wspec.symmetric, scale_method=wspec.scale_method)
+
+
+def encode_weights(ctx: CompileContext) -> dict[str, formats.Encoded]:
+    """Complete ``ctx``'s ``weight_encodings`` for every selected site; returns it.
+
+    Idempotent: sites already encoded are kept, so emitters call it to get the analysis whether or
+    not :class:`EncodeWeightsPass` ran (then it only looks the sites up).
+    """
+    recipe = ctx.recipe
+    encodings = ctx.get(ENCODINGS) if ctx.has(ENCODINGS) else {}
+    if recipe.weights.format == "none" or recipe.precision.enabled:
+        ctx.put(ENCODINGS, encodings)
+        return encodings
+    for site in selected_sites(ctx.sites, recipe.sites.exclude):
+        if site.name not in encodings:
+            encodings[site.name] = _rtn(ctx, site)
+    ctx.put(ENCODINGS, encodings)
+    return encodings
+
+
+class EncodeWeightsPass(ir.passes.InPlacePass):
+    """Analysis only: fill ``weight_encodings`` for every selected site (module docs)."""
+
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = len(self.ctx.get(ENCODINGS)) if self.ctx.has(ENCODINGS) else 0
+        encodings = encode_weights(self.ctx)
+        logger.info("encoded %d weights (%d rounded earlier)", len(encodings), before)
+        return ir.passes.PassResult(model, modified=False)

@@ -1,0 +1,172 @@
+"""The observation run: the calibration windows (and the SLAC probe windows) go through ONNX
+Runtime once, and every statistic a compile needs is gathered from that one run.
+
+An analysis that needs statistics of inner values registers an :class:`Accumulator` (the values it
+taps, ``add`` per window, ``finish``) before the run; the accumulators live with the analysis
+that owns them (calibration ranges in ``passes.calibrate``, ``X^T X`` in ``passes.capture``,
+FGMP activation statistics in ``emit.fgmp_*``). The compiler's pipeline collects the ones a recipe
+needs into one :class:`ObservePass`. Statistics are then carried through later
+function-preserving passes in closed form (``passes.capture.transform_channels``), so the model
+is not run again.
+
+A second run is allowed only where a statistic cannot be carried (e.g. one that needs the final
+absmax of the same run before it can accumulate); its caller must say why (``why``), and every
+run is counted in ``report["observation"]``: ``runs``, ``sessions`` (ORT sessions built),
+``windows`` (window runs, probes included) and ``why_extra`` (one reason per run after the
+first).
+
+Runners: observation consumes a sequence of *subgraph runs* (:class:`WindowRunner`), not one
+whole-model session, so that a model too large for one session can later be run block by block
+(each block's session fed the previous block's outputs, cached per window). Each subgraph run is
+called for every window before the next is built, and yields the taps it computes; accumulators
+key their state by tap name and must not assume that all their taps of one window arrive in one
+call. :class:`WholeModel` (one session, the taps as its only outputs, so ORT skips every node that
+feeds only the logits, e.g. a tied lm_head) is the only runner today.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from lowbit.core.context import CompileContext
+from lowbit.errors import LowbitError
+from lowbit.ort.feeds import build_feeds
+from lowbit.ort.session import ort_session
+
+__all__ = ["Accumulator", "ObservePass", "SubgraphRun", "WholeModel", "Window", "WindowRunner", "observe"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    """One run of the model: a calibration window, or a SLAC probe window of another length."""
+
+    index: int  # position among the windows of this run (probes after the calibration windows)
+    ids: np.ndarray  # token ids, [T] or [B, T]
+    probe: bool = False
+
+    @property
+    def length(self) -> int:
+        return int(np.shape(self.ids)[-1])
+
+    @property
+    def tokens(self) -> int:
+        return int(np.prod(np.shape(self.ids)))
+
+
+class Accumulator(Protocol):
+    """Statistics of some inner values over the observed windows."""
+
+    probes: bool  # also fed the SLAC probe windows (``window.probe``); else calibration windows only
+
+    def taps(self, ctx: CompileContext) -> dict[str, ir.Value]:
+        """The values to observe, by name (called once, right before the run; may name values)."""
+        ...
+
+    def add(self, window: Window, values: Mapping[str, np.ndarray]) -> None:
+        """Some of this accumulator's taps of one window (a subset: see the module doc)."""
+        ...
+
+    def finish(self, ctx: CompileContext) -> None:
+        """Publish the result into ``ctx`` (analyses, report)."""
+        ...
+
+
+class SubgraphRun(Protocol):
+    """One piece of the model: the tapped values it computes for a window."""
+
+    def __call__(self, window: Window) -> dict[str, np.ndarray]: ...
+
+
+class WindowRunner(Protocol):
+    """How the model is run: the subgraph runs, in order, that together compute every tap."""
+
+    sessions: int  # ORT sessions built by the last ``subgraphs`` call
+
+    def subgraphs(self, model: ir.Model, taps: dict[str, ir.Value]) -> Iterator[SubgraphRun]: ...
+
+
+class _SessionRun:
+    def __init__(self, model: ir.Model, taps: dict[str, ir.Value]) -> None:
+        self.session = ort_session(model, taps.values(), outputs_only=True)
+        self.names = list(taps)
+
+    def __call__(self, window: Window) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, build_feeds(self.session, window.ids))))
+
+
+class WholeModel:
+    """One ORT session over the whole model whose only outputs are the taps."""
+
+    sessions = 0
+
+    def subgraphs(self, model: ir.Model, taps: dict[str, ir.Value]) -> Iterator[SubgraphRun]:
+        self.sessions = 1
+        yield _SessionRun(model, taps)
+
+
+def observe(ctx: CompileContext, model: ir.Model, accumulators: Sequence[Accumulator], *,
+            why: str | None = None, runner: WindowRunner | None = None, desc: str = "observing") -> None:  # fmt: skip
+    """Run the calibration windows (and, when an accumulator wants them, the probe windows) once
+    through ``model``, feed every accumulator, finish them and count the run. ``why`` is required
+    for every run after the first of a compile (module doc)."""
+    data = ctx.calibration
+    if data is None or not data.windows:
+        raise LowbitError("this recipe calibrates (activation ranges, K/V ranges, smoothing, OPTQ or FGMP) and needs "
+                          "calibration data (--calib-text or a model directory with a tokenizer)")  # fmt: skip
+    record = ctx.report.setdefault("observation", {"runs": 0, "sessions": 0, "windows": 0, "why_extra": []})
+    if record["runs"] and not why:
+        raise ValueError("a second observation run must say why its statistics could not be carried")
+    wanted = [acc.taps(ctx) for acc in accumulators]
+    taps: dict[str, ir.Value] = {}
+    for t in wanted:
+        for name, value in t.items():
+            taps.setdefault(name, value)
+    windows = [Window(i, ids) for i, ids in enumerate(data.windows)]
+    if any(acc.probes for acc in accumulators):
+        for _, probe in sorted(data.probes.items()):
+            windows += [Window(len(windows), ids, probe=True) for ids in probe]
+    runner = runner or WholeModel()
+    # One BLAS thread for the accumulators' numpy work between runs (ORT has its own pool): on a
+    # shared 2-core machine OpenBLAS's threads made X^T X 3x slower (SmolLM2, 512 tokens: 2.9 s
+    # vs 0.94 s per window), as in OPTQ's pass
+    with threadpool_limits(1, user_api="blas"):
+        for run in runner.subgraphs(model, taps):
+            for window in tqdm(windows, desc=desc, unit="window", leave=False, disable=None):
+                values = run(window)
+                for acc, names in zip(accumulators, wanted):
+                    if window.probe and not acc.probes:
+                        continue
+                    mine = {n: values[n] for n in names if n in values}
+                    if mine:
+                        acc.add(window, mine)
+    for acc in accumulators:
+        acc.finish(ctx)
+    record["runs"] += 1
+    record["sessions"] += runner.sessions
+    record["windows"] += len(windows)
+    if record["runs"] > 1:
+        record["why_extra"].append(why)
+    logger.info("observation run %d: %d taps, %d windows (%s)", record["runs"], len(taps), len(windows), why or "first")
+
+
+class ObservePass(ir.passes.InPlacePass):
+    """The one observation run of a compile, feeding the given accumulators (module doc).
+    An analysis pass: the model is not modified."""
+
+    def __init__(self, ctx: CompileContext, accumulators: Sequence[Accumulator]) -> None:
+        super().__init__()
+        self.ctx, self.accumulators = ctx, list(accumulators)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        observe(self.ctx, model, self.accumulators)
+        return ir.passes.PassResult(model, modified=False)
