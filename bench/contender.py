@@ -12,7 +12,6 @@ The registry only; :mod:`lowbit.bench.contenders` fills it (peers first, then lo
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

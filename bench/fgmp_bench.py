@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.passes.precision import PRECISION_ASSIGNMENT
+
 __all__ = ["run", "measure", "measure_gap", "measure_variants", "plot", "to_markdown"]
 
 log = logging.getLogger(__name__)
@@ -67,17 +69,15 @@ def _prepare(export_dir: Path, calib: np.ndarray, overrides: list[str]):
     from lowbit.core.recipe import load_recipe
     from lowbit.emit.mixed import EmitMixedWeightsPass
     from lowbit.models.fisher import shipped_fisher_provider
-    from lowbit.core.linear_sites import find_linear_sites
 
     recipe = load_recipe("fgmp-nvfp4-fp8", overrides)
     ctx = CompileContext(load_onnx(export_dir / "model.onnx"), recipe, CalibrationData(list(calib)),
                          fisher_provider=shipped_fisher_provider(str(export_dir), np.stack(calib)))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
-    for step, _ in build_pipeline(ctx):
+    for step in build_pipeline(ctx):
         if isinstance(step, EmitMixedWeightsPass):
             break
         if step(ctx.model).modified:
-            ctx.invalidate("linear_sites")
+            ctx.analyses.graph_edited()
     return ctx, _untie(ctx)
 
 
@@ -109,7 +109,7 @@ def _evaluate_masks(ctx, weights: dict[str, ir.Value], masks: dict[str, np.ndarr
     from lowbit.models.evaluate import perplexity
     from lowbit.passes.precision import mixed_weight
 
-    assignment = ctx.get("precision_assignment")
+    assignment = ctx.analyses.get(PRECISION_ASSIGNMENT)
     originals = {}
     for name, choice in assignment.sites.items():
         w = mixed_weight(dataclasses.replace(choice, fp8=masks[name]))
@@ -139,7 +139,7 @@ def measure(fractions=FRACTIONS, strategies=STRATEGIES, n_windows: int = 8, seq_
     t0 = time.perf_counter()
     ctx, weights = _prepare(export_dir, calib, [])
     prep_s = time.perf_counter() - t0
-    a = ctx.get("precision_assignment")
+    a = ctx.analyses.get(PRECISION_ASSIGNMENT)
     names = list(a.sites)
     impacts = [a.sites[n].impact for n in names]
     rows, per_site = [], {}
@@ -253,7 +253,7 @@ def measure_gap(experiments=GAP_EXPERIMENTS, n_windows: int = 8, seq_len: int = 
     rows = []
     for what, overrides, kinds in experiments:
         ctx, weights = _prepare(export_dir, calib, overrides)
-        a = ctx.get("precision_assignment")
+        a = ctx.analyses.get(PRECISION_ASSIGNMENT)
         names = list(a.sites)
         impacts = [a.sites[n].impact for n in names]
         with tempfile.TemporaryDirectory(prefix="fgmp-gap-") as tmp:

@@ -41,7 +41,7 @@ from lowbit.passes.precision import AssignPrecisionPass
 from lowbit.passes.reorder import ReorderPass
 from lowbit.passes.smooth import SmoothPass
 
-__all__ = ["Instrumented", "PipelineOptions", "build_pipeline", "observers", "run_pipeline"]
+__all__ = ["Instrumented", "PipelineOptions", "build_pipeline", "observers", "preserves_function", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,47 +154,52 @@ def observers(recipe: Recipe) -> list[Accumulator]:
     return accumulators
 
 
-def build_pipeline(ctx: CompileContext) -> list[tuple[ir.passes.PassBase, bool]]:
-    """(pass, function_preserving) in order, as the recipe asks."""
-    steps: list[tuple[ir.passes.PassBase, bool]] = [(p, True) for p in canonicalize_passes()]
+def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
+    """The passes the recipe asks for, in order (the recipe was validated when it was loaded, so
+    every combination reaching here is one the passes implement)."""
     recipe = ctx.recipe
-    smooth = recipe.smooth.method != "none"
     fgmp = recipe.precision.enabled
-    static_acts = fgmp and recipe.precision.activations == "static"  # needs per-channel absmax
+    steps: list[ir.passes.PassBase] = list(canonicalize_passes())
     accumulators = observers(recipe)
     if accumulators:  # the one run over the calibration windows (lowbit.ort.observe)
-        steps.append((ObservePass(ctx, accumulators), True))
-    if smooth:
-        steps.append((SmoothPass(ctx), True))
-    if recipe.reorder.clusters and recipe.activations.format != "none":
-        steps.append((ReorderPass(ctx), True))
+        steps.append(ObservePass(ctx, accumulators))
+    if recipe.smooth.method != "none":
+        steps.append(SmoothPass(ctx))
+    if recipe.reorder.clusters:
+        steps.append(ReorderPass(ctx))
     if recipe.rounding.method == "optq" and recipe.weights.format != "none":
-        steps.append((OptqPass(ctx), True))  # analysis only: codes that emission writes
+        steps.append(OptqPass(ctx))  # analysis only: codes that emission writes
     if recipe.kv.format != "none":
-        steps.append((KvQuantPass(ctx), False))
+        steps.append(KvQuantPass(ctx))
     if fgmp:  # after smoothing (it changes the weights), before emission
-        steps.append((AssignPrecisionPass(ctx), True))
+        steps.append(AssignPrecisionPass(ctx))
         if recipe.precision.activations == "runtime":
-            steps.append((FgmpActivationsPass(ctx), False))
-        elif static_acts:
-            steps.append((FgmpStaticActivationsPass(ctx), False))
+            steps.append(FgmpActivationsPass(ctx))
+        elif recipe.precision.activations == "static":
+            steps.append(FgmpStaticActivationsPass(ctx))
     ort_cpu = recipe.target == "ort-cpu"
     if ort_cpu:  # analysis only: embedding tables and their tied sites, before emission unties them
-        steps.append((FindEmbeddingsPass(ctx), True))
+        steps.append(FindEmbeddingsPass(ctx))
     if recipe.weights.format != "none" and not fgmp:  # analysis only: every site's exact encoding
-        steps.append((EncodeWeightsPass(ctx), True))
+        steps.append(EncodeWeightsPass(ctx))
     if recipe.target == "npu":  # standard integer QDQ only, RPTQ clusters as split MatMuls
-        steps.append((EmitNpuPass(ctx), False))
+        steps.append(EmitNpuPass(ctx))
     else:
-        steps.append((EmitQDQPass(ctx), False))  # with fgmp: activations only
+        steps.append(EmitQDQPass(ctx))  # with fgmp: activations only
     if fgmp:
-        steps.append((EmitMixedWeightsPass(ctx), False))
+        steps.append(EmitMixedWeightsPass(ctx))
     if ort_cpu:  # the encodings of the sites the kernels take -> lowbit custom ops, packed
-        steps.append((LowerOrtCpuPass(ctx), False))
-        if recipe.reorder.clusters and recipe.activations.format != "none":
-            steps.append((FuseReorderNormPass(), True))  # RPTQ Gather + norm -> ReorderNorm
-    steps.append((RemoveUnusedNodesPass(), True))  # the float weights the codes replaced
+        steps.append(LowerOrtCpuPass(ctx))
+        if recipe.reorder.clusters:
+            steps.append(FuseReorderNormPass())  # RPTQ Gather + norm -> ReorderNorm
+    steps.append(RemoveUnusedNodesPass())  # the float weights the codes replaced
     return steps
+
+
+def preserves_function(p: ir.passes.PassBase) -> bool:
+    """A lowbit pass says so (``PRESERVES_FUNCTION``); onnx_ir's and canonicalization's passes
+    (folding, fusion, dead-code removal) all preserve the model's function."""
+    return bool(getattr(p, "PRESERVES_FUNCTION", True))
 
 
 def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions()) -> None:
@@ -205,8 +210,8 @@ def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions
             raise LowbitError(f"--dump-dir {options.dump_dir}: cannot create it ({e.strerror})") from e
     verifier = _Verifier(ctx, options.verify_tokens) if options.verify else None
     wrapped = [
-        Instrumented(p, ctx, i, preserving=keeps, options=options, verifier=verifier)
-        for i, (p, keeps) in enumerate(build_pipeline(ctx))
+        Instrumented(p, ctx, i, preserving=preserves_function(p), options=options, verifier=verifier)
+        for i, p in enumerate(build_pipeline(ctx))
     ]
     try:
         ir.passes.PassManager(wrapped, steps=1)(ctx.model)

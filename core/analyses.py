@@ -21,9 +21,12 @@ read by them: a decision one pass hands to another is an analysis.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-__all__ = ["Analyses", "Key"]
+if TYPE_CHECKING:
+    from lowbit.formats import Encoded
+
+__all__ = ["WEIGHT_ENCODINGS", "Analyses", "Key"]
 
 T = TypeVar("T")
 
@@ -79,3 +82,8 @@ class Analyses:
 
     def available(self) -> list[str]:
         return sorted(set(self._values) | set(self._builders))
+
+
+# Shared by every rounding pass (RTN, OPTQ) and read by every emitter: site name -> exact encoding
+# in the stored orientation of the site's initializer.
+WEIGHT_ENCODINGS: Key[dict[str, Encoded]] = Key("weight_encodings", "exact per-site weight encodings")

@@ -63,27 +63,6 @@ class CompileContext:
         self.analyses = Analyses()
         self.analyses.register(LINEAR_SITES, lambda: find_linear_sites(self.model.graph))
 
-    # Name-keyed access, kept while passes move to typed keys (ctx.analyses.get(KEY)).
-    def _key(self, name: str | Key) -> Key:
-        if isinstance(name, Key):
-            return name
-        return self.analyses._keys.get(name) or Key(name, name)
-
-    def register_analysis(self, name: str | Key, builder: Callable[[CompileContext], Any]) -> None:
-        self.analyses.register(self._key(name), lambda: builder(self))
-
-    def get(self, name: str | Key) -> Any:
-        return self.analyses.get(self._key(name))
-
-    def put(self, name: str | Key, value: Any) -> None:
-        self.analyses.put(self._key(name), value)
-
-    def has(self, name: str | Key) -> bool:
-        return self.analyses.has(self._key(name))
-
-    def invalidate(self, *names: str | Key) -> None:
-        self.analyses.invalidate(*(self._key(n) for n in names))
-
     @property
     def sites(self) -> LinearSiteMap:
         return self.analyses.get(LINEAR_SITES)

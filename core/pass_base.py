@@ -30,6 +30,13 @@ class LowbitPass(ir.passes.InPlacePass):
         super().__init__()
         self.ctx = ctx
 
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> ir.passes.PassResult:
+        result = super().__call__(model_or_result)
+        if result.modified:  # structural analyses describe the old graph: rebuilt on next read
+            self.ctx.analyses.graph_edited()
+        self.ctx.analyses.invalidate(*self.INVALIDATES)
+        return result
+
     def requires(self, model: ir.Model) -> None:
         missing = [k.name for k in self.REQUIRES if not self.ctx.analyses.has(k)]
         if missing:

@@ -31,17 +31,20 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
+from lowbit.core.analyses import Key
 from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
 from lowbit.core.linear_sites import LinearSite
 from lowbit.core.recipe import Recipe
 from lowbit.ort.observe import Window, observe
 from lowbit.emit.qdq import ensure_opset
-from lowbit.passes.precision import BLOCK, activation_fp8_fraction, activation_groups, n_fp8_blocks
+from lowbit.passes.precision import BLOCK, PRECISION_ASSIGNMENT, activation_fp8_fraction, activation_groups, n_fp8_blocks
 
 __all__ = ["FgmpActivationsPass", "PerturbationAccumulator", "activation_perturbation", "calibrated_threshold",
            "observed_early"]  # fmt: skip
 
-ANALYSIS = "fgmp_act_perturbations"  # input name -> per-window perturbation arrays (float64, flat)
+PERTURBATIONS: Key[dict[str, list[np.ndarray]]] = Key(
+    "fgmp_act_perturbations", "FGMP runtime activations: per input, per-window token-block perturbations")
 
 logger = logging.getLogger(__name__)
 
@@ -111,29 +114,28 @@ class PerturbationAccumulator:
             self.pooled[name].append(activation_perturbation(x, self.g2[name]).reshape(-1))
 
     def finish(self, ctx: CompileContext) -> None:
-        ctx.put(ANALYSIS, self.pooled)
+        ctx.analyses.put(PERTURBATIONS, self.pooled)
 
 
-class FgmpActivationsPass(ir.passes.InPlacePass):
+class FgmpActivationsPass(LowbitPass):
     """Insert calibrated FgmpActQuant nodes at every linear-site input group (module doc)."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    REQUIRES = (PRECISION_ASSIGNMENT,)
+    PRESERVES_FUNCTION = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
         groups = activation_groups(self.ctx, "runtime", assigned_sites_only=False)
         g2 = {id(g[0]): _g2(self.ctx, g[0]) for g in groups}
-        observed = self.ctx.get(ANALYSIS) if self.ctx.has(ANALYSIS) else {}
+        observed = self.ctx.analyses.find(PERTURBATIONS) or {}
         if groups and any(g[0].input.name not in observed for g in groups):
             observe(self.ctx, model, [PerturbationAccumulator(groups)], desc="FGMP activations",
                     why="FGMP runtime activations: smoothing or K/V quantization changed the inputs whose "
                         "(non-linear) block perturbations set the threshold")  # fmt: skip
-            observed = self.ctx.get(ANALYSIS)
+            observed = self.ctx.analyses.get(PERTURBATIONS)
         # the threshold depends on the pooled values only, not on their order
         pooled = np.concatenate([p for g in groups for p in observed[g[0].input.name]] or [np.zeros(0)])
-        self.ctx.invalidate(ANALYSIS)  # used once; it holds every calibration token-block
+        self.ctx.analyses.invalidate(PERTURBATIONS)  # used once; it holds every calibration token-block
         fraction = activation_fp8_fraction(recipe.precision)
         threshold = calibrated_threshold(pooled, fraction)
         for g in groups:

@@ -54,7 +54,10 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.core.analyses import Key
 from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
+from lowbit.core.statistics import ACTIVATION_STATS
 from lowbit.ort.observe import Window, observe
 from lowbit.errors import LowbitError
 from lowbit.formats.minifloat import FP4_E2M1, FP8_E4M3
@@ -62,7 +65,7 @@ from lowbit.emit.mixed import encode_bitmap
 from lowbit.emit.qdq import ensure_opset
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import LinearSite
-from lowbit.passes.precision import BLOCK, FP8_BITS, NVFP4_BITS, activation_fp8_fraction, activation_groups, n_fp8_blocks, top_k_masks
+from lowbit.passes.precision import BLOCK, FP8_BITS, NVFP4_BITS, PRECISION_ASSIGNMENT, activation_fp8_fraction, activation_groups, n_fp8_blocks, top_k_masks
 
 __all__ = [
     "ACT_BITMAP_KEY", "CLIP_RATIOS", "ChannelPlan", "ChannelStatsAccumulator", "FgmpStaticActivationsPass",
@@ -90,6 +93,9 @@ class ChannelPlan:
     @property
     def n_fp8(self) -> int:
         return int(self.fp8.sum())
+
+
+ACTIVATION_PLANS: Key[list[ChannelPlan]] = Key("activation_plans", "static FGMP: per input, which channels take FP8 and their scales")
 
 
 def static_act_quant(x: np.ndarray, fp8: np.ndarray, s8: np.ndarray, s4: np.ndarray) -> np.ndarray:
@@ -249,17 +255,17 @@ def _e2m1_ops(graph: ir.Graph, x: ir.Value, s4: ir.Value, s4m: ir.Value, base: s
     return [u, mag, a, below2, below4, upper, step, ratio, rounded, magnitude, sign, signed, out]
 
 
-class FgmpStaticActivationsPass(ir.passes.InPlacePass):
+class FgmpStaticActivationsPass(LowbitPass):
     """Choose FP8 / E2M1 per input channel from calibration and emit it (module doc)."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    REQUIRES = (ACTIVATION_STATS, PRECISION_ASSIGNMENT)
+    ENSURES = (ACTIVATION_PLANS,)
+    PRESERVES_FUNCTION = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
         groups = activation_groups(self.ctx, "static", assigned_sites_only=True)
-        stats = self.ctx.get("activation_stats")
+        stats = self.ctx.analyses.get(ACTIVATION_STATS)
         accs = {}
         for g in groups:
             if g[0].input.name not in stats.by_value:
@@ -289,7 +295,7 @@ class FgmpStaticActivationsPass(ir.passes.InPlacePass):
                 site.node.replace_input_with(0, out)
             model.metadata_props[f"{ACT_BITMAP_KEY}{name}"] = encode_bitmap(mask)
             result.append(plan)
-        self.ctx.put("activation_plans", result)
+        self.ctx.analyses.put(ACTIVATION_PLANS, result)
         self._report(result, fraction, threshold, kind)
         return ir.passes.PassResult(model, modified=bool(result))
 

@@ -38,7 +38,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
+from lowbit.core.statistics import ACTIVATION_STATS
 from lowbit.errors import LowbitError
 from lowbit.emit.qdq import ensure_opset
 from lowbit.core.initializers import SCALE_FLOOR, add_initializer
@@ -94,21 +95,19 @@ def _splice(graph: ir.Graph, kv: KvInput, nodes: list[ir.Node], out: ir.Value) -
             kv.consumer.replace_input_with(i, out)
 
 
-class KvQuantPass(ir.passes.InPlacePass):
+class KvQuantPass(LowbitPass):
     """Insert static Q/DQ on attention K/V from the calibrated per-(head, channel) ranges."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    PRESERVES_FUNCTION = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         spec = self.ctx.recipe.kv
         inputs = kv_inputs(self.ctx.sites)
         if not inputs:
             return ir.passes.PassResult(model, modified=False)
-        if not self.ctx.has("activation_stats"):
+        stats = self.ctx.analyses.find(ACTIVATION_STATS)
+        if stats is None:
             raise LowbitError("kv quantization needs calibration data (--calib-text or a model directory with a tokenizer)")
-        stats = self.ctx.get("activation_stats")
         ensure_opset(model, 21)
         forms: dict[str, int] = {}
         for kv in inputs:
@@ -133,11 +132,9 @@ class KvQuantPass(ir.passes.InPlacePass):
         """V's ranges are exact after smoothing only through a recorded channel link."""
         if kv.role != "v":
             return
-        stats = self.ctx.get("activation_stats")
+        stats = self.ctx.analyses.get(ACTIVATION_STATS)
         linked = any(name == kv.value.name for name, _ in stats.links.get(kv.o_input.name, ()))
-        groups = self.ctx.report.get("smooth", {}).get("groups", {})
-        folded = any(groups.get(site.name, {}).get("folded") for site in self.ctx.sites if site.input is kv.o_input)
-        if folded and not linked:
+        if kv.o_input.name in stats.rescaled and not linked:
             raise LowbitError(f"smoothing rescaled V {kv.value.name!r}, whose heads are merged into the batch: "
                               "its per-channel range cannot follow; set smooth.feeders without attention_v")  # fmt: skip
 

@@ -26,11 +26,11 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
-from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
 from lowbit.emit.qdq import ensure_opset, weight_dq_nodes
 from lowbit.core.linear_sites import LinearSite
-from lowbit.passes.precision import BITMAP_BITS, FP8_BITS, NVFP4_BITS, SiteChoice
+from lowbit.passes.precision import BITMAP_BITS, FP8_BITS, NVFP4_BITS, PRECISION_ASSIGNMENT, SiteChoice
 
 __all__ = ["BITMAP_KEY", "EmitMixedWeightsPass", "decode_bitmap", "encode_bitmap", "masked"]
 
@@ -58,15 +58,14 @@ def decode_bitmap(text: str) -> np.ndarray:
     return bits[: int(np.prod(shape))].astype(bool).reshape(shape)
 
 
-class EmitMixedWeightsPass(ir.passes.InPlacePass):
+class EmitMixedWeightsPass(LowbitPass):
     """Replace each assigned site's weight by the NVFP4 + FP8 branch sum (module doc)."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    REQUIRES = (PRECISION_ASSIGNMENT,)
+    PRESERVES_FUNCTION = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        assignment = self.ctx.get("precision_assignment")
+        assignment = self.ctx.analyses.get(PRECISION_ASSIGNMENT)
         target = self.ctx.recipe.target
         ensure_opset(model, 23 if target == "qdq-fp4" else 21)
         by_name = {s.name: s for s in self.ctx.sites}
@@ -75,7 +74,6 @@ class EmitMixedWeightsPass(ir.passes.InPlacePass):
             raise LowbitError(f"FGMP emission: sites {missing[:3]} are no longer linear sites with float weights")
         for name, choice in assignment.sites.items():
             self._emit(model, by_name[name], choice, target)
-        self.ctx.invalidate("linear_sites")
         logger.info("emitted %d mixed NVFP4/FP8 weights", len(assignment.sites))
         return ir.passes.PassResult(model, modified=bool(assignment.sites))
 

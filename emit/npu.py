@@ -37,9 +37,12 @@ import onnx_ir as ir
 
 from lowbit import formats
 from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
 from lowbit.encode.activations import activation_qparams
 from lowbit.emit.qdq import ensure_opset, quantizable_groups, stored_codes
+from lowbit.core.statistics import ACTIVATION_STATS
+from lowbit.passes.reorder import ACT_CLUSTERS
 from lowbit.encode.weights import encode_weights, power_of_two, transposed
 from lowbit.core.folding import weight_kn
 from lowbit.core.initializers import add_initializer
@@ -67,12 +70,13 @@ class _Slice:
         return dq.outputs[0]
 
 
-class EmitNpuPass(ir.passes.InPlacePass):
+class EmitNpuPass(LowbitPass):
     """Quantize every selected site as per-tensor-activation, per-channel-weight integer MatMuls."""
 
+    PRESERVES_FUNCTION = False
+
     def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+        super().__init__(ctx)
         self.totals = {"partial_matmuls": 0, "split_inputs": 0, "gathered_inputs": 0}
         self.encodings: dict[str, formats.Encoded] = {}
 
@@ -81,8 +85,8 @@ class EmitNpuPass(ir.passes.InPlacePass):
         if recipe.weights.format == "none" and recipe.activations.format == "none":
             return ir.passes.PassResult(model, modified=False)
         ensure_opset(model, 21)  # INT4 and 16-bit Q/DQ
-        stats = self.ctx.get("activation_stats") if recipe.activations.format != "none" else None
-        clusters = self.ctx.get("act_clusters") if stats is not None and self.ctx.has("act_clusters") else {}
+        stats = self.ctx.analyses.get(ACTIVATION_STATS) if recipe.activations.format != "none" else None
+        clusters = (self.ctx.analyses.find(ACT_CLUSTERS) or {}) if stats is not None else {}
         self.encodings = encode_weights(self.ctx) if recipe.weights.format != "none" else {}
         count = 0
         for group in quantizable_groups(self.ctx):
@@ -91,7 +95,6 @@ class EmitNpuPass(ir.passes.InPlacePass):
             for site in group:
                 self._emit_site(model.graph, site, slices)
                 count += 1
-        self.ctx.invalidate("linear_sites")
         self.ctx.report["npu"] = {**self.totals, "power_of_two_scales": recipe.npu.power_of_two_scales,
                                   "int4_storage": recipe.npu.int4_storage}  # fmt: skip
         logger.info("npu: %d sites as %d partial integer MatMuls", count, self.totals["partial_matmuls"])

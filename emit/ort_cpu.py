@@ -45,11 +45,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lowbit import formats
-from lowbit.core.context import CompileContext
+from lowbit.core.analyses import WEIGHT_ENCODINGS, Key
+from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import LinearSite
-from lowbit.encode.weights import ENCODINGS
 from lowbit.runtime_ext import (
     DOMAIN,
     GatherSpec,
@@ -67,7 +67,6 @@ __all__ = ["KERNEL_FORMATS", "EmbeddingTable", "FindEmbeddingsPass", "LowerOrtCp
 logger = logging.getLogger(__name__)
 
 KERNEL_FORMATS = ("dint4", "nvfp4", "int4", "mxfp4")
-_EMBEDDINGS = "embedding_tables"  # analysis name (FindEmbeddingsPass -> LowerOrtCpuPass)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -79,16 +78,19 @@ class EmbeddingTable:
     tied_matmul: ir.Node | None  # e.g. the tied lm_head (same ir.Node after QDQ emission)
 
 
-class FindEmbeddingsPass(ir.passes.InPlacePass):
+EMBEDDINGS: Key[list[EmbeddingTable]] = Key("embedding_tables", "token-embedding Gathers and their tied linear sites")
+KEPT_QDQ: Key[dict[str, str]] = Key("ort_cpu_kept_qdq", "sites the ort-cpu kernels cannot take, emitted as QDQ, and why")
+
+
+class FindEmbeddingsPass(LowbitPass):
     """Analysis only (never edits): records embedding Gathers and their tied linear sites.
 
     Runs before QDQ emission, while a tied lm_head still reads the table's initializer; the
     MatMul node objects survive emission, so the lowering finds the tie by node identity.
     """
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    ENSURES = (EMBEDDINGS,)
+    PRESERVES_FUNCTION = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = list(self.ctx.sites)
@@ -102,7 +104,7 @@ class FindEmbeddingsPass(ir.passes.InPlacePass):
                 continue
             tied = next((s.node for s in sites if _same_matrix(s.weight, table)), None)
             tables.append(EmbeddingTable(node, table, tied))
-        self.ctx.put(_EMBEDDINGS, tables)
+        self.ctx.analyses.put(EMBEDDINGS, tables)
         logger.info("found %d embedding tables (%d tied to a linear site)", len(tables),
                     sum(t.tied_matmul is not None for t in tables))
         return ir.passes.PassResult(model, modified=False)
@@ -196,19 +198,17 @@ def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     new_out.name = out.name
 
 
-class LowerOrtCpuPass(ir.passes.InPlacePass):
+class LowerOrtCpuPass(LowbitPass):
     """4-bit weight sites -> MatMulLowbit; embeddings -> GatherLowbit (see module docs)."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    REQUIRES = (WEIGHT_ENCODINGS,)
+    PRESERVES_FUNCTION = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
         fmt, opts = recipe.weights.format, recipe.ort_cpu
-        encodings = self.ctx.get(ENCODINGS) if self.ctx.has(ENCODINGS) else {}
-        kept = {name: entry["ort_cpu_kept_qdq"] for name, entry in self.ctx.report["sites"].items()
-                if "ort_cpu_kept_qdq" in entry}  # fmt: skip
+        encodings = self.ctx.analyses.find(WEIGHT_ENCODINGS) or {}
+        kept = dict(self.ctx.analyses.find(KEPT_QDQ) or {})
         summary = {"lowered": 0, "act_modes": Counter(), "kept_qdq": kept, "embeddings": []}
         lowered: dict[int, _Lowered] = {}
         for site in list(self.ctx.sites):  # float weights left: the sites EmitQDQPass kept for us
@@ -222,7 +222,7 @@ class LowerOrtCpuPass(ir.passes.InPlacePass):
             if fmt not in KERNEL_FORMATS:
                 raise LowbitError(f"ort_cpu.embeddings needs a 4-bit weights.format "
                                   f"({', '.join(KERNEL_FORMATS)}), got {fmt!r}")
-            for emb in self.ctx.get(_EMBEDDINGS):
+            for emb in self.ctx.analyses.get(EMBEDDINGS):
                 summary["embeddings"].append(self._lower_embedding(model.graph, emb, lowered, fmt))
         count = summary["lowered"] + len(summary["embeddings"])
         if count:

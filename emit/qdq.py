@@ -35,11 +35,14 @@ import onnx_ir as ir
 
 from lowbit import formats
 from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
 from lowbit.encode.activations import activation_qparams, cluster_ranges
 from lowbit.errors import LowbitError
 from lowbit.emit.dynamic_act import dynamic_group_nodes, group_qmax
-from lowbit.emit.ort_cpu import kernel_reason
+from lowbit.emit.ort_cpu import KEPT_QDQ, kernel_reason
+from lowbit.core.statistics import ACTIVATION_STATS
 from lowbit.encode.weights import encode_weights
+from lowbit.passes.reorder import ACT_CLUSTERS
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import LinearSite, selected_sites
 
@@ -146,12 +149,10 @@ def quantizable_groups(ctx: CompileContext) -> list[list[LinearSite]]:
     return groups
 
 
-class EmitQDQPass(ir.passes.InPlacePass):
+class EmitQDQPass(LowbitPass):
     """Quantize every selected linear site's weight (and input) as the recipe says."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    PRESERVES_FUNCTION = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
@@ -159,7 +160,7 @@ class EmitQDQPass(ir.passes.InPlacePass):
         if wspec.format == "none" and aspec.format == "none":
             return ir.passes.PassResult(model, modified=False)
         ensure_opset(model, 23 if target == "qdq-fp4" else 21)
-        stats = self.ctx.get("activation_stats") if aspec.format != "none" else None
+        stats = self.ctx.analyses.get(ACTIVATION_STATS) if aspec.format != "none" else None
         graph, count = model.graph, 0
         site_report = self.ctx.report["sites"]
         weights = wspec.format != "none" and not recipe.precision.enabled  # FGMP emits its own
@@ -174,7 +175,6 @@ class EmitQDQPass(ir.passes.InPlacePass):
                     {"quantized": True, "activations": aspec.format, "feeder": site.feeder.describe(),
                      "shape": [site.in_features, site.out_features]})  # fmt: skip
                 count += 1
-        self.ctx.invalidate("linear_sites")
         logger.info("quantized %d linear sites", count)
         return ir.passes.PassResult(model, modified=bool(count))
 
@@ -192,6 +192,9 @@ class EmitQDQPass(ir.passes.InPlacePass):
             if why is None:
                 return
             entry["ort_cpu_kept_qdq"] = why
+            kept = self.ctx.analyses.find(KEPT_QDQ) or {}
+            kept[site.name] = why
+            self.ctx.analyses.put(KEPT_QDQ, kept)
         aspec = recipe.activations
         uint8_acts = aspec.format == "int8" and not aspec.symmetric
         nodes, dq_out = weight_dq_nodes(graph, site, enc, wspec.format, target, unsigned_int8=uint8_acts)
@@ -202,7 +205,7 @@ class EmitQDQPass(ir.passes.InPlacePass):
     def _quantize_input(self, graph: ir.Graph, sites: list[LinearSite], stats) -> None:
         aspec = self.ctx.recipe.activations
         x = sites[0].input
-        clusters = self.ctx.get("act_clusters").get(x.name) if self.ctx.has("act_clusters") else None
+        clusters = (self.ctx.analyses.find(ACT_CLUSTERS) or {}).get(x.name)
         if aspec.granularity == "per_token_group":
             self._quantize_input_dynamic(graph, sites, clusters)
             return

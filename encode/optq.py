@@ -4,7 +4,7 @@ layer's output error (H = X^T X from calibration, Frantar et al.).
 
 Assumes the linear-site map and ``site_capture`` (X^T X per input group, kept exact by the smooth
 and reorder passes), and a symmetric INT or dINT weight format (per-channel or blocked along the
-reduction axis). Does not edit the graph: it stores ``ctx.get("weight_encodings")[site name]``,
+reduction axis). Does not edit the graph: it stores ``ctx.analyses.get(WEIGHT_ENCODINGS)[site name]``,
 codes and scales that QDQ emission writes instead of round-to-nearest. Guarantees: the codes lie on
 the recipe's grid with the recipe's block layout, so emission is unchanged otherwise.
 
@@ -25,6 +25,9 @@ Speed: the algorithm is K sequential steps per problem, so the cost was numpy ca
   (:mod:`lowbit.encode.optq_kernel`, numba, parallel over problems and column chunks); the
   batch's errors reach the later channels as one matrix product (GPTQ's lazy batch update).
 - The inverse-Hessian factor comes from one Cholesky factorization and a triangular inverse.
+- Threads (one BLAS thread each): the problems of a batch are factored side by side, their lazy
+  batch products split between the threads, and refit, report and encoding run per problem; each
+  product is the one a single thread computes, so the result does not depend on the thread count.
 
 The result equals the plain numpy formulation kept in ``tests/passes/test_optq.py`` (the first
 implementation; ~2000 s for SmolLM2 where this takes ~100 s on the same loaded machine): same codes and scales on synthetic problems and on a real SmolLM2
@@ -34,9 +37,10 @@ two scale candidates whose errors tie to the last bit, could in principle come o
 
 from __future__ import annotations
 
-import fnmatch
 import logging
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -45,7 +49,10 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from lowbit import formats
-from lowbit.core.context import CompileContext
+from lowbit.core.analyses import WEIGHT_ENCODINGS
+from lowbit.core.linear_sites import selected_sites
+from lowbit.core.pass_base import LowbitPass
+from lowbit.core.statistics import SITE_CAPTURE
 from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
 from lowbit.core.folding import weight_kn
@@ -59,6 +66,7 @@ logger = logging.getLogger(__name__)
 _LAZY_BATCH = 128  # per-channel scales: rows whose updates are applied lazily, as one matrix product
 _RTN_REPORT_COLUMNS = 128  # output columns per site on which the report estimates RTN's error
 _BATCH_BYTES = 384 << 20  # float64 weights stepped together (bounds the pass's extra memory)
+_THREADS = os.cpu_count() or 1  # problems factored, updated and refit side by side, one BLAS thread each
 
 
 def _inverse_hessian_factor(h: np.ndarray, damp: float, out: np.ndarray) -> None:
@@ -126,8 +134,22 @@ def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str,
     n_prob, (k, n) = len(weights), weights[0].shape
     w = np.empty((n_prob, k, n))  # float64, error-compensated in place
     u = np.empty((n_prob, k, k))
-    perms = [_prepare(wp, h, damp, act_order and block is None, w[p], u[p])
-             for p, (wp, h) in enumerate(zip(weights, hessians))]  # fmt: skip
+    with ThreadPoolExecutor(_THREADS) as pool:  # LAPACK and BLAS release the GIL
+        perms = list(pool.map(lambda p: _prepare(weights[p], hessians[p], damp, act_order and block is None, w[p], u[p]),
+                              range(n_prob)))  # fmt: skip
+        return _optq_steps(w, u, perms, fmt, block, scale_method, pool)
+
+
+def _optq_steps(w: np.ndarray, u: np.ndarray, perms: list[np.ndarray], fmt: str, block: int | None,
+                scale_method: str, pool: ThreadPoolExecutor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The rounding loop of :func:`_optq_solve` on the prepared (P, K, N) weights ``w`` and
+    factors ``u``; the lazy batch updates are split over ``pool``'s threads by problem (by output
+    column for fewer problems than threads): each element is the same product as in one call."""
+    n_prob, k, n = w.shape
+    if n_prob >= _THREADS:
+        parts = [(slice(a[0], a[-1] + 1), slice(None)) for a in np.array_split(np.arange(n_prob), _THREADS)]
+    else:
+        parts = [(slice(None), slice(a[0], a[-1] + 1)) for a in np.array_split(np.arange(n), _THREADS) if len(a)]
     g = block or k
     element = formats.get_format(fmt).element
     kind, vmax = element_kind(element)
@@ -144,7 +166,11 @@ def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str,
         optq_batch(w, u, b0, b1, g, block is not None, ratios, np.float32(element.scale_max), kind,
                    np.float32(vmax), scales, q, err)  # fmt: skip
         # the batch's errors reach the later rows as one matrix product (lazy batch update)
-        w[:, b1:] -= np.matmul(u[:, b0:b1, b1:].transpose(0, 2, 1), err[:, : b1 - b0])
+        def update(part: tuple[slice, slice], b0: int = b0, b1: int = b1) -> None:
+            p, cols = part
+            w[p, b1:, cols] -= np.matmul(u[p, b0:b1, b1:].transpose(0, 2, 1), err[p, : b1 - b0, cols])
+
+        list(pool.map(update, parts))
         proxy += np.einsum("pbn,pbn->pn", err[:, : b1 - b0], err[:, : b1 - b0])
     return [(np.ascontiguousarray(q[p][np.argsort(perm)]), scales[p], proxy[p]) for p, perm in enumerate(perms)]
 
@@ -167,24 +193,20 @@ def _proxy_errors(w: np.ndarray, q: np.ndarray, h: np.ndarray, damp: float) -> n
     return quadratic + lam * np.einsum("kn,kn->n", d, d, dtype=np.float64)
 
 
-class OptqPass(ir.passes.InPlacePass):
+class OptqPass(LowbitPass):
     """Round every selected site's weight with OPTQ into ``ctx``'s ``weight_encodings``."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    REQUIRES = (SITE_CAPTURE,)
+    ENSURES = (WEIGHT_ENCODINGS,)
+    PRESERVES_FUNCTION = True  # analysis only: the graph is not edited
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
-        wspec = recipe.weights
-        if not wspec.format.startswith(("int", "dint")) or not wspec.symmetric:
-            raise LowbitError(f"rounding.method = optq needs symmetric int or dint weights, not {wspec.format!r}"
-                              f"{'' if wspec.symmetric else ' (asymmetric)'}")  # fmt: skip
-        captures = self.ctx.get("site_capture")
+        captures = self.ctx.analyses.get(SITE_CAPTURE)  # the recipe was checked: symmetric int/dint weights
         # one problem per input group (its sites' columns side by side), batched by shape
         by_shape: dict[tuple[int, int], list[list]] = defaultdict(list)
         for group in self.ctx.sites.input_groups():
-            sites = [s for s in group if not any(fnmatch.fnmatch(s.name, p) for p in recipe.sites.exclude)]
+            sites = selected_sites(group, recipe.sites.exclude)
             if sites and group[0].input.name in captures:
                 w = np.concatenate([weight_kn(s) for s in sites], axis=1)
                 by_shape[w.shape].append([sites, w, captures[group[0].input.name].hessian])
@@ -200,7 +222,7 @@ class OptqPass(ir.passes.InPlacePass):
             for batch in batches:
                 self._round(batch, encodings, report)
                 bar.update(len(batch))
-        self.ctx.put("weight_encodings", encodings)
+        self.ctx.analyses.put(WEIGHT_ENCODINGS, encodings)
         gains = [r["rtn_proxy_error"] / r["optq_proxy_error"] for r in report.values() if r["optq_proxy_error"] > 0]
         self.ctx.report["optq"] = {"sites": report, "median_error_reduction": float(np.median(gains)) if gains else None}
         logger.info("optq: rounded %d sites (median proxy error reduction x%.2f)", len(encodings), np.median(gains) if gains else 0)
@@ -215,7 +237,11 @@ class OptqPass(ir.passes.InPlacePass):
         element = formats.get_format(wspec.format).element
         kind, vmax = element_kind(element)
         ratios, elem_max, vmax = search_ratios(wspec.scale_method), np.float32(element.scale_max), np.float32(vmax)
-        for (sites, w, h), (q_all, scale_all, optq_err) in zip(batch, results):
+
+        def finish(problem: tuple[list, tuple]) -> list[tuple[str, object, dict]]:
+            """Refit, report and encode one problem (its sites' entries, in order)."""
+            (sites, w, h), (q_all, scale_all, optq_err) = problem
+            out = []
             if rspec.refit_scales:
                 q_all, scale_all, optq_err = refit_block_scales(w, q_all, scale_all, h, rspec.damp, block, optq_err)
             # RTN's error for the report, on evenly spaced columns of each site (columns round
@@ -235,6 +261,13 @@ class OptqPass(ir.passes.InPlacePass):
                 rtn_site = float(sampled_err.sum()) * site.out_features / len(picked)
                 q, scale = q_all[:, cols], scale_all[:, cols]
                 stored, stored_scale = (q, scale) if site.reduction_axis == 0 else (q.T, scale.T)
-                encodings[site.name] = formats.encode(np.ascontiguousarray(stored), wspec.format, axis=site.reduction_axis,
-                                                      block_size=block, scale=np.ascontiguousarray(stored_scale))  # fmt: skip
-                report[site.name] = {"rtn_proxy_error": rtn_site, "optq_proxy_error": float(optq_err[cols].sum())}
+                enc = formats.encode(np.ascontiguousarray(stored), wspec.format, axis=site.reduction_axis,
+                                     block_size=block, scale=np.ascontiguousarray(stored_scale))  # fmt: skip
+                out.append((site.name, enc, {"rtn_proxy_error": rtn_site, "optq_proxy_error": float(optq_err[cols].sum())}))
+            return out
+
+        # one BLAS thread per problem (the pass's limit), problems side by side
+        with ThreadPoolExecutor(_THREADS) as pool:
+            for entries in pool.map(finish, zip(batch, results)):
+                for name, enc, entry in entries:
+                    encodings[name], report[name] = enc, entry

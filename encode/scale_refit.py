@@ -19,15 +19,13 @@ Measured (dINT4 blocks of 32): 4.4-10.8 % lower proxy error on SmolLM2's layer 3
 gate/up and down_proj inputs (H from 4 windows, no smoothing), ~3.6 % on the tests' synthetic problems;
 SmolLM2 w4a8-dint4 ppl 17.12 -> 16.96 (QDQ in float, 8 x 512 windows; a float64 prototype of
 the same solve gave 17.00: downstream discrete choices move 4-bit perplexity by a few hundredths).
-Cost: K x K x N multiply-adds per problem, ~6 s of SmolLM2's compile on 2 cores.
+Cost: K x K x N multiply-adds per problem, ~8 CPU-seconds for SmolLM2 (one BLAS thread; OPTQ's
+pass refits its problems on parallel threads).
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 __all__ = ["refit_block_scales"]
 
@@ -63,13 +61,13 @@ def refit_block_scales(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.n
         np.multiply(t, codes[: len(t)], out=t)
         return t.reshape(-1, block, n).sum(axis=1).T
 
-    # K x K x N products: all cores (OPTQ's pass pins BLAS to one thread for its small ones)
-    with threadpool_limits(os.cpu_count() or 1, user_api="blas"):
-        for c in range(nb):  # M is symmetric: blocks b <= c, mirrored
-            rows = slice(c * block, (c + 1) * block)
-            m[:, : c + 1, c] = block_sums(hd[: rows.stop, rows] @ codes[rows])
-            m[:, c, :c] = m[:, :c, c]
-        r = block_sums(hd @ wd).astype(np.float64)
+    # K x K x N products on the caller's BLAS threads (OPTQ's pass refits problems side by side,
+    # one BLAS thread each: on a shared 2-core machine two BLAS threads per product ran 3x slower)
+    for c in range(nb):  # M is symmetric: blocks b <= c, mirrored
+        rows = slice(c * block, (c + 1) * block)
+        m[:, : c + 1, c] = block_sums(hd[: rows.stop, rows] @ codes[rows])
+        m[:, c, :c] = m[:, :c, c]
+    r = block_sums(hd @ wd).astype(np.float64)
     old = scales.T.astype(np.float64)
     ridge = _RIDGE * np.einsum("nbb->nb", m) + 1e-30
     m_ridge = m.copy()

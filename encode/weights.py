@@ -2,7 +2,7 @@
 
 Assumes the linear-site map with float weights (smoothing/reordering already folded in) and,
 optionally, the ``weight_encodings`` an earlier rounding pass stored (OPTQ). Analysis only: never
-edits the graph. Guarantees: afterwards ``ctx.get("weight_encodings")[site.name]`` is a
+edits the graph. Guarantees: afterwards ``ctx.analyses.get(WEIGHT_ENCODINGS)[site.name]`` is a
 :class:`lowbit.formats.Encoded` for every site :func:`~lowbit.core.linear_sites.selected_sites`
 keeps, in the *stored* orientation of the site's initializer (``axis = site.reduction_axis``):
 
@@ -25,17 +25,16 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
+from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
 from lowbit.core.folding import weight_kn
 from lowbit.core.linear_sites import LinearSite, selected_sites
 from lowbit.errors import LowbitError
 
-__all__ = ["ENCODINGS", "EncodeWeightsPass", "encode_weights", "power_of_two", "transposed"]
+__all__ = ["EncodeWeightsPass", "encode_weights", "power_of_two", "transposed"]
 
 logger = logging.getLogger(__name__)
-
-ENCODINGS = "weight_encodings"  # analysis: site name -> formats.Encoded (stored orientation)
-
 
 def power_of_two(scale: np.ndarray, mode: str) -> np.ndarray:
     """``scale`` rounded to powers of two: ``ceil`` (up), ``nearest`` (in log2), ``none``."""
@@ -80,26 +79,25 @@ def encode_weights(ctx: CompileContext) -> dict[str, formats.Encoded]:
     not :class:`EncodeWeightsPass` ran (then it only looks the sites up).
     """
     recipe = ctx.recipe
-    encodings = ctx.get(ENCODINGS) if ctx.has(ENCODINGS) else {}
+    encodings = ctx.analyses.find(WEIGHT_ENCODINGS) or {}
     if recipe.weights.format == "none" or recipe.precision.enabled:
-        ctx.put(ENCODINGS, encodings)
+        ctx.analyses.put(WEIGHT_ENCODINGS, encodings)
         return encodings
     for site in selected_sites(ctx.sites, recipe.sites.exclude):
         if site.name not in encodings:
             encodings[site.name] = _rtn(ctx, site)
-    ctx.put(ENCODINGS, encodings)
+    ctx.analyses.put(WEIGHT_ENCODINGS, encodings)
     return encodings
 
 
-class EncodeWeightsPass(ir.passes.InPlacePass):
+class EncodeWeightsPass(LowbitPass):
     """Analysis only: fill ``weight_encodings`` for every selected site (module docs)."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    ENSURES = (WEIGHT_ENCODINGS,)
+    PRESERVES_FUNCTION = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = len(self.ctx.get(ENCODINGS)) if self.ctx.has(ENCODINGS) else 0
+        before = len(self.ctx.analyses.find(WEIGHT_ENCODINGS) or {})
         encodings = encode_weights(self.ctx)
         logger.info("encoded %d weights (%d rounded earlier)", len(encodings), before)
         return ir.passes.PassResult(model, modified=False)

@@ -36,14 +36,18 @@ import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from lowbit.core.analyses import Key
 from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
 from lowbit.ort.feeds import build_feeds
 from lowbit.ort.session import ort_session
 
-__all__ = ["Accumulator", "ObservePass", "SubgraphRun", "WholeModel", "Window", "WindowRunner", "observe"]
+__all__ = ["OBSERVATION_LOG", "Accumulator", "ObservePass", "SubgraphRun", "WholeModel", "Window", "WindowRunner", "observe"]
 
 logger = logging.getLogger(__name__)
+
+OBSERVATION_LOG: Key[dict] = Key("observation_log", "observation runs, sessions and window runs so far, and why each extra run was needed")
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,7 +127,10 @@ def observe(ctx: CompileContext, model: ir.Model, accumulators: Sequence[Accumul
     if data is None or not data.windows:
         raise LowbitError("this recipe calibrates (activation ranges, K/V ranges, smoothing, OPTQ or FGMP) and needs "
                           "calibration data (--calib-text or a model directory with a tokenizer)")  # fmt: skip
-    record = ctx.report.setdefault("observation", {"runs": 0, "sessions": 0, "windows": 0, "why_extra": []})
+    record = ctx.analyses.find(OBSERVATION_LOG)
+    if record is None:
+        record = {"runs": 0, "sessions": 0, "windows": 0, "why_extra": []}
+        ctx.analyses.put(OBSERVATION_LOG, record)
     if record["runs"] and not why:
         raise ValueError("a second observation run must say why its statistics could not be carried")
     wanted = [acc.taps(ctx) for acc in accumulators]
@@ -156,16 +163,19 @@ def observe(ctx: CompileContext, model: ir.Model, accumulators: Sequence[Accumul
     record["windows"] += len(windows)
     if record["runs"] > 1:
         record["why_extra"].append(why)
+    ctx.report["observation"] = dict(record)  # written, never read back
     logger.info("observation run %d: %d taps, %d windows (%s)", record["runs"], len(taps), len(windows), why or "first")
 
 
-class ObservePass(ir.passes.InPlacePass):
+class ObservePass(LowbitPass):
     """The one observation run of a compile, feeding the given accumulators (module doc).
     An analysis pass: the model is not modified."""
 
+    PRESERVES_FUNCTION = True
+
     def __init__(self, ctx: CompileContext, accumulators: Sequence[Accumulator]) -> None:
-        super().__init__()
-        self.ctx, self.accumulators = ctx, list(accumulators)
+        super().__init__(ctx)
+        self.accumulators = list(accumulators)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         observe(self.ctx, model, self.accumulators)

@@ -2,7 +2,7 @@
 (:mod:`lowbit.ort.observe`).
 
 Assumes the linear-site map is available in the context and calibration windows were given.
-Guarantees: the model is not modified; after the run ``ctx.get("activation_stats")``
+Guarantees: the model is not modified; after the run ``ctx.analyses.get(ACTIVATION_STATS)``
 holds per-channel min / max / absmax / sum of x^2 (and a per-window percentile of |x| averaged
 over windows when the recipe asks for it) at every linear-site input and at attention K/V,
 gathered on windows of the *deploy* sequence length. K/V channels are (head, head_dim) pairs
@@ -22,68 +22,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.context import CompileContext
+from lowbit.core.statistics import ACTIVATION_STATS, ActivationStats, ChannelStats
 from lowbit.core.kv_sites import attention_kv, kv_inputs, to_channels
 from lowbit.ort.observe import Window
 
-__all__ = ["ActivationStats", "CalibrationAccumulator", "ChannelStats", "calibration_taps", "slac_table", "slac_tensor_rows"]
+__all__ = ["CalibrationAccumulator", "calibration_taps", "slac_table", "slac_tensor_rows"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ChannelStats:
-    """Running per-channel (last axis) statistics of one tensor."""
-
-    min: np.ndarray
-    max: np.ndarray
-    absmax: np.ndarray
-    percentile_sum: np.ndarray | None = None
-    windows: int = 0
-    sq_sum: np.ndarray | None = None  # sum of x^2 per channel: diag(X^T X) for sensitivity proxies
-    tokens: int = 0
-
-    @classmethod
-    def empty(cls, channels: int, with_percentile: bool) -> ChannelStats:
-        inf = np.full(channels, np.inf, np.float32)
-        return cls(inf.copy(), -inf, np.zeros(channels, np.float32),
-                   np.zeros(channels, np.float64) if with_percentile else None,
-                   sq_sum=np.zeros(channels, np.float64))  # fmt: skip
-
-    def update(self, x: np.ndarray, percentile: float | None) -> None:
-        x2 = x.reshape(-1, x.shape[-1])
-        np.minimum(self.min, x2.min(axis=0), out=self.min)
-        np.maximum(self.max, x2.max(axis=0), out=self.max)
-        self.absmax = np.maximum(self.min * -1, self.max)
-        if self.percentile_sum is not None and percentile is not None:
-            self.percentile_sum += np.percentile(np.abs(x2), percentile, axis=0)
-        self.sq_sum += np.einsum("tc,tc->c", x2, x2, dtype=np.float64)
-        self.windows += 1
-        self.tokens += x2.shape[0]
-
-    @property
-    def percentile(self) -> np.ndarray:
-        if self.percentile_sum is None or not self.windows:
-            raise ValueError("percentile statistics were not collected")
-        return (self.percentile_sum / self.windows).astype(np.float32)
-
-
-@dataclass
-class ActivationStats:
-    seq_len: int
-    by_value: dict[str, ChannelStats] = field(default_factory=dict)
-    slac: dict[str, dict[int, float]] = field(default_factory=dict)  # tap -> {length: absmax}
-    kv_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # K/V tap -> observed shape
-    # o_proj input -> [(V tap, o_proj channel whose scale divides each V channel)]
-    links: dict[str, list[tuple[str, np.ndarray]]] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> ChannelStats:
-        return self.by_value[name]
 
 
 def calibration_taps(ctx: CompileContext) -> dict[str, ir.Value]:
@@ -149,7 +99,7 @@ class CalibrationAccumulator:
             for length, absmax in sorted(self.probe_absmax.get(name, {}).items()):
                 stats.slac[name][length] = absmax
         _link_v_channels(stats, self.kv_taps)
-        ctx.put("activation_stats", stats)
+        ctx.analyses.put(ACTIVATION_STATS, stats)
         windows = len(ctx.calibration.windows)
         ctx.report["slac"] = slac_table(stats)
         ctx.report["slac_tensors"] = slac_tensor_rows(stats, self.labels)

@@ -4,7 +4,7 @@ search's objective is evaluated on it). An accumulator of the observation run
 (:mod:`lowbit.ort.observe`).
 
 Assumes the linear-site map and calibration windows. The model is not modified; after the run
-``ctx.get("site_capture")`` maps each site-input value name to a :class:`GroupCapture`. Memory is bounded by one K x K float64 and one K x K float32 matrix and
+``ctx.analyses.get(SITE_CAPTURE)`` maps each site-input value name to a :class:`GroupCapture`. Memory is bounded by one K x K float64 and one K x K float32 matrix and
 ``sample_tokens`` x K float32 rows per input group, plus one window's tapped activations, however
 many windows run.
 
@@ -18,75 +18,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 from scipy.linalg import blas
 
 from lowbit.core.context import CompileContext
+from lowbit.core.statistics import SITE_CAPTURE, GroupCapture
 from lowbit.ort.observe import Window
 
-__all__ = ["CaptureAccumulator", "GroupCapture", "transform_channels"]
+__all__ = ["CaptureAccumulator"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GroupCapture:
-    """Second moment and a row sample of one linear-site input (channels on the last axis)."""
-
-    hessian: np.ndarray  # float64 [K, K], sum over tokens of x x^T
-    sample: np.ndarray  # float32 [T, K], rows drawn uniformly from the calibration tokens
-    tokens: int = 0
-
-    def transform(self, scale: np.ndarray | None, perm: np.ndarray | None) -> None:
-        """Channels become x / scale (then reordered by perm, new[i] = old[perm[i]])."""
-        if scale is not None:
-            inv = 1.0 / scale.astype(np.float64)
-            self.hessian = self.hessian * inv[:, None] * inv[None, :]
-            self.sample = (self.sample / scale.astype(np.float32)).astype(np.float32)
-        if perm is not None:
-            self.hessian = self.hessian[np.ix_(perm, perm)]
-            self.sample = self.sample[:, perm]
-
-
-def transform_channels(ctx: CompileContext, name: str, scale: np.ndarray | None = None,
-                       perm: np.ndarray | None = None) -> None:  # fmt: skip
-    """Keep ``activation_stats`` and ``site_capture`` of input ``name`` exact after its channels
-    were divided by ``scale`` (> 0) and/or reordered by ``perm``."""
-    if ctx.has("site_capture") and name in ctx.get("site_capture"):
-        ctx.get("site_capture")[name].transform(scale, perm)
-    all_stats = ctx.get("activation_stats") if ctx.has("activation_stats") else None
-    stats = all_stats.by_value.get(name) if all_stats is not None else None
-    if stats is None:
-        return
-    for linked, index in all_stats.links.get(name, ()):  # V channels transformed with o_proj's
-        transform_channels(ctx, linked, scale=scale[index] if scale is not None else None,
-                           perm=_linked_permutation(name, index, perm) if perm is not None else None)  # fmt: skip
-    if scale is not None:
-        s = scale.astype(np.float32)
-        stats.min, stats.max, stats.absmax = stats.min / s, stats.max / s, stats.absmax / s
-        if stats.sq_sum is not None:
-            stats.sq_sum = stats.sq_sum / scale.astype(np.float64) ** 2
-        if stats.percentile_sum is not None:
-            stats.percentile_sum = stats.percentile_sum / scale.astype(np.float64)
-    if perm is not None:
-        for attr in ("min", "max", "absmax", "sq_sum", "percentile_sum"):
-            value = getattr(stats, attr)
-            if value is not None:
-                setattr(stats, attr, value[perm])
-
-
-def _linked_permutation(name: str, index: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """V's channel permutation from o_proj's: V channel j is read by o_proj channel index[j]
-    (its first replica); a head-local o_proj permutation moves it to another first replica."""
-    v_of = np.full(perm.size, -1, np.int64)
-    v_of[index] = np.arange(index.size)
-    vperm = v_of[perm[index]]
-    if np.any(vperm < 0):
-        raise ValueError(f"{name}: the permutation moves attention-output channels across V heads")
-    return vperm
 
 
 class CaptureAccumulator:
@@ -162,6 +105,6 @@ class CaptureAccumulator:
             h[lower] = h.T[lower]  # the rank-k updates filled the upper triangle only
             capture[name] = GroupCapture(h, np.concatenate(self.samples[name])[: self.sample_tokens], self.tokens[name])
         tokens = max(self.tokens.values(), default=0)
-        ctx.put("site_capture", capture)
+        ctx.analyses.put(SITE_CAPTURE, capture)
         ctx.report["capture"] = {"groups": len(capture), "tokens": tokens, "sample_tokens": self.sample_tokens}
         logger.info("captured X^T X at %d input groups over %d tokens", len(capture), tokens)

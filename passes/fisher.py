@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.core.context import CompileContext
+from lowbit.core.statistics import ACTIVATION_STATS
 from lowbit.core.fisher_file import ACT_PREFIX, WEIGHT_PREFIX, check_fisher_file, load_fisher, reading
 from lowbit.errors import LowbitError
 from lowbit.core.linear_sites import LinearSite
@@ -79,10 +80,10 @@ def site_sensitivities(ctx: CompileContext, sites: list[LinearSite]) -> Sensitiv
                               "model as input (its torch weights give the gradients)")
     if fisher is not None:
         return Sensitivity("fisher", source, {s.name: fisher_for_site(fisher, s) for s in sites})
-    if not ctx.has("activation_stats"):
+    stats = ctx.analyses.find(ACTIVATION_STATS)
+    if stats is None:
         raise LowbitError("the diag(X^T X) sensitivity proxy needs calibration statistics: give calibration "
                           "data, or a Fisher file (precision.fisher_file)")
-    stats = ctx.get("activation_stats")
     by_site = {}
     for s in sites:
         channel = stats.by_value.get(s.input.name)

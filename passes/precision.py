@@ -35,14 +35,16 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit import formats
+from lowbit.core.analyses import Key
 from lowbit.core.context import CompileContext
+from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
 from lowbit.formats.blocking import Blocking
 from lowbit.passes.fisher import site_sensitivities
 from lowbit.core.linear_sites import LinearSite, selected_sites
 
 __all__ = [
-    "BITMAP_BITS", "BLOCK", "FP8_BITS", "NVFP4_BITS", "AssignPrecisionPass", "Assignment",
+    "BITMAP_BITS", "BLOCK", "FP8_BITS", "NVFP4_BITS", "PRECISION_ASSIGNMENT", "AssignPrecisionPass", "Assignment",
     "SiteChoice", "activation_fp8_fraction", "activation_groups", "block_impact", "candidates", "choose_blocks",
     "fraction_for_bits", "mixed_weight", "n_fp8_blocks", "per_layer_masks", "random_masks",
     "top_k_masks", "weight_fp8_fraction",
@@ -50,9 +52,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 16
-NVFP4_BITS = 4.5  # 4-bit E2M1 element + 8-bit E4M3 block scale / 16
-FP8_BITS = 8.0  # 8-bit E4M3 element; the per-channel FP32 scale is amortised over the channel
+_NVFP4, _FP8 = formats.get_format("nvfp4"), formats.get_format("fp8_e4m3")
+BLOCK = _NVFP4.default_block_size  # 16
+NVFP4_BITS = _NVFP4.bits + 8 / BLOCK  # 4.5: 4-bit E2M1 element + 8-bit E4M3 block scale / 16
+FP8_BITS = float(_FP8.bits)  # 8-bit E4M3 element; the per-channel FP32 scale is amortised over the channel
 BITMAP_BITS = 1.0 / BLOCK  # one precision bit per block of 16
 # Clip ratios linspace(1, 0.5, 9): steps of 1/16, about the E4M3 block-scale spacing (8 values per
 # octave), so a finer grid mostly revisits the same rounded scale; 9 instead of the chooser's
@@ -94,6 +97,10 @@ class Assignment:
         return NVFP4_BITS + (FP8_BITS - NVFP4_BITS) * self.fp8_fraction
 
 
+PRECISION_ASSIGNMENT: Key[Assignment] = Key(
+    "precision_assignment", "FGMP: both encodings of every mixed site and which blocks take FP8")
+
+
 def fraction_for_bits(avg_bits: float) -> float:
     if not NVFP4_BITS <= avg_bits <= FP8_BITS:
         raise LowbitError(f"average bits {avg_bits} is outside [{NVFP4_BITS}, {FP8_BITS}]")
@@ -118,7 +125,7 @@ def activation_groups(ctx: CompileContext, mode: str, *, assigned_sites_only: bo
     data = ctx.calibration
     if data is None or not data.windows:
         raise LowbitError(f"{mode} FGMP activations need calibration windows")
-    assigned = ctx.get("precision_assignment").sites
+    assigned = ctx.analyses.get(PRECISION_ASSIGNMENT).sites
     groups = ctx.sites.input_groups()
     if assigned_sites_only:
         groups = [[s for s in g if s.name in assigned] for g in groups]
@@ -212,12 +219,11 @@ def choose_blocks(strategy: str, impacts: list[np.ndarray], k: int, seed: int = 
     raise LowbitError(f"unknown precision assignment {strategy!r}")
 
 
-class AssignPrecisionPass(ir.passes.InPlacePass):
+class AssignPrecisionPass(LowbitPass):
     """Compute the ``precision_assignment`` analysis (see module doc); never edits the graph."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    ENSURES = (PRECISION_ASSIGNMENT,)
+    PRESERVES_FUNCTION = True
 
     def _selected(self) -> list[LinearSite]:
         return selected_sites(self.ctx.sites, self.ctx.recipe.sites.exclude)
@@ -243,7 +249,7 @@ class AssignPrecisionPass(ir.passes.InPlacePass):
         choices = {name: SiteChoice(name, q4, q8, impact, m) for (name, q4, q8, impact), m in zip(pending, masks)}
         result = Assignment(choices, spec.assignment, threshold, int(sum(int(m.sum()) for m in masks)), total,
                             sens.kind, sens.source)  # fmt: skip
-        self.ctx.put("precision_assignment", result)
+        self.ctx.analyses.put(PRECISION_ASSIGNMENT, result)
         self.ctx.report["precision"] = _summary(result, fraction)
         logger.info("%s: %d / %d blocks FP8 (%.4f), %.3f bits/weight, sensitivity %s", spec.assignment,
                     result.fp8_blocks, total, result.fp8_fraction, result.avg_bits, sens.kind)  # fmt: skip

@@ -21,7 +21,7 @@ Per foldable input group (:mod:`lowbit.core.folding`):
   in ``reorder.feeders``): clustered and given per-cluster ranges, but not reordered -- a QDQ scale
   vector needs no contiguity; only a kernel that splits the matmul by cluster would.
 
-Guarantees: ``ctx.get("act_clusters")[input name]`` is the cluster label of every channel (after
+Guarantees: ``ctx.analyses.get(ACT_CLUSTERS)[input name]`` is the cluster label of every channel (after
 reordering; non-decreasing for norm and gated_linear inputs, within each head for attention
 outputs); QDQ emission then uses one range per cluster
 (a per-channel scale vector constant within each cluster). ``activation_stats`` and
@@ -39,13 +39,17 @@ import numpy as np
 import onnx_ir as ir
 from scipy.cluster.vq import kmeans2
 
-from lowbit.core.context import CompileContext
-from lowbit.passes.capture import transform_channels
+from lowbit.core.pass_base import LowbitPass
+from lowbit.core.analyses import Key
+from lowbit.core.statistics import ACTIVATION_STATS, transform_channels
 from lowbit.core.folding import FoldTarget, fold_target
 
-__all__ = ["ReorderPass", "cluster_channels", "head_local_order", "range_plot_png"]
+__all__ = ["ACT_CLUSTERS", "ReorderPass", "cluster_channels", "head_local_order", "range_plot_png"]
 
 logger = logging.getLogger(__name__)
+
+ACT_CLUSTERS: Key[dict[str, np.ndarray]] = Key(
+    "act_clusters", "RPTQ cluster label of every channel of each clustered input (after reordering)")
 
 
 def cluster_channels(lo: np.ndarray, hi: np.ndarray, clusters: int, seed: int = 0) -> np.ndarray:
@@ -87,16 +91,16 @@ def _insert_gather(graph: ir.Graph, norm: ir.Node, perm: np.ndarray, name: str) 
     norm.replace_input_with(0, gather.outputs[0])
 
 
-class ReorderPass(ir.passes.InPlacePass):
+class ReorderPass(LowbitPass):
     """Cluster, permute and record per-cluster ranges at every foldable input group."""
 
-    def __init__(self, ctx: CompileContext) -> None:
-        super().__init__()
-        self.ctx = ctx
+    REQUIRES = (ACTIVATION_STATS,)
+    ENSURES = (ACT_CLUSTERS,)
+    PRESERVES_FUNCTION = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         spec = self.ctx.recipe.reorder
-        stats = self.ctx.get("activation_stats")
+        stats = self.ctx.analyses.get(ACTIVATION_STATS)
         clusters: dict[str, np.ndarray] = {}
         report = self.ctx.report.setdefault("reorder", {"clusters": spec.clusters, "groups": {}})
         gathers, permuted, widest = 0, 0, (-1.0, None)
@@ -130,7 +134,7 @@ class ReorderPass(ir.passes.InPlacePass):
                     widest = (spread, (key, lo, hi, labels, perm))
             entry["reordered"] = reordered
             report["groups"][key] = entry
-        self.ctx.put("act_clusters", clusters)
+        self.ctx.analyses.put(ACT_CLUSTERS, clusters)
         report.update({"gathers": gathers, "permuted_groups": permuted, "clustered_groups": len(clusters)})
         if widest[1] is not None:
             report["plot"] = {"site": widest[1][0], "png_base64": range_plot_png(*widest[1])}

@@ -18,14 +18,12 @@ def optq_rounded(token_windows):
     from lowbit.passes.canonicalize import canonicalize_passes
     from lowbit.ort.observe import ObservePass
     from lowbit.passes.capture import CaptureAccumulator
-    from lowbit.core.linear_sites import find_linear_sites
     from lowbit.encode.optq import OptqPass
 
     def build(*overrides: str):
         model = tiny_decoder(norm="rms", norm_form="fused")
         recipe = load_recipe("w4a8-dint4", ["smooth.method=none", "reorder.clusters=0", *overrides])
         ctx = CompileContext(model, recipe, CalibrationData(token_windows))
-        ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
         for p in canonicalize_passes():
             p(model)
         ObservePass(ctx, [CaptureAccumulator(64)])(model)

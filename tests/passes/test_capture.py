@@ -11,13 +11,12 @@ from lowbit.ort.observe import ObservePass, Window, observe
 from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.passes.capture import CaptureAccumulator
-from lowbit.core.linear_sites import find_linear_sites
+from lowbit.core.statistics import ACTIVATION_STATS, SITE_CAPTURE
 
 
 def _context(windows):
     model = tiny_decoder(norm="rms", norm_form="fused")
     ctx = CompileContext(model, load_recipe("w4a8-dint4"), CalibrationData(windows))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
         p(model)
     return ctx, model
@@ -32,7 +31,7 @@ def test_capture_during_calibration_equals_a_separate_capture(token_windows):
     ObservePass(merged, [CalibrationAccumulator(), CaptureAccumulator(40)])(model_b)
     assert merged.report["observation"] == {"runs": 1, "sessions": 1, "why_extra": [],
                                             "windows": len(token_windows)}  # no probes given  # fmt: skip
-    a, b = separate.get("site_capture"), merged.get("site_capture")
+    a, b = separate.analyses.get(SITE_CAPTURE), merged.analyses.get(SITE_CAPTURE)
     assert list(a) == list(b) and len(a) == len(separate.sites.input_groups())
     for name in a:
         # the same windows through the same graph: equal up to ORT's float32 (extra tapped
@@ -41,7 +40,7 @@ def test_capture_during_calibration_equals_a_separate_capture(token_windows):
         np.testing.assert_allclose(b[name].sample, a[name].sample, rtol=1e-5, atol=1e-6)
         assert b[name].tokens == a[name].tokens == sum(len(w) for w in token_windows)
     assert merged.report["capture"] == separate.report["capture"]
-    stats_a, stats_b = separate.get("activation_stats"), merged.get("activation_stats")
+    stats_a, stats_b = separate.analyses.get(ACTIVATION_STATS), merged.analyses.get(ACTIVATION_STATS)
     for name, s in stats_a.by_value.items():
         np.testing.assert_array_equal(stats_b[name].absmax, s.absmax)
 
@@ -60,7 +59,7 @@ def test_accumulated_hessian_equals_float64_x_transpose_x_across_flushes():
             xs[name].append(x[0].astype(np.float64))
         acc.add(Window(i, ids), outs)
     acc.finish(ctx)
-    for name, capture in ctx.get("site_capture").items():
+    for name, capture in ctx.analyses.get(SITE_CAPTURE).items():
         x = np.concatenate(xs[name])
         expected = x.T @ x
         assert capture.hessian.dtype == np.float64 and capture.tokens == 19 * 24

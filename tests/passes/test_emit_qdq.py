@@ -18,7 +18,6 @@ from lowbit.core.context import CompileContext
 from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.emit.qdq import EmitQDQPass, ensure_opset
-from lowbit.core.linear_sites import find_linear_sites
 
 CASES = [  # (format, block_size, symmetric)
     ("int8", 0, True), ("int8", 0, False), ("int4", 16, True), ("int4", 0, True), ("int4", 16, False),
@@ -33,7 +32,6 @@ def _weights_only(fmt: str, block: int, symmetric: bool, target: str = "qdq"):
     recipe = load_recipe("w8", [f"weights.format={fmt}", f"weights.block_size={block}",
                                 f"weights.symmetric={'true' if symmetric else 'false'}", f"target={target}"])  # fmt: skip
     ctx = CompileContext(model, recipe)
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     sites = list(ctx.sites)
     EmitQDQPass(ctx)(model)
     return model, sites, originals

@@ -21,6 +21,7 @@ from lowbit.emit.mixed import BITMAP_KEY, decode_bitmap
 from lowbit.passes.fisher import fisher_for_site, proxy_for_site
 from lowbit.core.linear_sites import find_linear_sites
 from lowbit.passes.precision import (
+    PRECISION_ASSIGNMENT,
     block_impact, candidates, choose_blocks, fraction_for_bits, mixed_weight, n_fp8_blocks, top_k_masks,
 )  # fmt: skip
 
@@ -143,7 +144,7 @@ def _compile(tmp_path, target: str, fraction: float, windows):
 
 def _weight_inputs(ctx):
     """{site name: the value each quantized site now multiplies by} (its DQ/Add output)."""
-    assignment = ctx.get("precision_assignment")
+    assignment = ctx.analyses.get(PRECISION_ASSIGNMENT)
     values = {}
     for node in ctx.model.graph:
         for v in node.outputs:
@@ -157,7 +158,7 @@ def _weight_inputs(ctx):
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
 def test_two_branch_emission_decodes_to_the_mixed_weight_bit_for_bit(tmp_path, token_windows, fraction):
     ctx = _compile(tmp_path, "qdq", fraction, token_windows)
-    assignment = ctx.get("precision_assignment")
+    assignment = ctx.analyses.get(PRECISION_ASSIGNMENT)
     assert assignment.fp8_blocks == n_fp8_blocks(assignment.total_blocks, fraction)
     values = _weight_inputs(ctx)
     assert set(values) == set(assignment.sites)
@@ -177,7 +178,7 @@ def test_two_branch_emission_decodes_to_the_mixed_weight_bit_for_bit(tmp_path, t
 
 def test_qdq_fp4_emission_matches_in_onnx_reference(tmp_path, token_windows):
     ctx = _compile(tmp_path, "qdq-fp4", 0.3, token_windows)
-    assignment = ctx.get("precision_assignment")
+    assignment = ctx.analyses.get(PRECISION_ASSIGNMENT)
     values = _weight_inputs(ctx)
     graph = ctx.model.graph
     graph.outputs.extend(values.values())

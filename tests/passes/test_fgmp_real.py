@@ -13,6 +13,7 @@ from lowbit.ort.session import ort_session
 from lowbit.compiler.pipeline import run_pipeline
 from lowbit.core.recipe import load_recipe
 from lowbit.passes.precision import mixed_weight, n_fp8_blocks
+from lowbit.passes.precision import PRECISION_ASSIGNMENT
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def test_fgmp_on_smollm2_layer0(smollm2_export, calib_windows):
         'sites.exclude=["model.layers.[1-9]*", "lm_head"]'])  # fmt: skip
     ctx = CompileContext(load_onnx(smollm2_export / "model.onnx"), recipe, CalibrationData(windows))
     run_pipeline(ctx)
-    a = ctx.get("precision_assignment")
+    a = ctx.analyses.get(PRECISION_ASSIGNMENT)
     assert sorted(a.sites) == sorted(f"model.layers.0.{m}" for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))  # fmt: skip

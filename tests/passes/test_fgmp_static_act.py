@@ -22,6 +22,7 @@ from lowbit.emit.fgmp_static_act import (
     ACT_BITMAP_KEY, CLIP_RATIOS, ChannelPlan, ChannelStatsAccumulator, choose_channels, static_act_nodes, static_act_quant,
 )  # fmt: skip
 from lowbit.passes.precision import activation_fp8_fraction, n_fp8_blocks
+from lowbit.emit.fgmp_static_act import ACTIVATION_PLANS
 
 STATIC = ["precision.sensitivity=proxy", "precision.activations=static", "activations.format=none"]
 
@@ -84,7 +85,7 @@ def _taps(ctx: CompileContext, plans: list[ChannelPlan]) -> list[ir.Value]:
 
 
 def _assert_matches_reference(ctx: CompileContext, windows: list[np.ndarray]) -> None:
-    plans = ctx.get("activation_plans")
+    plans = ctx.analyses.get(ACTIVATION_PLANS)
     taps = _taps(ctx, plans)
     session = ort_session(ctx.model, taps)  # ORT's default optimization level
     for ids in windows:
@@ -98,7 +99,7 @@ def test_static_activations_match_the_reference_in_ort(token_windows):
     ctx = CompileContext(tiny_decoder(), recipe, CalibrationData(token_windows))
     run_pipeline(ctx)
     rep = ctx.report["precision"]["activations"]
-    plans = ctx.get("activation_plans")
+    plans = ctx.analyses.get(ACTIVATION_PLANS)
     assert rep["inputs"] == len(plans) > 0
     assert rep["fp8_channels"] == 16 * n_fp8_blocks(rep["channels"] // 16, 0.25)
     assert rep["sensitivity"].startswith("proxy")

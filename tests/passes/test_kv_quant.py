@@ -24,15 +24,18 @@ from lowbit.emit.kv import kv_qparams, kv_range
 from lowbit.core.kv_sites import kv_inputs, to_channels
 from lowbit.core.linear_sites import find_linear_sites
 from lowbit.passes.smooth import SmoothPass
+from lowbit.core.analyses import Key
+from lowbit.core.statistics import ACTIVATION_STATS
 
 IDS = np.arange(20, dtype=np.int64) * 7 % 64
 _QMAX = {"int8": 127, "int4": 7}
+KV_LAYOUTS: Key[dict] = Key("test_kv_layouts", "K/V layouts of the float graph, kept for the checks")
 
 
 def compile_ctx(model, recipe: str, overrides: list[str], windows) -> CompileContext:
     ctx = CompileContext(model, load_recipe(recipe, overrides), CalibrationData([np.asarray(w) for w in windows]))
     # K/V layouts from the float graph (after emission the attentions read Q/DQ outputs)
-    ctx.put("test_kv_layouts", {kv.value.name: kv for kv in kv_inputs(find_linear_sites(model.graph))})
+    ctx.analyses.put(KV_LAYOUTS, {kv.value.name: kv for kv in kv_inputs(find_linear_sites(model.graph))})
     run_pipeline(ctx)
     return ctx
 
@@ -58,8 +61,8 @@ def fake_quantize_dynamic(x: np.ndarray, kv, scale: np.ndarray, fmt: str) -> np.
 def check_kv_exact(ctx: CompileContext, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Every K/V consumer reads the numpy fake-quantization (calibrated scales) of the float K/V;
     returns the observed float and dequantized tensors by name."""
-    spec, stats, model = ctx.recipe.kv, ctx.get("activation_stats"), ctx.model
-    layouts = ctx.get("test_kv_layouts")
+    spec, stats, model = ctx.recipe.kv, ctx.analyses.get(ACTIVATION_STATS), ctx.model
+    layouts = ctx.analyses.get(KV_LAYOUTS)
     names = list(stats.kv_shapes)
     assert set(names) == set(layouts)
     values = {v.name: v for n in model.graph for v in n.outputs}
@@ -121,7 +124,7 @@ def test_kv_dynamic_k_is_exact(form, token_windows):
 def test_kv_percentile_clipped_ranges_are_exact(form, token_windows):
     ctx = compile_ctx(tiny_decoder(norm_form=form), "w8", ["weights.format=none", "kv.format=int4",
                       "kv.granularity=per_channel", "kv.range=percentile", "kv.percentile=90"], token_windows)  # fmt: skip
-    stats = ctx.get("activation_stats")
+    stats = ctx.analyses.get(ACTIVATION_STATS)
     clipped = [np.any(stats[n].percentile < stats[n].absmax) for n in stats.kv_shapes]
     assert all(clipped) and ctx.report["kv"]["range"] == "percentile"
     check_kv_exact(ctx, IDS)
@@ -135,13 +138,12 @@ def test_per_channel_ranges_are_finer_than_per_head(token_windows):
                           f"kv.granularity={granularity}"], token_windows)  # fmt: skip
         outs = check_kv_exact(ctx, IDS)
         errors[granularity] = sum(float(np.sum((outs[f"{n}.kv_dequantized"] - outs[n]) ** 2))
-                                  for n in ctx.get("activation_stats").kv_shapes)  # fmt: skip
+                                  for n in ctx.analyses.get(ACTIVATION_STATS).kv_shapes)  # fmt: skip
     assert errors["per_channel"] < errors["per_head"]
 
 
 def _calibrated(model, overrides, windows) -> CompileContext:
     ctx = CompileContext(model, load_recipe("w4a8-kv4", overrides), CalibrationData([np.asarray(w) for w in windows]))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
         p(model)
     ObservePass(ctx, [CalibrationAccumulator(), CaptureAccumulator(64)])(model)
@@ -153,10 +155,10 @@ def test_v_ranges_follow_smoothing_exactly(token_windows):
     smoothed model (which the KV pass would otherwise have to rerun)."""
     model = tiny_decoder(norm_form="fused")
     ctx = _calibrated(model, [], token_windows)
-    ctx.invalidate("linear_sites")
+    ctx.analyses.graph_edited()
     SmoothPass(ctx)(model)
     assert any(g["folded"] and g["feeder"] == "attention_v" for g in ctx.report["smooth"]["groups"].values())
-    derived, fresh = ctx.get("activation_stats"), _calibrated(model, [], token_windows).get("activation_stats")
+    derived, fresh = ctx.analyses.get(ACTIVATION_STATS), _calibrated(model, [], token_windows).analyses.get(ACTIVATION_STATS)
     assert sorted(n for pairs in derived.links.values() for n, _ in pairs) == sorted(
         n for n in derived.kv_shapes if n in {v for pairs in fresh.links.values() for v, _ in pairs})
     assert len(derived.links) == 2  # V of both layers
@@ -178,9 +180,9 @@ def test_fused_attention_reads_exact_per_channel_kv(smollm2_export, calib_window
     ids = calib_windows[0][:64]
     ctx = compile_ctx(load_onnx(smollm2_export / "model.onnx"), "w8", KV4, [w[:64] for w in calib_windows[:2]])
     assert ctx.report["kv"]["tensors"] == 60 and ctx.report["kv"]["forms"] == {"broadcast": 60}
-    layouts = ctx.get("test_kv_layouts")
+    layouts = ctx.analyses.get(KV_LAYOUTS)
     assert {kv.consumer.op_type for kv in layouts.values()} == {"Attention"}
-    assert {ctx.get("activation_stats").kv_shapes[n][1:] for n in layouts} == {(9, 64, 64)}  # [B, heads, S, D]
+    assert {ctx.analyses.get(ACTIVATION_STATS).kv_shapes[n][1:] for n in layouts} == {(9, 64, 64)}  # [B, heads, S, D]
     check_kv_exact(ctx, ids)
 
 
@@ -191,7 +193,7 @@ def test_with_past_export_quantizes_the_cache_read_not_the_present_outputs(smoll
     path = smollm2_with_past_export / "model.onnx"
     ids = calib_windows[0][:33]
     ctx = compile_ctx(load_onnx(path), "w8", KV4, [w[:64] for w in calib_windows[:2]])
-    layouts = ctx.get("test_kv_layouts")
+    layouts = ctx.analyses.get(KV_LAYOUTS)
     roles = sorted(kv.role for kv in layouts.values())
     assert roles == ["k"] * 30 + ["v"] * 30 and {kv.consumer.op_type for kv in layouts.values()} == {"MatMul"}
     check_kv_exact(ctx, ids)
@@ -221,11 +223,11 @@ def test_real_v_ranges_after_smoothing_equal_a_rerun(smollm2_export, calib_windo
     model = load_onnx(smollm2_export / "model.onnx")
     kv = ["kv.granularity=per_channel", "kv.range=percentile"]
     ctx = _calibrated(model, kv, windows)
-    ctx.invalidate("linear_sites")
+    ctx.analyses.graph_edited()
     SmoothPass(ctx)(model)
     folded = [k for k, g in ctx.report["smooth"]["groups"].items() if g["folded"] and g["feeder"] == "attention_v"]
     assert folded  # some o_proj groups were rescaled through v_proj
-    derived, fresh = ctx.get("activation_stats"), _calibrated(model, kv, windows).get("activation_stats")
+    derived, fresh = ctx.analyses.get(ACTIVATION_STATS), _calibrated(model, kv, windows).analyses.get(ACTIVATION_STATS)
     assert len(derived.links) == 30
     for pairs in derived.links.values():
         for name, _ in pairs:

@@ -24,6 +24,7 @@ from lowbit.core.linear_sites import find_linear_sites
 from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass, kernel_reason
 from lowbit.encode.weights import EncodeWeightsPass
 from lowbit.runtime_ext.reference import decode_weight
+from lowbit.core.analyses import WEIGHT_ENCODINGS
 
 IDS = (np.arange(12, dtype=np.int64) * 5 % 64)[None]
 RTOL = 1e-5  # float32 reassociation across 2 layers; a wrong code or scale moves outputs >1e-2
@@ -201,10 +202,10 @@ def _pipeline(overrides, ffn=64):
     model = tiny_decoder(ffn=ffn)
     ctx = CompileContext(model, load_recipe("w8", overrides + ["target=ort-cpu"]))
     encodings = {}
-    for step, _ in build_pipeline(ctx)[:-1]:
+    for step in build_pipeline(ctx)[:-1]:
         step(model)
         if isinstance(step, EncodeWeightsPass):
-            encodings = dict(ctx.get("weight_encodings"))
+            encodings = dict(ctx.analyses.get(WEIGHT_ENCODINGS))
     return model, ctx, encodings
 
 
@@ -256,7 +257,7 @@ def test_pipeline_adds_the_passes_only_for_ort_cpu():
     def names(target):
         ctx = CompileContext(tiny_decoder(), load_recipe("w8", [f"target={target}", "weights.format=dint4",
                                                                 "weights.block_size=32"]))
-        return [type(p) for p, _ in build_pipeline(ctx)]
+        return [type(p) for p in build_pipeline(ctx)]
 
     assert FindEmbeddingsPass not in names("qdq") and LowerOrtCpuPass not in names("qdq")
     steps = names("ort-cpu")

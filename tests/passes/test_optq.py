@@ -7,17 +7,16 @@ import pytest
 import scipy.linalg
 
 from lowbit import formats
-from lowbit.core.context import CalibrationData, CompileContext
 from lowbit.ort.session import ort_session
 from lowbit.ort.feeds import build_feeds
 from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
-from lowbit.models.synthetic import tiny_decoder
 from lowbit.emit.qdq import EmitQDQPass
 from lowbit.core.linear_sites import find_linear_sites
-from lowbit.encode.optq import OptqPass, optq_round, optq_round_batch
+from lowbit.encode.optq import optq_round, optq_round_batch
 from lowbit.encode.optq_kernel import element_kind, round_element, rtn_round
 from lowbit.formats.choosers import search_ratios
+from lowbit.core.analyses import WEIGHT_ENCODINGS
 
 
 def reference_optq_round(w_kn, hessian, fmt, block, *, damp=0.01, scale_method="absmax", act_order=False):
@@ -93,7 +92,7 @@ def test_act_order_helps_per_channel():
 
 def test_emission_writes_the_optq_codes(optq_rounded):
     ctx, model = optq_rounded("activations.format=none")
-    encodings = ctx.get("weight_encodings")
+    encodings = ctx.analyses.get(WEIGHT_ENCODINGS)
     sites = list(ctx.sites)
     assert len(encodings) == len(sites) == 15
     assert ctx.report["optq"]["median_error_reduction"] > 1.0
@@ -106,12 +105,10 @@ def test_emission_writes_the_optq_codes(optq_rounded):
         np.testing.assert_array_equal(decoded, formats.decode(encodings[site_name]))
 
 
-def test_optq_rejects_formats_it_cannot_round(token_windows):
-    model = tiny_decoder()
-    ctx = CompileContext(model, load_recipe("w4a8-dint4", ["weights.format=nvfp4", "weights.block_size=16"]), CalibrationData(token_windows))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
-    with pytest.raises(LowbitError, match="optq needs symmetric int or dint"):
-        OptqPass(ctx).call(model)
+def test_optq_rejects_formats_it_cannot_round():
+    """Refused when the recipe is loaded: OPTQ's kernels round symmetric int and dint grids only."""
+    with pytest.raises(LowbitError, match="recipe key 'rounding.method': optq rounds symmetric int or dint"):
+        load_recipe("w4a8-dint4", ["weights.format=nvfp4", "weights.block_size=16"])
 
 
 @pytest.mark.parametrize("fmt", ["dint4", "int4", "int8", "dint2"])
@@ -219,3 +216,61 @@ def test_optq_equals_the_reference_and_beats_rtn_on_a_real_site(smollm2_export, 
     before, after = _proxy_errors(w, q, h, 0.01), _proxy_errors(w, refit, h, 0.01)
     assert np.all(after <= before * (1 + 1e-5)) and after.sum() < 0.99 * before.sum()
     np.testing.assert_allclose(refit_err, after, rtol=1e-3)
+
+
+def _row_by_row_batch(w, u, b0, b1, block, choose, ratios, elem_max, kind, vmax, scales, q, err, element):
+    """The kernel's batch as the first compiled loop wrote it: row after row, each row's error
+    pushed at once onto every later row of the batch (numpy float64 products and subtractions,
+    no fused multiply-add); the block scales from the kernel's own chooser."""
+    from lowbit.encode.optq_kernel import _choose_scales
+
+    for p in range(w.shape[0]):
+        for j in range(b0, b1):
+            g = j // block
+            if choose and j % block == 0:
+                _choose_scales(w[p], j, min(j + block, w.shape[1]), 0, w.shape[2], ratios, elem_max, kind, vmax, scales[p, g])
+            s = scales[p, g]
+            qv = element.round(w[p, j].astype(np.float32) / s, narrow=True).astype(np.float32) * s
+            q[p, j] = qv
+            err[p, j - b0] = (w[p, j] - qv.astype(np.float64)) / u[p, j, j]
+            for jj in range(j + 1, b1):
+                w[p, jj] -= err[p, j - b0] * u[p, j, jj]
+
+
+@pytest.mark.parametrize("fmt,block,k", [("dint4", 32, 200), ("int4", 16, 128), ("dint4", None, 150), ("int8", 64, 192)])
+def test_sub_blocked_kernel_equals_the_row_by_row_loop(fmt, block, k):
+    """``optq_batch`` walks a batch in sub-blocks (rank-1 updates inside one, the sub-block's
+    errors then reaching each later row in one pass): bit for bit the row-by-row loop, on random
+    problems with several batches (the last one partial), blocked and per-channel scales."""
+    from lowbit.encode.optq import _LAZY_BATCH, _inverse_hessian_factor
+    from lowbit.encode.optq_kernel import optq_batch
+
+    n_prob, n = 2, 600  # two column chunks of the kernel's parallel tasks
+    rng = np.random.default_rng(k)
+    element = formats.get_format(fmt).element
+    kind, vmax = element_kind(element)
+    ratios = search_ratios("mse")
+    w = rng.standard_normal((n_prob, k, n)) * 0.1
+    u = np.empty((n_prob, k, k))
+    for p in range(n_prob):
+        x, _ = _problem(k=k, n=1, seed=p)
+        _inverse_hessian_factor(x.T.astype(np.float64) @ x, 0.01, u[p])
+    g = block or k
+    step = g * max(1, _LAZY_BATCH // g) if block else _LAZY_BATCH
+    outs = []
+    for fast in (True, False):
+        wk = w.copy()
+        scales = np.zeros((n_prob, -(-k // g), n), np.float32)
+        if block is None:
+            scales[:, 0] = np.abs(w).max(axis=1).astype(np.float32) / np.float32(element.scale_max)
+        q, err = np.empty((n_prob, k, n), np.float32), np.empty((n_prob, step, n))
+        errs = []
+        for b0 in range(0, k, step):
+            b1 = min(b0 + step, k)
+            args = (wk, u, b0, b1, g, block is not None, ratios, np.float32(element.scale_max), kind, np.float32(vmax), scales, q, err)
+            optq_batch(*args) if fast else _row_by_row_batch(*args, element)
+            errs.append(err[:, : b1 - b0].copy())
+            wk[:, b1:] -= np.matmul(u[:, b0:b1, b1:].transpose(0, 2, 1), err[:, : b1 - b0])
+        outs.append((wk, q, scales, np.concatenate(errs, axis=1)))
+    for fast, slow in zip(*outs):
+        np.testing.assert_array_equal(fast, slow)

@@ -18,9 +18,10 @@ from lowbit.ort.observe import ObservePass
 from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.emit.qdq import EmitQDQPass
-from lowbit.core.linear_sites import find_linear_sites
 from lowbit.core.folding import FoldTarget, producer_permutation
 from lowbit.passes.reorder import ReorderPass, cluster_channels, head_local_order
+from lowbit.passes.reorder import ACT_CLUSTERS
+from lowbit.core.statistics import ACTIVATION_STATS
 
 IDS = np.arange(20, dtype=np.int64) * 5 % 64
 
@@ -32,14 +33,13 @@ def _reordered(norm, form, windows, clusters=4):
     model = tiny_decoder(norm=norm, norm_form=form)
     reference = run_on_tokens(model, IDS)[0]
     ctx = CompileContext(model, load_recipe("w8a8", [f"reorder.clusters={clusters}", FEEDERS]), CalibrationData(windows))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
         p(model)
     ObservePass(ctx, [CalibrationAccumulator()])(model)
-    before = {k: (v.min.copy(), v.max.copy()) for k, v in ctx.get("activation_stats").by_value.items()}
-    ctx.invalidate("linear_sites")
+    before = {k: (v.min.copy(), v.max.copy()) for k, v in ctx.analyses.get(ACTIVATION_STATS).by_value.items()}
+    ctx.analyses.graph_edited()
     assert ReorderPass(ctx)(model).modified
-    ctx.invalidate("linear_sites")
+    ctx.analyses.graph_edited()
     return model, ctx, reference, before
 
 
@@ -57,8 +57,8 @@ def test_reorder_preserves_function(norm, form, token_windows):
 
 def test_clusters_are_contiguous_and_stats_follow_the_permutation(token_windows):
     model, ctx, _, before = _reordered("rms", "fused", token_windows)
-    clusters = ctx.get("act_clusters")
-    stats = ctx.get("activation_stats")
+    clusters = ctx.analyses.get(ACT_CLUSTERS)
+    stats = ctx.analyses.get(ACTIVATION_STATS)
     for group in ctx.sites.input_groups():
         name = group[0].input.name
         labels = clusters[name]
@@ -70,9 +70,8 @@ def test_clusters_are_contiguous_and_stats_follow_the_permutation(token_windows)
         np.testing.assert_array_equal(np.sort(stats[name].min), lo_before)  # a permutation of it
     # the fresh calibration of the reordered model agrees with the permuted statistics
     fresh = CompileContext(model, ctx.recipe, ctx.calibration)
-    fresh.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     ObservePass(fresh, [CalibrationAccumulator()])(model)
-    for name, s in fresh.get("activation_stats").by_value.items():
+    for name, s in fresh.analyses.get(ACTIVATION_STATS).by_value.items():
         if name in clusters:
             np.testing.assert_allclose(s.max, stats[name].max, rtol=1e-5, atol=1e-6)
 
@@ -80,7 +79,7 @@ def test_clusters_are_contiguous_and_stats_follow_the_permutation(token_windows)
 def test_emitted_activation_scales_are_constant_within_each_cluster(token_windows):
     model, ctx, reference, _ = _reordered("rms", "fused", token_windows)
     EmitQDQPass(ctx)(model)
-    clusters = ctx.get("act_clusters")
+    clusters = ctx.analyses.get(ACT_CLUSTERS)
     checked = 0
     for name, labels in clusters.items():
         scale = model.graph.initializers[f"{name}.act_scale"].const_value.numpy()
@@ -148,4 +147,4 @@ def test_modified_only_when_a_permutation_was_applied(token_windows):
     result = ReorderPass(ctx)(model)
     assert not result.modified and ctx.report["reorder"]["permuted_groups"] == 0
     assert ir.to_proto(model).SerializeToString() == before
-    assert ctx.get("act_clusters")  # the per-cluster ranges are still recorded
+    assert ctx.analyses.get(ACT_CLUSTERS)  # the per-cluster ranges are still recorded

@@ -8,23 +8,22 @@ from lowbit.core.context import CalibrationData, CompileContext
 from lowbit.ort.session import run_on_tokens
 from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
-from lowbit.passes.calibrate import CalibratePass
+from lowbit.ort.observe import ObservePass
+from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.capture import CapturePass
+from lowbit.passes.capture import CaptureAccumulator
 from lowbit.core.folding import _gqa_map
-from lowbit.core.linear_sites import find_linear_sites
 from lowbit.passes.smooth import SmoothPass, candidate_scales
+from lowbit.core.statistics import ACTIVATION_STATS, SITE_CAPTURE
 
 IDS = np.arange(20, dtype=np.int64) * 3 % 64
 
 
 def _prepared(model, overrides, windows):
     ctx = CompileContext(model, load_recipe("w4a8-dint4", overrides), CalibrationData(windows))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
         p(model)
-    CalibratePass(ctx)(model)
-    CapturePass(ctx, 64)(model)
+    ObservePass(ctx, [CalibrationAccumulator(), CaptureAccumulator(64)])(model)
     return ctx
 
 
@@ -34,7 +33,7 @@ def test_smoothing_preserves_function_and_folds_every_feeder(norm, form, method,
     model = tiny_decoder(norm=norm, norm_form=form)
     reference = run_on_tokens(model, IDS)[0]
     ctx = _prepared(model, [f"smooth.method={method}"], token_windows)
-    ctx.invalidate("linear_sites")
+    ctx.analyses.graph_edited()
     assert SmoothPass(ctx)(model).modified
     out = run_on_tokens(model, IDS)[0]
     # float32: x/s then s*W reassociates every dot product: a few ulps of the largest logit
@@ -51,13 +50,13 @@ def test_analyses_follow_the_scales_exactly(token_windows):
     """Stats and X^T X transformed in closed form equal a fresh calibration of the new model."""
     model = tiny_decoder(norm="rms", norm_form="fused")
     ctx = _prepared(model, ["smooth.method=aqas"], token_windows)
-    ctx.invalidate("linear_sites")
+    ctx.analyses.graph_edited()
     SmoothPass(ctx)(model)
-    updated_stats, updated_capture = ctx.get("activation_stats"), ctx.get("site_capture")
+    updated_stats, updated_capture = ctx.analyses.get(ACTIVATION_STATS), ctx.analyses.get(SITE_CAPTURE)
     fresh = _prepared(model, ["smooth.method=aqas"], token_windows)
-    for name, cap in fresh.get("site_capture").items():
+    for name, cap in fresh.analyses.get(SITE_CAPTURE).items():
         np.testing.assert_allclose(updated_capture[name].hessian, cap.hessian, rtol=1e-4, atol=1e-4 * np.abs(cap.hessian).max())
-        np.testing.assert_allclose(updated_stats[name].max, fresh.get("activation_stats")[name].max, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(updated_stats[name].max, fresh.analyses.get(ACTIVATION_STATS)[name].max, rtol=1e-5, atol=1e-6)
 
 
 def test_gqa_scale_map_shares_one_scale_per_kv_channel():
@@ -75,8 +74,6 @@ def test_gqa_scale_map_shares_one_scale_per_kv_channel():
 def test_shared_weights_are_never_rescaled(token_windows):
     model = tiny_decoder(norm="rms", norm_form="fused")
     ctx = CompileContext(model, load_recipe("w4a8-dint4"), CalibrationData(token_windows))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
-    CalibratePass(ctx)(model)  # no constant folding: lm_head reads the tied embedding table
-    CapturePass(ctx, 64)(model)
+    ObservePass(ctx, [CalibrationAccumulator(), CaptureAccumulator(64)])(model)  # no constant folding: lm_head reads the tied embedding table
     SmoothPass(ctx)(model)
     assert ctx.report["smooth"]["groups"]["embed_tokens"] == {"folded": False, "reason": "a weight initializer is shared (e.g. a tied embedding)"}

@@ -13,10 +13,10 @@ from lowbit.compiler.api import load_onnx
 from lowbit.core.context import CalibrationData, CompileContext
 from lowbit.ort.session import run_on_tokens
 from lowbit.core.recipe import load_recipe
-from lowbit.passes.calibrate import CalibratePass
+from lowbit.ort.observe import ObservePass
+from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
-from lowbit.passes.capture import CapturePass
-from lowbit.core.linear_sites import find_linear_sites
+from lowbit.passes.capture import CaptureAccumulator
 from lowbit.passes.reorder import ReorderPass
 from lowbit.passes.smooth import SmoothPass
 
@@ -35,13 +35,11 @@ def _smooth_and_reorder(path, windows, probe):
     recipe = load_recipe("w4a8-dint4", ["smooth.method=aqas", "reorder.clusters=8", "smooth.alpha_grid=[0.3, 0.5, 0.7]",
                                         'reorder.feeders=["norm", "gated_linear", "attention_v"]'])
     ctx = CompileContext(model, recipe, CalibrationData(windows))
-    ctx.register_analysis("linear_sites", lambda c: find_linear_sites(c.model.graph))
     for p in canonicalize_passes():
         p(model)
-    CalibratePass(ctx)(model)
-    CapturePass(ctx, 64)(model)
+    ObservePass(ctx, [CalibrationAccumulator(), CaptureAccumulator(64)])(model)
     for p in (SmoothPass(ctx), ReorderPass(ctx)):
-        ctx.invalidate("linear_sites")
+        ctx.analyses.graph_edited()
         p(model)
     outputs = run_on_tokens(model, probe)
     worst = max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(reference, outputs))
