@@ -89,6 +89,7 @@ class PerturbationAccumulator:
     covered groups, is made after the run)."""
 
     probes = False
+    provides = (PERTURBATIONS,)
 
     def __init__(self, groups: list[list[LinearSite]] | None = None) -> None:
         self.groups = groups

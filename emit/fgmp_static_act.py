@@ -111,6 +111,7 @@ class _GroupChannelStats:
     """The observation accumulator: one :class:`ChannelStatsAccumulator` per input group."""
 
     probes = False
+    provides = ()  # fills the per-group accumulators it was given
 
     def __init__(self, groups: list[list[LinearSite]], accs: dict[str, ChannelStatsAccumulator]) -> None:
         self.groups, self.accs = groups, accs

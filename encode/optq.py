@@ -29,7 +29,7 @@ Speed: the algorithm is K sequential steps per problem, so the cost was numpy ca
   batch products split between the threads, and refit, report and encoding run per problem; each
   product is the one a single thread computes, so the result does not depend on the thread count.
 
-The result equals the plain numpy formulation kept in ``tests/passes/test_optq.py`` (the first
+The result equals the plain numpy formulation kept in ``tests/encode/test_optq.py`` (the first
 implementation; ~2000 s for SmolLM2 where this takes ~100 s on the same loaded machine): same codes and scales on synthetic problems and on a real SmolLM2
 site; only float64 sums are reassociated, so a value within rounding noise of a grid midpoint, or
 two scale candidates whose errors tie to the last bit, could in principle come out differently.

@@ -3,7 +3,7 @@ choosing each block's scales when the rounding reaches it, and push every roundi
 remaining channels of the batch.
 
 Written to reproduce, operation for operation, what the numpy formulation computes (the one in
-``tests/passes/test_optq.py``): float32 ``x / s`` and ``round(.) * s``, float64 error feedback as
+``tests/encode/test_optq.py``): float32 ``x / s`` and ``round(.) * s``, float64 error feedback as
 one product and one subtraction per element (no fused multiply-add), the chooser's candidate
 scales ``float32(amax * r) / element_max`` with the first of equal errors winning. The chooser's
 float64 error sums run in index order where numpy sums pairwise, so two candidates whose errors

@@ -71,6 +71,7 @@ class Accumulator(Protocol):
     """Statistics of some inner values over the observed windows."""
 
     probes: bool  # also fed the SLAC probe windows (``window.probe``); else calibration windows only
+    provides: tuple[Key, ...]  # the analyses ``finish`` puts into the context
 
     def taps(self, ctx: CompileContext) -> dict[str, ir.Value]:
         """The values to observe, by name (called once, right before the run; may name values)."""
@@ -176,6 +177,7 @@ class ObservePass(LowbitPass):
     def __init__(self, ctx: CompileContext, accumulators: Sequence[Accumulator]) -> None:
         super().__init__(ctx)
         self.accumulators = list(accumulators)
+        self.ENSURES = tuple(k for acc in self.accumulators for k in acc.provides)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         observe(self.ctx, model, self.accumulators)

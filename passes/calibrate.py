@@ -56,6 +56,7 @@ class CalibrationAccumulator:
     report's ``slac``, ``slac_tensors`` and ``calibration`` entries (module doc)."""
 
     probes = True
+    provides = (ACTIVATION_STATS,)
 
     def __init__(self) -> None:
         self.stats: ActivationStats | None = None

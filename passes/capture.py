@@ -38,6 +38,7 @@ class CaptureAccumulator:
 
     FLUSH_WINDOWS = 8  # float32 running sums go into the float64 totals this often
     probes = False
+    provides = (SITE_CAPTURE,)
 
     def __init__(self, sample_tokens: int, seed: int = 0) -> None:
         self.sample_tokens = sample_tokens

@@ -73,7 +73,7 @@ def _fake_weights(w_kn: np.ndarray, wspec) -> np.ndarray:
         block = 16 if wspec.format == "nvfp4" else 32
     element = formats.get_format(wspec.format).element
     if wspec.symmetric and isinstance(element, (IntElement, DintElement)):
-        # OPTQ's compiled round-to-nearest: equal to fake_quantize (tests/passes/test_optq.py),
+        # OPTQ's compiled round-to-nearest: equal to fake_quantize (tests/encode/test_optq.py),
         # 8x faster, and this runs once per candidate scale of every input group
         kind, vmax = element_kind(element)
         return rtn_round(np.ascontiguousarray(w_kn, dtype=np.float32), min(block or w_kn.shape[0], w_kn.shape[0]), search_ratios("absmax"),
