@@ -33,7 +33,6 @@ from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from lowbit.core.analyses import Key
@@ -144,19 +143,19 @@ def observe(ctx: CompileContext, model: ir.Model, accumulators: Sequence[Accumul
         for _, probe in sorted(data.probes.items()):
             windows += [Window(len(windows), ids, probe=True) for ids in probe]
     runner = runner or WholeModel()
-    # One BLAS thread for the accumulators' numpy work between runs (ORT has its own pool): on a
-    # shared 2-core machine OpenBLAS's threads made X^T X 3x slower (SmolLM2, 512 tokens: 2.9 s
-    # vs 0.94 s per window), as in OPTQ's pass
-    with threadpool_limits(1, user_api="blas"):
-        for run in runner.subgraphs(model, taps):
-            for window in tqdm(windows, desc=desc, unit="window", leave=False, disable=None):
-                values = run(window)
-                for acc, names in zip(accumulators, wanted):
-                    if window.probe and not acc.probes:
-                        continue
-                    mine = {n: values[n] for n in names if n in values}
-                    if mine:
-                        acc.add(window, mine)
+    # The accumulators' BLAS work (XᵀX) runs between ORT runs with BLAS's own threads: on an
+    # otherwise idle 2-core machine (SmolLM2, 512 tokens, 121 input groups) XᵀX takes 0.35 s per
+    # window with 2 threads and 0.76 s with 1. (On a machine shared with other jobs, 1 thread
+    # measured faster: 0.94 vs 2.9 s; a compile is expected to have the machine to itself.)
+    for run in runner.subgraphs(model, taps):
+        for window in tqdm(windows, desc=desc, unit="window", leave=False, disable=None):
+            values = run(window)
+            for acc, names in zip(accumulators, wanted):
+                if window.probe and not acc.probes:
+                    continue
+                mine = {n: values[n] for n in names if n in values}
+                if mine:
+                    acc.add(window, mine)
     for acc in accumulators:
         acc.finish(ctx)
     record["runs"] += 1
