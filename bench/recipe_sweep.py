@@ -4,7 +4,7 @@ measures them (the script behind the sweep tables of bench/RESULTS.md).
 ``python -m lowbit.bench.recipe_sweep w4a8-dint4 --set rounding.refit_scales=false``
 
 Same FP32 export, calibration split (the recipe's ``calibration.windows`` windows) and 8 x 512
-evaluation windows as ``lowbit bench``; perplexity at ORT_ENABLE_BASIC ("QDQ in float": the
+evaluation windows as ``lowbit-bench run``; perplexity at ORT_ENABLE_BASIC ("QDQ in float": the
 quantization the graph describes) unless ``--default-options``. Prints one result line and the
 seconds of each pass; a single contender, so not a side-by-side comparison.
 """

@@ -332,7 +332,7 @@ def compile(  # noqa: A001 - the public verb of the product
     start = time.perf_counter()
     source = _resolve(model)
     data = _calibration(calibration, source, recipe)
-    windows = np.stack(data.windows) if data is not None and data.windows else np.zeros((0, 0), np.int64)
+    windows = list(data.windows) if data is not None else []
     ctx = CompileContext(source.model, recipe, data, fisher_provider=shipped_fisher_provider(source.label, windows))
     ctx.report.update({"input": source.label, "lowbit_version": lowbit.__version__, "versions": report_mod.versions()})
     if source.directory is not None:

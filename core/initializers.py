@@ -1,5 +1,5 @@
-"""Small graph-building helpers shared by the emission passes (kept apart from ``emit_qdq`` so
-that modules ``emit_qdq`` itself imports can use them)."""
+"""Small graph-building helpers (named constant initializers, the scale floor) shared by every
+pass that adds nodes; owned here, below the emitters, so that any layer can build a constant."""
 
 from __future__ import annotations
 

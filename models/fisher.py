@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +96,11 @@ def save_fisher(fisher: dict[str, np.ndarray], path: str | Path, *, source: str)
     return path
 
 
-def shipped_fisher_provider(source: str, windows: np.ndarray) -> Callable[[], Path | None]:
+def shipped_fisher_provider(source: str, windows: Sequence[np.ndarray]) -> Callable[[], Path | None]:
     """A memoized provider of the Fisher side file for ``source`` on ``windows``: for a shipped
     model name (or a lowbit dynamo export directory of one) the cached npz under
-    ``$LOWBIT_CACHE/fisher``, computed with torch on first use; None for anything else."""
+    ``$LOWBIT_CACHE/fisher``, computed with torch on first use; None for anything else. The
+    windows are read only when asked (an encoder's padded batches of other lengths never are)."""
     found: list[Path | None] = []
 
     def provide() -> Path | None:
@@ -110,12 +111,12 @@ def shipped_fisher_provider(source: str, windows: np.ndarray) -> Callable[[], Pa
     return provide
 
 
-def _shipped_fisher(source: str, windows: np.ndarray) -> Path | None:
+def _shipped_fisher(source: str, windows: Sequence[np.ndarray]) -> Path | None:
     from lowbit.models.registry import SHIPPED
 
     name = _torch_source(source)
-    if name not in SHIPPED or len(windows) == 0:
-        return None
+    if name not in SHIPPED or len(windows) == 0 or len({np.shape(w) for w in windows}) != 1:
+        return None  # not a shipped causal LM's token windows (an encoder's batches vary in length)
     windows = np.stack(windows)
     digest = hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest()[:16]
     path = cache_root() / "fisher" / f"{name}-{digest}.npz"

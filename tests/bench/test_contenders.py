@@ -1,4 +1,4 @@
-"""Bench contenders and runner on a tiny LM (fast); the real bench is `lowbit bench`."""
+"""Bench contenders and runner on a tiny LM (fast); the real bench is `lowbit-bench run`."""
 
 from __future__ import annotations
 
