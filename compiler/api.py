@@ -46,9 +46,8 @@ import onnx_ir as ir
 import lowbit
 from lowbit.compiler import report as report_mod
 from lowbit.core.context import CalibrationData, CompileContext
-from lowbit.files.fsutil import check_model_output, file_output_names, normalized, recover_around
+from lowbit.files.fsutil import CONFIG_SUFFIX, check_model_output, file_output_names, normalized, recover_around
 from lowbit.core.model_checks import check_onnx_graph
-from lowbit.files.fsutil import CONFIG_SUFFIX
 from lowbit.ort.ort_format import write_ort_format
 from lowbit.compiler.pipeline import PipelineOptions, run_pipeline
 from lowbit.core.recipe import Recipe, load_recipe

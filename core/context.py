@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.core.analyses import Analyses, Key
+from lowbit.core.analyses import Analyses
 from lowbit.core.linear_sites import LINEAR_SITES, LinearSiteMap, find_linear_sites
 from lowbit.core.model_checks import check_ir_external_data, check_token_ids, ir_vocab_limits
 from lowbit.core.float_types import check_float_types

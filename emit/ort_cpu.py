@@ -60,13 +60,14 @@ from lowbit.runtime_ext import (
     pack_matmul_weight,
 )
 from lowbit.runtime_ext.packing import Packed
+from lowbit.runtime_ext.reference import FORMATS as REFERENCE_FORMATS
 
 __all__ = ["KERNEL_FORMATS", "EmbeddingTable", "FindEmbeddingsPass", "LowerOrtCpuPass",
            "attach_fallbacks", "kernel_reason"]
 
 logger = logging.getLogger(__name__)
 
-KERNEL_FORMATS = ("dint4", "nvfp4", "int4", "mxfp4")
+KERNEL_FORMATS = REFERENCE_FORMATS  # the 4-bit formats the native kernels implement (runtime_ext)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
