@@ -13,6 +13,8 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from lowbit import formats
+
 __all__ = ["activation_qparams", "cluster_ranges"]
 
 
@@ -31,17 +33,17 @@ def activation_qparams(stats, spec, round_scale: Callable[[np.ndarray], np.ndarr
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     axis = -1 if spec.granularity == "per_channel" else None
     if spec.format == "fp8_e4m3":
-        scale = np.maximum(-lo, hi) / 448.0
+        scale = np.maximum(-lo, hi) / formats.get_format("fp8_e4m3").max_value
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         return scale, np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), axis
     round_scale = round_scale or (lambda s: s)
     if spec.symmetric:
-        qmax, dtype = {"int4": (7.0, ml_dtypes.int4), "int16": (32767.0, np.int16)}.get(spec.format, (127.0, np.int8))
-        scale = np.maximum(-lo, hi) / qmax
+        _, qmax, dtype = formats.integer_codes(spec.format, signed=True)
+        scale = np.maximum(-lo, hi) / float(qmax)
         scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
         return scale, np.zeros(scale.shape, dtype), axis
-    qmax, dtype = (65535.0, np.uint16) if spec.format == "int16" else (255.0, np.uint8)
-    scale = (hi - lo) / qmax
+    _, qmax, dtype = formats.integer_codes(spec.format, signed=False)
+    scale = (hi - lo) / float(qmax)
     scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
     zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(dtype)
     return scale, zp, axis

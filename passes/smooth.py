@@ -68,9 +68,7 @@ def fake_quantize_activations(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, asp
 def _fake_weights(w_kn: np.ndarray, wspec) -> np.ndarray:
     if wspec.format == "none":
         return w_kn
-    block = wspec.block_size or None
-    if wspec.format in ("nvfp4", "mxfp4", "mxfp8") and block is None:
-        block = 16 if wspec.format == "nvfp4" else 32
+    block = formats.get_format(wspec.format).block_size(wspec.block_size)
     element = formats.get_format(wspec.format).element
     if wspec.symmetric and isinstance(element, (IntElement, DintElement)):
         # OPTQ's compiled round-to-nearest: equal to fake_quantize (tests/encode/test_optq.py),
