@@ -42,7 +42,7 @@ from lowbit.core.pass_base import LowbitPass
 from lowbit.core.statistics import ACTIVATION_STATS
 from lowbit.errors import LowbitError
 from lowbit.emit.qdq import ensure_opset
-from lowbit.core.initializers import SCALE_FLOOR, add_initializer
+from lowbit.core.initializers import SCALE_FLOOR, add_initializer, code_dtype
 from lowbit.core.kv_sites import KvInput, broadcast_shape, kv_inputs
 from lowbit.formats import integer_codes
 
@@ -53,9 +53,9 @@ logger = logging.getLogger(__name__)
 
 def _codes(fmt: str) -> tuple[tuple[type, int, int], tuple[type, int]]:
     """((symmetric code dtype, qmin, qmax), (asymmetric code dtype, qmax)) of a kv.format."""
-    lo, hi, dtype = integer_codes(fmt, signed=True)
-    _, umax, udtype = integer_codes(fmt, signed=False)
-    return (dtype, lo, hi), (udtype, umax)
+    lo, hi = integer_codes(fmt, signed=True)
+    _, umax = integer_codes(fmt, signed=False)
+    return (code_dtype(fmt, True), lo, hi), (code_dtype(fmt, False), umax)
 
 
 def kv_range(channel_stats, spec) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from lowbit import formats
+from lowbit.core.initializers import code_dtype
 
 __all__ = ["activation_qparams", "cluster_ranges"]
 
@@ -38,11 +39,13 @@ def activation_qparams(stats, spec, round_scale: Callable[[np.ndarray], np.ndarr
         return scale, np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), axis
     round_scale = round_scale or (lambda s: s)
     if spec.symmetric:
-        _, qmax, dtype = formats.integer_codes(spec.format, signed=True)
+        _, qmax = formats.integer_codes(spec.format, signed=True)
+        dtype = code_dtype(spec.format, signed=True)
         scale = np.maximum(-lo, hi) / float(qmax)
         scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
         return scale, np.zeros(scale.shape, dtype), axis
-    _, qmax, dtype = formats.integer_codes(spec.format, signed=False)
+    _, qmax = formats.integer_codes(spec.format, signed=False)
+    dtype = code_dtype(spec.format, signed=False)
     scale = (hi - lo) / float(qmax)
     scale = round_scale(np.where(scale > 0, scale, 1.0).astype(np.float32))
     zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(dtype)

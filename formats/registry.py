@@ -125,17 +125,14 @@ def code_table(fmt: str | ScaledFormat) -> np.ndarray:
     return get_format(fmt).element.code_table()
 
 
-def integer_codes(name: str, signed: bool = True) -> tuple[int, int, type]:
-    """(lowest code, highest code, numpy/ml_dtypes storage type) of an integer activation or
-    weight format ``int4`` / ``int8`` / ``int16``: signed two's complement, or unsigned codes
-    with a zero point (``signed=False``)."""
-    import ml_dtypes
+_INTEGER_BITS = {"int4": 4, "int8": 8, "int16": 16}
 
-    bits = {"int4": 4, "int8": 8, "int16": 16}.get(name)
+
+def integer_codes(name: str, signed: bool = True) -> tuple[int, int]:
+    """(lowest, highest code) of an integer activation or K/V format ``int4`` / ``int8`` /
+    ``int16``: signed two's complement, or unsigned codes with a zero point (``signed=False``).
+    How the codes are stored in a graph is the emitters' business (``core.initializers``)."""
+    bits = _INTEGER_BITS.get(name)
     if bits is None:
-        raise LowbitError(f"{name!r} is not an integer code format (int4, int8, int16)")
-    if signed:
-        dtype = {4: ml_dtypes.int4, 8: np.int8, 16: np.int16}[bits]
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1, dtype
-    dtype = {4: ml_dtypes.uint4, 8: np.uint8, 16: np.uint16}[bits]
-    return 0, (1 << bits) - 1, dtype
+        raise LowbitError(f"{name!r} is not an integer code format ({', '.join(_INTEGER_BITS)})")
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)

@@ -60,7 +60,7 @@ def fake_quantize_activations(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, asp
     scale, zp, _ = activation_qparams(stats, aspec)
     if aspec.format == "fp8_e4m3":
         return formats.cast(x / scale, "fp8_e4m3") * scale
-    q_lo, q_hi, _ = formats.integer_codes(aspec.format, signed=aspec.symmetric)
+    q_lo, q_hi = formats.integer_codes(aspec.format, signed=aspec.symmetric)
     zp = zp.astype(np.float32)
     return (np.clip(np.rint(x / scale) + zp, q_lo, q_hi) - zp) * scale
 

@@ -46,3 +46,33 @@ def test_unknown_name():
         get_format("bf16")
     with pytest.raises(LowbitError, match="known formats"):
         code_table("int1")
+
+
+@pytest.mark.parametrize("name", ["int4", "int8", "int16"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_integer_code_ranges_match_the_storage_types(name, signed):
+    """formats' code ranges against ml_dtypes' own (the oracle), for the types emitters store."""
+    import ml_dtypes
+
+    from lowbit.core.initializers import code_dtype
+    from lowbit.formats import integer_codes
+
+    info = ml_dtypes.iinfo(code_dtype(name, signed))
+    assert integer_codes(name, signed) == (int(info.min), int(info.max))
+
+
+def test_integer_codes_refuse_other_formats():
+    from lowbit.formats import integer_codes
+
+    with pytest.raises(LowbitError, match="'dint4' is not an integer code format"):
+        integer_codes("dint4")
+
+
+@pytest.mark.parametrize("name, half_steps, block", [
+    ("dint4", True, None), ("dint8", False, None), ("int4", False, None), ("fp4_e2m1", True, None),
+    ("nvfp4", True, 16), ("mxfp4", True, 32), ("mxfp8", False, 32), ("fp8_e4m3", False, None),
+])  # fmt: skip
+def test_storage_rule_and_default_blocks(name, half_steps, block):
+    fmt = get_format(name)
+    assert fmt.half_step_storage is half_steps
+    assert fmt.block_size(0) == block and fmt.block_size(64) == 64
