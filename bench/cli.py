@@ -1,8 +1,8 @@
 """``lowbit-bench`` (also ``python -m lowbit.bench``): the measurement commands, kept out of the
 product's ``lowbit`` command so that nothing in the product imports ``lowbit.bench``.
 
-Commands: ``run`` (every contender side by side -> ``bench/RESULTS.md``) and ``demo`` (what
-``make demo`` runs). Errors, signals and scratch files behave exactly as in ``lowbit``.
+Commands: ``run`` (every contender side by side -> ``bench/RESULTS.md``), ``demo`` (what
+``make demo`` runs) and ``compile-time`` (-> ``bench/COMPILE_TIME.md``). Errors, signals and scratch files behave exactly as in ``lowbit``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lowbit.bench.cli_bench", "measure lowbit and its peers side by side (writes bench/RESULTS.md)"),
     "demo": ("lowbit.bench.demo", "export -> compile -> evaluate SmolLM2-135M, print a table"),
+    "compile-time": ("lowbit.bench.compile_time", "lowbit's compile time against ORT quantize_static, back to back (bench/COMPILE_TIME.md)"),
 }
 
 

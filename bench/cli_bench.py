@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "run", "DEFAULT_OUTPUT"]
+__all__ = ["add_arguments", "check_report_path", "run", "DEFAULT_OUTPUT"]
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -31,6 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-text", metavar="FILE", help="evaluate on this UTF-8 text instead of the pydoc split")
 
 
+def check_report_path(out: Path) -> None:
+    """A report file lowbit-bench may write (atomically): a writable parent, and nothing but a
+    regular file (or a link, which is replaced, not followed) at the path."""
+    from lowbit.errors import LowbitError
+    from lowbit.files.fsutil import check_writable_parent
+
+    check_writable_parent(out)
+    if os.path.lexists(out) and not out.is_symlink() and not out.is_file():
+        raise LowbitError(f"-o {out} exists and is not a regular file (a directory, device or pipe): "
+                          "the report is a file, name a new one")  # fmt: skip
+
+
 def _split(value: str | None) -> list[str] | None:
     """None when the option is absent (= all); ``--sections ,`` gives [] (an error, not "all")."""
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
@@ -39,16 +51,13 @@ def _split(value: str | None) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.bench.contenders import CONTENDERS
     from lowbit.bench.runner import SECTIONS, BenchConfig, run_bench
-    from lowbit.files.fsutil import atomic_path, check_writable_parent
+    from lowbit.files.fsutil import atomic_path
     from lowbit.errors import LowbitError
     from lowbit.models.data import check_text_file
 
     # Validate everything now, not after twenty minutes of measuring.
     out = Path(args.output)
-    check_writable_parent(out)
-    if os.path.lexists(out) and not out.is_symlink() and not out.is_file():  # a link is replaced, not followed
-        raise LowbitError(f"-o {out} exists and is not a regular file (a directory, device or pipe): "
-                          "the report is a file, name a new one")  # fmt: skip
+    check_report_path(out)
     contenders, sections = _split(args.contenders), _split(args.sections)
     for kind, names, known in (("contender", contenders, CONTENDERS), ("section", sections, SECTIONS)):
         if names == []:

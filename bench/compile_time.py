@@ -2,7 +2,7 @@
 calibration windows, measured back to back, alternating which goes first, and written to
 bench/COMPILE_TIME.md with lowbit's per-pass seconds and its observation-run counts.
 
-``python -m lowbit.bench.compile_time [--recipe w4a8-dint4] [--rounds 2]``. Both tools get the
+``lowbit-bench compile-time [--recipe w4a8-dint4] [--rounds 2] [-o FILE]``. Both tools get the
 recipe's ``calibration.windows`` windows of ``calibration.seq_len`` tokens from the calibration
 split; both times include writing the model. The load average is recorded at every build (two
 shared cores: read the ratio of each round, not the absolute seconds).
@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 from lowbit.bench.contender import BuildContext
-from lowbit.bench.peers import _ort_w8a8
 from lowbit.bench.runner import machine_line
 
-__all__ = ["main", "measure"]
+__all__ = ["DEFAULT_OUTPUT", "add_arguments", "measure", "run"]
 
 log = logging.getLogger(__name__)
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "COMPILE_TIME.md"
@@ -37,9 +36,11 @@ def _lowbit(fp32_dir: Path, recipe: str, windows: list, work: Path) -> tuple[flo
 
 
 def _ort(fp32_dir: Path, windows: list, work: Path) -> float:
+    from lowbit.bench.contenders import CONTENDERS
+
     ctx = BuildContext(feeds=tuple({"input_ids": w[None, :]} for w in windows), windows=windows, work_dir=work,
                        description="", peer_windows=len(windows))  # fmt: skip
-    return _ort_w8a8(fp32_dir, ctx)[1]
+    return CONTENDERS["ort-w8a8"].build(fp32_dir, ctx)[1]
 
 
 def measure(recipe: str, rounds: int) -> str:
@@ -69,7 +70,7 @@ def measure(recipe: str, rounds: int) -> str:
             rows.append((r + 1, " then ".join(order), times["lowbit"], times["ort"], loads))
     lines = [
         f"# Compile time: lowbit `{recipe}` vs ONNX Runtime `quantize_static`", "",
-        f"Command: `python -m lowbit.bench.compile_time --recipe {recipe} --rounds {rounds}`", "",
+        f"Command: `lowbit-bench compile-time --recipe {recipe} --rounds {rounds}`", "",
         f"Machine: {machine_line()}", "",
         f"SmolLM2-135M, {spec.windows} calibration windows x {spec.seq_len} tokens for both; ORT: QDQ W8A8 "
         "(MatMul/Gemm, MinMax, per-channel weights); times include writing the model.", "",
@@ -86,21 +87,27 @@ def measure(recipe: str, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="w4a8-dint4")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    text = measure(args.recipe, args.rounds)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="w4a8-dint4", help="lowbit recipe to time (default w4a8-dint4)")
+    parser.add_argument("--rounds", type=int, default=2, help="back-to-back rounds, alternating order (default 2)")
+    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), metavar="FILE",
+                        help=f"report to write (default {DEFAULT_OUTPUT})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.bench.cli_bench import check_report_path
+    from lowbit.core.recipe import load_recipe
+    from lowbit.errors import LowbitError
     from lowbit.files.fsutil import atomic_path
 
-    with atomic_path(Path(args.output)) as tmp:
+    # everything checkable is checked now, not after minutes of compiling
+    out = Path(args.output)
+    check_report_path(out)
+    load_recipe(args.recipe)
+    if args.rounds < 1:
+        raise LowbitError(f"--rounds must be >= 1, got {args.rounds}")
+    text = measure(args.recipe, args.rounds)
+    with atomic_path(out) as tmp:
         tmp.write_text(text)
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -137,10 +137,22 @@ def test_bench_errors(workdir, args, fragment):
     assert_no_leftovers(workdir, before)
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--recipe", "nope", "-o", "T.md"], "unknown recipe 'nope'"),
+    (["--rounds", "0", "-o", "T.md"], "--rounds must be >= 1, got 0"),
+    (["-o", "nonexistent/T.md"], "does not exist"),
+    (["-o", "."], "exists and is not a regular file"),
+])  # fmt: skip
+def test_compile_time_bench_errors_before_measuring(workdir, args, fragment):
+    before = {p.name for p in workdir.iterdir()}
+    assert_user_error(lowbit("compile-time", *args, cwd=workdir, module="lowbit.bench"), fragment)
+    assert_no_leftovers(workdir, before)
+
+
 def test_help_works_everywhere(workdir):
     for cmd in ("export", "eval", "compile"):
         proc = lowbit(cmd, "--help", cwd=workdir)
         assert proc.returncode == 0 and "usage: lowbit" in proc.stdout
-    for cmd in ("run", "demo"):
+    for cmd in ("run", "demo", "compile-time"):
         proc = lowbit(cmd, "--help", cwd=workdir, module="lowbit.bench")
         assert proc.returncode == 0 and f"usage: lowbit-bench {cmd}" in proc.stdout
