@@ -151,13 +151,20 @@ def _random_cases(n: int, seed: int):
     return out
 
 
-def test_bad_inputs_raise_clear_errors_without_crashing(native_lib):
-    cases = FIXED + _random_cases(60, seed=11)
-    proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps([c for c, _ in cases]),
+def _run_in_child(cases: list[dict]) -> list[str]:
+    """One outcome line per case from a child process (a crash kills the child, not the suite);
+    the child must survive every case."""
+    proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(cases),
                           capture_output=True, text=True, timeout=300)
     lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
     assert proc.returncode == 0, f"child died after {len(lines)} cases: {proc.stderr[-1500:]}"
     assert len(lines) == len(cases)
+    return lines
+
+
+def test_bad_inputs_raise_clear_errors_without_crashing(native_lib):
+    cases = FIXED + _random_cases(60, seed=11)
+    lines = _run_in_child([c for c, _ in cases])
     for (case, want), got in zip(cases, lines):
         assert want in got, f"{case}: expected {want!r}, got {got!r}"
         if got.startswith("err"):
@@ -188,10 +195,6 @@ def test_special_values_in_every_float_input_never_crash(native_lib):
     cases = FIXED + _random_cases(30, seed=12)
     runs = [({**c, "fill": f}, _expected_with_fill(c, want, f)) for f in SPECIAL_FILLS
             for c, want in cases]
-    proc = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps([c for c, _ in runs]),
-                          capture_output=True, text=True, timeout=300)
-    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
-    assert proc.returncode == 0, f"child died after {len(lines)} cases: {proc.stderr[-1500:]}"
-    assert len(lines) == len(runs)
+    lines = _run_in_child([c for c, _ in runs])
     for (case, want), got in zip(runs, lines):
         assert want in got, f"fill {case['fill']}: {case}: expected {want!r}, got {got!r}"
