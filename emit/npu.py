@@ -41,9 +41,10 @@ from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
 from lowbit.encode.activations import activation_qparams
 from lowbit.emit.qdq import ensure_opset, quantizable_groups, stored_codes
+from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.statistics import ACTIVATION_STATS
 from lowbit.passes.reorder import ACT_CLUSTERS
-from lowbit.encode.weights import encode_weights, power_of_two, transposed
+from lowbit.encode.weights import power_of_two, transposed
 from lowbit.core.folding import weight_kn
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import LinearSite
@@ -87,7 +88,7 @@ class EmitNpuPass(LowbitPass):
         ensure_opset(model, 21)  # INT4 and 16-bit Q/DQ
         stats = self.ctx.analyses.get(ACTIVATION_STATS) if recipe.activations.format != "none" else None
         clusters = (self.ctx.analyses.find(ACT_CLUSTERS) or {}) if stats is not None else {}
-        self.encodings = encode_weights(self.ctx) if recipe.weights.format != "none" else {}
+        self.encodings = self.ctx.analyses.get(WEIGHT_ENCODINGS) if recipe.weights.format != "none" else {}
         count = 0
         for group in quantizable_groups(self.ctx):
             x = group[0].input

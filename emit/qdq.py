@@ -40,8 +40,8 @@ from lowbit.encode.activations import activation_qparams, cluster_ranges
 from lowbit.errors import LowbitError
 from lowbit.emit.dynamic_act import dynamic_group_nodes, group_qmax
 from lowbit.emit.ort_cpu import KEPT_QDQ, kernel_reason
+from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.statistics import ACTIVATION_STATS
-from lowbit.encode.weights import encode_weights
 from lowbit.passes.reorder import ACT_CLUSTERS
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import LinearSite, selected_sites
@@ -164,7 +164,7 @@ class EmitQDQPass(LowbitPass):
         graph, count = model.graph, 0
         site_report = self.ctx.report["sites"]
         weights = wspec.format != "none" and not recipe.precision.enabled  # FGMP emits its own
-        encodings = encode_weights(self.ctx) if weights else {}
+        encodings = self.ctx.analyses.get(WEIGHT_ENCODINGS) if weights else {}  # EncodeWeightsPass
         for chosen in quantizable_groups(self.ctx):
             if stats is not None:
                 self._quantize_input(graph, chosen, stats)

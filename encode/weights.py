@@ -73,11 +73,8 @@ def _rtn(ctx: CompileContext, site: LinearSite) -> formats.Encoded:
 
 
 def encode_weights(ctx: CompileContext) -> dict[str, formats.Encoded]:
-    """Complete ``ctx``'s ``weight_encodings`` for every selected site; returns it.
-
-    Idempotent: sites already encoded are kept, so emitters call it to get the analysis whether or
-    not :class:`EncodeWeightsPass` ran (then it only looks the sites up).
-    """
+    """Complete ``ctx``'s ``weight_encodings`` for every selected site (sites an earlier rounding
+    pass encoded keep their encoding); returns it."""
     recipe = ctx.recipe
     encodings = ctx.analyses.find(WEIGHT_ENCODINGS) or {}
     if recipe.weights.format == "none" or recipe.precision.enabled:

@@ -18,6 +18,7 @@ from lowbit.core.context import CompileContext
 from lowbit.core.recipe import load_recipe
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.emit.qdq import EmitQDQPass, ensure_opset
+from lowbit.encode.weights import EncodeWeightsPass
 
 CASES = [  # (format, block_size, symmetric)
     ("int8", 0, True), ("int8", 0, False), ("int4", 16, True), ("int4", 0, True), ("int4", 16, False),
@@ -33,6 +34,7 @@ def _weights_only(fmt: str, block: int, symmetric: bool, target: str = "qdq"):
                                 f"weights.symmetric={'true' if symmetric else 'false'}", f"target={target}"])  # fmt: skip
     ctx = CompileContext(model, recipe)
     sites = list(ctx.sites)
+    EncodeWeightsPass(ctx)(model)
     EmitQDQPass(ctx)(model)
     return model, sites, originals
 

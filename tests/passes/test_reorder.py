@@ -18,6 +18,7 @@ from lowbit.ort.observe import ObservePass
 from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
 from lowbit.emit.qdq import EmitQDQPass
+from lowbit.encode.weights import EncodeWeightsPass
 from lowbit.core.folding import FoldTarget, producer_permutation
 from lowbit.passes.reorder import ReorderPass, cluster_channels, head_local_order
 from lowbit.passes.reorder import ACT_CLUSTERS
@@ -78,6 +79,7 @@ def test_clusters_are_contiguous_and_stats_follow_the_permutation(token_windows)
 
 def test_emitted_activation_scales_are_constant_within_each_cluster(token_windows):
     model, ctx, reference, _ = _reordered("rms", "fused", token_windows)
+    EncodeWeightsPass(ctx)(model)
     EmitQDQPass(ctx)(model)
     clusters = ctx.analyses.get(ACT_CLUSTERS)
     checked = 0
