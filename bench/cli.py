@@ -2,7 +2,9 @@
 product's ``lowbit`` command so that nothing in the product imports ``lowbit.bench``.
 
 Commands: ``run`` (every contender side by side -> ``bench/RESULTS.md``), ``demo`` (what
-``make demo`` runs) and ``compile-time`` (-> ``bench/COMPILE_TIME.md``). Errors, signals and scratch files behave exactly as in ``lowbit``.
+``make demo`` runs), ``compile-time`` (-> ``bench/COMPILE_TIME.md``) and ``synth`` (a
+real-shaped synthetic decoder for scale tests, :mod:`lowbit.models.synthetic_llm`). Errors,
+signals and scratch files behave exactly as in ``lowbit``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lowbit.bench.cli_bench", "measure lowbit and its peers side by side (writes bench/RESULTS.md)"),
     "demo": ("lowbit.bench.demo", "export -> compile -> evaluate SmolLM2-135M, print a table"),
     "compile-time": ("lowbit.bench.compile_time", "lowbit's compile time against ORT quantize_static, back to back (bench/COMPILE_TIME.md)"),
+    "synth": ("lowbit.models.synthetic_llm", "write a real-shaped synthetic decoder (Llama / Qwen2 shapes) to a new directory"),
 }
 
 

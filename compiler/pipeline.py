@@ -23,10 +23,14 @@ from lowbit.core.context import CompileContext
 from lowbit.ort.session import run_on_tokens
 from lowbit.errors import LowbitError
 from lowbit.core.recipe import Recipe
+from lowbit.compiler.blockwise import BlockwisePass
+from lowbit.ort import observe as observation
 from lowbit.ort.observe import Accumulator, ObservePass
+from lowbit.ort.segments import model_weight_bytes
 from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.capture import CaptureAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
+from lowbit.passes.opset import output_opset
 from lowbit.emit.mixed import EmitMixedWeightsPass
 from lowbit.emit.npu import EmitNpuPass
 from lowbit.emit.qdq import EmitQDQPass
@@ -159,7 +163,9 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
     every combination reaching here is one the passes implement)."""
     recipe = ctx.recipe
     fgmp = recipe.precision.enabled
-    steps: list[ir.passes.PassBase] = list(canonicalize_passes())
+    # the output's default-domain opset, decided here once: canonicalization converts the model to
+    # it before any pass reads an op, and every emitter writes its nodes in that opset
+    steps: list[ir.passes.PassBase] = list(canonicalize_passes(target_opset=output_opset(recipe.target), report=ctx.report))
     accumulators = observers(recipe)
     if accumulators:  # the one run over the calibration windows (lowbit.ort.observe)
         steps.append(ObservePass(ctx, accumulators))
@@ -193,7 +199,24 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
         if recipe.reorder.clusters:
             steps.append(FuseReorderNormPass())  # RPTQ Gather + norm -> ReorderNorm
     steps.append(RemoveUnusedNodesPass())  # the float weights the codes replaced
-    return steps
+    return _blockwise(ctx, steps)
+
+
+def _blockwise(ctx: CompileContext, steps: list[ir.passes.PassBase]) -> list[ir.passes.PassBase]:
+    """A model too large to run whole (``WHOLE_MODEL_BYTES``) whose per-site passes all work
+    block by block is compiled block by block (:mod:`lowbit.compiler.blockwise`); otherwise the
+    steps stay as they are (a recipe with a model-wide step, e.g. FGMP's global budget, then
+    holds the whole model's statistics: logged)."""
+    observing = [i for i, p in enumerate(steps) if isinstance(p, ObservePass)]
+    if not observing or model_weight_bytes(ctx.model) <= observation.WHOLE_MODEL_BYTES:
+        return steps
+    first = observing[0]
+    inner = steps[first + 1:-1]  # up to the final dead-code removal
+    if not inner or not all(getattr(p, "BLOCKWISE", False) for p in inner):
+        logger.warning("%s cannot run block by block (%s): its memory grows with the model", ctx.recipe.name,
+                       ", ".join(type(p).__name__ for p in inner if not getattr(p, "BLOCKWISE", False)))  # fmt: skip
+        return steps
+    return [*steps[:first], BlockwisePass(ctx, steps[first].accumulators, inner), steps[-1]]
 
 
 def preserves_function(p: ir.passes.PassBase) -> bool:

@@ -62,7 +62,11 @@ class CompileContext:
         self.report: dict[str, Any] = {"recipe": recipe.to_dict(), "passes": [], "sites": {}}
         self.analyses = Analyses()
         self.analyses.register(LINEAR_SITES, lambda: find_linear_sites(self.model.graph))
+        # the nodes of the block a block-wise compile processes now (None: the whole model)
+        self.scope: set[ir.Node] | None = None
 
     @property
     def sites(self) -> LinearSiteMap:
-        return self.analyses.get(LINEAR_SITES)
+        """The linear sites of the model, or of the current block when ``scope`` is set."""
+        sites = self.analyses.get(LINEAR_SITES)
+        return sites if self.scope is None else sites.restricted(self.scope)

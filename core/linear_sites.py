@@ -144,6 +144,17 @@ class LinearSiteMap:
     def __iter__(self):
         return iter(self.sites)
 
+    def restricted(self, nodes: set[ir.Node]) -> LinearSiteMap:
+        """The sites whose node is in ``nodes`` (one block of a block-wise compile); feeders and
+        skipped sites as found in the whole graph."""
+        view = LinearSiteMap.__new__(LinearSiteMap)
+        view.sites = [s for s in self.sites if s.node in nodes]
+        view.skipped = self.skipped
+        view.by_node = {id(s.node): s for s in view.sites}
+        view.groups = {k: [s for s in g if s.node in nodes] for k, g in self.groups.items()}
+        view.groups = {k: g for k, g in view.groups.items() if g}
+        return view
+
     def input_groups(self) -> list[list[LinearSite]]:
         """Sites grouped by shared activation input, in graph order."""
         return list(self.groups.values())

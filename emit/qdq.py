@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 def ensure_opset(model: ir.Model, version: int) -> None:
     current = model.opset_imports.get("", 1)
+    if current < 18 <= version:  # renumbering would leave old-form ops (ReduceMean's axes attribute)
+        raise LowbitError(f"the model has opset {current}: convert it to {version} first "
+                          "(lowbit.passes.opset.UpgradeOpsetPass, the first canonicalization pass)")
     if current < version:
         model.opset_imports[""] = version
         model.graph.opset_imports[""] = version
@@ -153,6 +156,7 @@ class EmitQDQPass(LowbitPass):
     """Quantize every selected linear site's weight (and input) as the recipe says."""
 
     PRESERVES_FUNCTION = False
+    BLOCKWISE = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe

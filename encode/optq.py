@@ -100,22 +100,24 @@ def _row_scales(rows: np.ndarray, fmt: str, scale_method: str) -> np.ndarray:
     return formats.choose_scale(w, fmt, axis=1, block_size=None, scale_method=scale_method).scale.reshape(p, n)
 
 
-def _prepare(w_kn: np.ndarray, hessian: np.ndarray, damp: float, order: bool, w_out: np.ndarray,
-             u_out: np.ndarray) -> np.ndarray:
-    """Write one problem's permuted float64 weights and inverse-Hessian factor into the batch's
-    arrays; returns the permutation."""
+def _factor(hessian: np.ndarray, damp: float, order: bool, u_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Write one problem's inverse-Hessian factor into ``u_out``; returns the input-channel order
+    (by decreasing H_jj with ``order``) and which channels are dead (H_jj <= 0), in that order."""
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if order else None
-    if perm is None:
-        w_out[...] = w_kn  # (K, N): row j is input channel j
-    else:
-        w_out[...] = w_kn[perm]
+    perm = np.argsort(-np.diag(h), kind="stable") if order else np.arange(len(h))
+    if order:
         h, dead = h[np.ix_(perm, perm)], dead[perm]
-    w_out[dead, :] = 0.0
     _inverse_hessian_factor(h, damp, u_out)
-    return np.arange(len(h)) if perm is None else perm
+    return perm, dead
+
+
+def _columns(w_kn: np.ndarray, perm: np.ndarray, dead: np.ndarray, cols: slice, out: np.ndarray) -> None:
+    """Write the problem's float64 weights of output columns ``cols`` (rows in ``perm`` order, dead
+    rows zero) into ``out``."""
+    out[...] = w_kn[perm, cols]
+    out[dead, :] = 0.0
 
 
 def optq_round_batch(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str, block: int | None, *,
@@ -132,12 +134,27 @@ def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str,
     tr(D^T H_damped D) comes free from the loop: it is the sum over steps of the squared scaled
     errors ((w_j - q_j) / U_jj)^2 (the Cholesky form of GPTQ's objective)."""
     n_prob, (k, n) = len(weights), weights[0].shape
-    w = np.empty((n_prob, k, n))  # float64, error-compensated in place
     u = np.empty((n_prob, k, k))
+    # output columns round independently given H: a wide problem (a vocabulary-sized head) is
+    # stepped in slices of columns, so its float64 copy stays within the batch budget
+    width = max(1, min(n, _BATCH_BYTES // (8 * k * n_prob)))
     with ThreadPoolExecutor(_THREADS) as pool:  # LAPACK and BLAS release the GIL
-        perms = list(pool.map(lambda p: _prepare(weights[p], hessians[p], damp, act_order and block is None, w[p], u[p]),
-                              range(n_prob)))  # fmt: skip
-        return _optq_steps(w, u, perms, fmt, block, scale_method, pool)
+        order = act_order and block is None
+        factored = list(pool.map(lambda p: _factor(hessians[p], damp, order, u[p]), range(n_prob)))
+        perms = [perm for perm, _ in factored]
+        parts = []
+        for c0 in range(0, n, width):
+            cols = slice(c0, min(c0 + width, n))
+            w = np.empty((n_prob, k, cols.stop - c0))  # float64, error-compensated in place
+            for p, (perm, dead) in enumerate(factored):
+                _columns(weights[p], perm, dead, cols, w[p])
+            parts.append(_optq_steps(w, u, perms, fmt, block, scale_method, pool))
+            del w
+    if len(parts) == 1:
+        return parts[0]
+    # per problem: codes (K, N) and scales (blocks, N) side by side, proxy errors (N,) end to end
+    return [(np.concatenate([part[p][0] for part in parts], axis=1), np.concatenate([part[p][1] for part in parts], axis=1),
+             np.concatenate([part[p][2] for part in parts])) for p in range(n_prob)]  # fmt: skip
 
 
 def _optq_steps(w: np.ndarray, u: np.ndarray, perms: list[np.ndarray], fmt: str, block: int | None,
@@ -186,7 +203,7 @@ def _proxy_errors(w: np.ndarray, q: np.ndarray, h: np.ndarray, damp: float) -> n
     """tr(D^T H_damped D) of each output column, D = W - Q, with OPTQ's damping (float32 products:
     a report figure)."""
     d = (w - q).astype(np.float32)
-    dead = np.diag(h) <= 0  # as OPTQ's _prepare: dead channels carry no error
+    dead = np.diag(h) <= 0  # as OPTQ's _factor: dead channels carry no error
     d[dead] = 0.0
     lam = damp * float(np.mean(np.where(dead, 1.0, np.diag(h))))
     quadratic = np.einsum("kn,kn->n", d, h.astype(np.float32) @ d, dtype=np.float64)
@@ -199,6 +216,7 @@ class OptqPass(LowbitPass):
     REQUIRES = (SITE_CAPTURE,)
     ENSURES = (WEIGHT_ENCODINGS,)
     PRESERVES_FUNCTION = True  # analysis only: the graph is not edited
+    BLOCKWISE = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
@@ -207,20 +225,26 @@ class OptqPass(LowbitPass):
         by_shape: dict[tuple[int, int], list[list]] = defaultdict(list)
         for group in self.ctx.sites.input_groups():
             sites = selected_sites(group, recipe.sites.exclude)
-            if sites and group[0].input.name in captures:
-                w = np.concatenate([weight_kn(s) for s in sites], axis=1)
-                by_shape[w.shape].append([sites, w, captures[group[0].input.name].hessian])
+            if sites and group[0].input.name in captures:  # weights are read batch by batch
+                shape = (sites[0].in_features, sum(s.out_features for s in sites))
+                by_shape[shape].append([sites, None, captures[group[0].input.name].hessian])
         batches = []
         for (k, n), problems in by_shape.items():
             size = max(1, _BATCH_BYTES // (8 * k * n))
             batches += [problems[i:i + size] for i in range(0, len(problems), size)]
-        encodings, report = {}, {}
+        # a block-wise compile calls the pass once per block: earlier blocks' entries stay
+        encodings = self.ctx.analyses.find(WEIGHT_ENCODINGS) or {}
+        report = self.ctx.report.get("optq", {}).get("sites", {})
         # One BLAS thread: the factorizations and products here are small, and on a shared
         # 2-core machine OpenBLAS's threads made this pass 3x slower (211 s vs 68 s, SmolLM2).
         with tqdm(total=sum(len(b) for b in batches), desc="OPTQ", unit="group", leave=False, disable=None) as bar, \
                 threadpool_limits(1, user_api="blas"):
             for batch in batches:
+                for problem in batch:
+                    problem[1] = np.concatenate([weight_kn(s) for s in problem[0]], axis=1)
                 self._round(batch, encodings, report)
+                for problem in batch:
+                    problem[1] = None  # at most one batch of weights in memory
                 bar.update(len(batch))
         self.ctx.analyses.put(WEIGHT_ENCODINGS, encodings)
         gains = [r["rtn_proxy_error"] / r["optq_proxy_error"] for r in report.values() if r["optq_proxy_error"] > 0]

@@ -92,6 +92,7 @@ class EncodeWeightsPass(LowbitPass):
 
     ENSURES = (WEIGHT_ENCODINGS,)
     PRESERVES_FUNCTION = True
+    BLOCKWISE = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = len(self.ctx.analyses.find(WEIGHT_ENCODINGS) or {})

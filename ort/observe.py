@@ -21,13 +21,16 @@ whole-model session, so that a model too large for one session can later be run 
 called for every window before the next is built, and yields the taps it computes; accumulators
 key their state by tap name and must not assume that all their taps of one window arrive in one
 call. :class:`WholeModel` (one session, the taps as its only outputs, so ORT skips every node that
-feeds only the logits, e.g. a tied lm_head) is the only runner today.
+feeds only the logits, e.g. a tied lm_head) runs a model whose weights fit :data:`WHOLE_MODEL_BYTES`;
+a larger one is run by :class:`lowbit.ort.segments.Segmented`, one residual-stream segment of at
+most :data:`SEGMENT_BYTES` of weights at a time, so ONNX Runtime never holds the whole model. Both
+give every accumulator the same values (tests compare them).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,11 +43,16 @@ from lowbit.core.context import CompileContext
 from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
 from lowbit.ort.feeds import build_feeds
+from lowbit.ort.segments import Segmented, model_weight_bytes
 from lowbit.ort.session import ort_session
 
-__all__ = ["OBSERVATION_LOG", "Accumulator", "ObservePass", "SubgraphRun", "WholeModel", "Window", "WindowRunner", "observe"]
+__all__ = ["OBSERVATION_LOG", "SEGMENT_BYTES", "WHOLE_MODEL_BYTES", "Accumulator", "ObservePass", "SubgraphRun",
+           "WholeModel", "Window", "WindowRunner", "default_runner", "observe"]
 
 logger = logging.getLogger(__name__)
+
+WHOLE_MODEL_BYTES = 1 << 30  # weights up to this run in one session (SmolLM2: 540 MB)
+SEGMENT_BYTES = 256 << 20  # weights per segment of a larger model (a 1B decoder layer: 240 MB)
 
 OBSERVATION_LOG: Key[dict] = Key("observation_log", "observation runs, sessions and window runs so far, and why each extra run was needed")
 
@@ -88,6 +96,8 @@ class Accumulator(Protocol):
 class SubgraphRun(Protocol):
     """One piece of the model: the tapped values it computes for a window."""
 
+    nodes: list[ir.Node]  # the model's nodes this piece computes
+
     def __call__(self, window: Window) -> dict[str, np.ndarray]: ...
 
 
@@ -103,6 +113,7 @@ class _SessionRun:
     def __init__(self, model: ir.Model, taps: dict[str, ir.Value]) -> None:
         self.session = ort_session(model, taps.values(), outputs_only=True)
         self.names = list(taps)
+        self.nodes = list(model.graph)
 
     def __call__(self, window: Window) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(self.names, build_feeds(self.session, window.ids))))
@@ -118,11 +129,24 @@ class WholeModel:
         yield _SessionRun(model, taps)
 
 
+def default_runner(model: ir.Model) -> WindowRunner:
+    """One session for a model whose weights fit :data:`WHOLE_MODEL_BYTES`, else segments."""
+    if model_weight_bytes(model) <= WHOLE_MODEL_BYTES:
+        return WholeModel()
+    return Segmented(SEGMENT_BYTES)
+
+
 def observe(ctx: CompileContext, model: ir.Model, accumulators: Sequence[Accumulator], *,
-            why: str | None = None, runner: WindowRunner | None = None, desc: str = "observing") -> None:  # fmt: skip
+            why: str | None = None, runner: WindowRunner | None = None, desc: str = "observing",
+            after_each: Callable[[SubgraphRun], None] | None = None) -> None:  # fmt: skip
     """Run the calibration windows (and, when an accumulator wants them, the probe windows) once
     through ``model``, feed every accumulator, finish them and count the run. ``why`` is required
-    for every run after the first of a compile (module doc)."""
+    for every run after the first of a compile (module doc).
+
+    ``after_each`` (a block-wise compile): called after each subgraph run has seen every window,
+    once every accumulator has been finished on what it has seen so far -- the statistics of
+    every tap that run computed are complete then. The callback may edit the nodes of the run it
+    is given, never those of later runs."""
     data = ctx.calibration
     if data is None or not data.windows:
         raise LowbitError("this recipe calibrates (activation ranges, K/V ranges, smoothing, OPTQ or FGMP) and needs "
@@ -142,12 +166,15 @@ def observe(ctx: CompileContext, model: ir.Model, accumulators: Sequence[Accumul
     if any(acc.probes for acc in accumulators):
         for _, probe in sorted(data.probes.items()):
             windows += [Window(len(windows), ids, probe=True) for ids in probe]
-    runner = runner or WholeModel()
+    runner = runner or default_runner(model)
     # The accumulators' BLAS work (XᵀX) runs between ORT runs with BLAS's own threads: on an
     # otherwise idle 2-core machine (SmolLM2, 512 tokens, 121 input groups) XᵀX takes 0.35 s per
     # window with 2 threads and 0.76 s with 1. (On a machine shared with other jobs, 1 thread
     # measured faster: 0.94 vs 2.9 s; a compile is expected to have the machine to itself.)
+    blocks = None
     for run in runner.subgraphs(model, taps):
+        if blocks is None and getattr(runner, "segments", 0) > 1:  # known once the runner has split the model
+            blocks = tqdm(total=runner.segments, desc="blocks", unit="block", disable=None)
         for window in tqdm(windows, desc=desc, unit="window", leave=False, disable=None):
             values = run(window)
             for acc, names in zip(accumulators, wanted):
@@ -156,6 +183,14 @@ def observe(ctx: CompileContext, model: ir.Model, accumulators: Sequence[Accumul
                 mine = {n: values[n] for n in names if n in values}
                 if mine:
                     acc.add(window, mine)
+        if after_each is not None:
+            for acc in accumulators:
+                acc.finish(ctx)
+            after_each(run)
+        if blocks is not None:
+            blocks.update()
+    if blocks is not None:
+        blocks.close()
     for acc in accumulators:
         acc.finish(ctx)
     record["runs"] += 1

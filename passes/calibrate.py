@@ -63,6 +63,7 @@ class CalibrationAccumulator:
         self.kv_taps: dict = {}
         self.labels: dict[str, str] = {}
         self.probe_absmax: dict[str, dict[int, float]] = {}  # tap -> {probe length: absmax}
+        self.finished: set[str] = set()
 
     def taps(self, ctx: CompileContext) -> dict[str, ir.Value]:
         taps = calibration_taps(ctx)
@@ -74,6 +75,7 @@ class CalibrationAccumulator:
         self.labels = _tap_labels(ctx, taps)
         self.stats = ActivationStats(seq_len=int(np.shape(ctx.calibration.windows[0])[-1]))
         self.source = ctx.calibration.source
+        self.order = list(taps)
         return taps
 
     def add(self, window: Window, values: Mapping[str, np.ndarray]) -> None:
@@ -95,11 +97,18 @@ class CalibrationAccumulator:
 
     def finish(self, ctx: CompileContext) -> None:
         stats = self.stats
-        for name, s in stats.by_value.items():
-            stats.slac[name] = {stats.seq_len: float(s.absmax.max())}
+        # tap order, however the runner split the model (later passes iterate this map)
+        stats.by_value = {n: stats.by_value[n] for n in self.order if n in stats.by_value}
+        # a block-wise compile finishes after every block: the taps seen since the last call
+        # are complete, the earlier ones may have been transformed by passes since
+        new = [n for n in stats.by_value if n not in self.finished]
+        for name in new:
+            stats.slac[name] = {stats.seq_len: float(stats.by_value[name].absmax.max())}
             for length, absmax in sorted(self.probe_absmax.get(name, {}).items()):
                 stats.slac[name][length] = absmax
-        _link_v_channels(stats, self.kv_taps)
+        stats.slac = {n: stats.slac[n] for n in stats.by_value}
+        _link_v_channels(stats, {n: kv for n, kv in self.kv_taps.items() if n in new})
+        self.finished.update(new)
         ctx.analyses.put(ACTIVATION_STATS, stats)
         windows = len(ctx.calibration.windows)
         ctx.report["slac"] = slac_table(stats)

@@ -1,11 +1,16 @@
 """Canonicalize: bring any exported model into the one form the quantization passes expect.
 
-Assumes a float32 ONNX model (torch-dynamo opset-23 or optimum opset-18 exports, or anything
-similar); float16 / bfloat16 weights stored and Cast to float32 before use are accepted, any
-other float16 / bfloat16 / float64 tensor is refused with one line (``float_types``).
-Guarantees, function-preserving (verified numerically in tests on both SmolLM2 export forms;
-differences are float32 rounding of the fused reciprocal only):
+Assumes a float32 ONNX model (torch-dynamo opset-23, optimum opset-14/18 or torch legacy
+opset-13..17 exports, or anything similar); float16 / bfloat16 weights stored and Cast to float32
+before use are accepted, any other float16 / bfloat16 / float64 tensor is refused with one line
+(``float_types``).
+Guarantees, function-preserving (verified numerically in tests on both SmolLM2 export forms and
+on tiny decoders in opset 13/14/17/18 forms; differences are float32 rounding of the fused
+reciprocal only):
 
+0. the default-domain opset is at least ``target_opset``, the opset lowbit's emitters write
+   (``opset``: onnx's version converter converts the model; the number alone changes only where
+   the converter changes no node; never downgraded);
 1. large ``Constant`` nodes become initializers (weights are then visible as initializers);
 2. types are inferred; float16 / bfloat16 weight storage is widened to float32 under the weight's
    name (exact, ``float_types``); then small constant subexpressions and no-op Casts are folded
@@ -18,6 +23,8 @@ KV-cache inputs/outputs and the model signature are untouched.
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx_ir as ir
 from onnx_ir.passes.common import (
     LiftConstantsToInitializersPass,
@@ -29,6 +36,7 @@ from onnxscript import optimizer
 
 from lowbit.core.float_types import FloatTypesPass
 from lowbit.passes.norm_fusion import FuseNormsPass
+from lowbit.passes.opset import OUTPUT_OPSET, UpgradeOpsetPass
 
 __all__ = ["FoldConstants", "canonicalize_passes"]
 
@@ -47,9 +55,14 @@ class FoldConstants(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(result.modified))
 
 
-def canonicalize_passes(*, fold_size_limit: int = 8192, shape_inference: bool = True) -> list[ir.passes.PassBase]:
-    """The canonicalization sequence as separate passes (so each is timed and verified)."""
+def canonicalize_passes(*, target_opset: int = OUTPUT_OPSET, report: dict[str, Any] | None = None,
+                        fold_size_limit: int = 8192, shape_inference: bool = True) -> list[ir.passes.PassBase]:
+    """The canonicalization sequence as separate passes (so each is timed and verified).
+    ``target_opset``: the compile's output opset (``opset.output_opset(recipe.target)``);
+    ``report``: the compile report, which gets ``opset`` and ``norm_fusion``."""
     passes: list[ir.passes.PassBase] = [
+        # first: every later pass (and every emitter) reads and writes ops of this one opset
+        UpgradeOpsetPass(target_opset, report),
         LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
         # types first: the folder drops no-op Casts (optimum's float->float around norms) only
         # when it knows the input dtype
@@ -59,7 +72,7 @@ def canonicalize_passes(*, fold_size_limit: int = 8192, shape_inference: bool = 
         FloatTypesPass(),
         FoldConstants(fold_size_limit),
         RemoveUnusedNodesPass(),  # dead Identity left by folded Casts would block the fusion
-        FuseNormsPass(),
+        FuseNormsPass(report),
         RemoveUnusedNodesPass(),
         RemoveUnusedOpsetsPass(),
     ]

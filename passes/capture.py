@@ -48,6 +48,8 @@ class CaptureAccumulator:
         self._pending: dict[str, int] = {}
         self.samples: dict[str, list[np.ndarray]] = {}
         self.tokens: dict[str, int] = {}
+        self._draws: dict[int, dict[str, np.ndarray]] = {}  # window -> tap -> sampled rows, until used
+        self.groups = self.done_tokens = 0  # for the report, across block-wise finishes
 
     def taps(self, ctx: CompileContext) -> dict[str, ir.Value]:
         taps: dict[str, ir.Value] = {}
@@ -64,7 +66,7 @@ class CaptureAccumulator:
 
     def add(self, window: Window, values: Mapping[str, np.ndarray]) -> None:
         """Some of one window's tapped values (a superset is fine: unknown names are ignored)."""
-        for name in self.samples:  # tap order: the row sample's random draws depend on it
+        for name in self.samples:
             if name not in values:
                 continue
             x = values[name]
@@ -77,12 +79,24 @@ class CaptureAccumulator:
             if acc is None:
                 acc = np.zeros((x2.shape[1], x2.shape[1]), np.float32, order="F")
             self._window_sums[name] = blas.ssyrk(1.0, x2.T, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
-            rows = self.rng.choice(x2.shape[0], size=min(self.per_window, x2.shape[0]), replace=False)
-            self.samples[name].append(x2[rows])
+            self.samples[name].append(x2[self._rows(window, name, x2.shape[0])])
             self.tokens[name] += x2.shape[0]
             self._pending[name] += 1
             if self._pending[name] == self.FLUSH_WINDOWS:
                 self._flush(name)
+
+    def _rows(self, window: Window, name: str, n: int) -> np.ndarray:
+        """The rows of ``name`` sampled in ``window``. All taps of a window are drawn when its
+        first one arrives, in tap order, so the sample does not depend on how the runner splits
+        the model (every tap of a window has the window's tokens as rows)."""
+        draws = self._draws.get(window.index)
+        if draws is None:
+            size = min(self.per_window, n)
+            draws = self._draws[window.index] = {t: self.rng.choice(n, size=size, replace=False) for t in self.samples}
+        rows = draws.pop(name)
+        if not draws:
+            del self._draws[window.index]
+        return rows
 
     def _flush(self, name: str) -> None:
         """Float32 sums of a few windows (~5e-7 relative) go into the float64 totals."""
@@ -97,15 +111,19 @@ class CaptureAccumulator:
         self._pending[name] = 0
 
     def finish(self, ctx: CompileContext) -> None:
-        """Put the ``site_capture`` analysis and its report entry into ``ctx``."""
-        capture = {}
-        for name in self.samples:
+        """Put the ``site_capture`` analysis and its report entry into ``ctx``. A block-wise
+        compile calls this after every block: each group's capture is built once, from its
+        complete statistics, and handed over (this accumulator keeps no copy)."""
+        capture = ctx.analyses.find(SITE_CAPTURE) or {}
+        for name in [n for n in self.samples if self.tokens[n]]:
             self._flush(name)
-            h = self.hess[name]
+            h = self.hess.pop(name)
             lower = np.tril_indices(h.shape[0], -1)
             h[lower] = h.T[lower]  # the rank-k updates filled the upper triangle only
-            capture[name] = GroupCapture(h, np.concatenate(self.samples[name])[: self.sample_tokens], self.tokens[name])
-        tokens = max(self.tokens.values(), default=0)
+            capture[name] = GroupCapture(h, np.concatenate(self.samples.pop(name))[: self.sample_tokens], self.tokens[name])
+            self._window_sums.pop(name, None)
+            self.done_tokens = max(self.done_tokens, self.tokens[name])
+            self.groups += 1
         ctx.analyses.put(SITE_CAPTURE, capture)
-        ctx.report["capture"] = {"groups": len(capture), "tokens": tokens, "sample_tokens": self.sample_tokens}
-        logger.info("captured X^T X at %d input groups over %d tokens", len(capture), tokens)
+        ctx.report["capture"] = {"groups": self.groups, "tokens": self.done_tokens, "sample_tokens": self.sample_tokens}
+        logger.info("captured X^T X at %d input groups over %d tokens", self.groups, self.done_tokens)

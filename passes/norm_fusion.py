@@ -1,9 +1,12 @@
 """Fuse decomposed RMSNorm / LayerNorm chains into one norm node (onnxscript rewrite rules).
 
-Assumes float32 norms over the last axis, as transformers exports them (optimum, opset 18):
+Assumes float32 norms over the last axis, as transformers exports them (optimum, opset 18;
+torch's legacy exporter, opset 13-17, once :mod:`lowbit.passes.opset` has upgraded it):
 ``gamma * (x / sqrt(mean(x^2) + eps))`` with the reciprocal written as ``Div(x, r)``,
-``Mul(x, Div(1, r))`` or ``Mul(x, Reciprocal(r))``, either multiplication order, and
-``gamma * ((x - mean) / sqrt(var + eps)) + beta`` for LayerNorm.
+``Mul(x, Div(1, r))`` (legacy ``rsqrt``) or ``Mul(x, Reciprocal(r))``, either multiplication
+order, and ``gamma * ((x - mean) / sqrt(var + eps)) + beta`` for LayerNorm. The model's
+default-domain opset is >= 18 (``ReduceMean`` takes ``axes`` as an input): the pass refuses older
+models instead of silently matching nothing.
 
 Guarantees: function-preserving up to float32 rounding of the reciprocal form (one ulp-level
 difference per element; tests bound it). Every later pass then sees exactly one norm node whose
@@ -11,23 +14,29 @@ gamma/beta are initializers:
 
 - RMSNorm, model opset >= 23: standard ``RMSNormalization``;
 - RMSNorm, older opsets: ``lowbit.RMSNormalization``, a model-local function whose body is the
-  standard decomposed ops -- ONNX Runtime inlines it at session creation (no runtime cost) and
-  any ONNX runtime can execute it;
-- LayerNorm (opset >= 17): standard ``LayerNormalization``.
+  standard decomposed ops, importing the model's opset -- ONNX Runtime inlines it at session
+  creation (no runtime cost) and any ONNX runtime can execute it;
+- LayerNorm: standard ``LayerNormalization``.
+
+Given a report dict, records ``report["norm_fusion"] = {"rms": n, "layer": n, "rms_op": ...}``.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+
+from lowbit.passes.opset import default_opset
 
 __all__ = ["FuseNormsPass", "rms_norm_function", "LOWBIT_DOMAIN"]
 
 logger = logging.getLogger(__name__)
 
 LOWBIT_DOMAIN = "lowbit"
+MIN_OPSET = 18  # ReduceMean's axes is an input from opset 18 on (the form the rules match)
 
 
 def _last_axis_only(axes: ir.Value | None, x: ir.Value) -> bool:
@@ -124,8 +133,9 @@ class LayerNormFusion(pattern.RewriteRuleClassBase):
         return op.LayerNormalization(x, gamma, beta, axis=-1, epsilon=_float_scalar(eps))
 
 
-def rms_norm_function() -> ir.Function:
-    """``lowbit.RMSNormalization(X, scale; epsilon)``: the standard decomposed ops."""
+def rms_norm_function(opset: int = MIN_OPSET) -> ir.Function:
+    """``lowbit.RMSNormalization(X, scale; epsilon)``: the standard decomposed ops, importing
+    default-domain ``opset`` (>= 18; a model-local function imports its model's opset)."""
     x = ir.Value(name="X")
     scale = ir.Value(name="scale")
     tape = ir.tape.Tape()
@@ -136,29 +146,43 @@ def rms_norm_function() -> ir.Function:
     normed = tape.op("Div", [x, tape.op("Sqrt", [tape.op("Add", [ms, eps])])])
     y = tape.op("Mul", [normed, scale])
     y.name = "Y"
-    graph = ir.Graph([x, scale], [y], nodes=tape.nodes, opset_imports={"": 18}, name="RMSNormalization")
+    graph = ir.Graph([x, scale], [y], nodes=tape.nodes, opset_imports={"": opset}, name="RMSNormalization")
     return ir.Function(LOWBIT_DOMAIN, "RMSNormalization", graph=graph, attributes=[ir.Attr("epsilon", ir.AttributeType.FLOAT, 1e-5)])
 
 
 class FuseNormsPass(ir.passes.InPlacePass):
     """Apply the norm fusion rules to the main graph; register the lowbit function if used."""
 
+    def __init__(self, report: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.report = report
+
+    def requires(self, model: ir.Model) -> None:
+        opset = default_opset(model)
+        if opset < MIN_OPSET:
+            raise ir.passes.PreconditionError(
+                f"norm fusion matches opset >= {MIN_OPSET} forms; the model has opset {opset}: "
+                "upgrade it first (lowbit.passes.opset.UpgradeOpsetPass)")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        opset = model.opset_imports.get("", model.graph.opset_imports.get("", 1))
+        opset = default_opset(model)
         rms_domain = "" if opset >= 23 else LOWBIT_DOMAIN
         rms_rules = [
             RmsNormFusion.rule(f"RmsNorm_{form}_{'g' if gf else 'x'}", rsqrt=form, gamma_first=gf, fused_domain=rms_domain)
             for form in ("div", "div_one", "reciprocal")
             for gf in (True, False)
         ]
-        count = 0
-        if opset >= 17:  # LayerNorm first: its centred core would otherwise match the RMS rule
-            ln_rules = [LayerNormFusion.rule(f"LayerNorm_{gf}", gamma_first=gf) for gf in (True, False)]
-            count += pattern.RewriteRuleSet(ln_rules).apply_to_model(model)
-        count += pattern.RewriteRuleSet(rms_rules).apply_to_model(model)
-        if count and rms_domain == LOWBIT_DOMAIN and any(n.domain == LOWBIT_DOMAIN for n in model.graph):
-            fn = rms_norm_function()
+        # LayerNorm first: its centred core would otherwise match the RMS rule
+        ln_rules = [LayerNormFusion.rule(f"LayerNorm_{gf}", gamma_first=gf) for gf in (True, False)]
+        layer = pattern.RewriteRuleSet(ln_rules).apply_to_model(model)
+        rms = pattern.RewriteRuleSet(rms_rules).apply_to_model(model)
+        if rms and rms_domain == LOWBIT_DOMAIN and any(n.domain == LOWBIT_DOMAIN for n in model.graph):
+            fn = rms_norm_function(opset)
             model.functions[fn.identifier()] = fn
             model.opset_imports[LOWBIT_DOMAIN] = 1
-        logger.info("fused %d norm regions", count)
-        return ir.passes.PassResult(model, modified=bool(count))
+        if self.report is not None:
+            self.report["norm_fusion"] = {"rms": rms, "layer": layer}
+            if rms:
+                self.report["norm_fusion"]["rms_op"] = f"{rms_domain}.RMSNormalization".lstrip(".")
+        logger.info("fused %d RMSNorm and %d LayerNorm regions", rms, layer)
+        return ir.passes.PassResult(model, modified=bool(rms + layer))

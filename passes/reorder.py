@@ -97,13 +97,15 @@ class ReorderPass(LowbitPass):
     REQUIRES = (ACTIVATION_STATS,)
     ENSURES = (ACT_CLUSTERS,)
     PRESERVES_FUNCTION = True
+    BLOCKWISE = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         spec = self.ctx.recipe.reorder
         stats = self.ctx.analyses.get(ACTIVATION_STATS)
-        clusters: dict[str, np.ndarray] = {}
+        clusters: dict[str, np.ndarray] = self.ctx.analyses.find(ACT_CLUSTERS) or {}  # earlier blocks'
         report = self.ctx.report.setdefault("reorder", {"clusters": spec.clusters, "groups": {}})
-        gathers, permuted, widest = 0, 0, (-1.0, None)
+        gathers, permuted = 0, 0
+        earlier = widest = getattr(self, "_widest", (-1.0, None))
         for group in self.ctx.sites.input_groups():
             target = fold_target(group, spec.feeders)
             key, name = group[0].name, group[0].input.name
@@ -135,8 +137,10 @@ class ReorderPass(LowbitPass):
             entry["reordered"] = reordered
             report["groups"][key] = entry
         self.ctx.analyses.put(ACT_CLUSTERS, clusters)
-        report.update({"gathers": gathers, "permuted_groups": permuted, "clustered_groups": len(clusters)})
-        if widest[1] is not None:
+        self._widest = widest  # a block-wise compile calls the pass once per block
+        report.update({"gathers": report.get("gathers", 0) + gathers, "clustered_groups": len(clusters),
+                       "permuted_groups": report.get("permuted_groups", 0) + permuted})  # fmt: skip
+        if widest[1] is not None and widest is not earlier:
             report["plot"] = {"site": widest[1][0], "png_base64": range_plot_png(*widest[1])}
         logger.info("reorder: %d inputs clustered, %d permuted (%d Gathers)", len(clusters), permuted, gathers)
         # modified only when a permutation was applied: cluster labels alone change no graph value

@@ -106,6 +106,7 @@ class SmoothPass(LowbitPass):
 
     REQUIRES = (ACTIVATION_STATS, SITE_CAPTURE)
     PRESERVES_FUNCTION = True
+    BLOCKWISE = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         spec = self.ctx.recipe.smooth
@@ -114,7 +115,7 @@ class SmoothPass(LowbitPass):
         # OpenBLAS worker left spinning after a two-thread product would take the second core
         with threadpool_limits(1, user_api="blas"):
             folded = self._search_all(report)
-        report["folded_groups"] = folded
+        report["folded_groups"] = sum(g["folded"] for g in report["groups"].values())  # every block so far
         logger.info("smooth (%s): folded scales into %d input groups", spec.method, folded)
         return ir.passes.PassResult(model, modified=bool(folded))
 

@@ -13,6 +13,7 @@ from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.emit.qdq import EmitQDQPass
 from lowbit.core.linear_sites import find_linear_sites
+from lowbit.encode import optq
 from lowbit.encode.optq import optq_round, optq_round_batch
 from lowbit.encode.optq_kernel import element_kind, round_element, rtn_round
 from lowbit.formats.choosers import search_ratios
@@ -274,3 +275,22 @@ def test_sub_blocked_kernel_equals_the_row_by_row_loop(fmt, block, k):
         outs.append((wk, q, scales, np.concatenate(errs, axis=1)))
     for fast, slow in zip(*outs):
         np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("fmt, block, act_order", [("dint4", 32, False), ("int4", None, True), ("int4", None, False)])
+def test_wide_problems_step_in_column_slices_with_the_same_result(fmt, block, act_order, monkeypatch):
+    """A vocabulary-sized head is rounded in slices of output columns (bounded float64 copies);
+    columns round independently given H, so the codes, scales and proxy errors are unchanged."""
+    rng = np.random.default_rng(0)
+    k, n = 64, 300
+    x = rng.standard_normal((500, k)).astype(np.float32)
+    x[:, 3] = 0.0  # a dead channel
+    h = x.T.astype(np.float64) @ x
+    weights = [rng.standard_normal((k, n)).astype(np.float32) for _ in range(2)]
+    args = dict(damp=0.01, scale_method="mse", act_order=act_order)
+    whole = optq._optq_solve(weights, [h, 2 * h], fmt, block, **args)
+    monkeypatch.setattr(optq, "_BATCH_BYTES", 8 * k * 2 * 70)  # 70 columns per slice: 5 slices
+    sliced = optq._optq_solve(weights, [h, 2 * h], fmt, block, **args)
+    for a, b in zip(whole, sliced):
+        for x_a, x_b in zip(a, b):
+            np.testing.assert_array_equal(x_a, x_b)

@@ -1,0 +1,67 @@
+"""Bound a block-wise compile's memory by a block: what a block's passes wrote goes to disk, and
+what they replaced is dropped.
+
+After each block, :meth:`TensorSpill.spill` writes every in-memory initializer of at least
+``min_bytes`` (the block's codes and scales, norms and weights its folding rewrote) to one scratch
+data file and replaces it by an ``ir.ExternalTensor`` reading it back (memory-mapped, on demand),
+and :func:`drop_unused_initializers` removes the initializers no node reads any more (the float
+weights the codes replaced), releasing their memory maps.
+
+Guarantees: tensor contents are unchanged (the bytes written are ``tobytes()``, read back with the
+same dtype and shape); the scratch file lives as long as the process (``lowbit.files.scratch``),
+so a compiled model can be saved after the compile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx_ir as ir
+
+__all__ = ["TensorSpill", "drop_unused_initializers"]
+
+_ALIGN = 64
+
+
+class TensorSpill:
+    """One append-only scratch data file of spilled initializers."""
+
+    def __init__(self, path: Path, min_bytes: int = 64 << 10) -> None:
+        self.path, self.min_bytes = path, min_bytes
+        self.offset = 0
+        self.bytes = 0  # spilled so far
+
+    def spill(self, graph: ir.Graph) -> int:
+        """Move the graph's in-memory initializers of ``min_bytes`` or more to the file; returns
+        how many."""
+        moved = 0
+        with open(self.path, "ab") as f:
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.min_bytes:
+                    continue
+                data = tensor.tobytes()
+                pad = -self.offset % _ALIGN
+                f.write(b"\0" * pad + data)
+                self.offset += pad
+                value.const_value = ir.ExternalTensor(self.path.name, self.offset, len(data), tensor.dtype,
+                                                      shape=tensor.shape, name=tensor.name or value.name,
+                                                      base_dir=self.path.parent)  # fmt: skip
+                self.offset += len(data)
+                self.bytes += len(data)
+                moved += 1
+        return moved
+
+
+def drop_unused_initializers(graph: ir.Graph) -> int:
+    """Remove the initializers that no node reads and that are not graph inputs or outputs;
+    returns how many. A dropped external tensor's memory map is released."""
+    outputs = set(graph.outputs)
+    unused = [name for name, v in graph.initializers.items()
+              if not v.uses() and v not in outputs and not v.is_graph_input()]  # fmt: skip
+    for name in unused:
+        value = graph.initializers.pop(name)
+        tensor, value.const_value = value.const_value, None  # onnx_ir's graph-input bookkeeping may keep the value
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()
+    return len(unused)

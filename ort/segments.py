@@ -1,0 +1,240 @@
+"""Block-wise observation: the model cut into segments at its residual stream, run one segment at
+a time over every window, so ONNX Runtime never holds more than one segment's weights.
+
+Where it cuts: right before each norm node (``core.linear_sites.NORM_OPS``, after norm fusion), so
+a pre-LN decoder falls into its embedding, one segment per attention half and per MLP half, and
+its head; consecutive pieces are merged while their weights stay under ``budget_bytes``. Any cut
+of a topologically ordered graph is correct: what crosses it (the residual stream, and values
+shared by every block such as the attention mask and rotary tables) is kept in memory per window
+and fed to the segments that read it, and dropped after its last reader.
+
+Assumes the graph is topologically ordered (ONNX requires it; a model that is not is run whole)
+and that external weights lie in files that may be linked (not copied) into a scratch directory:
+a segment's session reads its weights from the input's own external data files, so building the
+sessions writes nothing but small protobufs. In-memory tensors of the segment go to one scratch
+data file.
+
+Guarantees: each segment's taps equal the whole model's up to ONNX Runtime's float32 rounding of
+fusions that a cut prevents (e.g. a norm fused with the residual Add before it); tests bound it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from lowbit.core.linear_sites import NORM_OPS
+from lowbit.errors import LowbitError
+from lowbit.ort.feeds import make_feed
+
+__all__ = ["Segment", "Segmented", "model_weight_bytes", "split_segments"]
+
+logger = logging.getLogger(__name__)
+
+_INLINE_BYTES = 1024  # smaller constants are written into the segment's protobuf
+
+
+@dataclass
+class Segment:
+    """Nodes in graph order, the non-constant values they read from outside (graph inputs or an
+    earlier segment's outputs) and the values they produce that something after them reads."""
+
+    nodes: list[ir.Node]
+    reads: list[ir.Value]
+    keeps: list[ir.Value]
+    weight_bytes: int
+
+
+def model_weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _node_reads(node: ir.Node) -> list[ir.Value]:
+    """Values the node reads, outer-scope reads of its subgraphs included."""
+    reads = [v for v in node.inputs if v is not None]
+    for attr in node.attributes.values():
+        graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+            list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])  # fmt: skip
+        for g in graphs:
+            inner = {v for n in g.all_nodes() for v in n.outputs} | set(g.inputs)
+            reads += [v for n in g.all_nodes() for v in n.inputs if v is not None and v not in inner]
+    return reads
+
+
+def _is_constant(value: ir.Value) -> bool:
+    return value.is_initializer() and not value.is_graph_input()
+
+
+def split_segments(model: ir.Model, budget_bytes: int) -> list[Segment] | None:
+    """The segments (module doc), or None when the graph is not topologically ordered."""
+    graph = model.graph
+    nodes = list(graph)
+    position = {node: i for i, node in enumerate(nodes)}
+    produced_at: dict[ir.Value, int] = {}
+    for i, node in enumerate(nodes):
+        for v in node.outputs:
+            produced_at[v] = i
+    for i, node in enumerate(nodes):
+        if any(produced_at.get(v, -1) >= i for v in _node_reads(node)):
+            return None
+    cuts = [0] + [i for i, n in enumerate(nodes) if (n.domain, n.op_type) in NORM_OPS and i > 0] + [len(nodes)]
+    pieces = [nodes[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+
+    def weights(piece: list[ir.Node]) -> int:
+        seen = {v for n in piece for v in n.inputs if v is not None and _is_constant(v) and v.const_value is not None}
+        return sum(v.const_value.nbytes for v in seen)
+
+    merged: list[list[ir.Node]] = []
+    for piece in pieces:
+        if merged and weights(merged[-1]) + weights(piece) <= budget_bytes:
+            merged[-1] = merged[-1] + piece
+        else:
+            merged.append(piece)
+    last_read: dict[ir.Value, int] = {v: len(nodes) for v in graph.outputs}
+    for i, node in enumerate(nodes):
+        for v in _node_reads(node):
+            last_read[v] = max(last_read.get(v, -1), i)
+    segments = []
+    for piece in merged:
+        end = position[piece[-1]]
+        mine = {v for n in piece for v in n.outputs}
+        reads = list(dict.fromkeys(v for n in piece for v in _node_reads(n) if v not in mine and not _is_constant(v)))
+        keeps = [v for n in piece for v in n.outputs if last_read.get(v, -1) > end]
+        segments.append(Segment(piece, reads, keeps, weights(piece)))
+    return segments
+
+
+def _value_info(value: ir.Value, sample: np.ndarray | None) -> onnx.ValueInfoProto:
+    """The value's declared type, else the type of what ONNX Runtime produced for it."""
+    if value.type is None and sample is not None:
+        value = ir.Value(name=value.name, type=ir.TensorType(ir.DataType.from_numpy(sample.dtype)),
+                         shape=ir.Shape([None] * sample.ndim))  # fmt: skip
+    elif value.type is None:
+        value = ir.Value(name=value.name, type=ir.TensorType(ir.DataType.FLOAT), shape=value.shape)
+    return ir.serde.serialize_value(value)
+
+
+def _array(tensor: ir.TensorProtocol) -> np.ndarray | None:
+    """The tensor as a numpy array ONNX Runtime can borrow: a read-only map of its external data
+    file (nothing read until ORT touches it), or its in-memory array; None for element types
+    numpy cannot hold (they are written into the protobuf)."""
+    try:
+        dtype = tensor.dtype.numpy()
+    except TypeError:
+        return None
+    if dtype.kind not in "biuf":
+        return None
+    if isinstance(tensor, ir.ExternalTensor):
+        shape = tuple(int(d) for d in tensor.shape)
+        return np.memmap(tensor.path, dtype=dtype, mode="r", offset=tensor.offset or 0, shape=shape) if all(shape) else None
+    return np.ascontiguousarray(tensor.numpy())
+
+
+def _segment_model(model: ir.Model, seg: Segment, outputs: Sequence[ir.Value], samples: dict[str, np.ndarray],
+                   ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:  # fmt: skip
+    """A model of the segment's nodes (its reads are graph inputs, ``outputs`` its outputs) and
+    the weights ONNX Runtime borrows for it by name: the protobuf holds only their headers."""
+    graph = onnx.GraphProto(name="segment")
+    graph.node.extend(ir.serde.serialize_node(n) for n in seg.nodes)
+    graph.input.extend(_value_info(v, samples.get(v.name)) for v in seg.reads)
+    graph.output.extend(_value_info(v, None) for v in outputs)
+    borrowed: dict[str, np.ndarray] = {}
+    for value in dict.fromkeys(v for n in seg.nodes for v in _node_reads(n) if _is_constant(v)):
+        tensor = value.const_value
+        array = _array(tensor) if tensor.nbytes > _INLINE_BYTES else None
+        if array is None:
+            if isinstance(tensor, ir.ExternalTensor):  # a session from bytes cannot read a file
+                tensor = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
+            proto = ir.serde.serialize_tensor(tensor)
+        else:
+            proto = onnx.TensorProto(data_type=int(tensor.dtype), dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
+            entry = proto.external_data.add()
+            entry.key, entry.value = "location", "borrowed-from-session-options"
+            borrowed[value.name] = array
+        proto.name = value.name
+        graph.initializer.append(proto)
+    out = onnx.ModelProto(ir_version=model.ir_version, producer_name="lowbit.segment", graph=graph)
+    for domain, version in model.opset_imports.items():
+        entry = out.opset_import.add()
+        entry.domain, entry.version = domain, version
+    out.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
+    return out, borrowed
+
+
+class _SegmentRun:
+    def __init__(self, model: ir.Model, seg: Segment, outputs: list[ir.Value], cache: dict[int, dict[str, np.ndarray]],
+                 graph_inputs: list) -> None:  # fmt: skip
+        samples = next(iter(cache.values()), {})
+        proto, self.borrowed = _segment_model(model, seg, outputs, samples)  # alive as long as the session
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as lowbit.ort.session
+        opts.log_severity_level = 3
+        if self.borrowed:
+            opts.add_external_initializers(list(self.borrowed), [ort.OrtValue.ortvalue_from_numpy(a) for a in self.borrowed.values()])
+        self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.reads = [v.name for v in seg.reads]
+        self.names = [v.name for v in outputs]
+        self.keeps = {v.name for v in seg.keeps}
+        self.cache, self.graph_inputs = cache, graph_inputs
+        self.nodes = seg.nodes
+
+    def __call__(self, window) -> dict[str, np.ndarray]:
+        known = self.cache.setdefault(window.index, {})
+        missing = [n for n in self.reads if n not in known]
+        feed = {n: known[n] for n in self.reads if n in known}
+        if missing:  # graph inputs, built as every lowbit run builds them
+            feed.update({k: v for k, v in make_feed(self.graph_inputs, window.ids).items() if k in missing})
+        values = dict(zip(self.names, self.session.run(self.names, feed)))
+        for name in self.keeps:
+            known[name] = values[name]
+        return values
+
+
+class Segmented:
+    """A :class:`lowbit.ort.observe.WindowRunner` that runs the model segment by segment (module
+    doc). ``budget_bytes``: the weights merged into one segment at most (a piece that is larger on
+    its own is its own segment)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.sessions = 0
+        self.segments = 0
+
+    def subgraphs(self, model: ir.Model, taps: dict[str, ir.Value]) -> Iterator:
+        segments = split_segments(model, self.budget_bytes)
+        if segments is None:
+            raise LowbitError("the model's nodes are not in topological order (ONNX requires it)")
+        self.segments, self.sessions = len(segments), 0
+        graph_inputs = [SimpleNamespace(name=v.name, type=_ort_type(v), shape=list(v.shape or [])) for v in model.graph.inputs]
+        tap_values = set(taps.values())
+        cache: dict[int, dict[str, np.ndarray]] = {}
+        read_later = [{v.name for s in segments[i + 1:] for v in s.reads} for i in range(len(segments))]
+        for i, seg in enumerate(segments):
+            produced = {v for n in seg.nodes for v in n.outputs}
+            outputs = list(dict.fromkeys([*seg.keeps, *(v for v in tap_values if v in produced)]))
+            if not outputs:
+                continue
+            run = _SegmentRun(model, seg, outputs, cache, graph_inputs)
+            self.sessions += 1
+            logger.debug("segment %d/%d: %d nodes, %.0f MB of weights", i + 1, len(segments), len(seg.nodes), seg.weight_bytes / 2**20)
+            yield run
+            del run
+            for known in cache.values():  # values no later segment reads
+                for name in [n for n in known if n not in read_later[i]]:
+                    del known[name]
+
+
+_ORT_TYPES = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(float16)",
+              ir.DataType.INT64: "tensor(int64)", ir.DataType.INT32: "tensor(int32)"}  # fmt: skip
+
+
+def _ort_type(value: ir.Value) -> str:
+    """The ORT NodeArg type string of a graph input, what :func:`make_feed` reads."""
+    return _ORT_TYPES.get(value.dtype, f"tensor({value.dtype})")

@@ -1,0 +1,93 @@
+"""lowbit.ort.segments: a model run segment by segment gives every tap exactly what the whole
+model gives, reads its weights in place, and keeps only what crosses a cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from lowbit.compiler.api import load_onnx
+from lowbit.core.linear_sites import NORM_OPS, find_linear_sites
+from lowbit.errors import LowbitError
+from lowbit.models.synthetic_llm import write_decoder
+from lowbit.ort.observe import WholeModel, Window
+from lowbit.ort.segments import Segmented, _segment_model, split_segments
+from lowbit.passes.canonicalize import canonicalize_passes
+
+
+@pytest.fixture(scope="module")
+def canonical(tmp_path_factory) -> ir.Model:
+    """The tiny synthetic Llama (rotary, GQA, causal mask, tied head; external weights), canonicalized."""
+    directory = write_decoder("tiny", tmp_path_factory.mktemp("seg") / "tiny", progress=False)
+    model = load_onnx(directory / "model.onnx")
+    for p in canonicalize_passes():
+        p(model)
+    return model
+
+
+def _site_taps(model: ir.Model) -> dict[str, ir.Value]:
+    taps = {}
+    for i, group in enumerate(find_linear_sites(model.graph).input_groups()):
+        x = group[0].input
+        x.name = x.name or f"tap{i}"
+        taps[x.name] = x
+    return taps
+
+
+def _run(runner, model, taps, windows) -> dict:
+    out = {}
+    for run in runner.subgraphs(model, taps):
+        for w in windows:
+            out.update({(w.index, k): v for k, v in run(w).items() if k in taps})
+    return out
+
+
+def test_segmented_taps_equal_the_whole_model(canonical):
+    taps = _site_taps(canonical)
+    rng = np.random.default_rng(0)
+    windows = [Window(0, rng.integers(0, 49152, 16)), Window(1, rng.integers(0, 49152, 9), probe=True)]
+    whole = _run(WholeModel(), canonical, taps, windows)
+    runner = Segmented(budget_bytes=1)  # every norm starts a segment
+    cut = _run(runner, canonical, taps, windows)
+    norms = sum((n.domain, n.op_type) in NORM_OPS for n in canonical.graph)
+    assert runner.segments == norms + 1  # the embedding, then one per norm
+    assert set(cut) == set(whole) and len(whole) == 2 * len(taps)
+    for key, value in whole.items():
+        np.testing.assert_array_equal(cut[key], value)
+
+
+def test_cuts_carry_only_the_residual_stream_and_shared_values(canonical):
+    segments = split_segments(canonical, budget_bytes=1)
+    residual = [s.keeps for s in segments[1:-1]]
+    # a block half hands on one value (its residual sum); the first hands on what every block
+    # shares as well (mask, rotary tables) -- a handful of values, not the block's insides
+    assert all(len(k) == 1 for k in residual[1:])
+    assert 1 <= len(segments[0].keeps) <= 6
+    assert all(len(s.reads) <= 8 for s in segments)
+
+
+def test_segment_weights_are_borrowed_from_the_input_file(canonical):
+    seg = max(split_segments(canonical, budget_bytes=1), key=lambda s: s.weight_bytes)
+    proto, borrowed = _segment_model(canonical, seg, seg.keeps, {})
+    assert borrowed and all(isinstance(a, np.memmap) for a in borrowed.values())  # mapped, not read
+    assert proto.ByteSize() < 64 << 10  # headers only
+    for name, array in borrowed.items():
+        np.testing.assert_array_equal(array, canonical.graph.initializers[name].const_value.numpy())
+
+
+def test_budget_merges_pieces(canonical):
+    assert len(split_segments(canonical, budget_bytes=1 << 40)) == 1
+    small = split_segments(canonical, budget_bytes=1)
+    mid = split_segments(canonical, budget_bytes=2 * max(s.weight_bytes for s in small[1:-1]))
+    assert 1 < len(mid) < len(small)
+
+
+def test_unsorted_graph_is_refused(canonical):
+    model = ir.from_proto(ir.to_proto(canonical))
+    nodes = list(model.graph)
+    model.graph.remove(nodes[0])
+    model.graph.append(nodes[0])  # the embedding Gather after its readers
+    assert split_segments(model, 1) is None
+    with pytest.raises(LowbitError, match="topological"):
+        next(Segmented(1).subgraphs(model, _site_taps(model)))
