@@ -2,7 +2,8 @@
 product's ``lowbit`` command so that nothing in the product imports ``lowbit.bench``.
 
 Commands: ``run`` (every contender side by side -> ``bench/RESULTS.md``), ``demo`` (what
-``make demo`` runs), ``compile-time`` (-> ``bench/COMPILE_TIME.md``) and ``synth`` (a
+``make demo`` runs), ``compile-time`` (-> ``bench/COMPILE_TIME.md``), ``scale`` (->
+``bench/SCALE.md``) and ``synth`` (a
 real-shaped synthetic decoder for scale tests, :mod:`lowbit.models.synthetic_llm`). Errors,
 signals and scratch files behave exactly as in ``lowbit``.
 """
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lowbit.bench.cli_bench", "measure lowbit and its peers side by side (writes bench/RESULTS.md)"),
     "demo": ("lowbit.bench.demo", "export -> compile -> evaluate SmolLM2-135M, print a table"),
     "compile-time": ("lowbit.bench.compile_time", "lowbit's compile time against ORT quantize_static, back to back (bench/COMPILE_TIME.md)"),
+    "scale": ("lowbit.bench.scale_bench", "peak memory and compile time against model size on synthetic decoders (bench/SCALE.md)"),
     "synth": ("lowbit.models.synthetic_llm", "write a real-shaped synthetic decoder (Llama / Qwen2 shapes) to a new directory"),
 }
 

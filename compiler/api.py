@@ -50,6 +50,7 @@ from lowbit.files.fsutil import CONFIG_SUFFIX, check_model_output, file_output_n
 from lowbit.core.model_checks import check_onnx_graph
 from lowbit.ort.ort_format import write_ort_format
 from lowbit.compiler.pipeline import PipelineOptions, run_pipeline
+from lowbit.core.float_types import widened_source
 from lowbit.core.recipe import Recipe, load_recipe
 from lowbit.models.fisher import shipped_fisher_provider
 from lowbit.files.swap import Swap, remove_entry
@@ -111,28 +112,60 @@ def _resolve(model: str | Path | ir.Model) -> _Source:
 
 
 def _calibration(arg: Any, source: _Source, recipe: Recipe) -> CalibrationData | None:
-    """Token windows from: a CalibrationData, a sequence of id arrays, a text file, or the
-    default calibration split, tokenized with the tokenizer of the model's directory (or beside
-    a bare ``.onnx``)."""
+    """Calibration windows from: a CalibrationData; a sequence of arrays (token ids, or batches of
+    pixel values for a model that reads ``pixel_values``); a path -- a text file for a text model,
+    a directory of PNG/JPEG images for an image model; or, with no argument, the default data:
+    the pydoc_data calibration split tokenized with the tokenizer of the model's directory (or
+    beside a bare ``.onnx``), or matplotlib's sample images preprocessed by the image processor
+    there (``preprocessor_config.json``). Image windows have no SLAC probes."""
     if isinstance(arg, CalibrationData):
         return arg
+    images = "pixel_values" in {v.name for v in source.model.graph.inputs}
+    cal = recipe.calibration
     if arg is not None and not isinstance(arg, (str, Path)):
+        if images:  # [B, C, H, W] batches (a single [C, H, W] image is a batch of one)
+            windows = [np.asarray(w, np.float32) for w in arg]
+            return CalibrationData([w[None] if w.ndim == 3 else w for w in windows], source="given pixel values")
         windows = [np.asarray(w, np.int64) for w in arg]  # 1-D windows or [batch, seq]
-        cal, length = recipe.calibration, windows[0].shape[-1] if windows else 0
+        length = windows[0].shape[-1] if windows else 0
         # SLAC probes: prefixes of the same windows, i.e. the same text with a shorter context
         probes = {n: [w[..., :n] for w in windows[: cal.slac_windows]] for n in cal.slac_lengths if n < length}
         return CalibrationData(windows, {n: p for n, p in probes.items() if p}, source="given token windows")
     if not recipe.needs_calibration:
         return None
     beside = source.directory or (source.file.parent if source.file is not None else None)
-    if beside is None or not any((beside / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    where = source.file or source.directory or "the in-memory model"
+    from lowbit.models import data
+
+    if images:
+        if arg is not None and not Path(arg).is_dir():
+            raise LowbitError(f"{where} reads images (pixel_values): calibrate it on a directory of PNG/JPEG "
+                              f"images (--calib-images), not on {arg}")  # fmt: skip
+        if beside is None:
+            raise LowbitError("an in-memory image model has no image processor beside it: pass pixel_values batches")
+        from lowbit.models.registry import load_image_processor
+
+        windows = data.image_windows(load_image_processor(beside), cal.windows, image_dir=arg)
+        return CalibrationData(windows, source=str(arg) if arg else "matplotlib sample images")
+    if arg is not None and Path(arg).is_dir():
+        raise LowbitError(f"{where} reads token ids: calibrate it on a text file (--calib-text), not on the "
+                          f"directory {arg}")  # fmt: skip
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    if beside is None or not any((beside / f).is_file() for f in tokenizer_files):
         if arg is None:
             return None  # the calibrate pass reports what is missing
-        raise LowbitError(f"--calib-text needs the model's tokenizer (tokenizer.json) next to {source.file or 'the model'}")
-    from lowbit.models import data
-    from lowbit.models.registry import load_tokenizer
+        if beside is None:
+            raise LowbitError("--calib-text needs the model's tokenizer (tokenizer.json): an in-memory model has none")
+        raise LowbitError(f"--calib-text needs the model's tokenizer (tokenizer.json) next to {where}: {beside} "
+                          "has neither tokenizer.json nor tokenizer_config.json; copy the model directory's there")
+    from lowbit.models.registry import load_tokenizer, max_positions
 
-    cal = recipe.calibration
+    limit = max_positions(beside)
+    longest = max((cal.seq_len, *(cal.slac_lengths if cal.slac_windows else ())))
+    if limit is not None and longest > limit[0]:
+        raise LowbitError(f"calibration windows of {longest} tokens exceed the model's {limit[0]} positions "
+                          f"({limit[1]} in {beside / 'config.json'}): set calibration.seq_len and "
+                          f"calibration.slac_lengths to at most {limit[0]} (--set)")  # fmt: skip
     tokenizer = load_tokenizer(beside)
     windows = list(data.calibration_windows(tokenizer, cal.seq_len, cal.windows, text_file=arg))
     probes = {n: list(data.calibration_windows(tokenizer, n, cal.slac_windows, text_file=arg))
@@ -259,7 +292,7 @@ class CompiledModel:
                     remove_entry(f)
         where = path.resolve() if is_dir else path.resolve().parent
         for value in self.model.graph.initializers.values():
-            tensor = value.const_value
+            tensor = widened_source(value.const_value) or value.const_value  # a lazily widened float16 weight reads its source
             if isinstance(tensor, ir.ExternalTensor) and Path(tensor.base_dir or ".").resolve() == where:
                 tensor.base_dir = str(old_dir)
         if self._baseline is None:  # a second in-place save replaced a compiled model, not the FP32 one

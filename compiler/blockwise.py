@@ -30,7 +30,7 @@ from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.context import CompileContext
 from lowbit.core.pass_base import LowbitPass
 from lowbit.core.statistics import SITE_CAPTURE
-from lowbit.core.tensor_spill import TensorSpill, drop_unused_initializers
+from lowbit.core.tensor_spill import TensorSpill, drop_unused_initializers, unmap_external
 from lowbit.files.scratch import run_dir
 from lowbit.ort import observe as observation
 from lowbit.ort.observe import Accumulator, SubgraphRun, observe
@@ -64,7 +64,8 @@ class BlockwisePass(LowbitPass):
         def each(run: SubgraphRun) -> None:
             self.ctx.scope = set(run.nodes)
             try:
-                sites = list(self.ctx.sites)
+                # names now: a site reads its node's current input, which emission replaces
+                sites = [(site.name, site.input.name) for site in self.ctx.sites]
                 for p in self.inner:
                     start = time.perf_counter()
                     p(model)  # a LowbitPass: marks the structural analyses stale when it edits
@@ -74,6 +75,7 @@ class BlockwisePass(LowbitPass):
             self._release(sites)
             blocks["dropped_initializers"] += drop_unused_initializers(model.graph)
             spill.spill(model.graph)
+            unmap_external(model.graph)
             blocks["segments"] += 1
             rss.append(_resident_mb())
             blocks["peak_block_sites"] = max(blocks["peak_block_sites"], len(sites))
@@ -85,15 +87,14 @@ class BlockwisePass(LowbitPass):
         logger.info("block-wise: %d segments, %.0f MB spilled", blocks["segments"], spill.bytes / 2**20)
         return ir.passes.PassResult(model, modified=True)
 
-    def _release(self, sites: list) -> None:
-        """Drop the block's X^T X, row samples and weight encodings: its codes are in the graph."""
-        captures = self.ctx.analyses.find(SITE_CAPTURE)
-        encodings = self.ctx.analyses.find(WEIGHT_ENCODINGS)
-        for site in sites:
-            if captures is not None:
-                captures.pop(site.input.name, None)
-            if encodings is not None:
-                encodings.pop(site.name, None)
+    def _release(self, sites: list[tuple[str, str]]) -> None:
+        """Drop the block's X^T X, row samples and weight encodings (by site and input name): its
+        codes are in the graph."""
+        captures = self.ctx.analyses.find(SITE_CAPTURE) or {}
+        encodings = self.ctx.analyses.find(WEIGHT_ENCODINGS) or {}
+        for site, source in sites:
+            captures.pop(source, None)
+            encodings.pop(site, None)
 
 
 def _resident_mb() -> int:

@@ -27,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write an ONNX Runtime mobile .ort file and its reduced operator config beside the .onnx")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set weights.block_size=64 (repeatable)")
-    parser.add_argument("--calib-text", help="text file to calibrate on (default: the pydoc_data calibration split)")
+    calib = parser.add_mutually_exclusive_group()
+    calib.add_argument("--calib-text",
+                       help="text file to calibrate a text model on (default: the pydoc_data calibration split)")
+    calib.add_argument("--calib-images", metavar="DIR",
+                       help="directory of PNG/JPEG images to calibrate an image model (pixel_values) on "
+                            "(default: matplotlib's sample images)")
     parser.add_argument("--dump-dir", help="save the model after every pass into this directory")
     parser.add_argument("--verify", action="store_true", help="check every function-preserving pass numerically")
     parser.add_argument("--eval", action="store_true",
@@ -48,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if args.calib_text and not Path(args.calib_text).is_file():
         what = "not a regular file" if Path(args.calib_text).exists() else "no such file"
         raise LowbitError(f"--calib-text {args.calib_text}: {what}")
-    result = compile(args.input, args.recipe, target=args.target, calibration=args.calib_text,
+    if args.calib_images and not Path(args.calib_images).is_dir():
+        what = "not a directory" if Path(args.calib_images).exists() else "no such directory"
+        raise LowbitError(f"--calib-images {args.calib_images}: {what}")
+    result = compile(args.input, args.recipe, target=args.target, calibration=args.calib_text or args.calib_images,
                      overrides=args.overrides, verify=args.verify, dump_dir=args.dump_dir)  # fmt: skip
     path = result.save(out, ort_format=args.ort_format, force=args.force)
     sites = result.report["sites"]

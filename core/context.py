@@ -51,6 +51,8 @@ class CompileContext:
         if calibration is not None:
             limits = ir_vocab_limits(model)
             for windows in (calibration.windows, *calibration.probes.values()):
+                if not all(np.issubdtype(np.asarray(w).dtype, np.integer) for w in windows):
+                    continue  # pixel values of an image model, not token ids
                 check_token_ids(windows, limits, what=f"calibration data ({calibration.source or 'given windows'})",
                                 model="the model", vocab_size=calibration.vocab_size)  # fmt: skip
         self.model = model

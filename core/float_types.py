@@ -24,6 +24,15 @@ Guarantees:
    with an elementwise cast. This is the "float16 storage, float32 compute" export form; its
    weights are float32 in the compiled model (quantized sites store codes; a weight left in float
    is stored in float32, twice its float16 size).
+   *Lazy*: the fold reads no weight of :data:`LAZY_BYTES` or more (in float32): that constant
+   becomes an ``ir.LazyTensor`` whose ``dtype``, ``shape`` and ``nbytes`` are float32's, and which
+   reads its source (through a memory map of its own when it is external data, unmapped again)
+   and widens it each time its contents are asked for -- ``numpy()``, ``tobytes()``, saving the
+   model (every ONNX Runtime session does), a block's session borrowing its array. Nothing is
+   kept: the float32 array lives as long as its reader holds it, so the compile holds a weight
+   in float32 only while a pass or session uses it, and each read pays the widening again. The
+   array is read-only, as an external tensor's is (a write would be lost; a pass that edits a
+   weight writes a new tensor). Smaller constants are widened at the fold.
 2. *Everything else refused*: afterwards no float16 / bfloat16 / float64 tensor is left in the
    model -- graph inputs and outputs, node inputs and outputs of every graph, subgraph and
    function, ``Cast`` / ``dtype`` targets and tensor attributes -- or a :class:`LowbitError`
@@ -42,6 +51,7 @@ Runtime has no CPU bfloat16 kernels).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -51,7 +61,8 @@ import onnx_ir as ir
 
 from lowbit.errors import LowbitError
 
-__all__ = ["FloatTypesPass", "NON_FLOAT32", "check_float_types", "first_non_float32", "fold_float_storage"]
+__all__ = ["LAZY_BYTES", "NON_FLOAT32", "FloatTypesPass", "check_float_types", "first_non_float32",
+           "fold_float_storage", "widened_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +73,7 @@ NON_FLOAT32 = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
 # Ops that only move elements: an elementwise cast commutes with them (data input 0 only).
 _MOVE_OPS = frozenset({"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Gather"})
 _DTYPE_ATTRS = ("to", "dtype", "output_dtype")
+LAZY_BYTES = 1 << 20  # a widened constant this large (in float32) is widened on each read, not at the fold
 
 
 def _standard(node: ir.Node) -> bool:
@@ -130,11 +142,49 @@ def _foldable(model: ir.Model, *, unknown_ok: bool = False) -> list[_Fold]:
     return found
 
 
+def _to_float32(source: ir.TensorProtocol) -> np.ndarray:
+    """``source``'s elements as a new float32 array. External data is read through a memory map of
+    this call's own, closed again: the pages read do not stay resident, and two reads share nothing."""
+    if not isinstance(source, ir.ExternalTensor):
+        return np.asarray(source.numpy()).astype(np.float32)
+    view = ir.ExternalTensor(source.location, source.offset, source.length, source.dtype, shape=source.shape,
+                             name=source.name, base_dir=source.base_dir)  # fmt: skip
+    try:
+        return view.numpy().astype(np.float32)
+    finally:
+        view.release()
+
+
+def _read_widened(source: ir.TensorProtocol, name: str | None) -> ir.Tensor:
+    """A lazily widened constant's contents: read-only, since a write would be lost."""
+    array = _to_float32(source)
+    array.flags.writeable = False
+    return ir.Tensor(array, name=name)
+
+
+def _widened(source: ir.TensorProtocol, name: str | None) -> ir.TensorProtocol:
+    """The float32 constant replacing ``source`` (module doc, step 1): lazy when large."""
+    if source.size * FLOAT.itemsize < LAZY_BYTES:
+        return ir.Tensor(_to_float32(source), name=name)
+    shape = ir.Shape(source.shape.numpy())
+    return ir.LazyTensor(functools.partial(_read_widened, source, name), dtype=FLOAT, shape=shape, name=name)
+
+
+def widened_source(tensor: ir.TensorProtocol) -> ir.TensorProtocol | None:
+    """The float16 / bfloat16 / float64 tensor that a lazily widened constant reads, or None when
+    ``tensor`` is not one (e.g. to re-point an external source whose directory moved)."""
+    func = tensor.raw if isinstance(tensor, ir.LazyTensor) else None
+    if isinstance(func, functools.partial) and func.func is _read_widened:
+        return func.args[0]
+    return None
+
+
 def fold_float_storage(model: ir.Model) -> int:
-    """Step 1 of the module docstring; returns how many constants became float32."""
+    """Step 1 of the module docstring; returns how many constants became float32. Reads no
+    constant of :data:`LAZY_BYTES` or more (in float32)."""
     folds = _foldable(model)
     for fold in folds:
-        widened = ir.Tensor(np.asarray(fold.tensor.numpy()).astype(np.float32), name=fold.value.name)
+        widened = _widened(fold.tensor, fold.value.name)
         if fold.constant_node is None:
             fold.value.const_value = widened
         else:

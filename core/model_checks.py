@@ -200,7 +200,7 @@ _DQ_OPS = ("DequantizeLinear",)
 def ir_vocab_limits(model: ir.Model) -> tuple[int | None, int | None]:
     """(embedding table rows, logits size) of a causal LM's graph, each None when not static:
     rows of the initializer a ``Gather`` on ``input_ids`` reads (directly or through a
-    DequantizeLinear of stored codes), and the last dimension of the ``logits`` output."""
+    DequantizeLinear of stored codes), and the last dimension of a rank-3 ``logits`` output."""
     graph = model.graph
     rows = None
     for node in graph:
@@ -216,7 +216,8 @@ def ir_vocab_limits(model: ir.Model) -> tuple[int | None, int | None]:
                 rows = int(shape[0]) if rows is None else min(rows, int(shape[0]))
     logits = None
     for out in graph.outputs:
-        if out.name == "logits" and out.shape is not None and len(out.shape) and isinstance(out.shape[-1], int) \
+        # [batch, seq, vocab]: a classifier's [batch, classes] logits are not a vocabulary
+        if out.name == "logits" and out.shape is not None and len(out.shape) == 3 and isinstance(out.shape[-1], int) \
                 and out.shape[-1] > 0:  # fmt: skip
             logits = int(out.shape[-1])
     return rows, logits

@@ -5,7 +5,8 @@ After each block, :meth:`TensorSpill.spill` writes every in-memory initializer o
 ``min_bytes`` (the block's codes and scales, norms and weights its folding rewrote) to one scratch
 data file and replaces it by an ``ir.ExternalTensor`` reading it back (memory-mapped, on demand),
 and :func:`drop_unused_initializers` removes the initializers no node reads any more (the float
-weights the codes replaced), releasing their memory maps.
+weights the codes replaced), releasing their memory maps; :func:`unmap_external` closes the maps
+that reading the kept ones left open.
 
 Guarantees: tensor contents are unchanged (the bytes written are ``tobytes()``, read back with the
 same dtype and shape); the scratch file lives as long as the process (``lowbit.files.scratch``),
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-__all__ = ["TensorSpill", "drop_unused_initializers"]
+__all__ = ["TensorSpill", "drop_unused_initializers", "unmap_external"]
 
 _ALIGN = 64
 
@@ -38,7 +39,8 @@ class TensorSpill:
         with open(self.path, "ab") as f:
             for value in graph.initializers.values():
                 tensor = value.const_value
-                if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.min_bytes:
+                # external and lazily widened weights are read on demand already: only what a pass wrote moves
+                if tensor is None or isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)) or tensor.nbytes < self.min_bytes:
                     continue
                 data = tensor.tobytes()
                 pad = -self.offset % _ALIGN
@@ -65,3 +67,12 @@ def drop_unused_initializers(graph: ir.Graph) -> int:
         if isinstance(tensor, ir.ExternalTensor):
             tensor.release()
     return len(unused)
+
+
+def unmap_external(graph: ir.Graph) -> None:
+    """Close the memory maps that reading external initializers left open (a read page of a map
+    stays resident while the map lives: a 1B model's tied embedding is 1 GB); the next read maps
+    the file again."""
+    for value in graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()

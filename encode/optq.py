@@ -142,19 +142,24 @@ def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str,
         order = act_order and block is None
         factored = list(pool.map(lambda p: _factor(hessians[p], damp, order, u[p]), range(n_prob)))
         perms = [perm for perm, _ in factored]
-        parts = []
+        if width == n:
+            w = np.empty((n_prob, k, n))  # float64, error-compensated in place
+            for p, (perm, dead) in enumerate(factored):
+                _columns(weights[p], perm, dead, slice(None), w[p])
+            return _optq_steps(w, u, perms, fmt, block, scale_method, pool)
+        # per problem: codes (K, N) and scales (blocks, N) filled slice by slice, proxy errors (N,)
+        out = [(np.empty((k, n), np.float32), np.empty((-(-k // (block or k)), n), np.float32), np.empty(n))
+               for _ in range(n_prob)]  # fmt: skip
         for c0 in range(0, n, width):
             cols = slice(c0, min(c0 + width, n))
-            w = np.empty((n_prob, k, cols.stop - c0))  # float64, error-compensated in place
+            w = np.empty((n_prob, k, cols.stop - c0))
             for p, (perm, dead) in enumerate(factored):
                 _columns(weights[p], perm, dead, cols, w[p])
-            parts.append(_optq_steps(w, u, perms, fmt, block, scale_method, pool))
+            for p, part in enumerate(_optq_steps(w, u, perms, fmt, block, scale_method, pool)):
+                for whole, piece in zip(out[p], part):
+                    whole[..., cols] = piece
             del w
-    if len(parts) == 1:
-        return parts[0]
-    # per problem: codes (K, N) and scales (blocks, N) side by side, proxy errors (N,) end to end
-    return [(np.concatenate([part[p][0] for part in parts], axis=1), np.concatenate([part[p][1] for part in parts], axis=1),
-             np.concatenate([part[p][2] for part in parts])) for p in range(n_prob)]  # fmt: skip
+    return out
 
 
 def _optq_steps(w: np.ndarray, u: np.ndarray, perms: list[np.ndarray], fmt: str, block: int | None,
@@ -240,8 +245,9 @@ class OptqPass(LowbitPass):
         with tqdm(total=sum(len(b) for b in batches), desc="OPTQ", unit="group", leave=False, disable=None) as bar, \
                 threadpool_limits(1, user_api="blas"):
             for batch in batches:
-                for problem in batch:
-                    problem[1] = np.concatenate([weight_kn(s) for s in problem[0]], axis=1)
+                for problem in batch:  # one site (a head): its weight as it is, no concatenated copy
+                    sites = problem[0]
+                    problem[1] = weight_kn(sites[0]) if len(sites) == 1 else np.concatenate([weight_kn(s) for s in sites], axis=1)
                 self._round(batch, encodings, report)
                 for problem in batch:
                     problem[1] = None  # at most one batch of weights in memory
@@ -256,6 +262,9 @@ class OptqPass(LowbitPass):
         wspec, rspec = self.ctx.recipe.weights, self.ctx.recipe.rounding
         k = batch[0][1].shape[0]  # one shape per batch
         block = min(wspec.block_size, k) if wspec.block_size else None  # a longer block is the whole axis
+        # a batch of fewer problems than threads (one block of a block-wise compile) gives BLAS the
+        # idle threads: a 1B model's down_proj factor and refit take 24 s on one thread
+        blas = threadpool_limits(max(1, _THREADS // len(batch)), user_api="blas")
         results = _optq_solve([w for _, w, _ in batch], [h for _, _, h in batch], wspec.format, block,
                               damp=rspec.damp, scale_method=wspec.scale_method, act_order=rspec.act_order)  # fmt: skip
         element = formats.get_format(wspec.format).element
@@ -291,7 +300,7 @@ class OptqPass(LowbitPass):
             return out
 
         # one BLAS thread per problem (the pass's limit), problems side by side
-        with ThreadPoolExecutor(_THREADS) as pool:
+        with blas, ThreadPoolExecutor(_THREADS) as pool:
             for entries in pool.map(finish, zip(batch, results)):
                 for name, enc, entry in entries:
                     encodings[name], report[name] = enc, entry

@@ -20,7 +20,9 @@ gate/up and down_proj inputs (H from 4 windows, no smoothing), ~3.6 % on the tes
 SmolLM2 w4a8-dint4 ppl 17.12 -> 16.96 (QDQ in float, 8 x 512 windows; a float64 prototype of
 the same solve gave 17.00: downstream discrete choices move 4-bit perplexity by a few hundredths).
 Cost: K x K x N multiply-adds per problem, ~8 CPU-seconds for SmolLM2 (one BLAS thread; OPTQ's
-pass refits its problems on parallel threads).
+pass refits its problems on parallel threads). A wide problem is refit in slices of output
+columns, so its normal equations stay within ``_SLICE_BYTES`` (Llama-3-8B's head would need
+17 GB at once); the slices agree with one solve to the float32 rounding of the products.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 __all__ = ["refit_block_scales"]
 
 _RIDGE = 1e-6
+_SLICE_BYTES = 256 << 20  # float64 normal equations held at once (8B's head: 128256 columns x 128 blocks)
 
 
 def refit_block_scales(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.ndarray, damp: float,
@@ -40,6 +43,15 @@ def refit_block_scales(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.n
     k, n = w.shape
     block = block or k
     nb = -(-k // block)
+    width = max(1, _SLICE_BYTES // (16 * nb * nb))  # columns refit at once: M (and its ridge copy) per slice
+    if n > width:  # columns are independent: a vocabulary-sized head is refit slice by slice
+        out = (np.empty_like(q, dtype=np.float32), np.empty_like(scales, dtype=np.float32), np.empty(n))
+        for c in range(0, n, width):
+            cols = slice(c, c + width)
+            part = refit_block_scales(w[:, cols], q[:, cols], scales[:, cols], h, damp, block, error[cols])
+            for whole, piece in zip(out, part):
+                whole[..., cols] = piece
+        return out
     kp = nb * block  # rows padded to whole blocks with zero codes: block sums become reshapes
     expand = np.arange(k) // block
     codes = np.zeros((kp, n), np.float32)

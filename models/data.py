@@ -14,18 +14,29 @@ windows are returned, as an int64 array ``[n, seq_len]``. A user's own text (``-
 ``--eval-text``) replaces the split's text and is windowed the same way, read and tokenized a
 chunk at a time and only as far as the windows need (:func:`text_chunks`): memory does not grow
 with the file.
+
+Images (models that read ``pixel_values``): a window is a batch of :data:`IMAGES_PER_WINDOW`
+images preprocessed by the model's image processor, float32 ``[B, C, H, W]``. Default images: the
+sample pictures matplotlib (a lowbit dependency) ships in ``mpl-data/sample_data``
+(:data:`SAMPLE_IMAGES`: a photograph, an icon, a logo; nothing is downloaded). A user's
+directory (``--calib-images``) replaces them: its PNG and JPEG files in name order (hidden entries
+ignored; anything else refused with one line). The images are used whole first; when the windows
+need more images than there are, further rounds use deterministic square crops (a seeded
+position and size, every other round mirrored) of them. Only as many files are opened as the
+windows need, each scaled down to fit :data:`MAX_IMAGE_SIDE` pixels first.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, printable
 
 __all__ = [
     "Split",
@@ -38,6 +49,12 @@ __all__ = [
     "calibration_windows",
     "evaluation_windows",
     "text_samples",
+    "IMAGES_PER_WINDOW",
+    "MAX_IMAGE_SIDE",
+    "SAMPLE_IMAGES",
+    "sample_image_files",
+    "image_files",
+    "image_windows",
 ]
 
 Split = Literal["calibration", "evaluation"]
@@ -213,3 +230,119 @@ def _paragraphs(text: str | Iterable[str]) -> Iterator[str]:
         carry = blocks.pop()
         yield from blocks
     yield carry
+
+
+IMAGES_PER_WINDOW = 4  # images per calibration window (one ORT run) of an image model
+SAMPLE_IMAGES = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")  # matplotlib's sample_data
+_IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+def sample_image_files() -> list[Path]:
+    """The default calibration images: :data:`SAMPLE_IMAGES` inside the installed matplotlib."""
+    import matplotlib
+
+    files = [Path(matplotlib.get_data_path()) / "sample_data" / name for name in SAMPLE_IMAGES]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise LowbitError(f"matplotlib's sample images are missing ({', '.join(missing)}): give --calib-images DIR")
+    return files
+
+
+def _image_format(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    return next((fmt for magic, fmt in _IMAGE_MAGIC.items() if head.startswith(magic)), None)
+
+
+def image_files(directory: str | os.PathLike) -> list[Path]:
+    """The PNG/JPEG files of ``directory`` in name order (hidden entries ignored); LowbitError for
+    a missing or empty directory and for any entry that is not a PNG or JPEG file (by content)."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise LowbitError(f"{directory}: {'not a directory' if root.exists() else 'no such directory'} of images")
+    files = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_file() or _image_format(entry) is None:
+            what = "a directory" if entry.is_dir() else "by its content" if entry.is_file() else "not a regular file"
+            raise LowbitError(f"{printable(str(entry))}: not a PNG or JPEG image ({what}); "
+                              "the calibration image directory may hold PNG and JPEG files only")  # fmt: skip
+        files.append(entry)
+    if not files:
+        raise LowbitError(f"{directory}: no PNG or JPEG images in the directory")
+    return files
+
+
+MAX_IMAGE_SIDE = 1024  # larger images are scaled down to fit MAX_IMAGE_SIDE^2 when opened
+
+
+def _open_rgb(path: Path) -> Any:
+    """The image at ``path`` as RGB (transparent parts on white), scaled down to fit
+    :data:`MAX_IMAGE_SIDE` (processors resize to a few hundred pixels anyway); LowbitError for a
+    broken file or one above PIL's decompression-bomb limit."""
+    from PIL import Image
+
+    name = printable(str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                fmt = opened.format
+                opened.draft("RGB", (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))  # JPEG: decode at a reduced scale
+                opened.load()
+                img = opened.copy()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise LowbitError(f"{name}: image too large ({type(e).__name__})") from e
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or corrupt files
+        raise LowbitError(f"{name}: cannot read the image ({type(e).__name__})") from e
+    if fmt not in ("PNG", "JPEG"):
+        raise LowbitError(f"{name}: not a PNG or JPEG image ({fmt})")
+    img.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _views(files: list[Path], count: int) -> Iterator[Any]:
+    """``count`` images: each file whole, then rounds of deterministic crops (module docstring).
+    Files are kept open only when they are used again."""
+    from PIL import ImageOps
+
+    reused: dict[int, Any] = {}
+    for k in range(count):
+        rnd, i = divmod(k, len(files))
+        img = reused[i] if i in reused else _open_rgb(files[i])
+        if len(files) < count:
+            reused[i] = img
+        if rnd:
+            rng = np.random.default_rng([rnd, i])
+            side = max(1, int(min(img.size) * rng.uniform(0.5, 0.9)))
+            x, y = (int(rng.integers(0, n - side + 1)) for n in img.size)
+            img = img.crop((x, y, x + side, y + side))
+            if rnd % 2:
+                img = ImageOps.mirror(img)
+        yield img
+
+
+def image_windows(processor: Any, n: int, *, image_dir: str | os.PathLike | None = None,
+                  per_window: int = IMAGES_PER_WINDOW) -> list[np.ndarray]:
+    """``n`` windows of ``per_window`` images each, preprocessed by ``processor`` (a transformers
+    image processor): float32 ``[per_window, C, H, W]`` arrays (module docstring)."""
+    if n < 1 or per_window < 1:
+        raise LowbitError(f"the number of windows and of images per window must be >= 1, got {n} and {per_window}")
+    files = image_files(image_dir) if image_dir is not None else sample_image_files()
+    views = _views(files, n * per_window)
+    windows = []
+    for _ in range(n):
+        batch = [next(views) for _ in range(per_window)]
+        try:
+            pixels = processor(images=batch, return_tensors="np")["pixel_values"]
+        except (ValueError, TypeError, KeyError) as e:  # settings the processor cannot apply
+            raise LowbitError(f"the image processor cannot preprocess the calibration images: {e}") from e
+        windows.append(np.ascontiguousarray(pixels, dtype=np.float32))
+    return windows

@@ -2,8 +2,9 @@
 
 Handles the torch-dynamo export (``input_ids`` [+ ``attention_mask``]), optimum KV-cache exports
 (``attention_mask``, ``position_ids``, ``past_key_values.N.key/value`` -- empty unless a past is
-given), and BERT-style encoders (``token_type_ids``). The one feed builder of lowbit: calibration,
-verification, evaluation and benchmarks all use it. Unknown inputs raise a LowbitError naming them.
+given), BERT-style encoders (``token_type_ids``) and image models (``pixel_values`` only). The one
+feed builder of lowbit: calibration, verification, evaluation and benchmarks all use it. Unknown
+inputs raise a LowbitError naming them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ def build_feeds(session: Any, input_ids: np.ndarray, **kwargs: Any) -> dict[str,
 def make_feed(inputs: Sequence[Any], input_ids: np.ndarray, *, attention_mask: np.ndarray | None = None,
               past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Feeds for ``inputs`` (ORT NodeArgs) given token ids [T] or [B, T]; an empty KV cache
-    unless ``past`` (keyed by input name) is given."""
+    unless ``past`` (keyed by input name) is given. A model whose one input is ``pixel_values``
+    is fed the given array itself, which must be a batch of images [B, C, H, W]."""
+    if len(inputs) == 1 and inputs[0].name == "pixel_values":
+        if np.ndim(input_ids) != 4:
+            raise LowbitError(f"model input 'pixel_values' is not one lowbit knows how to feed from an array of "
+                              f"shape {np.shape(input_ids)}: it takes images [batch, channels, height, width]")
+        return {"pixel_values": np.asarray(input_ids, _NP_TYPES.get(inputs[0].type, np.float32))}
     input_ids = np.atleast_2d(np.asarray(input_ids))
     batch, seq = input_ids.shape
     past = past or {}

@@ -100,6 +100,10 @@ class SubgraphRun(Protocol):
 
     def __call__(self, window: Window) -> dict[str, np.ndarray]: ...
 
+    def close(self) -> None:
+        """Free the session: every window has run."""
+        ...
+
 
 class WindowRunner(Protocol):
     """How the model is run: the subgraph runs, in order, that together compute every tap."""
@@ -117,6 +121,9 @@ class _SessionRun:
 
     def __call__(self, window: Window) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(self.names, build_feeds(self.session, window.ids))))
+
+    def close(self) -> None:
+        self.session = None
 
 
 class WholeModel:
@@ -183,6 +190,7 @@ def observe(ctx: CompileContext, model: ir.Model, accumulators: Sequence[Accumul
                 mine = {n: values[n] for n in names if n in values}
                 if mine:
                     acc.add(window, mine)
+        run.close()  # before the block's passes: its session and borrowed weights are not needed again
         if after_each is not None:
             for acc in accumulators:
                 acc.finish(ctx)

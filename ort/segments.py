@@ -8,14 +8,19 @@ of a topologically ordered graph is correct: what crosses it (the residual strea
 shared by every block such as the attention mask and rotary tables) is kept in memory per window
 and fed to the segments that read it, and dropped after its last reader.
 
-Assumes the graph is topologically ordered (ONNX requires it; a model that is not is run whole)
-and that external weights lie in files that may be linked (not copied) into a scratch directory:
-a segment's session reads its weights from the input's own external data files, so building the
-sessions writes nothing but small protobufs. In-memory tensors of the segment go to one scratch
-data file.
+Assumes the graph is topologically ordered (ONNX requires it; a model that is not is refused
+with one line). Weights are not copied: a segment's session is built from a protobuf of headers
+only, and ONNX Runtime borrows every weight array (``add_external_initializers``) -- a read-only
+memory map of the input's own external data file, or the in-memory (or lazily widened) array --
+for as long as the session lives. (Linking the input's data file into a scratch directory does not
+work: ONNX Runtime resolves links and refuses a data file outside the model's directory.)
+
+Each segment's session computes only what its taps and the later segments need: the graph's own
+outputs are never computed (a tied lm_head would cost a transposed copy of the embedding).
 
 Guarantees: each segment's taps equal the whole model's up to ONNX Runtime's float32 rounding of
-fusions that a cut prevents (e.g. a norm fused with the residual Add before it); tests bound it.
+fusions that a cut prevents (e.g. a norm fused with the residual Add before it); on the tiny
+synthetic Llama they are bit-identical (tests).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def split_segments(model: ir.Model, budget_bytes: int) -> list[Segment] | None:
             merged[-1] = merged[-1] + piece
         else:
             merged.append(piece)
-    last_read: dict[ir.Value, int] = {v: len(nodes) for v in graph.outputs}
+    last_read: dict[ir.Value, int] = {}  # observation never needs the graph's outputs (logits)
     for i, node in enumerate(nodes):
         for v in _node_reads(node):
             last_read[v] = max(last_read.get(v, -1), i)
@@ -109,6 +114,17 @@ def split_segments(model: ir.Model, budget_bytes: int) -> list[Segment] | None:
         keeps = [v for n in piece for v in n.outputs if last_read.get(v, -1) > end]
         segments.append(Segment(piece, reads, keeps, weights(piece)))
     return segments
+
+
+def _needed(nodes: list[ir.Node], outputs: Sequence[ir.Value]) -> list[ir.Node]:
+    """The nodes some output depends on, in order: ONNX Runtime would run the others too (e.g. a
+    tied lm_head whose logits nobody observes: a transposed copy of the embedding and its GEMM)."""
+    wanted, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(v in wanted for v in node.outputs):
+            kept.append(node)
+            wanted.update(_node_reads(node))
+    return kept[::-1]
 
 
 def _value_info(value: ir.Value, sample: np.ndarray | None) -> onnx.ValueInfoProto:
@@ -142,11 +158,13 @@ def _segment_model(model: ir.Model, seg: Segment, outputs: Sequence[ir.Value], s
     """A model of the segment's nodes (its reads are graph inputs, ``outputs`` its outputs) and
     the weights ONNX Runtime borrows for it by name: the protobuf holds only their headers."""
     graph = onnx.GraphProto(name="segment")
-    graph.node.extend(ir.serde.serialize_node(n) for n in seg.nodes)
-    graph.input.extend(_value_info(v, samples.get(v.name)) for v in seg.reads)
+    nodes = _needed(seg.nodes, outputs)
+    reads = list(dict.fromkeys(v for n in nodes for v in _node_reads(n)))
+    graph.node.extend(ir.serde.serialize_node(n) for n in nodes)
+    graph.input.extend(_value_info(v, samples.get(v.name)) for v in seg.reads if v in reads)
     graph.output.extend(_value_info(v, None) for v in outputs)
     borrowed: dict[str, np.ndarray] = {}
-    for value in dict.fromkeys(v for n in seg.nodes for v in _node_reads(n) if _is_constant(v)):
+    for value in (v for v in reads if _is_constant(v)):
         tensor = value.const_value
         array = _array(tensor) if tensor.nbytes > _INLINE_BYTES else None
         if array is None:
@@ -179,11 +197,15 @@ class _SegmentRun:
         if self.borrowed:
             opts.add_external_initializers(list(self.borrowed), [ort.OrtValue.ortvalue_from_numpy(a) for a in self.borrowed.values()])
         self.session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.reads = [v.name for v in seg.reads]
+        self.reads = [i.name for i in self.session.get_inputs()]  # what the pruned segment reads
         self.names = [v.name for v in outputs]
         self.keeps = {v.name for v in seg.keeps}
         self.cache, self.graph_inputs = cache, graph_inputs
         self.nodes = seg.nodes
+
+    def close(self) -> None:
+        """Free the session and the weights it borrowed (every window has run)."""
+        self.session = self.borrowed = None
 
     def __call__(self, window) -> dict[str, np.ndarray]:
         known = self.cache.setdefault(window.index, {})

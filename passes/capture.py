@@ -6,7 +6,8 @@ search's objective is evaluated on it). An accumulator of the observation run
 Assumes the linear-site map and calibration windows. The model is not modified; after the run
 ``ctx.analyses.get(SITE_CAPTURE)`` maps each site-input value name to a :class:`GroupCapture`. Memory is bounded by one K x K float64 and one K x K float32 matrix and
 ``sample_tokens`` x K float32 rows per input group, plus one window's tapped activations, however
-many windows run.
+many windows run; in a block-wise compile only the current block's groups are held (each group's
+capture is published when its block has seen every window, and released after the block).
 
 Later function-preserving passes that rescale or permute an input's channels keep every analysis
 keyed by that input consistent through :func:`transform_channels` (exact: X/s and X[:, perm]

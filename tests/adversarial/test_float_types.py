@@ -29,6 +29,7 @@ import pytest
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import TinyConfig, tiny_decoder
+from lowbit.core import float_types
 from lowbit.core.float_types import FloatTypesPass, check_float_types
 
 from .conftest import TEXT, assert_user_error, run_lowbit, write_tokenizer
@@ -159,6 +160,20 @@ def test_api_calibrated_stored_weights_exactly(dtype, recipe):
     assert rel(logits(compiled.model), before) < TOL[recipe]
     expected = lowbit.compile(rounded(dtype), recipe, calibration=WINDOWS, overrides=CAL_SET)
     same_tensors(compiled.model, expected.model)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_lazy_widening_compiles_what_eager_widening_compiles(dtype, monkeypatch):
+    """Every weight widened lazily (``LAZY_BYTES`` 0; the default widens these small ones at the
+    fold), from in-memory float16 / bfloat16 sources: --verify'd exact, and the same compiled
+    model as the eager fold, tensor for tensor."""
+    monkeypatch.setattr(float_types, "LAZY_BYTES", 0)
+    lazy = lowbit.compile(stored_as(dtype), "w8a8-smooth", calibration=WINDOWS, overrides=CAL_SET, verify=True)
+    passes = {p["pass"]: p for p in lazy.report["passes"]}
+    assert passes["FloatTypesPass"]["modified"] and passes["FloatTypesPass"]["verified_rel_diff"] == 0.0
+    monkeypatch.setattr(float_types, "LAZY_BYTES", 1 << 62)
+    eager = lowbit.compile(stored_as(dtype), "w8a8-smooth", calibration=WINDOWS, overrides=CAL_SET)
+    same_tensors(lazy.model, eager.model)
 
 
 # -- (a) / (b): float16 / bfloat16 compute is refused ------------------------------------------

@@ -71,3 +71,22 @@ def test_recipe_with_a_model_wide_step_runs_whole(tiny_dir, monkeypatch, caplog)
         compiled = _compile(tiny_dir, "fgmp-nvfp4-fp8", blockwise=True, monkeypatch=monkeypatch)
     assert "blockwise" not in compiled.report
     assert "cannot run block by block" in caplog.text
+
+
+def test_each_block_releases_its_statistics_and_encodings(tiny_dir, monkeypatch):
+    """After a block, nothing of it is left in the heavy analyses: X^T X and row samples (SITE_CAPTURE)
+    and codes (WEIGHT_ENCODINGS) of the next block start from empty maps."""
+    from lowbit.compiler import blockwise
+    from lowbit.core.analyses import WEIGHT_ENCODINGS
+    from lowbit.core.statistics import SITE_CAPTURE
+
+    left: list[tuple[int, int]] = []
+    release = blockwise.BlockwisePass._release
+
+    def checked(self, sites):
+        release(self, sites)
+        left.append((len(self.ctx.analyses.find(SITE_CAPTURE) or {}), len(self.ctx.analyses.find(WEIGHT_ENCODINGS) or {})))
+
+    monkeypatch.setattr(blockwise.BlockwisePass, "_release", checked)
+    _compile(tiny_dir, "w4a8-dint4", blockwise=True, monkeypatch=monkeypatch)
+    assert len(left) > 4 and set(left) == {(0, 0)}

@@ -51,3 +51,24 @@ def test_the_pass_refits_by_default_and_lowers_the_reported_error(optq_rounded):
     assert load_recipe("w4a8-dint4").rounding.refit_scales
     assert all(errors[True][n] <= errors[False][n] * (1 + 1e-6) for n in errors[False])
     assert sum(errors[True].values()) < sum(errors[False].values())
+
+
+def test_wide_problems_are_refit_in_column_slices(monkeypatch):
+    """A vocabulary-sized head is refit in slices of output columns (bounded normal equations):
+    the codes are unchanged and the scales agree with one solve to float32 rounding."""
+    from lowbit.encode import optq, scale_refit
+
+    rng = np.random.default_rng(0)
+    k, n = 256, 700
+    x = rng.standard_normal((1000, k)).astype(np.float32)
+    x[:, 5] = 0.0
+    h = (x.T @ x).astype(np.float64)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q, s, e = optq._optq_solve([w], [h], "dint4", 32, damp=0.01, scale_method="mse", act_order=False)[0]
+    whole = scale_refit.refit_block_scales(w, q, s, h, 0.01, 32, e)
+    monkeypatch.setattr(scale_refit, "_SLICE_BYTES", 16 * 8 * 8 * 100)  # 100 columns per slice
+    sliced = scale_refit.refit_block_scales(w, q, s, h, 0.01, 32, e)
+    expand = np.arange(k) // 32
+    np.testing.assert_array_equal(np.rint(2 * sliced[0] / sliced[1][expand]), np.rint(2 * whole[0] / whole[1][expand]))
+    np.testing.assert_allclose(sliced[1], whole[1], rtol=1e-6)
+    np.testing.assert_allclose(sliced[2], whole[2], rtol=1e-5, atol=1e-3 * float(np.abs(whole[2]).max()))

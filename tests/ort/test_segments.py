@@ -68,7 +68,7 @@ def test_cuts_carry_only_the_residual_stream_and_shared_values(canonical):
 
 
 def test_segment_weights_are_borrowed_from_the_input_file(canonical):
-    seg = max(split_segments(canonical, budget_bytes=1), key=lambda s: s.weight_bytes)
+    seg = max(split_segments(canonical, budget_bytes=1)[1:-1], key=lambda s: s.weight_bytes)  # an MLP half
     proto, borrowed = _segment_model(canonical, seg, seg.keeps, {})
     assert borrowed and all(isinstance(a, np.memmap) for a in borrowed.values())  # mapped, not read
     assert proto.ByteSize() < 64 << 10  # headers only
@@ -91,3 +91,14 @@ def test_unsorted_graph_is_refused(canonical):
     assert split_segments(model, 1) is None
     with pytest.raises(LowbitError, match="topological"):
         next(Segmented(1).subgraphs(model, _site_taps(model)))
+
+
+def test_nodes_no_output_needs_are_not_run(canonical):
+    """The head segment observed for its norm output only: the tied lm_head (Transpose of the
+    embedding, MatMul) is left out, so ONNX Runtime neither copies the table nor computes logits."""
+    last = split_segments(canonical, budget_bytes=1)[-1]
+    assert last.keeps == []  # the graph's logits are not needed by observation
+    norm_out = last.nodes[0].outputs[0]
+    proto, borrowed = _segment_model(canonical, last, [norm_out], {})
+    assert [n.op_type for n in proto.graph.node] == [last.nodes[0].op_type]
+    assert not any("embed" in name for name in borrowed)
