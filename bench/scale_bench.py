@@ -115,6 +115,8 @@ def _table(rows: list[dict]) -> str:
                          f"{r['bound_mb'] / 1024:.2f} | - | {r['seconds']:.0f} | - | failed: {r['error']} |")  # fmt: skip
             continue
         passes = {**{k: v for k, v in r["passes"].items() if k != "BlockwisePass"}, **r.get("inner", {})}
+        if "BlockwisePass" in r["passes"]:  # the rest of a block-wise run is its segment-by-segment observation
+            passes["Observe"] = r["passes"]["BlockwisePass"] - sum(r.get("inner", {}).values())
         by_pass = ", ".join(f"{k.removesuffix('Pass')} {v:.0f}" for k, v in sorted(passes.items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['case']} | {r['recipe']} | {r['params_b']:.2f} B | {r['windows']} | {'yes' if r['blockwise'] else 'no'} | "
                      f"{r['peak_mb'] / 1024:.2f} | {r['bound_mb'] / 1024:.2f} | {'yes' if r['peak_mb'] <= r['bound_mb'] else 'NO'} | "

@@ -11,7 +11,8 @@ wrote is spilled to a scratch data file (:mod:`lowbit.core.tensor_spill`).
 Assumes the passes' folding stays inside a segment (segments are cut at norm inputs: every fold
 target -- the norm, v_proj for o_proj, up_proj for down_proj -- lies in the segment of the sites it
 serves) and that later segments are observed on the float model's values (cached before any edit),
-as the whole-model pipeline observes them. Guarantees: the compiled model is the one the
+as the whole-model pipeline observes them, and that the accumulators tap every site's input (a
+segment with no tap is not run, so its sites would get no block). Guarantees: the compiled model is the one the
 whole-model pipeline writes (tests compare them byte for byte on a model small enough for both).
 ``--verify`` does not check the passes inside a block-wise run (it would run the whole model).
 """
