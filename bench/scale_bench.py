@@ -1,6 +1,6 @@
 """``lowbit-bench scale``: peak resident memory and compile time against model size, on synthetic
 decoders of real shapes (:mod:`lowbit.models.synthetic_llm`), written to ``bench/SCALE.md`` with a
-plot (``bench/scale.png``).
+plot (``bench/SCALE.png``).
 
 Each compile runs as its own ``lowbit compile`` process, so its peak resident memory is the
 kernel's figure for that process alone (``wait4``'s ``ru_maxrss``). The bound the scale issue sets
@@ -142,7 +142,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     mem.legend(fontsize=8)
     sec.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -156,30 +156,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the rows of the previous run (its .json beside the output) that this run does not redo")
 
 
+def _previous_rows(path: Path) -> tuple[list[dict], list[dict]]:
+    """The rows and commands of an earlier run's ``.json`` (for ``--append``)."""
+    from lowbit.files.fsutil import read_json
+
+    earlier = read_json(path, "a lowbit-bench scale result")
+    if not (isinstance(earlier, dict) and isinstance(earlier.get("rows"), list) and isinstance(earlier.get("commands"), list)):
+        raise LowbitError(f"{path}: not a lowbit-bench scale result (no rows and commands): --append needs the .json it wrote")
+    return earlier["rows"], earlier["commands"]
+
+
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
+    from lowbit.bench.cli_bench import check_report_path
+    from lowbit.core.recipe import load_recipe
+    from lowbit.files.fsutil import atomic_path
+
+    # Validate everything now, not after an hour of compiling.
     cases = [parse_case(c.strip()) for c in args.cases.split(",") if c.strip()]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not cases or not recipes:
+        raise LowbitError("--cases and --recipes each need at least one entry")
+    for recipe in recipes:
+        load_recipe(recipe)  # an unknown name is a one-line error
     if args.windows < 1:
         raise LowbitError("--windows must be at least 1")
     output = Path(args.output)
-    if not output.parent.is_dir():
-        raise LowbitError(f"-o {output}: directory {output.parent} does not exist")
+    results, plot = output.with_suffix(".json"), output.with_suffix(".png")
+    for path in (output, results, plot):
+        check_report_path(path)
+    rows, commands = _previous_rows(results) if args.append and results.is_file() else ([], [])
+    redo = {(c.label, r) for c in cases for r in recipes}
+    rows = [r for r in rows if (r["case"], r["recipe"]) not in redo]
     with tempfile.TemporaryDirectory(prefix="lowbit-scale-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         started = machine_line()
-        rows, commands = [], []
-        previous = output.with_suffix(".json")
-        if args.append and previous.is_file():
-            earlier = json.loads(previous.read_text())
-            redo = {(c.label, r) for c in cases for r in recipes}
-            rows = [r for r in earlier["rows"] if (r["case"], r["recipe"]) not in redo]
-            commands = earlier["commands"]
         for case in cases:
             model_dir = work / case.directory_name
-            if not (model_dir / "model.onnx").is_file():
+            if not (model_dir / "model.onnx").is_file():  # reused when there (read only)
                 write_decoder(case.shape, model_dir, dtype=case.dtype)
             for recipe in recipes:
                 out = work / f"{case.directory_name}-{recipe}"
@@ -188,23 +204,29 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(_row(case, recipe, result, args.windows))
                 print(f"{case.label} {recipe}: {rows[-1]['peak_mb'] / 1024:.2f} GB peak, {result['seconds']:.0f} s"
                       + (f" FAILED: {result['error']}" if result.get("error") else ""), flush=True)  # fmt: skip
-                _remove_output(out)
-        plot = output.with_name("scale.png")
-        _plot(rows, plot)
-        commands.append({"command": f"lowbit-bench scale --cases {args.cases} --recipes {args.recipes} --windows {args.windows}"
-                                    + (" --append" if args.append else ""), "machine": started})  # fmt: skip
-        ran = "\n".join(f"- `{c['command']}` -- {c['machine']}" for c in commands)
-        text = (f"# lowbit at scale: peak memory and compile time\n\nCommands (machine, start):\n\n{ran}\n\n"
-                f"{_table(rows)}\n![peak memory and time against parameters]({plot.name})\n\n"
-                "Weights are random (`lowbit.models.synthetic_llm`): these runs measure memory and time, not accuracy.\n")  # fmt: skip
-        output.write_text(text)
-        previous.write_text(json.dumps({"rows": rows, "commands": commands}, indent=1))
+                if "error" not in result:  # this run's compile wrote it (a failed one may have met a user's directory)
+                    _remove_output(out)
+    commands.append({"command": f"lowbit-bench scale --cases {args.cases} --recipes {args.recipes} --windows {args.windows}"
+                                + (" --append" if args.append else ""), "machine": started})  # fmt: skip
+    ran = "\n".join(f"- `{c['command']}` -- {c['machine']}" for c in commands)
+    text = (f"# lowbit at scale: peak memory and compile time\n\nCommands (machine, start):\n\n{ran}\n\n"
+            f"{_table(rows)}\n![peak memory and time against parameters]({plot.name})\n\n"
+            "Weights are random (`lowbit.models.synthetic_llm`): these runs measure memory and time, not accuracy.\n")  # fmt: skip
+    with atomic_path(plot) as tmp_plot:
+        _plot(rows, tmp_plot)
+    with atomic_path(results) as tmp_results:
+        tmp_results.write_text(json.dumps({"rows": rows, "commands": commands}, indent=1))
+    with atomic_path(output) as tmp_output:
+        tmp_output.write_text(text)
     print(f"wrote {output}")
     return 0
 
 
 def _remove_output(out: Path) -> None:
-    """The compiled output of a bench run (written by this command into its work directory)."""
+    """A compiled output this run wrote into its work directory (only ever lowbit's own)."""
     import shutil
 
-    shutil.rmtree(out, ignore_errors=True)
+    from lowbit.files.fsutil import is_lowbit_output
+
+    if is_lowbit_output(out):
+        shutil.rmtree(out)

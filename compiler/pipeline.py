@@ -26,6 +26,7 @@ from lowbit.core.recipe import Recipe
 from lowbit.compiler.blockwise import BlockwisePass
 from lowbit.ort import observe as observation
 from lowbit.ort.observe import Accumulator, ObservePass
+from lowbit.ort.segments import model_weight_bytes
 from lowbit.passes.calibrate import CalibrationAccumulator
 from lowbit.passes.capture import CaptureAccumulator
 from lowbit.passes.canonicalize import canonicalize_passes
@@ -201,21 +202,13 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
     return _blockwise(ctx, steps)
 
 
-def _compute_bytes(model: ir.Model) -> int:
-    """Weight bytes as the passes will hold them: 16-bit float storage is widened to float32 in
-    canonicalization (``lowbit.core.float_types``), which has not run yet."""
-    wide = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-    return sum(v.const_value.nbytes * (2 if v.const_value.dtype in wide else 1)
-               for v in model.graph.initializers.values() if v.const_value is not None)  # fmt: skip
-
-
 def _blockwise(ctx: CompileContext, steps: list[ir.passes.PassBase]) -> list[ir.passes.PassBase]:
     """A model too large to run whole (``WHOLE_MODEL_BYTES``) whose per-site passes all work
     block by block is compiled block by block (:mod:`lowbit.compiler.blockwise`); otherwise the
     steps stay as they are (a recipe with a model-wide step, e.g. FGMP's global budget, then
     holds the whole model's statistics: logged)."""
     observing = [i for i, p in enumerate(steps) if isinstance(p, ObservePass)]
-    if not observing or _compute_bytes(ctx.model) <= observation.WHOLE_MODEL_BYTES:
+    if not observing or model_weight_bytes(ctx.model) <= observation.WHOLE_MODEL_BYTES:
         return steps
     first = observing[0]
     inner = steps[first + 1:-1]  # up to the final dead-code removal

@@ -248,7 +248,10 @@ class OptqPass(LowbitPass):
                 for problem in batch:  # one site (a head): its weight as it is, no concatenated copy
                     sites = problem[0]
                     problem[1] = weight_kn(sites[0]) if len(sites) == 1 else np.concatenate([weight_kn(s) for s in sites], axis=1)
-                self._round(batch, encodings, report)
+                # a batch of fewer problems than threads (one block of a block-wise compile) gives
+                # BLAS the idle threads: a 1B model's down_proj factor and refit take 24 s on one
+                with threadpool_limits(max(1, _THREADS // len(batch)), user_api="blas"):
+                    self._round(batch, encodings, report)
                 for problem in batch:
                     problem[1] = None  # at most one batch of weights in memory
                 bar.update(len(batch))
@@ -262,9 +265,6 @@ class OptqPass(LowbitPass):
         wspec, rspec = self.ctx.recipe.weights, self.ctx.recipe.rounding
         k = batch[0][1].shape[0]  # one shape per batch
         block = min(wspec.block_size, k) if wspec.block_size else None  # a longer block is the whole axis
-        # a batch of fewer problems than threads (one block of a block-wise compile) gives BLAS the
-        # idle threads: a 1B model's down_proj factor and refit take 24 s on one thread
-        blas = threadpool_limits(max(1, _THREADS // len(batch)), user_api="blas")
         results = _optq_solve([w for _, w, _ in batch], [h for _, _, h in batch], wspec.format, block,
                               damp=rspec.damp, scale_method=wspec.scale_method, act_order=rspec.act_order)  # fmt: skip
         element = formats.get_format(wspec.format).element
@@ -299,8 +299,8 @@ class OptqPass(LowbitPass):
                 out.append((site.name, enc, {"rtn_proxy_error": rtn_site, "optq_proxy_error": float(optq_err[cols].sum())}))
             return out
 
-        # one BLAS thread per problem (the pass's limit), problems side by side
-        with blas, ThreadPoolExecutor(_THREADS) as pool:
+        # BLAS threads per problem as the caller set them (one with a full batch), problems side by side
+        with ThreadPoolExecutor(_THREADS) as pool:
             for entries in pool.map(finish, zip(batch, results)):
                 for name, enc, entry in entries:
                     encodings[name], report[name] = enc, entry

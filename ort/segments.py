@@ -58,7 +58,11 @@ class Segment:
 
 
 def model_weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    """Weight bytes as the passes hold them: 16-bit float storage counts at float32 size (the
+    canonicalization widens it, lazily; before it has run the model still stores float16)."""
+    wide = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    return sum(v.const_value.nbytes * (2 if v.const_value.dtype in wide else 1)
+               for v in model.graph.initializers.values() if v.const_value is not None)  # fmt: skip
 
 
 def _node_reads(node: ir.Node) -> list[ir.Value]:

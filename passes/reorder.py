@@ -39,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 from scipy.cluster.vq import kmeans2
 
+from lowbit.core.context import CompileContext
 from lowbit.core.pass_base import LowbitPass
 from lowbit.core.analyses import Key
 from lowbit.core.statistics import ACTIVATION_STATS, transform_channels
@@ -99,13 +100,17 @@ class ReorderPass(LowbitPass):
     PRESERVES_FUNCTION = True
     BLOCKWISE = True
 
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__(ctx)
+        self._widest: tuple = (-1.0, None)  # the plotted input so far (a block-wise compile calls once per block)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         spec = self.ctx.recipe.reorder
         stats = self.ctx.analyses.get(ACTIVATION_STATS)
         clusters: dict[str, np.ndarray] = self.ctx.analyses.find(ACT_CLUSTERS) or {}  # earlier blocks'
         report = self.ctx.report.setdefault("reorder", {"clusters": spec.clusters, "groups": {}})
         gathers, permuted = 0, 0
-        earlier = widest = getattr(self, "_widest", (-1.0, None))
+        earlier = widest = self._widest
         for group in self.ctx.sites.input_groups():
             target = fold_target(group, spec.feeders)
             key, name = group[0].name, group[0].input.name
@@ -137,7 +142,7 @@ class ReorderPass(LowbitPass):
             entry["reordered"] = reordered
             report["groups"][key] = entry
         self.ctx.analyses.put(ACT_CLUSTERS, clusters)
-        self._widest = widest  # a block-wise compile calls the pass once per block
+        self._widest = widest
         report.update({"gathers": report.get("gathers", 0) + gathers, "clustered_groups": len(clusters),
                        "permuted_groups": report.get("permuted_groups", 0) + permuted})  # fmt: skip
         if widest[1] is not None and widest is not earlier:
