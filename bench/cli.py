@@ -19,6 +19,8 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lowbit.bench.cli_bench", "measure lowbit and its peers side by side (writes bench/RESULTS.md)"),
     "demo": ("lowbit.bench.demo", "export -> compile -> evaluate SmolLM2-135M, print a table"),
+    "peers-setup": ("lowbit.bench.peer_envs", "create the peer tools' own venvs from bench/peers/*/requirements.txt (make bench runs it)"),
+    "tuning": ("lowbit.bench.tuning", "recipe sweeps on the tuning split, the only text settings are chosen on (bench/TUNING.md)"),
     "compile-time": ("lowbit.bench.compile_time", "lowbit's compile time against ORT quantize_static, back to back (bench/COMPILE_TIME.md)"),
     "scale": ("lowbit.bench.scale_bench", "peak memory and compile time against model size on synthetic decoders (bench/SCALE.md)"),
     "synth": ("lowbit.models.synthetic_llm", "write a real-shaped synthetic decoder (Llama / Qwen2 shapes) to a new directory"),

@@ -2,7 +2,11 @@
 
 A contender is a name, a description, a note on the weight grid it produces, the model kinds it
 applies to, ``build(fp32_dir, ctx) -> (model_path, compile_seconds)`` and optionally a factory
-of the ORT SessionOptions its result must be run with. ``ctx`` is a
+of the ORT SessionOptions its result must be run with. Contenders whose result ONNX Runtime does
+not run (a peer's OpenVINO IR, GGUF, GenAI model) name their ``runtime`` and bring ``logits``
+(each window's logits, which the bench scores like everyone's), ``speed`` and ``info`` (what the
+build reported: weight grid, bits per weight); ``build`` raises
+:class:`~lowbit.bench.peer_envs.PeerUnavailable` for a configuration that cannot run here. ``ctx`` is a
 :class:`BuildContext`: the calibration data (token windows and ready-made ORT feeds, identical for
 every contender of a run) and a private ``work_dir`` to write into. ``compile_seconds`` is the
 wall time of the contender's own work, excluding the export.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -55,6 +60,13 @@ class Contender:
     openvino: bool = False
     # What the contender calibrated on, as a table cell (e.g. "8 windows"); None: no calibration.
     calibration: Callable[[BuildContext], str] | None = field(default=None, repr=False)
+    runtime: str = "onnxruntime"  # what runs the result (a peer's own runtime where not ORT)
+    # (model_path, windows [N, T], scratch dir) -> each window's [T, V] logits; None: ONNX Runtime
+    logits: Callable[[Path, np.ndarray, Path], Iterator[np.ndarray]] | None = field(default=None, repr=False)
+    # (model_path, prompt ids [T], scratch dir) -> {"prefill_ms", "decode_ms_per_token", ...}; None: ORT latency
+    speed: Callable[[Path, np.ndarray, Path], dict] | None = field(default=None, repr=False)
+    # model_path -> what the build reported ({"weight_grid", "bits_per_weight", "calibration_windows", "note"})
+    info: Callable[[Path], dict] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):

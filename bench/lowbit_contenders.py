@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lowbit.bench.contender import BuildContext, Contender, register, windows_cell
 
-__all__ = ["NPU_RECIPES", "RECIPES", "lowbit_contender"]
+__all__ = ["DEPLOY_RECIPES", "NPU_RECIPES", "RECIPES", "lowbit_contender"]
 
 # (recipe, weight grid as it ends up, model kinds). Order = table order.
 RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
@@ -44,28 +44,46 @@ def _calibration(ctx: BuildContext, recipe: str) -> list:
 
 
 def lowbit_contender(recipe: str, grid: str, kinds: frozenset[str], target: str | None = None,
-                     openvino: bool = False) -> Contender:  # fmt: skip
-    """``lowbit-RECIPE`` (the recipe's own target) or ``lowbit-RECIPE-TARGET`` (target overridden)."""
+                     openvino: bool = False, with_past: bool = False) -> Contender:  # fmt: skip
+    """``lowbit-RECIPE`` (the recipe's own target) or ``lowbit-RECIPE-TARGET`` (target overridden);
+    ``with_past``: compiled from the KV-cache export of the same model (``-kv``), the deployable
+    form whose decode speed the bench measures, run with lowbit's op library registered."""
 
     def build(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
         from lowbit.compiler.api import compile
+        from lowbit.models.export import export_model
 
+        source = export_model("smollm2-135m", with_past=True) if with_past else fp32_dir
         start = time.perf_counter()
-        result = compile(fp32_dir, recipe, target=target, calibration=_calibration(ctx, recipe))
+        result = compile(source, recipe, target=target, calibration=_calibration(ctx, recipe))
         out = result.save(ctx.work_dir / "model")
         return out / "model.onnx", time.perf_counter() - start
 
-    name = f"lowbit-{recipe}" + (f"-{target}" if target else "")
+    name = f"lowbit-{recipe}" + (f"-{target}" if target else "") + ("-kv" if with_past else "")
     shown = f"--target {target}" if target else "(its own target)"
+    shown += " on the KV-cache export" if with_past else ""
     def calibration(ctx: BuildContext) -> str:
         return windows_cell(len(_calibration(ctx, recipe)), ctx)
 
-    return Contender(name, f"lowbit compile --recipe {recipe} {shown}", grid, build, kinds, openvino=openvino,
-                     calibration=calibration)
+    options = None
+    if with_past:
+        from lowbit.runtime_ext import library
 
+        options = library.session_options
+    return Contender(name, f"lowbit compile --recipe {recipe} {shown}", grid, build, kinds, openvino=openvino,
+                     calibration=calibration, session_options=options)
+
+
+# The deployable forms (ort-cpu target, lowbit's native ops, KV cache): what decodes fast on a CPU.
+DEPLOY_RECIPES: tuple[tuple[str, str | None, str], ...] = (
+    ("w4-dint4-ortcpu", None, "dINT4 blocks of 32 weight-only (embedding packed too), MatMulLowbit/GatherLowbit; FP32 activations"),
+    ("w4a8-dint4", "ort-cpu", "as lowbit-w4a8-dint4, emitted as MatMulLowbit ops with int8 activations"),
+)
 
 for _recipe, _grid, _kinds in RECIPES:
     register(lowbit_contender(_recipe, _grid, _kinds))
 for _recipe, _grid, _kinds in NPU_RECIPES:
     register(lowbit_contender(_recipe, _grid, _kinds, openvino=True))
     register(lowbit_contender(_recipe, _grid, _kinds, target="qdq", openvino=True))
+for _recipe, _target, _grid in DEPLOY_RECIPES:
+    register(lowbit_contender(_recipe, _grid, frozenset({"causal-lm"}), target=_target, with_past=True))

@@ -1,78 +1,96 @@
-"""One recipe variant on SmolLM2-135M: compile time, pass times and perplexity, as the bench
-measures them (the script behind the sweep tables of bench/RESULTS.md).
+"""Recipe variants on SmolLM2-135M, measured on the **tuning** split: the only text on which a
+recipe setting may be chosen (the evaluation split and the news domain are for reporting).
 
-``python -m lowbit.bench.recipe_sweep w4a8-dint4 --set rounding.refit_scales=false``
+One variant: ``python -m lowbit.bench.recipe_sweep w4a8-dint4 --set reorder.clusters=8``.
+The sweep behind the recipes' settings: ``lowbit-bench tuning`` (:mod:`lowbit.bench.tuning`) runs
+:data:`SWEEPS` and writes ``bench/TUNING.md`` (each recipe's candidates, their tuning perplexity, the setting chosen).
 
-Same FP32 export, calibration split (the recipe's ``calibration.windows`` windows) and 8 x 512
-evaluation windows as ``lowbit-bench run``; perplexity at ORT_ENABLE_BASIC ("QDQ in float": the
-quantization the graph describes) unless ``--default-options``. Prints one result line and the
-seconds of each pass; a single contender, so not a side-by-side comparison.
+Same FP32 export and calibration split (the recipe's ``calibration.windows`` windows) as
+``lowbit-bench run``; perplexity on 8 x 512 tuning windows at ORT_ENABLE_BASIC ("QDQ in float": the
+quantization the graph describes) unless ``--default-options``.
 """
 
 from __future__ import annotations
 
-__all__ = ["main"]
+__all__ = ["main", "measure", "SWEEPS"]
 
 import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 FP32_MODEL = "smollm2-135m"
 
+# recipe -> (the key swept, its candidate values); every other key stays as the recipe file has it.
+SWEEPS: dict[str, list[tuple[str, list[str]]]] = {
+    "w4a8-dint4": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["8", "16", "32"])],
+    "w8a8-rptq": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["16", "32"])],
+    "npu-w8a8": [("reorder.clusters", ["8", "16"]), ("smooth.method", ["none", "smoothquant"])],
+    "w4a4-rptq": [("activations.group_size", ["16", "32"]), ("reorder.clusters", ["16", "32"])],
+}
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one sweep row; bad input (unknown recipe or key, bad value) is one line on stderr, exit 2."""
+    """Run one variant; bad input (unknown recipe or key, bad value) is one line on stderr, exit 2."""
     from lowbit.errors import LowbitError
-
-    try:
-        print(sweep(argv))
-    except LowbitError as e:
-        print(f"recipe_sweep: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def sweep(argv: list[str] | None = None) -> str:
-    """The result line and the pass seconds of one recipe variant, as text."""
-    import onnxruntime as ort
-
-    import lowbit
-    from lowbit.core.recipe import load_recipe
-    from lowbit.models.data import calibration_windows, evaluation_windows
-    from lowbit.models.evaluate import perplexity
-    from lowbit.models.export import export_model
-    from lowbit.models.registry import load_tokenizer
 
     ap = argparse.ArgumentParser(prog="python -m lowbit.bench.recipe_sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
-    ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens (default 8)")
+    ap.add_argument("--windows", type=int, default=8, help="windows of 512 tokens scored (default 8)")
+    ap.add_argument("--split", choices=("tuning", "evaluation"), default="tuning",
+                    help="text scored (default tuning; evaluation only to report, never to choose)")
     ap.add_argument("--default-options", action="store_true", help="evaluate with ORT's default session options")
     args = ap.parse_args(argv)
+    try:
+        r = measure(args.recipe, args.set, split=args.split, windows=args.windows, default_options=args.default_options)
+    except LowbitError as e:
+        print(f"recipe_sweep: error: {e}", file=sys.stderr)
+        return 2
+    run = "ORT default options" if args.default_options else "QDQ in float"
+    print(f"{args.recipe} {' '.join(args.set) or '(recipe as is)'}: {args.split} ppl {r['ppl']:.3f} ({run}), "
+          f"{r['ratio']:.4f} x FP32 {r['fp32']:.4f}, compile {r['seconds']:.1f} s")
+    print("pass seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["passes"].items()))
+    return 0
 
-    recipe = load_recipe(args.recipe, args.set)  # bad keys fail before the (first-run) export
+
+_FP32: dict[tuple[str, int], float] = {}  # (split, windows) -> FP32 ppl, measured once per process
+
+
+def measure(recipe_name: str, overrides: list[str], *, split: str = "tuning", windows: int = 8,
+            default_options: bool = False) -> dict[str, Any]:
+    """Compile one variant and score it: ``{ppl, fp32, ratio, seconds, passes}``."""
+    import onnxruntime as ort
+
+    import lowbit
+    from lowbit.core.recipe import load_recipe
+    from lowbit.models.data import calibration_windows, evaluation_windows, tuning_windows
+    from lowbit.models.evaluate import perplexity
+    from lowbit.models.export import export_model
+    from lowbit.models.registry import load_tokenizer
+
+    recipe = load_recipe(recipe_name, overrides)  # bad keys fail before the (first-run) export
     source = export_model(FP32_MODEL)
     tokenizer = load_tokenizer(source)
     calibration = calibration_windows(tokenizer, 512, recipe.calibration.windows)
-    evaluation = evaluation_windows(tokenizer, 512, args.windows)
-    fp32 = perplexity(source, evaluation).ppl
+    scored = (tuning_windows if split == "tuning" else evaluation_windows)(tokenizer, 512, windows)
+    if (split, windows) not in _FP32:
+        _FP32[split, windows] = perplexity(source, scored).ppl
+    fp32 = _FP32[split, windows]
     start = time.perf_counter()
-    compiled = lowbit.compile(source, args.recipe, calibration=calibration, overrides=args.set)
+    compiled = lowbit.compile(source, recipe_name, calibration=calibration, overrides=overrides)
     seconds = time.perf_counter() - start
     options = ort.SessionOptions()
-    if not args.default_options:
+    if not default_options:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with tempfile.TemporaryDirectory(prefix="lowbit-sweep-") as tmp:
         path = Path(tmp) / "model.onnx"
         compiled.save(path)
-        ppl = perplexity(path, evaluation, session_options=options).ppl
-    run = "ORT default options" if args.default_options else "QDQ in float"
-    line = (f"{args.recipe} {' '.join(args.set) or '(recipe as is)'}: ppl {ppl:.3f} ({run}), "
-            f"{ppl / fp32:.4f} x FP32 {fp32:.4f}, compile {seconds:.1f} s")  # fmt: skip
-    passes = ", ".join(f"{e['pass']} {e['seconds']:.1f}" for e in compiled.report["passes"] if e["seconds"] >= 0.05)
-    return f"{line}\npass seconds: {passes}"
+        ppl = perplexity(path, scored, session_options=options).ppl
+    passes = {e["pass"]: e["seconds"] for e in compiled.report["passes"] if e["seconds"] >= 0.05}
+    return {"ppl": ppl, "fp32": fp32, "ratio": ppl / fp32, "seconds": seconds, "passes": passes}
 
 
 if __name__ == "__main__":

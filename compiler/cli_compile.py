@@ -71,10 +71,19 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         measured = result.evaluate()
         row, base = measured["model"], measured["baseline"]
-        metric = f"ppl {row['perplexity']['ppl']:.3f}" if "perplexity" in row else f"cosine {row.get('cosine', float('nan')):.5f}"
-        ratio = f", ppl ratio {measured['ppl_ratio']:.4f}" if measured["ppl_ratio"] is not None else ""
-        size = f", size {row['size_bytes'] / base['size_bytes']:.3f} x FP32" if base else ""
-        print(f"eval: {metric}{ratio}{size}")
+        cells = []
+        for name, entry in row["by_text"].items():
+            if "perplexity" in entry:
+                cell = f"{name} ppl {entry['perplexity']['ppl']:.3f}"
+                if base:
+                    a = entry["agreement"]
+                    cell += (f" ({entry['perplexity']['ppl'] / base['by_text'][name]['perplexity']['ppl']:.4f} x, "
+                             f"KL {a['kl']:.4f}, top-1 {100 * a['top1']:.1f} %)")
+            else:
+                cell = f"{name} cosine {entry.get('cosine', float('nan')):.5f}"
+            cells.append(cell)
+        size = f"; size {row['size_bytes'] / base['size_bytes']:.3f} x FP32" if base else ""
+        print(f"eval: {'; '.join(cells)}{size}")
     report = path / "report.html" if path.is_dir() else path.with_name(f"{path.stem}.report.html")
     print(f"report: {report}")
     return 0

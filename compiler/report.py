@@ -58,16 +58,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                      for name, s in sites.items()])  # fmt: skip
     ev = report.get("evaluation")
     if ev:
-        lines += ["", "## Evaluation vs the FP32 input", ""]
-        rows = []
-        for label, row in (("FP32 input", ev.get("baseline")), ("compiled", ev.get("model"))):
-            if row:
-                metric = (row.get("perplexity") or {}).get("ppl") if row.get("kind") == "causal-lm" else row.get("cosine")
-                rows.append([label, f"{row['size_bytes'] / 1e6:.1f}", row.get("bits_per_weight"), metric])
-        lines += _table(["model", "size MB", "bits/weight", "perplexity" if ev["model"].get("kind") == "causal-lm"
-                         else "cosine to FP32"], rows)  # fmt: skip
-        if ev.get("ppl_ratio") is not None:
-            lines += ["", f"Perplexity ratio to FP32: {ev['ppl_ratio']:.4f}"]
+        from lowbit.compiler.report_tables import evaluation_rows
+
+        headers, rows = evaluation_rows(ev)
+        lines += ["", "## Evaluation vs the FP32 input", ""] + _table(headers[:-2], [r[:-2] for r in rows])
     if report.get("slac"):
         cal = report.get("calibration", {})
         lines += ["", "## SLAC: activation range vs sequence length", "",

@@ -175,28 +175,18 @@ def _sections_present(report: dict) -> list[tuple[str, str]]:
 
 
 def _evaluation(ev: dict) -> str:
-    rows = []
-    for label, row in (("FP32 input", ev.get("baseline")), ("compiled", ev.get("model"))):
-        if not row:
-            continue
-        lat = row.get("latency") or {}
-        if row.get("kind") == "causal-lm":
-            metric = (row.get("perplexity") or {}).get("ppl")
-        else:
-            metric = row.get("cosine", 1.0 if label == "FP32 input" else None)
-        rows.append([label, row.get("path", ""), row["size_bytes"] / 1e6, row.get("bits_per_weight"), metric,
-                     lat.get("prefill_ms"), lat.get("decode_ms")])  # fmt: skip
-    kind = (ev.get("model") or {}).get("kind")
-    metric_name = "perplexity" if kind == "causal-lm" else "cosine to FP32"
+    from lowbit.compiler.report_tables import evaluation_rows
+
+    headers, rows = evaluation_rows(ev)
     parts = ['<section id="evaluation"><h2>Evaluation vs the FP32 input</h2>',
-             _table(["model", "path", "size MB", "bits/weight (linear)", metric_name, "prefill ms", "decode ms"],
-                    rows, numeric={2, 3, 4, 5, 6})]  # fmt: skip
+             _table(headers, rows, numeric=set(range(2, len(headers))))]
     if ev.get("ppl_ratio") is not None:
         parts.append(f"<p>Perplexity ratio compiled / FP32: <b>{ev['ppl_ratio']:.4f}</b></p>")
     if ev.get("baseline") and ev.get("model"):
         parts.append(f"<p>Size ratio compiled / FP32: <b>{ev['model']['size_bytes'] / ev['baseline']['size_bytes']:.3f}</b></p>")
     ppl = (ev.get("model") or {}).get("perplexity") or {}
-    what = [f"{ppl.get('windows')} windows, {ppl.get('tokens')} scored tokens" if ppl else "mean-pooled embeddings"]
+    what = [f"{ppl.get('windows')} windows, {ppl.get('tokens')} scored tokens per text" if ppl else "mean-pooled embeddings"]
+    what += [f"{t['name']}: {t['source']}" for t in ev.get("texts", [])]
     what += [f"{k}={v}" for k, v in (ev.get("options") or {}).items()]
     parts.append(f'<p class="note">Measured as <code>lowbit eval</code> does ({_e("; ".join(what))}). '
                  "Latency: median, ONNX Runtime CPU, machine load not controlled.</p></section>")  # fmt: skip

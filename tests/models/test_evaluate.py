@@ -248,3 +248,37 @@ def test_weight_quantized_at_run_time_counts_as_stored(tmp_path):
              helper.make_node("MatMul", ["x", "wd"], ["y"])]
     bits = footprint.linear_weight_bits(_save(tmp_path, "qdq_rt", nodes, [_x_input(4)], [_y_output(8)], inits))
     assert (bits.sites, bits.elements, bits.bytes) == (1, 32, 128 + 4 + 1)
+
+
+def test_agreement_of_a_bigram_model_with_a_uniform_reference_is_known(tmp_path):
+    # KL(uniform || bigram) per prediction = sum_j 1/3 * (log 1/3 - log P(j|i)), the same for every
+    # row of BIGRAM_P; top-1: the uniform reference's argmax is token 0 (first of the ties).
+    windows = np.array([[0, 1, 2, 2, 1, 0, 0, 2], [2, 2, 1, 1, 0, 0, 1, 2]], np.int64)
+    model, reference = bigram_lm(tmp_path), constant_lm(tmp_path, 3)
+    mine, theirs, agree = evaluate.compare_to_reference(model, reference, windows, progress=False)
+    assert theirs.ppl == pytest.approx(3.0)
+    assert mine.ppl == pytest.approx(evaluate.perplexity(model, windows, progress=False).ppl)
+    expected_kl = float(np.mean(np.log(1 / 3) - np.log(BIGRAM_P[0])))
+    assert agree.kl == pytest.approx(expected_kl, rel=1e-6) and agree.tokens == 14
+    assert agree.top1 == pytest.approx(np.mean(windows[:, :-1] == 0))
+
+
+def test_next_token_scores_match_a_direct_float64_computation():
+    rng = np.random.default_rng(0)
+    t, v = 150, 40  # more rows than NextTokenScores.ROWS: blocks are stitched correctly
+    logits = rng.normal(size=(t, v)).astype(np.float32) * 3
+    reference = (logits + rng.normal(size=(t, v)).astype(np.float32)).astype(np.float32)
+    ids = rng.integers(0, v, size=t)
+    scores = evaluate.NextTokenScores()
+    scores.add(logits, ids, reference)
+    lp = logits[:-1].astype(np.float64) - np.log(np.exp(logits[:-1].astype(np.float64)).sum(-1, keepdims=True))
+    lq = reference[:-1].astype(np.float64) - np.log(np.exp(reference[:-1].astype(np.float64)).sum(-1, keepdims=True))
+    agree = scores.agreement()
+    assert scores.perplexity().nll == pytest.approx(-lp[np.arange(t - 1), ids[1:]].mean(), rel=1e-12)
+    assert agree.kl == pytest.approx((np.exp(lq) * (lq - lp)).sum(-1).mean(), rel=1e-12)
+    assert agree.top1 == pytest.approx(np.mean(lp.argmax(-1) == lq.argmax(-1)))
+    same = evaluate.NextTokenScores()
+    same.add(logits, ids, logits)
+    assert same.agreement().kl == pytest.approx(0.0, abs=1e-12) and same.agreement().top1 == 1.0
+    with pytest.raises(LowbitError, match="do not match"):
+        same.add(logits[:-1], ids)
