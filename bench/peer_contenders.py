@@ -47,6 +47,15 @@ def _inputs(fp32_dir: Path, ctx: BuildContext) -> dict[str, Path]:
             "gguf": resolve_model("smollm2-135m").path, "calib": calib}
 
 
+def _result_dir(path: Path) -> Path:
+    """The build directory (the one holding result.json) of a peer's model file or directory."""
+    return next(p for p in [path, *path.parents] if (p / "result.json").is_file())
+
+
+def _result(path: Path) -> dict:
+    return json.loads((_result_dir(path) / "result.json").read_text())
+
+
 def peer_contender(tool: PeerTool, config: str) -> Contender:
     def build(fp32_dir: Path, ctx: BuildContext) -> tuple[Path, float]:
         out = ctx.work_dir / "out"
@@ -56,17 +65,11 @@ def peer_contender(tool: PeerTool, config: str) -> Contender:
         seconds = float(result.get("compile_seconds") or time.perf_counter() - start)
         return out / result["model"], seconds
 
-    def info(path: Path) -> dict:
-        return json.loads((_out_dir(path) / "result.json").read_text())
-
-    def _out_dir(path: Path) -> Path:
-        return next(p for p in [path, *path.parents] if (p / "result.json").is_file())
-
     return Contender(f"{tool.name}-{config}", f"{tool.name} ({config}), run in its own venv", "(from the peer)", build,
                      frozenset({"causal-lm"}), runtime="(its result.json)",
-                     logits=lambda path, windows, scratch: tool.logits(_out_dir(path), windows, scratch),
-                     speed=lambda path, prompt, scratch: tool.speed(_out_dir(path), prompt, 32, 2, scratch),
-                     info=info)
+                     logits=lambda path, windows, scratch: tool.logits(_result_dir(path), windows, scratch),
+                     speed=lambda path, prompt, scratch: tool.speed(_result_dir(path), prompt, 32, 2, scratch),
+                     info=_result)
 
 
 def _feeds_file(ctx: BuildContext) -> Path:
@@ -86,11 +89,8 @@ def encoder_peer_contender(tool: PeerTool, config: str, name: str | None = None)
         result = tool.build(config, {"onnx": fp32_dir / "model.onnx", "calib-feeds": _feeds_file(ctx)}, out)
         return out / result["model"], float(result["compile_seconds"])
 
-    def info(path: Path) -> dict:
-        return json.loads(next(p for p in path.parents if (p / "result.json").is_file()).joinpath("result.json").read_text())
-
     return Contender(name or f"{tool.name}-{config}", f"{tool.name} ({config}), built in its own venv", "(from the peer)",
-                     build, frozenset({"encoder"}), runtime="(its result.json)", info=info)
+                     build, frozenset({"encoder"}), runtime="(its result.json)", info=_result)
 
 
 def _not_set_up(name: str) -> Contender:
@@ -106,7 +106,7 @@ for _name in peer_names():
         for _config in _tool.configs():
             register(peer_contender(_tool, _config))
         for _config in _tool.configs("encoder"):  # a name a causal-LM configuration took gets "-encoder"
-            _name = f"{_tool.name}-{_config}" + ("-encoder" if f"{_tool.name}-{_config}" in CONTENDERS else "")
-            register(encoder_peer_contender(_tool, _config, _name))
+            _shown = f"{_tool.name}-{_config}" + ("-encoder" if f"{_tool.name}-{_config}" in CONTENDERS else "")
+            register(encoder_peer_contender(_tool, _config, _shown))
     else:
         register(_not_set_up(_name))
