@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from lowbit.errors import LowbitError
@@ -114,26 +115,25 @@ def run_bench(cfg: BenchConfig, command: str, sections: list[str] | None = None)
 
 
 def _build_all(kind: str, fp32_dir: Path, ctx_args: dict, cfg: BenchConfig, root: Path,
-               unavailable: list[tuple[str, str]]) -> list:
-    """Build every contender of ``kind``; the ones that cannot run here go to ``unavailable``."""
+               unavailable: list[tuple[str, str]]) -> Iterator[tuple[Any, Path, float, Any]]:
+    """Build every contender of ``kind`` in turn, yielding (contender, model path, seconds, ctx)
+    so each is measured right after its build; the ones that cannot run here go to ``unavailable``."""
     from lowbit.bench.contenders import BuildContext, contenders_for
     from lowbit.bench.peer_envs import PeerUnavailable
 
-    built = []
     names = list(cfg.contenders) if cfg.contenders else None
     chosen = contenders_for(kind, names)
     for i, c in enumerate(chosen, 1):
         work = root / c.name
         work.mkdir()
-        _progress(f"{kind}: building {c.name} ({i}/{len(chosen)})")
+        _progress(f"{kind}: building and measuring {c.name} ({i}/{len(chosen)})")
         ctx = BuildContext(work_dir=work, **ctx_args)
         try:
             path, seconds = c.build(fp32_dir, ctx)
         except PeerUnavailable as e:
             unavailable.append((c.name, str(e)))
             continue
-        built.append((c, path, seconds, ctx))
-    return built
+        yield c, path, seconds, ctx
 
 
 def _progress(line: str) -> None:
@@ -248,7 +248,6 @@ def smollm2_section(cfg: BenchConfig) -> str:
     """SmolLM2-135M: every contender (lowbit's recipes and its peers) on both evaluation domains:
     perplexity, ratio, KL divergence and top-1 agreement to FP32, compile time, size, bits/weight, speed."""
 
-    from lowbit.bench.peer_envs import PeerUnavailable
     from lowbit.models import data, evaluate, footprint
     from lowbit.models.export import export_model
     from lowbit.models.registry import SHIPPED, load_tokenizer
@@ -269,20 +268,7 @@ def smollm2_section(cfg: BenchConfig) -> str:
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as root_dir:
         root = Path(root_dir)
         refs = {name: _reference_logits(fp32_dir, w, root / f"fp32-{name}.npy") for name, _, w in texts}
-        from lowbit.bench.contenders import BuildContext, contenders_for
-
-        names = list(cfg.contenders) if cfg.contenders else None
-        chosen = contenders_for("causal-lm", names)
-        for i, c in enumerate(chosen, 1):
-            work = root / c.name
-            work.mkdir()
-            _progress(f"SmolLM2: building and scoring {c.name} ({i}/{len(chosen)})")
-            ctx = BuildContext(work_dir=work, **ctx_args)
-            try:
-                path, seconds = c.build(fp32_dir, ctx)
-            except PeerUnavailable as e:
-                unavailable.append((c.name, str(e)))
-                continue
+        for c, path, seconds, ctx in _build_all("causal-lm", fp32_dir, ctx_args, cfg, root, unavailable):
             info = c.info(path) if c.info else {}
             default, basic = _session_pair(c)
             by_text = {}

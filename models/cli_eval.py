@@ -86,15 +86,19 @@ def _footprint(path: str, opts: EvalOptions) -> dict:
     return row
 
 
-def _accuracy(path: str, kind: str, opts: EvalOptions, tokenizer: Any, data: Any) -> tuple[dict, dict | None]:
+def _accuracy(path: str, kind: str, opts: EvalOptions, tokenizer: Any, data: Any,
+              sessions: tuple[Any, Any]) -> tuple[dict, dict | None]:
     """(the model's, the baseline's) accuracy entries on one text: perplexity (and, with a
-    baseline, the model's agreement with it) or embedding cosine."""
+    baseline, the model's agreement with it) or embedding cosine. ``sessions``: the causal LM's
+    and its baseline's, opened once for every text."""
     from lowbit.models import evaluate
 
     if kind == "causal-lm":
+        mine_s, base_s = sessions
         if not opts.baseline:
-            return {"perplexity": asdict(evaluate.perplexity(path, data, runtime=opts.runtime))}, None
-        mine, theirs, agree = evaluate.compare_to_reference(path, opts.baseline, data, runtime=opts.runtime)
+            return {"perplexity": asdict(evaluate.perplexity(path, data, runtime=opts.runtime, session=mine_s))}, None
+        mine, theirs, agree = evaluate.compare_to_reference(path, opts.baseline, data, runtime=opts.runtime,
+                                                            session=mine_s, reference_session=base_s)
         return {"perplexity": asdict(mine), "agreement": asdict(agree)}, {"perplexity": asdict(theirs)}
     if not opts.baseline:
         return {}, None
@@ -160,8 +164,13 @@ def evaluate_saved(path: str | Path, **options: Any) -> dict[str, Any]:
         texts.append((name, source, items))
     model = {"kind": kind, **_footprint(path, opts), "by_text": {}}
     base = {"kind": kind, **_footprint(str(opts.baseline), opts), "by_text": {}} if opts.baseline else None
+    sessions: tuple[Any, Any] = (None, None)
+    if kind == "causal-lm":  # one session per model for every text (loading a large model is slow)
+        from lowbit.models.evaluate import open_session
+
+        sessions = (open_session(path, runtime=opts.runtime), open_session(opts.baseline) if opts.baseline else None)
     for name, _, items in texts:
-        mine, theirs = _accuracy(path, kind, opts, tokenizer, items)
+        mine, theirs = _accuracy(path, kind, opts, tokenizer, items, sessions)
         model["by_text"][name] = mine
         if base is not None and theirs is not None:
             base["by_text"][name] = theirs

@@ -204,15 +204,17 @@ def perplexity(model_path: str | os.PathLike, windows: np.ndarray, *, session_op
 
 def compare_to_reference(model_path: str | os.PathLike, reference_path: str | os.PathLike, windows: np.ndarray, *,
                          session_options: Any = None, runtime: str = "onnxruntime", progress: bool = True,
+                         session: Any = None, reference_session: Any = None,
                          ) -> tuple[PerplexityResult, PerplexityResult, AgreementResult]:
     """(model perplexity, reference perplexity, agreement of the model with the reference) over
     ``windows``; the model runs in ``runtime``, the reference in ONNX Runtime at default options
-    (the one reference for every runtime). Both sessions step through the windows together."""
+    (the one reference for every runtime), or both in already open sessions of those paths. The
+    two step through the windows together."""
     from tqdm import tqdm
 
     windows = _check_windows(windows)
-    session = open_session(model_path, session_options, runtime)
-    reference = open_session(reference_path)
+    session = session or open_session(model_path, session_options, runtime)
+    reference = reference_session or open_session(reference_path)
     mine, theirs = NextTokenScores(), NextTokenScores()
     for row in tqdm(windows, desc=f"compare {_label(model_path)}", unit="win",
                     disable=None if progress else True, leave=False):
