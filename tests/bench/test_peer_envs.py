@@ -163,3 +163,20 @@ def test_table_writer_rows_ratios_unavailable_peers_and_peer_wins():
     wins = text.split("(accuracy cells):")[1]
     assert "**peer-a** (4.50 bits/weight) beats **lowbit-x** (4.60): pydoc KL 0.0200 vs 0.0300; news ppl 21.00 vs 22.00" in wins
     assert "peer-b" not in wins and "pydoc ppl" not in wins
+
+
+@pytest.mark.parametrize("peer", ["nncf", "quark", "modelopt"])
+def test_shipped_peers_list_encoder_configurations_and_ask_for_feeds(peer, tmp_path):
+    """`configs --kind encoder` and the argument check of `build --kind encoder` need only the
+    standard library and numpy (the peer's own packages are imported by the build itself)."""
+    import json
+    import subprocess
+
+    run_py = str(peer_envs.PEERS_DIR / peer / "run.py")
+    out = subprocess.run([sys.executable, run_py, "configs", "--kind", "encoder"],
+                         capture_output=True, text=True, check=True)
+    configs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert configs and all(isinstance(c, str) for c in configs)
+    done = subprocess.run([sys.executable, run_py, "build", "--kind", "encoder", "--config", configs[0],
+                           "--onnx", "m.onnx", "--out", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "--calib-feeds" in done.stderr and not list(tmp_path.iterdir())

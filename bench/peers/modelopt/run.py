@@ -10,6 +10,14 @@ Configurations:
   int4-awq-clip INT4 weight-only, blocks of 128, symmetric, AWQ clip search (ModelOpt's default for int4).
   fp8           W8A8 FP8 (E4M3) QDQ on the MatMuls, entropy calibration (ONNX Runtime CPU cannot load it).
 
+Encoder configuration (`--kind encoder`, MiniLM), calibrated on the bench's feed batches through a
+CalibrationDataReader (one batch of 16 padded paragraphs per calibration step):
+
+  int8          W8A8 QDQ on the MatMuls, int8 symmetric per-channel weights and per-tensor activations,
+                entropy calibration (ModelOpt's int8 defaults with op_types_to_quantize=["MatMul"]: its
+                default placement, which also quantizes the residual Adds, drops the embedding cosine
+                to FP32 to ~0.85 here).
+
 ModelOpt defaults to an FP16 output model (`high_precision_dtype="fp16"`), meant for TensorRT; on the
 CPU EP FP16 falls back to slow or missing kernels, so the non-quantized parts are kept in FP32 here.
 See bench/peers/PROTOCOL.md for the subcommands and result files.
@@ -49,6 +57,12 @@ CONFIGS = {
     # MatMul into MatMulIntegerToFloat, which takes no float8), so `build` reports it unavailable.
     "fp8": ("fp8", "entropy", 32, {"op_types_to_quantize": ["MatMul"]},
             "fp8 e4m3 QDQ on MatMul weights and activations (entropy calibration)"),
+}
+# name -> (quantize_mode, calibration_method, extra quantize() kwargs, grid); calibrated on every feed batch
+ENCODER_CONFIGS = {
+    "int8": ("int8", "entropy", {"op_types_to_quantize": ["MatMul"]},
+             "int8 symmetric: per-output-channel weights, per-tensor activations (entropy calibration), QDQ, "
+             "MatMul only"),
 }
 MODEL_FILE = "model.onnx"
 
@@ -182,6 +196,96 @@ def build(args: argparse.Namespace) -> None:
     log(f"built {args.config} in {seconds:.1f}s, {bpw} bits/weight, {size / 2**20:.1f} MiB")
 
 
+class FeedsReader:
+    """The encoder calibration batches of FEEDS.npz (arrays `<input>.<batch>`) as the
+    CalibrationDataReader ModelOpt takes (get_next / rewind, and get_first for its test run)."""
+
+    def __init__(self, path: str) -> None:
+        batches: dict[int, dict[str, np.ndarray]] = {}
+        with np.load(path) as z:
+            for key in z.files:
+                name, i = key.rsplit(".", 1)
+                batches.setdefault(int(i), {})[name] = z[key].astype(np.int64)
+        self.feeds = [batches[i] for i in sorted(batches)]
+        self.pos = 0
+
+    def get_next(self) -> dict | None:
+        self.pos += 1
+        return self.feeds[self.pos - 1] if self.pos <= len(self.feeds) else None
+
+    def get_first(self) -> dict:
+        return self.feeds[0]
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def build_encoder(args: argparse.Namespace) -> None:
+    """W8A8 of the FP32 ONNX encoder (inputs input_ids / attention_mask / token_type_ids, output
+    last_hidden_state), run by plain ONNX Runtime."""
+    mode, method, extra, grid = ENCODER_CONFIGS[args.config]
+    os.makedirs(args.out, exist_ok=True)
+    result_path = os.path.join(args.out, "result.json")
+    reader = FeedsReader(args.calib_feeds)
+    work = tempfile.mkdtemp(prefix="modelopt-", dir=args.out)
+    try:
+        from modelopt.onnx.quantization import quantize
+
+        src = copy_onnx(args.onnx, work)
+        out_model = os.path.join(args.out, MODEL_FILE)
+        log(f"quantizing encoder {args.config}: mode={mode} method={method} on {len(reader.feeds)} feed batches")
+        t0 = time.perf_counter()
+        quantize(
+            onnx_path=src,
+            quantize_mode=mode,
+            calibration_method=method,
+            calibration_data_reader=reader,
+            calibration_eps=["cpu"],
+            high_precision_dtype="fp32",
+            dq_only=True,  # store int8 weights (weight DQ only), not FP32 weights + QDQ
+            use_external_data_format=True,
+            output_path=out_model,
+            log_level="INFO",
+            **extra,
+        )
+        seconds = time.perf_counter() - t0
+        if not os.path.exists(out_model):
+            raise RuntimeError("ModelOpt finished without writing a model")
+        check_runs(out_model, reader.get_first(), "last_hidden_state")
+    except Exception as e:  # any failure on this machine is reported, not raised
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        log(f"unavailable: {reason}")
+        for name in os.listdir(args.out):  # drop partial outputs; `work` goes in `finally`
+            path = os.path.join(args.out, name)
+            if os.path.isfile(path):
+                os.remove(path)
+        write_json(result_path, {"config": args.config, "unavailable": reason})
+        return
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    bpw, fp32_note = linear_weight_bits(out_model)
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    write_json(result_path, {
+        "config": args.config,
+        "model": MODEL_FILE,
+        "runtime": "onnxruntime",
+        "compile_seconds": round(seconds, 1),
+        "weight_grid": grid,
+        "bits_per_weight": bpw,
+        "calibration_windows": len(reader.feeds),
+        "versions": versions(),
+        "note": (f"modelopt.onnx.quantization.quantize(quantize_mode={mode!r}, calibration_method={method!r}, "
+                 "calibration_data_reader=<the feed batches>, calibration_eps=['cpu'], high_precision_dtype='fp32', "
+                 f"dq_only=True{''.join(f', {k}={v!r}' for k, v in extra.items())}; other options default). "
+                 "Each LayerNorm output gets one Q/DQ pair that the residual Add reads too, so the residual "
+                 "stream is quantized at the attention and FFN inputs. "
+                 f"bits_per_weight counts quantized MatMul weights only; {fp32_note}; the embedding Gathers stay FP32. "
+                 f"Model files: {size / 2**20:.1f} MiB."),
+    })
+    log(f"built encoder {args.config} in {seconds:.1f}s, {bpw} bits/weight, {size / 2**20:.1f} MiB")
+
+
 def session(model_path: str, threads: int):
     import onnxruntime as ort
 
@@ -192,11 +296,13 @@ def session(model_path: str, threads: int):
     return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
 
 
-def check_runs(model_path: str, ids: np.ndarray) -> None:
-    """Fail the build (so it is reported unavailable) if ONNX Runtime CPU cannot run the model."""
-    out = session(model_path, 2).run(["logits"], {"input_ids": ids})[0]
+def check_runs(model_path: str, feeds, output: str = "logits") -> None:
+    """Fail the build (so it is reported unavailable) if ONNX Runtime CPU cannot run the model.
+    `feeds`: an int64 ids array (causal LM) or a dict of inputs."""
+    feeds = feeds if isinstance(feeds, dict) else {"input_ids": feeds}
+    out = session(model_path, 2).run([output], feeds)[0]
     if not np.isfinite(out).all():
-        raise RuntimeError("quantized model produces non-finite logits on ONNX Runtime CPU")
+        raise RuntimeError(f"quantized model produces non-finite {output} on ONNX Runtime CPU")
 
 
 def model_path(out_dir: str) -> str:
@@ -242,13 +348,16 @@ def speed(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("configs", help="print the configurations offered, as a JSON list")
+    c = sub.add_parser("configs", help="print the configurations offered, as a JSON list")
+    c.add_argument("--kind", choices=["causal-lm", "encoder"], default="causal-lm")
     b = sub.add_parser("build", help="quantize one configuration into OUT_DIR")
-    b.add_argument("--config", required=True, choices=list(CONFIGS))
+    b.add_argument("--kind", choices=["causal-lm", "encoder"], default="causal-lm")
+    b.add_argument("--config", required=True)
     b.add_argument("--onnx", required=True, help="FP32 ONNX export")
     b.add_argument("--hf", help="Hugging Face directory (unused)")
     b.add_argument("--gguf", help="GGUF file (unused)")
-    b.add_argument("--calib", required=True, help="int64 [N, T] calibration windows (.npy)")
+    b.add_argument("--calib", help="int64 [N, T] calibration windows (.npy; causal LMs)")
+    b.add_argument("--calib-feeds", help="encoder calibration batches (.npz of <input>.<batch> arrays)")
     b.add_argument("--out", required=True)
     lg = sub.add_parser("logits", help="write float32 logits [N, T, V] for each window")
     lg.add_argument("--out", required=True)
@@ -262,9 +371,18 @@ def main() -> None:
     sp.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.cmd == "configs":
-        print(json.dumps(list(CONFIGS)))
-    else:
-        {"build": build, "logits": logits, "speed": speed}[args.cmd](args)
+        print(json.dumps(list(ENCODER_CONFIGS if args.kind == "encoder" else CONFIGS)))
+        return
+    if args.cmd == "build":
+        encoder = args.kind == "encoder"
+        offered, need = (ENCODER_CONFIGS, "calib_feeds") if encoder else (CONFIGS, "calib")
+        if args.config not in offered:
+            parser.error(f"--config {args.config!r}: {args.kind} configurations are {list(offered)}")
+        if getattr(args, need) is None:
+            parser.error(f"a {args.kind} build needs --{need.replace('_', '-')}")
+        if encoder:
+            return build_encoder(args)
+    {"build": build, "logits": logits, "speed": speed}[args.cmd](args)
 
 
 if __name__ == "__main__":

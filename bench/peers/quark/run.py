@@ -14,6 +14,17 @@ the result in ONNX Runtime on CPU. Configurations:
                  activations, as Quark's MXQuantizeDequantize custom op (needs Quark's
                  custom-op library at run time).
 
+Encoder configuration (``--kind encoder``, MiniLM), calibrated on the bench's feed batches (one
+batch of 16 padded paragraphs per calibration step):
+
+  int8           W8A8 QDQ for ONNX Runtime's CPU int8 kernels: int8 symmetric per-channel weights,
+                 uint8 asymmetric per-tensor activations (MinMax, moving average), MatMul inputs only.
+                 Two of Quark's options differ from its defaults: OpTypesToExcludeOutputQuantization
+                 ["MatMul"] (Quark otherwise also quantizes every MatMul output, the bias Add's input:
+                 embedding cosine ~0.94 instead of ~0.99 here) and DedicatedQDQPair (the Q/K/V MatMuls
+                 get their own Q/DQ pair, so the residual Add beside them reads the float LayerNorm
+                 output). SmoothQuant (alpha 0.5) lowered the cosine here, so it is not used.
+
 Protocol: bench/peers/PROTOCOL.md (subcommands ``configs``, ``build``, ``logits``, ``speed``).
 Run with the peer venv's Python; progress goes to stderr.
 """
@@ -36,6 +47,7 @@ CONFIGS = ["int8-sq", "int4-gptq", "int4-hqq", "int4-rtn", "mxint8"]
 GROUP = 32
 GPTQ_BATCH = 8  # Quark's ONNX GPTQ reads only the first calibration batch: make it 8 windows.
 NEEDS_CUSTOM_OPS = {"mxint8"}
+ENCODER_CONFIGS = ["int8"]
 
 
 def log(msg: str) -> None:
@@ -57,6 +69,41 @@ class WindowReader:
 
     def rewind(self) -> None:
         self.pos = 0
+
+
+class FeedsReader(WindowReader):
+    """The encoder calibration batches of FEEDS.npz (arrays ``<input>.<batch>``), one per feed."""
+
+    def __init__(self, path: str) -> None:
+        batches: dict[int, dict[str, np.ndarray]] = {}
+        with np.load(path) as z:
+            for key in z.files:
+                name, i = key.rsplit(".", 1)
+                batches.setdefault(int(i), {})[name] = z[key].astype(np.int64)
+        self.feeds = [batches[i] for i in sorted(batches)]
+        self.pos = 0
+
+
+def make_encoder_qconfig(name: str):
+    """(QConfig, weight_grid text) of an encoder configuration."""
+    from quark.onnx import CalibMethod, Int8Spec, QConfig, QLayerConfig, QuantGranularity, UInt8Spec
+
+    if name != "int8":
+        raise SystemExit(f"unknown encoder config {name!r}; choose from {ENCODER_CONFIGS}")
+    layer = QLayerConfig(
+        activation=UInt8Spec(calibration_method=CalibMethod.MinMax),
+        weight=Int8Spec(quant_granularity=QuantGranularity.Channel),
+    )
+    opts = {
+        "OpTypesToQuantize": ["MatMul"],
+        "MatMulConstBOnly": True,
+        "CalibMovingAverage": True,
+        "OpTypesToExcludeOutputQuantization": ["MatMul"],
+        "DedicatedQDQPair": True,
+    }
+    return QConfig(global_config=layer, **opts), (
+        "int8 symmetric per-channel weights, uint8 asymmetric per-tensor activations (MinMax, moving average), "
+        "MatMul inputs only (no MatMul output QDQ, dedicated QDQ pairs)")
 
 
 def make_qconfig(name: str):
@@ -139,10 +186,15 @@ def build(args: argparse.Namespace) -> None:
     try:
         from quark.onnx import ModelQuantizer
 
-        cfg, n_calib, grid = make_qconfig(args.config)
-        windows = np.load(args.calib).astype(np.int64)
-        batch = GPTQ_BATCH if args.config == "int4-gptq" else 1
-        reader = WindowReader(windows[: max(n_calib, 1) if n_calib else 1], batch=batch)
+        if args.kind == "encoder":
+            cfg, grid = make_encoder_qconfig(args.config)
+            reader = FeedsReader(args.calib_feeds)
+            n_calib = len(reader.feeds)
+        else:
+            cfg, n_calib, grid = make_qconfig(args.config)
+            windows = np.load(args.calib).astype(np.int64)
+            batch = GPTQ_BATCH if args.config == "int4-gptq" else 1
+            reader = WindowReader(windows[: max(n_calib, 1) if n_calib else 1], batch=batch)
         model_path = out / "model.onnx"
         log(f"quantizing {args.onnx} as {args.config}")
         t0 = time.time()
@@ -167,7 +219,7 @@ def build(args: argparse.Namespace) -> None:
             bits_per_weight=linear_bits(model_path),
             calibration_windows=n_calib,
             versions={p: version(p) for p in ("amd-quark", "onnxruntime", "onnx", "torch", "numpy")},
-            note=note_for(args.config),
+            note=encoder_note(n_calib) if args.kind == "encoder" else note_for(args.config),
         )
     except Exception as exc:  # a configuration that cannot run here is reported, not hidden
         log(f"build failed: {exc!r}")
@@ -191,6 +243,16 @@ def note_for(config: str) -> str:
         "int4-rtn": "Data free; Quark's default MatMulNBits algorithm (ONNX Runtime's block quantizer), asymmetric.",
         "mxint8": "Runs with Quark's custom-op library (quark.onnx.get_library_path()) registered in ORT; weights stay FP32 in the file and are quantized-dequantized at run time.",
     }[config]
+
+
+def encoder_note(batches: int) -> str:
+    return (
+        f"Quark ONNX flow on the FP32 encoder export, calibrated on all {batches} feed batches (one per step). "
+        "The LayerNorm output feeding each FFN has one quantized consumer (the up-projection), so its Q/DQ pair "
+        "is shared with the residual Add beside it (dedicated pairs are made only for tensors with several "
+        "quantized consumers); the embedding Gathers, LayerNorms, attention and GELU stay FP32. QDQ graph run "
+        "by ORT's CPU int8 kernels, no custom ops."
+    )
 
 
 def session(out_dir: Path, threads: int):
@@ -244,11 +306,13 @@ def speed(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("configs", help="print the configurations as a JSON list")
+    c = sub.add_parser("configs", help="print the configurations as a JSON list")
+    c.add_argument("--kind", choices=["causal-lm", "encoder"], default="causal-lm")
     b = sub.add_parser("build", help="quantize one configuration into --out")
-    b.add_argument("--config", required=True, choices=CONFIGS)
-    for flag in ("--onnx", "--hf", "--gguf", "--calib", "--out"):
-        b.add_argument(flag, required=flag not in ("--hf", "--gguf"))
+    b.add_argument("--kind", choices=["causal-lm", "encoder"], default="causal-lm")
+    b.add_argument("--config", required=True)
+    for flag in ("--onnx", "--hf", "--gguf", "--calib", "--calib-feeds", "--out"):
+        b.add_argument(flag, required=flag in ("--onnx", "--out"))
     lg = sub.add_parser("logits", help="write float32 logits [N, T, V] for each window")
     lg.add_argument("--out", required=True)
     lg.add_argument("--windows", required=True)
@@ -261,9 +325,15 @@ def main() -> None:
     sp.add_argument("--threads", type=int, required=True)
     args = ap.parse_args()
     if args.cmd == "configs":
-        print(json.dumps(CONFIGS))
-    else:
-        {"build": build, "logits": logits, "speed": speed}[args.cmd](args)
+        print(json.dumps(ENCODER_CONFIGS if args.kind == "encoder" else CONFIGS))
+        return
+    if args.cmd == "build":
+        offered, need = (ENCODER_CONFIGS, "calib_feeds") if args.kind == "encoder" else (CONFIGS, "calib")
+        if args.config not in offered:
+            ap.error(f"--config {args.config!r}: {args.kind} configurations are {offered}")
+        if getattr(args, need) is None:
+            ap.error(f"a {args.kind} build needs --{need.replace('_', '-')}")
+    {"build": build, "logits": logits, "speed": speed}[args.cmd](args)
 
 
 if __name__ == "__main__":
