@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+import lowbit.bench.peers  # noqa: F401 -- registers ONNX Runtime's quantizers first: table order is registration order
 from lowbit.bench.contender import CONTENDERS, BuildContext, Contender, register
 from lowbit.bench.peer_envs import PeerTool, PeerUnavailable, is_set_up, peer_names
 

@@ -12,7 +12,7 @@ quantization the graph describes) unless ``--default-options``.
 
 from __future__ import annotations
 
-__all__ = ["main", "measure", "SWEEPS"]
+__all__ = ["candidate_overrides", "main", "measure", "SWEEPS"]
 
 import argparse
 import sys
@@ -23,13 +23,28 @@ from typing import Any
 
 FP32_MODEL = "smollm2-135m"
 
+# Run-time int8 scales per token and group of contiguous channels (after the RPTQ reorder).
+_DYNAMIC_INT8 = [f"granularity=per_token_group,symmetric=true,group_size={g}" for g in (32, 64, 128)]
+
 # recipe -> (the key swept, its candidate values); every other key stays as the recipe file has it.
+# A key that names a whole section (no dot) takes candidates of one or more "field=value" joined by
+# "," -- settings that only make sense together (e.g. dynamic activation groups need symmetric codes).
 SWEEPS: dict[str, list[tuple[str, list[str]]]] = {
-    "w4a8-dint4": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["8", "16", "32"])],
-    "w8a8-rptq": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["16", "32"])],
+    "w4a8-dint4": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["8", "16", "32"]),
+                   ("activations", ["granularity=per_tensor,symmetric=false,group_size=0", *_DYNAMIC_INT8])],
+    "w8a8-rptq": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["16", "32"]),
+                  ("activations", ["granularity=per_tensor,symmetric=false,group_size=0", *_DYNAMIC_INT8]),
+                  ("rounding.method", ["rtn", "optq"])],
     "npu-w8a8": [("reorder.clusters", ["8", "16"]), ("smooth.method", ["none", "smoothquant"])],
     "w4a4-rptq": [("activations.group_size", ["16", "32"]), ("reorder.clusters", ["16", "32"])],
 }
+
+
+def candidate_overrides(key: str, value: str) -> list[str]:
+    """The ``--set`` overrides of one sweep candidate."""
+    if "." in key:
+        return [f"{key}={value}"]
+    return [f"{key}.{item}" for item in value.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,23 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = "ORT default options" if args.default_options else "QDQ in float"
     print(f"{args.recipe} {' '.join(args.set) or '(recipe as is)'}: {args.split} ppl {r['ppl']:.3f} ({run}), "
-          f"{r['ratio']:.4f} x FP32 {r['fp32']:.4f}, compile {r['seconds']:.1f} s")
+          f"{r['ratio']:.4f} x FP32 {r['fp32']:.4f}, KL {r['kl']:.4f}, top-1 {100 * r['top1']:.1f} %, compile {r['seconds']:.1f} s")
     print("pass seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["passes"].items()))
     return 0
 
 
-_FP32: dict[tuple[str, int], float] = {}  # (split, windows) -> FP32 ppl, measured once per process
-
-
 def measure(recipe_name: str, overrides: list[str], *, split: str = "tuning", windows: int = 8,
             default_options: bool = False) -> dict[str, Any]:
-    """Compile one variant and score it: ``{ppl, fp32, ratio, seconds, passes}``."""
+    """Compile one variant and score it against FP32: ``{ppl, fp32, ratio, kl, top1, seconds, passes}``."""
     import onnxruntime as ort
 
     import lowbit
     from lowbit.core.recipe import load_recipe
     from lowbit.models.data import calibration_windows, evaluation_windows, tuning_windows
-    from lowbit.models.evaluate import perplexity
+    from lowbit.models.evaluate import compare_to_reference
     from lowbit.models.export import export_model
     from lowbit.models.registry import load_tokenizer
 
@@ -76,9 +88,6 @@ def measure(recipe_name: str, overrides: list[str], *, split: str = "tuning", wi
     tokenizer = load_tokenizer(source)
     calibration = calibration_windows(tokenizer, 512, recipe.calibration.windows)
     scored = (tuning_windows if split == "tuning" else evaluation_windows)(tokenizer, 512, windows)
-    if (split, windows) not in _FP32:
-        _FP32[split, windows] = perplexity(source, scored).ppl
-    fp32 = _FP32[split, windows]
     start = time.perf_counter()
     compiled = lowbit.compile(source, recipe_name, calibration=calibration, overrides=overrides)
     seconds = time.perf_counter() - start
@@ -88,9 +97,10 @@ def measure(recipe_name: str, overrides: list[str], *, split: str = "tuning", wi
     with tempfile.TemporaryDirectory(prefix="lowbit-sweep-") as tmp:
         path = Path(tmp) / "model.onnx"
         compiled.save(path)
-        ppl = perplexity(path, scored, session_options=options).ppl
+        mine, fp32, agreement = compare_to_reference(path, source / "model.onnx", scored, session_options=options)
     passes = {e["pass"]: e["seconds"] for e in compiled.report["passes"] if e["seconds"] >= 0.05}
-    return {"ppl": ppl, "fp32": fp32, "ratio": ppl / fp32, "seconds": seconds, "passes": passes}
+    return {"ppl": mine.ppl, "fp32": fp32.ppl, "ratio": mine.ppl / fp32.ppl, "kl": agreement.kl,
+            "top1": agreement.top1, "seconds": seconds, "passes": passes}
 
 
 if __name__ == "__main__":

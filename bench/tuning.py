@@ -20,37 +20,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--recipes", nargs="+", default=list(SWEEPS), choices=list(SWEEPS), metavar="RECIPE",
                         help=f"recipes to sweep (default all: {', '.join(SWEEPS)})")
+    parser.add_argument("--keys", nargs="+", metavar="KEY",
+                        help="only these swept keys (e.g. activations); the other rows of an existing output are kept")
     parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"Markdown table (default {DEFAULT_OUTPUT})")
 
 
+def _is_shipped(shipped, key: str, value: str) -> bool:
+    """Whether every setting of a candidate equals the shipped recipe's."""
+    from lowbit.bench.recipe_sweep import candidate_overrides
+
+    for item in candidate_overrides(key, value):
+        dotted, wanted = item.split("=", 1)
+        section, field = dotted.split(".")
+        if str(getattr(getattr(shipped, section), field)).lower() != wanted.lower():
+            return False
+    return True
+
+
+def _kept_rows(output: str, recipe: str, key: str) -> list[str]:
+    """The rows of ``key`` under ``## recipe`` in an earlier ``output`` (a sweep not rerun)."""
+    path = Path(output)
+    if not path.is_file():
+        return []
+    section = path.read_text().split(f"## {recipe}\n", 1)
+    body = section[1].split("\n## ", 1)[0] if len(section) > 1 else ""
+    rows = []
+    for line in body.splitlines():
+        if line.startswith(f"| {key} |"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 6:  # written before KL and top-1 were measured
+                cells[4:4] = ["-", "-"]
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
-    from lowbit.bench.recipe_sweep import SWEEPS, measure
+    from lowbit.bench.recipe_sweep import SWEEPS, candidate_overrides, measure
     from lowbit.bench.runner import machine_line
     from lowbit.core.recipe import load_recipe
     from lowbit.files.fsutil import atomic_path, check_writable_parent
 
     check_writable_parent(Path(args.output))
     lines = ["# Recipe settings chosen on the tuning split", "",
-             f"Command: `lowbit-bench tuning --recipes {' '.join(args.recipes)}`", "", f"Machine: {machine_line()}", "",
+             f"Command: `lowbit-bench tuning --recipes {' '.join(args.recipes)}"
+             + (f" --keys {' '.join(args.keys)}" if args.keys else "") + "`", "", f"Machine: {machine_line()}", "",
              "SmolLM2-135M. Each candidate changes one key of the shipped recipe file. Perplexity on 8 x 512 "
              "windows of the **tuning** split (pydoc_data.topics, the last quarter of the even sorted keys), "
              "QDQ in float (ORT_ENABLE_BASIC); calibration on the first `calibration.windows` windows of the "
-             "calibration split. The evaluation split and the news domain played no part.", ""]
+             "calibration split. The evaluation split and the news domain played no part."
+             + (" Rows of other keys are kept from the previous run of this file ('-': not measured then)." if args.keys else ""), ""]
     for name in args.recipes:
         shipped = load_recipe(name, [])
-        lines += [f"## {name}", "", "| key | value | tuning ppl | x FP32 | compile s | shipped |",
-                  "|---|---|---:|---:|---:|---|"]
+        lines += [f"## {name}", "", "| key | value | tuning ppl | x FP32 | KL | top-1 % | compile s | shipped |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
         for key, values in SWEEPS[name]:
-            section, field = key.split(".")
-            current = str(getattr(getattr(shipped, section), field)).lower()
+            if args.keys and key not in args.keys:
+                lines += _kept_rows(args.output, name, key)
+                continue
             results = {}
             for value in values:
-                r = results[value] = measure(name, [f"{key}={value}"])
-                print(f"{name} {key}={value}: tuning ppl {r['ppl']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
-                mark = "yes" if value.lower() == current else ""
-                lines.append(f"| {key} | {value} | {r['ppl']:.3f} | {r['ratio']:.4f} | {r['seconds']:.1f} | {mark} |")
+                r = results[value] = measure(name, candidate_overrides(key, value))
+                print(f"{name} {key}={value}: tuning ppl {r['ppl']:.3f}, KL {r['kl']:.4f} ({r['seconds']:.0f} s)",
+                      file=sys.stderr, flush=True)
+                mark = "yes" if _is_shipped(shipped, key, value) else ""
+                lines.append(f"| {key} | {value} | {r['ppl']:.3f} | {r['ratio']:.4f} | {r['kl']:.4f} | "
+                             f"{100 * r['top1']:.1f} | {r['seconds']:.1f} | {mark} |")
             best = min(results, key=lambda v: results[v]["ppl"])
-            lines.append(f"| {key} | best on tuning: **{best}** | | | | |")
+            lines.append(f"| {key} | best on tuning: **{best}** | | | | | | |")
         lines.append("")
     with atomic_path(args.output) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
