@@ -15,7 +15,8 @@ No Clip: ``|x| <= absmax`` so ``|x / s|`` exceeds ``qmax`` by at most a rounding
 (half to even, as numpy's ``rint``) never leaves ``[-qmax, qmax]``. The ``tiny`` floor only keeps
 an all-zero group at 0 instead of 0/0. No QuantizeLinear: a run-time scale on a blocked QDQ pair
 would be fused by ORT's QDQ selectors into integer matmuls that expect constant scales; the plain
-float ops compute the same values and :func:`fake_quant` is their bit-exact numpy reference.
+float ops compute the same values and :func:`fake_quant`
+(:func:`lowbit.encode.activations.dynamic_fake_quant`) is their bit-exact numpy reference.
 """
 
 from __future__ import annotations
@@ -24,27 +25,9 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.initializers import SCALE_FLOOR, add_initializer
-from lowbit.formats import integer_codes
+from lowbit.encode.activations import dynamic_fake_quant as fake_quant, dynamic_group_qmax as group_qmax
 
 __all__ = ["dynamic_group_nodes", "fake_quant", "group_qmax"]
-
-
-def group_qmax(channels: int, group_size: int, outlier_channels: np.ndarray | None = None) -> np.ndarray:
-    """qmax per group: int4's (7), or int8's (127) for groups holding any of ``outlier_channels``
-    (symmetric: the codes stay in [-qmax, qmax])."""
-    qmax = np.full(channels // group_size, float(integer_codes("int4")[1]), np.float32)
-    if outlier_channels is not None and len(outlier_channels):
-        qmax[np.unique(np.asarray(outlier_channels) // group_size)] = float(integer_codes("int8")[1])
-    return qmax
-
-
-def fake_quant(x: np.ndarray, group_size: int, qmax: np.ndarray) -> np.ndarray:
-    """numpy reference of the emitted graph, float32 op for op."""
-    x = np.asarray(x, np.float32)
-    g = x.reshape(*x.shape[:-1], -1, group_size)
-    q = qmax.astype(np.float32)[:, None]
-    s = np.maximum(np.abs(g).max(axis=-1, keepdims=True) / q, SCALE_FLOOR)
-    return (np.rint(g / s) * s).reshape(x.shape)
 
 
 def dynamic_group_nodes(graph: ir.Graph, x: ir.Value, channels: int, group_size: int, qmax: np.ndarray,

@@ -255,10 +255,7 @@ class EmitQDQPass(LowbitPass):
         outliers = None
         if aspec.outlier_format == "int8" and clusters is not None:
             outliers = np.flatnonzero(clusters == clusters.max())  # labels rank clusters by range
-        if aspec.format == "int4":
-            qmax = group_qmax(channels, group, outliers)
-        else:
-            qmax = np.full(channels // group, float(formats.integer_codes(aspec.format)[1]), np.float32)
+        qmax = group_qmax(aspec.format, channels, group, outliers)
         nodes, out = dynamic_group_nodes(graph, x, channels, group, qmax, x.name)
         graph.insert_before(sites[0].node, nodes)
         for site in sites:

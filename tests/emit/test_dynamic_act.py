@@ -27,7 +27,7 @@ def test_group_graph_equals_numpy_reference_bit_exact():
     channels, group = 96, 32
     x = ir.Value(name="x", shape=ir.Shape(["batch", "seq", channels]), type=ir.TensorType(ir.DataType.FLOAT))
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
-    qmax = group_qmax(channels, group, np.array([70]))  # channel 70 -> group 2 in int8
+    qmax = group_qmax("int4", channels, group, np.array([70]))  # channel 70 -> group 2 in int8
     assert qmax.tolist() == [7.0, 7.0, 127.0]
     nodes, out = dynamic_group_nodes(graph, x, channels, group, qmax, "x")
     graph.extend(nodes)

@@ -62,9 +62,20 @@ def test_news_domain_is_the_lee_corpus_for_evaluation_only():
 
 
 def test_missing_news_package_is_one_line(monkeypatch):
-    monkeypatch.setattr(data, "NEWS_FILE", ("no-such-distribution-xyz", "x.cor"))
+    monkeypatch.setitem(data.PACKAGE_TEXTS, "news", ("no-such-distribution-xyz", ("x.cor",), "evaluation"))
     with pytest.raises(LowbitError, match="pip install --no-deps no-such-distribution-xyz"):
         data.news_text()
+
+
+def test_wiki_domain_is_for_tuning_only_and_is_neither_other_text():
+    wiki = data.split_text("tuning", "wiki")
+    assert wiki.startswith("New York is a state") and "\n\n" in wiki and len(wiki) > 20_000
+    for split in ("calibration", "evaluation"):
+        with pytest.raises(LowbitError, match="for tuning only"):
+            data.split_text(split, "wiki")
+    assert wiki[:200] not in data.news_text() and wiki[:200] not in data.split_text("tuning")
+    w = data.tuning_windows(CharTokenizer(), 32, 2, domain="wiki")
+    assert "".join(map(chr, w.reshape(-1))) == wiki[:64]
 
 
 def test_windows_are_consecutive_and_non_overlapping():

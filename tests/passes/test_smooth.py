@@ -77,3 +77,26 @@ def test_shared_weights_are_never_rescaled(token_windows):
     ObservePass(ctx, [CalibrationAccumulator(), CaptureAccumulator(64)])(model)  # no constant folding: lm_head reads the tied embedding table
     SmoothPass(ctx)(model)
     assert ctx.report["smooth"]["groups"]["embed_tokens"] == {"folded": False, "reason": "a weight initializer is shared (e.g. a tied embedding)"}
+
+
+def test_dynamic_activation_objective_quantizes_groups_of_like_range_channels():
+    """With per_token_group activations the objective uses the run-time group scales; where RPTQ
+    will reorder the input, a group holds channels of like range (sorted by calibrated |range|)."""
+    from types import SimpleNamespace
+
+    from lowbit.encode.activations import dynamic_fake_quant, dynamic_group_qmax
+    from lowbit.passes.smooth import fake_quantize_activations
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 8)) * np.array([1, 50, 1, 50, 1, 50, 1, 50])).astype(np.float32)
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    aspec = SimpleNamespace(format="int8", granularity="per_token_group", group_size=4)
+    qmax = dynamic_group_qmax("int8", 8, 4)
+    contiguous = fake_quantize_activations(x, lo, hi, aspec)
+    assert np.array_equal(contiguous, dynamic_fake_quant(x, 4, qmax))
+    sorted_ = fake_quantize_activations(x, lo, hi, aspec, sorted_groups=True)
+    order = np.argsort(np.maximum(-lo, hi), kind="stable")
+    assert set(order[:4]) == {0, 2, 4, 6}  # the small channels share a group
+    assert np.array_equal(sorted_[:, order], dynamic_fake_quant(x[:, order], 4, qmax))
+    small = [0, 2, 4, 6]  # no longer sharing a scale with a channel 50x wider
+    assert np.abs(sorted_ - x)[:, small].max() < 0.1 * np.abs(contiguous - x)[:, small].max()
