@@ -29,16 +29,17 @@ FP32_MODEL = "smollm2-135m"
 TUNING_TEXTS = ("pydoc", "wiki")  # models.data domains with a tuning split
 
 # Run-time int8 scales per token and group of contiguous channels (after the RPTQ reorder).
-_DYNAMIC_INT8 = [f"granularity=per_token_group,symmetric=true,group_size={g}" for g in (32, 64, 128)]
+_DYNAMIC_INT8 = [f"granularity=per_token_group,symmetric=true,group_size={g}" for g in (32, 64)]
 
 # recipe -> (the key swept, its candidate values); every other key stays as the recipe file has it.
 # A key that names a whole section (no dot) takes candidates of one or more "field=value" joined by
 # "," -- settings that only make sense together (e.g. dynamic activation groups need symmetric codes).
 SWEEPS: dict[str, list[tuple[str, list[str]]]] = {
     "w4a8-dint4": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["8", "16", "32"]),
-                   ("activations", ["granularity=per_tensor,symmetric=false,group_size=0", *_DYNAMIC_INT8[:2]]),
-                   ("rounding.damp", ["0.01", "0.1", "0.3"]), ("sites.exclude", ["[]", '["lm_head"]'])],
-    "w8a8-rptq": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["16", "32"]),
+                   ("activations", ["granularity=per_tensor,symmetric=false,group_size=0", *_DYNAMIC_INT8]),
+                   ("rounding.damp", ["0.01", "0.1", "0.3"]), ("rounding.refit_scales", ["true", "false"]),
+                   ("sites.exclude", ["[]", '["lm_head"]']), ("sites.int8_weights", ["[]", '["lm_head"]'])],
+    "w8a8-rptq": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["8", "16", "32"]),
                   ("activations", ["granularity=per_tensor,symmetric=false,group_size=0", *_DYNAMIC_INT8]),
                   ("rounding.method", ["rtn", "optq"])],
     "npu-w8a8": [("reorder.clusters", ["8", "16"]), ("smooth.method", ["none", "smoothquant"])],

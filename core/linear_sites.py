@@ -222,7 +222,12 @@ def selected_sites(sites: Iterable[LinearSite], exclude: Iterable[str]) -> list[
     """The sites to quantize: ``sites`` (in order) minus those whose name matches any
     ``sites.exclude`` fnmatch pattern. The one site selector of every encoder and emitter."""
     patterns = tuple(exclude)
-    return [s for s in sites if not any(fnmatch.fnmatch(s.name, p) for p in patterns)]
+    return [s for s in sites if not matches_any(s, patterns)]
+
+
+def matches_any(site: LinearSite, patterns: Iterable[str]) -> bool:
+    """Whether ``site``'s name matches one of the fnmatch ``patterns`` (e.g. ``sites.int8_weights``)."""
+    return any(fnmatch.fnmatch(site.name, p) for p in patterns)
 
 
 # The structural analysis every pass reads: dropped after any graph edit, rebuilt on next read.

@@ -173,7 +173,7 @@ class ActivationSpec(_Spec):
     granularity: str = _doc("per_tensor | per_channel static scales from calibration | per_token_group: symmetric scale computed at run time per token and group of group_size contiguous channels (after any RPTQ reorder), standard ops", "per_tensor")
     range: str = _doc("calibrated range: minmax | percentile", "minmax")
     percentile: float = _doc("percentile of |x| per channel used when range = percentile", 99.99)
-    group_size: int = _doc("per_token_group: channels per group (must divide every quantized input's channel count); 0 = the whole token", 0)
+    group_size: int = _doc("per_token_group: channels per group; where it does not divide an input's channels, the largest divisor below it (at least 8, or group_size if smaller; the report gives each site's); 0 = the whole token", 0)
     outlier_format: str = _doc("per_token_group with RPTQ: none | int8 -- groups holding the widest-range cluster's channels use int8 codes (the report gives the average bits)", "none")
 
     def _validate(self) -> None:
@@ -181,7 +181,8 @@ class ActivationSpec(_Spec):
         _require(self.format != "int4" or self.symmetric, "activations.symmetric", "int4 activations are symmetric (set symmetric = true)")
         _require(self.granularity in ("per_tensor", "per_channel", "per_token_group"), "activations.granularity", f"{_show(self.granularity)} is not per_tensor, per_channel or per_token_group")
         dynamic = self.granularity == "per_token_group"
-        _require(not dynamic or (self.format in ("int8", "int4") and self.symmetric), "activations.granularity", "per_token_group takes symmetric int8 or int4 activations")
+        _require(not dynamic or self.format == "none" or (self.format in ("int8", "int4") and self.symmetric),
+                 "activations.granularity", "per_token_group takes symmetric int8 or int4 activations")
         _require(self.group_size >= 0, "activations.group_size", "must be >= 0")
         _require(self.group_size == 0 or dynamic, "activations.group_size", "needs granularity = per_token_group")
         _require(self.outlier_format in ("none", "int8"), "activations.outlier_format", f"{_show(self.outlier_format)} is not none or int8")
@@ -207,6 +208,9 @@ class CalibrationSpec(_Spec):
 @dataclass(frozen=True)
 class SiteSpec(_Spec):
     exclude: tuple[str, ...] = _doc("fnmatch patterns over site names (weight initializer names) kept in float", ())
+    int8_weights: tuple[str, ...] = _doc("fnmatch patterns over site names whose weights are int8 with one scale per "
+                                         "output channel (round to nearest) whatever weights.format, e.g. the LM head, "
+                                         "which llama.cpp and NNCF also keep at 8 bits", ())
 
 
 FEEDER_KINDS = ("norm", "attention_v", "gated_linear")
@@ -317,13 +321,21 @@ class NpuSpec(_Spec):
 NPU_WEIGHT_FORMATS = ("int8", "int7", "int6", "int5", "int4", "int3", "int2", "none")
 
 
+def _check_int8_weights(r: Recipe) -> None:
+    if r.sites.int8_weights:
+        _require(r.weights.format != "none", "sites.int8_weights", "needs weights.format (the other sites' grid)")
+        _require(not r.precision.enabled, "sites.int8_weights", "FGMP assigns formats itself (precision.enabled)")
+        _require(r.target != "npu", "sites.int8_weights", "target npu has one weight grid")
+
+
 def _check_npu(r: Recipe) -> None:
     """The npu target emits standard integer QDQ only: refuse what it cannot express."""
     _require(r.weights.format in NPU_WEIGHT_FORMATS, "weights.format", f"target npu takes symmetric integer weights ({', '.join(NPU_WEIGHT_FORMATS)}), not {_show(r.weights.format)}")
     _require(r.weights.block_size == 0, "weights.block_size", "target npu uses one scale per output channel (set 0)")
     _require(r.weights.symmetric, "weights.symmetric", "target npu weights are symmetric (zero point 0)")
     _require(r.activations.format in ("int8", "int16", "none"), "activations.format", f"target npu takes int8, int16 or none, not {_show(r.activations.format)}")
-    _require(r.activations.granularity == "per_tensor", "activations.granularity", "target npu uses per-tensor activation scales (RPTQ clusters get one each)")
+    _require(r.activations.granularity == "per_tensor", "activations.granularity", "target npu uses static per-tensor activation scales (RPTQ clusters get one each): "
+             "use the npu-w8a8 recipe, or --set activations.granularity=per_tensor")
     _require(not r.precision.enabled, "precision.enabled", "target npu has no FP4/FP8 mixed precision")
     _require(r.kv.format == "none", "kv.format", "target npu does not quantize K/V (set none)")
     _require(r.npu.power_of_two_scales == "none" or r.rounding.method == "rtn", "npu.power_of_two_scales", "needs rounding.method = rtn (OPTQ rounds on its own scales)")
@@ -396,6 +408,7 @@ class Recipe(_Spec):
     def _validate(self) -> None:
         _require(self.target in TARGETS, "target", f"{_show(self.target)} is not one of {', '.join(TARGETS)}")
         _check_cross_sections(self)
+        _check_int8_weights(self)
         if self.target == "npu":
             _check_npu(self)
         elif self.target == "ort-cpu":

@@ -39,6 +39,7 @@ from lowbit.core.pass_base import LowbitPass
 from lowbit.encode.activations import activation_qparams, cluster_ranges
 from lowbit.errors import LowbitError
 from lowbit.emit.dynamic_act import dynamic_group_nodes, group_qmax
+from lowbit.encode.activations import dynamic_group_size
 from lowbit.emit.ort_cpu import KEPT_QDQ, kernel_reason
 from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.statistics import ACTIVATION_STATS
@@ -184,11 +185,11 @@ class EmitQDQPass(LowbitPass):
 
     def _quantize_weight(self, graph: ir.Graph, site: LinearSite, enc: formats.Encoded) -> None:
         recipe = self.ctx.recipe
-        wspec, target = recipe.weights, recipe.target
-        spec = formats.get_format(wspec.format)
+        target = recipe.target
+        spec = formats.get_format(enc.fmt)  # the recipe's grid, or int8 for sites.int8_weights
         n_scales = int(np.prod(enc.scale.shape))
         entry = self.ctx.report["sites"].setdefault(site.name, {})
-        entry.update({"weights": wspec.format, "block_size": spec.block_size(wspec.block_size) or 0,
+        entry.update({"weights": enc.fmt, "block_size": enc.block_size or 0,
                       "bits_per_weight": spec.bits + 32.0 * n_scales / int(np.prod(enc.shape)),
                       "in_features": site.in_features})  # fmt: skip
         if target == "ort-cpu":  # sites the lowbit kernels take stay float for LowerOrtCpuPass
@@ -201,7 +202,7 @@ class EmitQDQPass(LowbitPass):
             self.ctx.analyses.put(KEPT_QDQ, kept)
         aspec = recipe.activations
         uint8_acts = aspec.format == "int8" and not aspec.symmetric
-        nodes, dq_out = weight_dq_nodes(graph, site, enc, wspec.format, target, unsigned_int8=uint8_acts)
+        nodes, dq_out = weight_dq_nodes(graph, site, enc, enc.fmt, target, unsigned_int8=uint8_acts)
         consumer = site.weight_path[0] if site.weight_path else site.node
         graph.insert_before(consumer, nodes)
         consumer.replace_input_with(0 if site.weight_path else 1, dq_out)
@@ -249,9 +250,7 @@ class EmitQDQPass(LowbitPass):
     def _quantize_input_dynamic(self, graph: ir.Graph, sites: list[LinearSite], clusters: np.ndarray | None) -> None:
         aspec = self.ctx.recipe.activations
         x, channels = sites[0].input, sites[0].in_features
-        group = aspec.group_size or channels
-        if channels % group:
-            raise LowbitError(f"activations.group_size {group} does not divide the {channels} channels of input {x.name}")
+        group = dynamic_group_size(channels, aspec.group_size)
         outliers = None
         if aspec.outlier_format == "int8" and clusters is not None:
             outliers = np.flatnonzero(clusters == clusters.max())  # labels rank clusters by range
@@ -264,4 +263,4 @@ class EmitQDQPass(LowbitPass):
         bits = float(np.where(qmax > 7, 8.0, 4.0).mean()) + 32.0 / group
         for site in sites:
             self.ctx.report["sites"].setdefault(site.name, {}).update(
-                {"activation_groups": len(qmax), "activation_int8_groups": int((qmax > 7).sum()), "bits_per_activation": bits})
+                {"activation_group_size": group, "activation_groups": len(qmax), "activation_int8_groups": int((qmax > 7).sum()), "bits_per_activation": bits})

@@ -15,8 +15,10 @@ import numpy as np
 
 from lowbit import formats
 from lowbit.core.initializers import SCALE_FLOOR, code_dtype
+from lowbit.errors import LowbitError
 
-__all__ = ["activation_qparams", "cluster_ranges", "dynamic_fake_quant", "dynamic_group_qmax"]
+__all__ = ["MIN_DYNAMIC_GROUP", "activation_qparams", "cluster_ranges", "dynamic_fake_quant", "dynamic_group_qmax",
+           "dynamic_group_size"]
 
 
 def activation_qparams(stats, spec, round_scale: Callable[[np.ndarray], np.ndarray] | None = None
@@ -64,6 +66,23 @@ def cluster_ranges(stats, labels: np.ndarray) -> SimpleNamespace:
         reduce.at(per, labels, values)
         out[attr] = per[labels].astype(np.float32)
     return SimpleNamespace(**out)
+
+
+MIN_DYNAMIC_GROUP = 8  # fewer channels per run-time scale cost more scale bits than they save
+
+
+def dynamic_group_size(channels: int, group_size: int) -> int:
+    """Channels per run-time scale for an input of ``channels``: ``group_size`` (0 = the whole
+    token), or where it does not divide them the largest divisor below it, so one recipe fits
+    models whose widths differ (e.g. 64 on a 32-wide test model gives 32); a divisor smaller than
+    :data:`MIN_DYNAMIC_GROUP` (or ``group_size`` if smaller) is refused."""
+    if not group_size or group_size >= channels:
+        return channels
+    group = next(d for d in range(group_size, 0, -1) if channels % d == 0)
+    if group < min(MIN_DYNAMIC_GROUP, group_size):
+        raise LowbitError(f"activations.group_size {group_size}: no group of {min(MIN_DYNAMIC_GROUP, group_size)} to "
+                          f"{group_size} channels divides the {channels} channels of an input")
+    return group
 
 
 def dynamic_group_qmax(fmt: str, channels: int, group_size: int, outlier_channels: np.ndarray | None = None) -> np.ndarray:

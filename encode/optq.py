@@ -229,7 +229,7 @@ class OptqPass(LowbitPass):
         # one problem per input group (its sites' columns side by side), batched by shape
         by_shape: dict[tuple[int, int], list[list]] = defaultdict(list)
         for group in self.ctx.sites.input_groups():
-            sites = selected_sites(group, recipe.sites.exclude)
+            sites = selected_sites(group, (*recipe.sites.exclude, *recipe.sites.int8_weights))  # int8: RTN
             if sites and group[0].input.name in captures:  # weights are read batch by batch
                 shape = (sites[0].in_features, sum(s.out_features for s in sites))
                 by_shape[shape].append([sites, None, captures[group[0].input.name].hessian])

@@ -29,7 +29,7 @@ from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.context import CompileContext
 from lowbit.core.pass_base import LowbitPass
 from lowbit.core.folding import weight_kn
-from lowbit.core.linear_sites import LinearSite, selected_sites
+from lowbit.core.linear_sites import LinearSite, matches_any, selected_sites
 from lowbit.errors import LowbitError
 
 __all__ = ["EncodeWeightsPass", "encode_weights", "power_of_two", "transposed"]
@@ -67,6 +67,8 @@ def _rtn(ctx: CompileContext, site: LinearSite) -> formats.Encoded:
         scale = power_of_two(scale, recipe.npu.power_of_two_scales)
         enc = formats.encode(w_kn, wspec.format, axis=0, scale=scale)
         return enc if site.reduction_axis == 0 else transposed(enc)
+    if matches_any(site, recipe.sites.int8_weights):  # one scale per output channel, as the w8 recipe
+        return formats.encode(w, "int8", axis=site.reduction_axis, symmetric=True, scale_method="absmax")
     block = formats.get_format(wspec.format).block_size(wspec.block_size)
     return formats.encode(w, wspec.format, axis=site.reduction_axis, block_size=block,
                           symmetric=wspec.symmetric, scale_method=wspec.scale_method)

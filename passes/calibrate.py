@@ -29,6 +29,9 @@ import onnx_ir as ir
 from lowbit.core.context import CompileContext
 from lowbit.core.statistics import ACTIVATION_STATS, ActivationStats, ChannelStats
 from lowbit.core.kv_sites import attention_kv, kv_inputs, to_channels
+from lowbit.core.linear_sites import selected_sites
+from lowbit.encode.activations import dynamic_group_size
+from lowbit.errors import LowbitError
 from lowbit.ort.observe import Window
 
 __all__ = ["CalibrationAccumulator", "calibration_taps", "slac_table", "slac_tensor_rows"]
@@ -50,6 +53,20 @@ def calibration_taps(ctx: CompileContext) -> dict[str, ir.Value]:
     return taps
 
 
+def check_group_size(ctx: CompileContext) -> None:
+    """Refuse, before the calibration run, a dynamic activation group size that fits no quantized
+    input's channels (:func:`lowbit.encode.activations.dynamic_group_size`; emission would refuse
+    it only after calibration)."""
+    aspec = ctx.recipe.activations
+    if aspec.format == "none" or aspec.granularity != "per_token_group" or not aspec.group_size:
+        return
+    for site in selected_sites(ctx.sites, ctx.recipe.sites.exclude):
+        try:
+            dynamic_group_size(site.in_features, aspec.group_size)
+        except LowbitError as e:
+            raise LowbitError(f"{e} ({site.input.name}, site {site.name})") from None
+
+
 class CalibrationAccumulator:
     """Per-channel ranges at every linear-site input and attention K/V over the calibration
     windows, absmax per tensor over the probe windows: the ``activation_stats`` analysis and the
@@ -68,6 +85,7 @@ class CalibrationAccumulator:
     def taps(self, ctx: CompileContext) -> dict[str, ir.Value]:
         taps = calibration_taps(ctx)
         recipe = ctx.recipe
+        check_group_size(ctx)
         self.pct = recipe.activations.percentile if recipe.activations.range == "percentile" else None
         kv = recipe.kv
         self.kv_pct = kv.percentile if kv.format != "none" and kv.range == "percentile" else None

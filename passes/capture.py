@@ -93,10 +93,13 @@ class CaptureAccumulator:
         draws = self._draws.get(window.index)
         if draws is None:
             size = min(self.per_window, n)
-            draws = self._draws[window.index] = {t: self.rng.choice(n, size=size, replace=False) for t in self.samples}
-        rows = draws.pop(name)
+            draws = self._draws[window.index] = {t: (n, self.rng.choice(n, size=size, replace=False)) for t in self.samples}
+        drawn_from, rows = draws.pop(name)
         if not draws:
             del self._draws[window.index]
+        if drawn_from != n:  # a tap with other rows than the window's tokens (e.g. a ViT's pooled head input)
+            seed = [window.index, list(self.samples).index(name)]
+            rows = np.random.default_rng(seed).choice(n, size=min(self.per_window, n), replace=False)
         return rows
 
     def _flush(self, name: str) -> None:

@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from lowbit import formats
 from lowbit.core.pass_base import LowbitPass
-from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
 from lowbit.formats.dint import DintElement
 from lowbit.formats.integer import IntElement
 from lowbit.core.statistics import ACTIVATION_STATS, SITE_CAPTURE, transform_channels
-from lowbit.encode.activations import activation_qparams, dynamic_fake_quant, dynamic_group_qmax
+from lowbit.encode.activations import activation_qparams, dynamic_fake_quant, dynamic_group_qmax, dynamic_group_size
 from lowbit.core.folding import FoldTarget, fold_target, weight_kn
+from lowbit.core.linear_sites import matches_any
 from lowbit.encode.optq_kernel import element_kind, rtn_round
 
 __all__ = ["SmoothPass", "candidate_scales", "fake_quantize_activations"]
@@ -64,7 +64,7 @@ def fake_quantize_activations(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, asp
         return x
     if aspec.granularity == "per_token_group":
         channels = x.shape[-1]
-        group = aspec.group_size or channels
+        group = dynamic_group_size(channels, aspec.group_size)
         order = np.argsort(np.maximum(-lo, hi), kind="stable") if sorted_groups else np.arange(channels)
         out = np.empty_like(x)
         out[:, order] = dynamic_fake_quant(x[:, order], group, dynamic_group_qmax(aspec.format, channels, group))
@@ -171,10 +171,10 @@ class SmoothPass(LowbitPass):
         ref = x @ w_obj
         norm = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
         use_act = spec.method in ("smoothquant", "aqas")
-        group = recipe.activations.group_size
-        if use_act and recipe.activations.granularity == "per_token_group" and group and x.shape[1] % group:
-            raise LowbitError(f"activations.group_size {group} does not divide the {x.shape[1]} channels of input {target.input.name}")
         sorted_groups = recipe.reorder.clusters > 0 and target.kind in recipe.reorder.feeders
+        wspec = recipe.weights
+        if all(matches_any(site, recipe.sites.int8_weights) for site in target.group):
+            wspec = SimpleNamespace(format="int8", block_size=0, symmetric=True, scale_method="absmax")
         use_w = spec.method in ("awq", "aqas")
         cands = candidate_scales(spec.method, spec.alpha_grid, stats.absmax.astype(np.float64),
                                  np.abs(x).mean(axis=0).astype(np.float64), np.abs(w_cat).max(axis=1).astype(np.float64),
@@ -191,7 +191,7 @@ class SmoothPass(LowbitPass):
             if use_act:
                 xs = fake_quantize_activations(xs, stats.min / s32, stats.max / s32, recipe.activations, sorted_groups)
             ws = w_obj * s32[:, None]
-            out = xs @ (_fake_weights(ws, recipe.weights) if use_w else ws)
+            out = xs @ (_fake_weights(ws, wspec) if use_w else ws)
             return float(np.sum((out - ref).astype(np.float64) ** 2)) / norm
 
         with ThreadPoolExecutor(_THREADS) as pool:

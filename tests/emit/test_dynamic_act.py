@@ -93,7 +93,21 @@ def test_outlier_cluster_groups_use_int8(token_windows):
     assert qkv["bits_per_activation"] == pytest.approx(want)
 
 
-def test_group_size_must_divide_channels(token_windows):
-    with pytest.raises(LowbitError, match="group_size 24 does not divide the 32 channels"):
+def test_group_size_falls_back_to_a_divisor_and_refuses_none_before_calibration(token_windows, monkeypatch):
+    from lowbit.encode.activations import dynamic_group_size
+    from lowbit.ort import observe
+
+    assert [dynamic_group_size(32, g) for g in (0, 64, 32, 24, 16, 8)] == [32, 32, 32, 16, 16, 8]
+    assert dynamic_group_size(576, 64) == 64 and dynamic_group_size(576, 128) == 96
+    out = lowbit.compile(tiny_decoder(norm="rms", norm_form="fused"), "w4a4-rptq", calibration=token_windows,
+                         overrides=["activations.granularity=per_token_group", "activations.group_size=24"])
+    sizes = {(e["in_features"], e["activation_group_size"]) for e in out.report["sites"].values() if "activation_group_size" in e}
+    assert (32, 16) in sizes and all(size == dynamic_group_size(width, 24) for width, size in sizes)
+
+    def not_before_the_check(*args, **kwargs):
+        raise AssertionError("the model was run before the group size was checked")
+
+    monkeypatch.setattr(observe, "default_runner", not_before_the_check)
+    with pytest.raises(LowbitError, match="group_size 7: no group of 7 to 7 channels divides the 32 channels"):
         lowbit.compile(tiny_decoder(norm="rms", norm_form="fused"), "w4a4-rptq", calibration=token_windows,
-                       overrides=["activations.granularity=per_token_group", "activations.group_size=24"])  # fmt: skip
+                       overrides=["activations.granularity=per_token_group", "activations.group_size=7"])  # fmt: skip
