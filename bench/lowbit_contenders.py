@@ -14,9 +14,9 @@ __all__ = ["DEPLOY_RECIPES", "NPU_RECIPES", "RECIPES", "lowbit_contender"]
 RECIPES: tuple[tuple[str, str, frozenset[str]], ...] = (
     ("w8a8", "int8 per-channel symmetric; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
     ("w8a8-smooth", "SmoothQuant scales folded; int8 per-channel; uint8 per-tensor activations", frozenset({"causal-lm", "encoder"})),
-    ("w8a8-rptq", "RPTQ 16 clusters; int8 per-channel; one activation range per cluster", frozenset({"causal-lm", "encoder"})),
+    ("w8a8-rptq", "RPTQ 16 clusters; int8 per-channel, OPTQ; int8 activations, run-time scale per token and 32 channels", frozenset({"causal-lm", "encoder"})),
     ("w8", "int8 per-channel symmetric, weight-only", frozenset({"causal-lm", "encoder"})),
-    ("w4a8-dint4", "dINT4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ 16 clusters, int8 activations", frozenset({"causal-lm", "encoder"})),
+    ("w4a8-dint4", "dINT4 symmetric, blocks of 32, OPTQ, int8 LM head; AQAS + RPTQ 16 clusters; int8 activations, run-time scale per token and 64 channels", frozenset({"causal-lm", "encoder"})),
     ("w4a8-int4", "int4 symmetric, blocks of 32, OPTQ; AQAS + RPTQ 16 clusters, int8 activations", frozenset({"causal-lm"})),
     ("w4a4-rptq", "dINT4 blocks of 32, OPTQ; int4 activations per token and group of 16 after RPTQ, widest cluster int8", frozenset({"causal-lm"})),
     ("w4a8-kv4", "w4a8-dint4 + int4 K/V, static per (head, channel), 99.9th-percentile clip", frozenset({"causal-lm"})),
@@ -77,7 +77,7 @@ def lowbit_contender(recipe: str, grid: str, kinds: frozenset[str], target: str 
 # The deployable forms (ort-cpu target, lowbit's native ops, KV cache): what decodes fast on a CPU.
 DEPLOY_RECIPES: tuple[tuple[str, str | None, str], ...] = (
     ("w4-dint4-ortcpu", None, "dINT4 blocks of 32 weight-only (embedding packed too), MatMulLowbit/GatherLowbit; FP32 activations"),
-    ("w4a8-dint4", "ort-cpu", "as lowbit-w4a8-dint4, emitted as MatMulLowbit ops with int8 activations"),
+    ("w4a8-dint4", "ort-cpu", "as lowbit-w4a8-dint4, its dINT4 sites emitted as MatMulLowbit ops (float mode, reading the run-time int8 activation groups; the int8 LM head stays QDQ)"),
 )
 
 for _recipe, _grid, _kinds in RECIPES:

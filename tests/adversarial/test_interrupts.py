@@ -27,6 +27,9 @@ from .conftest import make_model_dir, run_lowbit, snapshot
 from lowbit.models.synthetic import TinyConfig, tiny_decoder
 
 RECIPE = ["-r", "w8"]  # weight-only: no calibration, the swap is what is under test
+# Seconds the compile holds a swap step while the test signals it: the signal is deferred until the
+# step ends, so it must arrive within them (1 s was too short on a loaded 2-core machine).
+PAUSE = 3
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -95,7 +98,7 @@ def _directory_case(template: Path, root: Path, sig: signal.Signals, step: str) 
     shutil.copytree(template, m, symlinks=True)
     before = snapshot(m)
     env = _env(work)
-    proc = _pause_at(["compile", str(m), "-o", str(m), *RECIPE], step, env, 60 if sig == signal.SIGKILL else 1)
+    proc = _pause_at(["compile", str(m), "-o", str(m), *RECIPE], step, env, 60 if sig == signal.SIGKILL else PAUSE)
     proc.send_signal(sig)
     code = proc.wait(timeout=120)
     rest = proc.stderr.read()

@@ -22,8 +22,10 @@ STANDARD_OPS = {"QuantizeLinear", "DequantizeLinear", "MatMul", "Split", "Gather
                 "Mul", "Add", "RMSNormalization", "Softmax", "Sigmoid"}  # fmt: skip
 # int7 weights: |code| <= 63 keeps uint8 x int8 pair sums inside int16 (255 * 63 * 2 < 32767), so
 # CPUs without VNNI (this one) run the fused kernels exactly; see the README.
-# static per-cluster activations (w8a8-rptq's are dynamic since the tuning texts chose them)
-STATIC = ["activations.granularity=per_tensor", "activations.symmetric=false", "activations.group_size=0"]
+# static per-cluster activations and round-to-nearest weights, as npu-w8a8 (w8a8-rptq's activations
+# are dynamic and its weights OPTQ-rounded since the tuning texts chose them)
+STATIC = ["activations.granularity=per_tensor", "activations.symmetric=false", "activations.group_size=0",
+          "rounding.method=rtn"]
 NPU = ["weights.format=int7", "reorder.clusters=8", *STATIC]  # the npu-w8a8 recipe's grid and clusters
 
 
