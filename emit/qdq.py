@@ -36,10 +36,9 @@ import onnx_ir as ir
 from lowbit import formats
 from lowbit.core.context import CompileContext
 from lowbit.core.pass_base import LowbitPass
-from lowbit.encode.activations import activation_qparams, cluster_ranges
+from lowbit.encode.activations import activation_qparams, cluster_ranges, dynamic_group_size
 from lowbit.errors import LowbitError
 from lowbit.emit.dynamic_act import dynamic_group_nodes, group_qmax
-from lowbit.encode.activations import dynamic_group_size
 from lowbit.emit.ort_cpu import KEPT_QDQ, kernel_reason
 from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.statistics import ACTIVATION_STATS

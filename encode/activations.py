@@ -1,4 +1,4 @@
-"""Activation encodings. Static: the scale and zero point of every quantized activation: the scale and zero point of every quantized activation, from the
+"""Activation encodings. Static: the scale and zero point of every quantized activation, from the
 ranges calibration observed (optionally merged per RPTQ cluster).
 
 Owns the mapping calibrated range -> (scale, zero point, axis); emitters write what it returns and
