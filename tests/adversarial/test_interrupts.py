@@ -27,9 +27,6 @@ from .conftest import make_model_dir, run_lowbit, snapshot
 from lowbit.models.synthetic import TinyConfig, tiny_decoder
 
 RECIPE = ["-r", "w8"]  # weight-only: no calibration, the swap is what is under test
-# Seconds the compile holds a swap step while the test signals it: the signal is deferred until the
-# step ends, so it must arrive within them (1 s was too short on a loaded 2-core machine).
-PAUSE = 3
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -57,8 +54,11 @@ def _steps(template: Path, work: Path, args: list[str], target: str) -> list[str
 
 
 def _pause_at(args: list[str], step: str, env: dict[str, str], seconds: float) -> subprocess.Popen:
+    # SIGINT at its default in the child even where this test runs as a background job (a shell
+    # starts those with SIGINT ignored, and lowbit rightly keeps an inherited SIG_IGN)
     proc = subprocess.Popen([sys.executable, "-m", "lowbit", *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**env, "LOWBIT_TEST_SWAP_PAUSE": step,
                                  "LOWBIT_TEST_SWAP_PAUSE_SECONDS": str(seconds)})  # fmt: skip
     deadline = time.monotonic() + 120
@@ -98,7 +98,7 @@ def _directory_case(template: Path, root: Path, sig: signal.Signals, step: str) 
     shutil.copytree(template, m, symlinks=True)
     before = snapshot(m)
     env = _env(work)
-    proc = _pause_at(["compile", str(m), "-o", str(m), *RECIPE], step, env, 60 if sig == signal.SIGKILL else PAUSE)
+    proc = _pause_at(["compile", str(m), "-o", str(m), *RECIPE], step, env, 60 if sig == signal.SIGKILL else 1)
     proc.send_signal(sig)
     code = proc.wait(timeout=120)
     rest = proc.stderr.read()
