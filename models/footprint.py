@@ -4,7 +4,7 @@ Pure ``onnx`` (no torch, no ORT). The weight data itself is never loaded: sizes 
 initializer's type and shape.
 
 Effective bits per weight counts, for every *linear site* (``MatMul`` / ``Gemm`` whose weight
-input is constant, and ``com.microsoft::MatMulNBits``), the bytes of every initializer that the
+input is constant, ``com.microsoft::MatMulNBits`` and ``lowbit::MatMulLowbit``), the bytes of every initializer that the
 weight is computed from, through layout ops (Transpose, Reshape, Cast, ...) and
 ``DequantizeLinear`` / ``QuantizeLinear`` chains including their scales and zero points (so FP8
 scales of an int4 DQ, and the FP32 scale of those scales, all count; a weight quantized at run
@@ -24,6 +24,8 @@ import onnx
 
 from lowbit.errors import LowbitError, printable
 from lowbit.models.registry import onnx_model_file
+
+LOWBIT_DOMAIN = "lowbit"  # lowbit.runtime_ext.functions.DOMAIN, without importing the op library (tested equal)
 
 __all__ = ["WeightBits", "load_graph_only", "size_on_disk", "linear_weight_bits", "tensor_bits"]
 
@@ -170,4 +172,12 @@ def linear_weight_bits(path: str | os.PathLike) -> WeightBits:
                 elements += attrs["K"] * attrs["N"]
             # B, scales, zero points, g_idx; the bias (input 5) is not weight storage.
             storage |= {i for i in node.input[1:5] if i in tracer.inits}
+        elif node.op_type == "MatMulLowbit" and node.domain == LOWBIT_DOMAIN:
+            sites += 1
+            codes = node.input[1]  # [N, K / 2]: two 4-bit codes per byte
+            if codes not in seen_weights:
+                seen_weights.add(codes)
+                elements += 2 * tracer.numel(codes)
+            # codes, block scales, global scale and FP8 blocks (inputs 5-7); input 4 is an activation scale
+            storage |= {name for i, name in enumerate(node.input) if i in (1, 2, 3, 5, 6, 7) and name in tracer.inits}
     return WeightBits(sites=sites, elements=elements, bytes=tracer.bytes(storage))

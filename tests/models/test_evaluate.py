@@ -282,3 +282,21 @@ def test_next_token_scores_match_a_direct_float64_computation():
     assert same.agreement().kl == pytest.approx(0.0, abs=1e-12) and same.agreement().top1 == 1.0
     with pytest.raises(LowbitError, match="do not match"):
         same.add(logits[:-1], ids)
+
+
+def test_lowbit_matmul_ops_count_their_packed_codes_and_scales(tmp_path, token_windows):
+    """A compiled ort-cpu model: every dINT4 site is one MatMulLowbit whose packed arrays give
+    4 bits per weight plus one float32 scale per block of 32 and the site's global scale."""
+    import lowbit
+    from lowbit.models.synthetic import tiny_decoder
+    from lowbit.runtime_ext.functions import DOMAIN
+
+    assert footprint.LOWBIT_DOMAIN == DOMAIN
+    out = lowbit.compile(tiny_decoder(ffn=64), "w4-dint4-ortcpu", calibration=token_windows)  # every K % 32 == 0
+    path = tmp_path / "m.onnx"
+    out.save(path)
+    ops = [n.op_type for n in out.model.graph]
+    bits = footprint.linear_weight_bits(path)
+    assert bits.sites == ops.count("MatMulLowbit") > 0 and "DequantizeLinear" not in ops
+    # 4-bit codes, a float32 scale per 32 weights and one float32 global scale per site
+    assert bits.bits_per_weight == pytest.approx(4 + 32 / 32 + 32 * bits.sites / bits.elements)
