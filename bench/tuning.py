@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                 lines.append(f"| {key} | {value} | {' | '.join(cells)} | {r['ratio']:.4f} | {r['seconds']:.1f} | {mark} |")
             best = min(results, key=lambda v: results[v]["ratio"])
             lines.append(f"| {key} | best on tuning: **{best}** |" + " |" * (4 * len(TUNING_TEXTS) + 3))
-            _write(args.output, lines)  # after every key: a long sweep that stops keeps what it measured
+            # after every key: a long sweep that stops keeps what it measured (and the other recipes)
+            _write(args.output, [*lines, "", *_other_sections(previous, args.recipes)])
         lines.append("")
     lines += _other_sections(previous, args.recipes)
     _write(args.output, lines)
