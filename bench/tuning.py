@@ -63,8 +63,15 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.bench.recipe_sweep import SWEEPS, TUNING_TEXTS, candidate_overrides, measure
     from lowbit.bench.runner import machine_line
     from lowbit.core.recipe import load_recipe
+    from lowbit.errors import LowbitError
     from lowbit.files.fsutil import check_writable_parent
 
+    if args.keys:
+        known = {key for name in args.recipes for key, _ in SWEEPS[name]}
+        unknown = [k for k in args.keys if k not in known]
+        if unknown:
+            raise LowbitError(f"--keys {', '.join(unknown)}: not swept for {', '.join(args.recipes)} "
+                              f"(swept: {', '.join(sorted(known))})")
     check_writable_parent(Path(args.output))
     previous = Path(args.output).read_text() if Path(args.output).is_file() else ""
     lines = ["# Recipe settings chosen on the tuning split", "",

@@ -44,3 +44,13 @@ def test_sections_of_recipes_not_swept_are_kept():
     previous = "# t\n\nintro\n\n## a\n\n| a-row |\n\n## b\n\n| b-row |\n"
     assert tuning._other_sections(previous, ["a"]) == ["## b\n\n| b-row |", ""]
     assert tuning._other_sections("", ["a"]) == []
+
+
+def test_an_unknown_swept_key_is_one_line_and_exit_2_before_any_compile(tmp_path, capsys):
+    from lowbit.bench.cli import main
+
+    out = tmp_path / "T.md"
+    assert main(["tuning", "--recipes", "w8a8-rptq", "--keys", "rounding.damp", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--keys rounding.damp: not swept for w8a8-rptq" in err and "\n" not in err
+    assert not out.exists()

@@ -75,6 +75,17 @@ def versions() -> dict:
     return {p: metadata.version(p) for p in ("nvidia-modelopt", "onnxruntime", "onnx", "numpy")}
 
 
+def report_unavailable(out_dir: str, result_path: str, config: str, error: Exception) -> None:
+    """The one-line reason a build failed here, as the protocol's result.json; partial outputs go."""
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+    log(f"unavailable: {reason}")
+    for name in os.listdir(out_dir):  # the caller's `finally` removes its work directory
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    write_json(result_path, {"config": config, "unavailable": reason})
+
+
 def write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -162,13 +173,7 @@ def build(args: argparse.Namespace) -> None:
             raise RuntimeError("ModelOpt finished without writing a model")
         check_runs(out_model, calib[:1, :16])
     except Exception as e:  # any failure on this machine is reported, not raised
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        log(f"unavailable: {reason}")
-        for name in os.listdir(args.out):  # drop partial outputs; `work` goes in `finally`
-            path = os.path.join(args.out, name)
-            if os.path.isfile(path):
-                os.remove(path)
-        write_json(result_path, {"config": args.config, "unavailable": reason})
+        report_unavailable(args.out, result_path, args.config, e)
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -253,13 +258,7 @@ def build_encoder(args: argparse.Namespace) -> None:
             raise RuntimeError("ModelOpt finished without writing a model")
         check_runs(out_model, reader.get_first(), "last_hidden_state")
     except Exception as e:  # any failure on this machine is reported, not raised
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        log(f"unavailable: {reason}")
-        for name in os.listdir(args.out):  # drop partial outputs; `work` goes in `finally`
-            path = os.path.join(args.out, name)
-            if os.path.isfile(path):
-                os.remove(path)
-        write_json(result_path, {"config": args.config, "unavailable": reason})
+        report_unavailable(args.out, result_path, args.config, e)
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)
