@@ -31,11 +31,15 @@ TUNING_TEXTS = ("pydoc", "wiki")  # models.data domains with a tuning split
 # Run-time int8 scales per token and group of contiguous channels (after the RPTQ reorder).
 _DYNAMIC_INT8 = [f"granularity=per_token_group,symmetric=true,group_size={g}" for g in (32, 64)]
 
+# No rotation; R1 (residual stream) alone; R1 + R2 (heads) + the online Hadamard before down_proj.
+_ROTATIONS = ["residual=false,heads=false,online=[]", "residual=true,heads=false,online=[]",
+              'residual=true,heads=true,online=["gated_linear"]']
+
 # recipe -> (the key swept, its candidate values); every other key stays as the recipe file has it.
 # A key that names a whole section (no dot) takes candidates of one or more "field=value" joined by
 # "," -- settings that only make sense together (e.g. dynamic activation groups need symmetric codes).
 SWEEPS: dict[str, list[tuple[str, list[str]]]] = {
-    "w4a8-dint4": [("reorder.clusters", ["8", "16", "32"]), ("calibration.windows", ["8", "16", "32"]),
+    "w4a8-dint4": [("rotate", _ROTATIONS), ("reorder.clusters", ["0", "8", "16", "32"]), ("calibration.windows", ["8", "16", "32"]),
                    ("activations", ["granularity=per_tensor,symmetric=false,group_size=0", *_DYNAMIC_INT8]),
                    ("rounding.damp", ["0.01", "0.1", "0.3"]), ("rounding.refit_scales", ["true", "false"]),
                    ("sites.exclude", ["[]", '["lm_head"]']), ("sites.int8_weights", ["[]", '["lm_head"]'])],
@@ -43,15 +47,26 @@ SWEEPS: dict[str, list[tuple[str, list[str]]]] = {
                   ("activations", ["granularity=per_tensor,symmetric=false,group_size=0", *_DYNAMIC_INT8]),
                   ("rounding.method", ["rtn", "optq"])],
     "npu-w8a8": [("reorder.clusters", ["8", "16"]), ("smooth.method", ["none", "smoothquant"])],
-    "w4a4-rptq": [("activations.group_size", ["16", "32"]), ("reorder.clusters", ["16", "32"])],
+    "w4a8-rot-kv4": [("kv", ["granularity=per_channel,range=percentile,dynamic_k=false,dynamic_v=false",
+                             "granularity=per_channel,range=percentile,dynamic_k=true,dynamic_v=false",
+                             "granularity=per_channel,range=percentile,dynamic_k=true,dynamic_v=true",
+                             "granularity=per_head,range=percentile,dynamic_k=true,dynamic_v=true"])],
+    "w4a4-rptq": [("activations.group_size", ["16", "32"]), ("reorder.clusters", ["16", "32"]), ("rotate", _ROTATIONS)],
 }
 
 
 def candidate_overrides(key: str, value: str) -> list[str]:
-    """The ``--set`` overrides of one sweep candidate."""
+    """The ``--set`` overrides of one sweep candidate (a group's "f=v" items are split at the
+    commas outside brackets, so a list value may hold commas)."""
     if "." in key:
         return [f"{key}={value}"]
-    return [f"{key}.{item}" for item in value.split(",")]
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(value):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(value[start:i])
+            start = i + 1
+    return [f"{key}.{item}" for item in [*items, value[start:]]]
 
 
 def main(argv: list[str] | None = None) -> int:

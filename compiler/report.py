@@ -56,6 +56,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{s['bits_per_weight']:.3f}" if "bits_per_weight" in s else "",
                       s.get("activations", ""), s.get("feeder", s.get("reason", ""))]
                      for name, s in sites.items()])  # fmt: skip
+    lines += _rotation_lines(report.get("rotate"))
     ev = report.get("evaluation")
     if ev:
         from lowbit.compiler.report_tables import evaluation_rows
@@ -71,6 +72,27 @@ def render_markdown(report: dict[str, Any]) -> str:
                         [[r["seq_len"], r["tensors"], f"{r['median_ratio']:.3f}", f"{r['min_ratio']:.3f}",
                           f"{r['max_ratio']:.3f}"] for r in report["slac"]])  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _rotation_lines(rotate: dict[str, Any] | None) -> list[str]:
+    """What each rotation did, or why it did not apply."""
+    if not rotate:
+        return []
+    lines = ["", "## Rotations", ""]
+    r1 = rotate.get("residual")
+    if r1 is not None:
+        lines.append(f"- R1 residual stream: rotated by {r1['matrix']} ({r1['writers']} writers, {r1['norms']} norms "
+                     f"folded{', LM head untied' if r1['untied_head'] else ''})" if r1["rotated"]
+                     else f"- R1 residual stream: not applied ({r1['reason']})")  # fmt: skip
+    r2 = rotate.get("heads")
+    if r2 is not None:
+        skipped = f"; {len(r2['skipped'])} skipped, e.g. {next(iter(r2['skipped'].values()))}" if r2["skipped"] else ""
+        lines.append(f"- R2 heads: {r2['rotated_groups']} attention output groups rotated by {r2['matrix']}{skipped}")
+    online = rotate.get("online")
+    if online is not None:
+        skipped = f"; skipped: {online['skipped']}" if online["skipped"] else ""
+        lines.append(f"- online Hadamard ({', '.join(online['kinds'])}): {len(online['rotated'])} places{skipped}")
+    return lines
 
 
 def write(report: dict[str, Any], directory: Path, stem: str, *, atomic: bool = True) -> tuple[Path, Path, Path]:

@@ -177,8 +177,11 @@ def _gqa_map(site: LinearSite, producer: LinearSite, head_dim: int | None) -> np
     return (c // head_dim // group) * head_dim + c % head_dim
 
 
-def fold_target(group: list[LinearSite], kinds: tuple[str, ...]) -> FoldTarget | str:
-    """The exact folding target of one input group, or why there is none."""
+def fold_target(group: list[LinearSite], kinds: tuple[str, ...], *, cache_follows: bool = False) -> FoldTarget | str:
+    """The exact folding target of one input group, or why there is none. ``cache_follows``: a
+    v_proj whose output is also a KV-cache output is accepted -- for a transform the model's own
+    later steps undo (a rotation inside each head: the cache then holds rotated V, which only this
+    model reads back), never for one meant to leave the cache's values as they were."""
     site = group[0]
     feeder = site.feeder
     if feeder is None or feeder.kind not in kinds:
@@ -205,7 +208,7 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...]) -> FoldTarget |
         if len(siblings) != 1 or not _weights_private(siblings) or not _elementwise_only(siblings[0].node.outputs[0]):
             return "gate/up pair not recognised"
         return FoldTarget("gated_linear", group, producer=producer, gate=siblings[0], channel_map=np.arange(site.in_features))
-    if _reaches_graph_output(producer.node.outputs[0]):
+    if not cache_follows and _reaches_graph_output(producer.node.outputs[0]):
         return "v_proj output is also a KV-cache output (present.*): scaling it would change the cache"
     head_dim = _head_dim(feeder.node)
     mapping = _gqa_map(site, producer, head_dim)

@@ -19,6 +19,8 @@ class LowbitPass(ir.passes.InPlacePass):
     it leaves; ``INVALIDATES``: value analyses it makes stale; ``PRESERVES_FUNCTION``: the model's
     outputs are unchanged (up to float reassociation), which ``--verify`` checks numerically.
     ``modified`` in the result must say whether the graph changed, not whether the pass ran.
+    ``REBASES_CACHE``: the model's KV-cache outputs hold the same cache in another basis that only
+    the model itself reads back (e.g. V rotated inside each head), so they are not compared.
     ``BLOCKWISE``: the pass reads and edits only what ``ctx.sites`` names (in a block-wise compile,
     one block's sites: ``ctx.scope``), and adds to its analyses and report entries rather than
     replacing them, so it may run once per block.
@@ -28,6 +30,7 @@ class LowbitPass(ir.passes.InPlacePass):
     ENSURES: tuple[Key, ...] = ()
     INVALIDATES: tuple[Key, ...] = ()
     PRESERVES_FUNCTION: bool = False
+    REBASES_CACHE: bool = False
     BLOCKWISE: bool = False
 
     def __init__(self, ctx: CompileContext) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "OrtCpuSpec",
     "PrecisionSpec",
     "ReorderSpec",
+    "RotateSpec",
     "RoundingSpec",
     "SmoothSpec",
     "Recipe",
@@ -241,6 +242,31 @@ class ReorderSpec(_Spec):
         _require(all(k in FEEDER_KINDS for k in self.feeders), "reorder.feeders", f"kinds must be among {', '.join(FEEDER_KINDS)}")
 
 
+ONLINE_ROTATION_KINDS = ("gated_linear", "attention_qk")
+
+
+@dataclass(frozen=True)
+class RotateSpec(_Spec):
+    residual: bool = _doc("R1: rotate a pre-norm decoder's residual stream by a randomized Hadamard matrix of the hidden "
+                          "size, in the weights (norm scales folded into the linears they feed, embedding rotated, a "
+                          "tied LM head untied); a post-LN or LayerNorm model is left as it is, with the reason in the report", False)
+    heads: bool = _doc("R2: rotate each attention head's V channels by a Hadamard matrix of the head size (v_proj "
+                       "columns, o_proj rows), in the weights", False)
+    online: tuple[str, ...] = _doc("values rotated at run time by a lowbit Hadamard op: gated_linear (down_proj's "
+                                   "input, the SwiGLU product; the inverse folded into down_proj) | attention_qk (Q "
+                                   "and K where attention reads them, after the rotary embedding: for K-cache "
+                                   "quantization; Q K^T is unchanged)", ())
+    seed: int = _doc("seed of the rotations' random signs", 0)
+
+    def _validate(self) -> None:
+        _require(all(k in ONLINE_ROTATION_KINDS for k in self.online), "rotate.online", f"kinds must be among {', '.join(ONLINE_ROTATION_KINDS)}")
+        _require(self.seed >= 0, "rotate.seed", "must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.residual or self.heads or bool(self.online)
+
+
 @dataclass(frozen=True)
 class RoundingSpec(_Spec):
     method: str = _doc("weight rounding: rtn (round to nearest) | optq (GPTQ second-order error compensation with X^T X)", "rtn")
@@ -263,7 +289,9 @@ class KVCacheSpec(_Spec):
                       "of its kv.percentile of |x| (int4 absmax is very sensitive to rare peaks)", "absmax")  # fmt: skip
     percentile: float = _doc("kv.range = percentile: the per-window percentile of |x|, in (0, 100]", 99.9)
     dynamic_k: bool = _doc("K: static per-channel scales normalise channels, then one int scale per token and head is "
-                           "computed at run time (max over head_dim); V stays static", False)  # fmt: skip
+                           "computed at run time (max over head_dim); V stays static unless kv.dynamic_v", False)  # fmt: skip
+    dynamic_v: bool = _doc("V, as kv.dynamic_k does for K: static per-channel scales normalise channels, then one int "
+                           "scale per token and head at run time", False)  # fmt: skip
 
     def _validate(self) -> None:
         _require(self.format in ("none", "int8", "int4"), "kv.format", f"{_show(self.format)} is not none, int8 or int4")
@@ -272,6 +300,7 @@ class KVCacheSpec(_Spec):
         _require(self.range in ("absmax", "percentile"), "kv.range", f"{_show(self.range)} is not absmax or percentile")
         _require(0.0 < self.percentile <= 100.0, "kv.percentile", "must be in (0, 100]")
         _require(self.symmetric or not self.dynamic_k, "kv.dynamic_k", "needs kv.symmetric = true")
+        _require(self.symmetric or not self.dynamic_v, "kv.dynamic_v", "needs kv.symmetric = true")
 
 
 @dataclass(frozen=True)
@@ -338,6 +367,7 @@ def _check_npu(r: Recipe) -> None:
              "use the npu-w8a8 recipe, or --set activations.granularity=per_tensor")
     _require(not r.precision.enabled, "precision.enabled", "target npu has no FP4/FP8 mixed precision")
     _require(r.kv.format == "none", "kv.format", "target npu does not quantize K/V (set none)")
+    _require(not r.rotate.online, "rotate.online", "target npu takes standard ops only: the online Hadamard is a lowbit op (rotate.residual and rotate.heads are weights only)")
     _require(r.npu.power_of_two_scales == "none" or r.rounding.method == "rtn", "npu.power_of_two_scales", "needs rounding.method = rtn (OPTQ rounds on its own scales)")
 
 
@@ -399,6 +429,7 @@ class Recipe(_Spec):
     sites: SiteSpec = field(default_factory=SiteSpec, metadata={"doc": "which linear sites to quantize"})
     smooth: SmoothSpec = field(default_factory=SmoothSpec, metadata={"doc": "equivalent scale folding (SmoothQuant, AWQ, AQAS)"})
     reorder: ReorderSpec = field(default_factory=ReorderSpec, metadata={"doc": "RPTQ channel clustering and reordering"})
+    rotate: RotateSpec = field(default_factory=RotateSpec, metadata={"doc": "orthogonal rotations (QuaRot/SpinQuant R1, R2, online Hadamard)"})
     rounding: RoundingSpec = field(default_factory=RoundingSpec, metadata={"doc": "weight rounding (RTN, OPTQ)"})
     kv: KVCacheSpec = field(default_factory=KVCacheSpec, metadata={"doc": "KV (attention K/V input) quantization"})
     precision: PrecisionSpec = field(default_factory=PrecisionSpec, metadata={"doc": "FGMP mixed NVFP4/FP8 weight blocks"})
@@ -447,7 +478,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 _SECTIONS = {"weights": WeightSpec, "activations": ActivationSpec, "calibration": CalibrationSpec, "sites": SiteSpec,
-             "smooth": SmoothSpec, "reorder": ReorderSpec, "rounding": RoundingSpec, "kv": KVCacheSpec,
+             "smooth": SmoothSpec, "reorder": ReorderSpec, "rotate": RotateSpec, "rounding": RoundingSpec, "kv": KVCacheSpec,
              "precision": PrecisionSpec, "ort_cpu": OrtCpuSpec, "npu": NpuSpec}
 _SECTION_NAMES = {cls: name for name, cls in _SECTIONS.items()}
 

@@ -25,7 +25,8 @@ take the max over their channels. With GQA the replicated heads of one kv head g
 scales, so quantizing after replication equals quantizing the cache.
 With ``kv.dynamic_k`` K's static per-channel scales only normalise its channels; each token's
 head then gets its own symmetric scale, max |x / s| over head_dim / qmax, computed at run time
-(Abs, ReduceMax, Div: standard ops); V stays static.
+(Abs, ReduceMax, Div: standard ops); ``kv.dynamic_v`` does the same for V (V rotated per head by
+R2 has no channel outliers left for a static scale to follow, but its token magnitudes vary).
 Other consumers of K/V (the ``present.*`` outputs of a with-past export and their shape reads)
 keep float values: the cache stays float, attention reads the quantized cache; static Q/DQ is
 idempotent, so re-quantizing a past that was already quantized changes nothing.
@@ -118,13 +119,13 @@ class KvQuantPass(LowbitPass):
             shape = stats.kv_shapes[name]
             lo, hi = kv_range(stats[name], spec)
             scale, zero = kv_qparams(lo, hi, kv.heads(shape), spec)
-            if spec.dynamic_k and kv.role == "k":
+            if (spec.dynamic_k and kv.role == "k") or (spec.dynamic_v and kv.role == "v"):
                 form = self._emit_dynamic(model.graph, kv, shape, scale)
             else:
                 form = self._emit(model.graph, kv, shape, scale, zero)
             forms[form] = forms.get(form, 0) + 1
         self.ctx.report["kv"] = {"format": spec.format, "granularity": spec.granularity, "symmetric": spec.symmetric,
-                                 "range": spec.range, "dynamic_k": spec.dynamic_k, "tensors": len(inputs), "forms": forms}  # fmt: skip
+                                 "range": spec.range, "dynamic_k": spec.dynamic_k, "dynamic_v": spec.dynamic_v, "tensors": len(inputs), "forms": forms}  # fmt: skip
         logger.info("kv: quantized %d K/V tensors to %s (%s)", len(inputs), spec.format, spec.granularity)
         return ir.passes.PassResult(model, modified=True)
 
@@ -139,6 +140,7 @@ class KvQuantPass(LowbitPass):
                               "its per-channel range cannot follow; set smooth.feeders without attention_v")  # fmt: skip
 
     def _emit_dynamic(self, graph: ir.Graph, kv: KvInput, shape: tuple[int, ...], scale: np.ndarray) -> str:
+        # K or V alike: the head_dim axis is the last channel axis of either layout
         """x / s (static, per channel) -> one symmetric scale per token and head, from the max of
         |x / s| over head_dim at run time -> Q/DQ with unit scale -> times both scales."""
         (dtype, _, qmax), base, x = _codes(self.ctx.recipe.kv.format)[0], kv.value.name, kv.value

@@ -20,7 +20,7 @@ the ONNX checker requires.
 from __future__ import annotations
 
 __all__ = ["DOMAIN", "matmul_function", "gather_function", "reorder_norm_function",
-           "fgmp_function"]
+           "fgmp_function", "hadamard_function"]
 
 import numpy as np
 import onnx
@@ -28,7 +28,8 @@ from onnx import TensorProto, helper
 
 from lowbit.errors import LowbitError
 from lowbit.runtime_ext.reference import e4m3_to_float, e8m0_to_float, value_table
-from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, MatMulSpec, NormSpec
+from lowbit.runtime_ext.hadamard import hadamard, hadamard_factors
+from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, HadamardSpec, MatMulSpec, NormSpec
 
 DOMAIN = "lowbit"
 MIN_OPSET = 18
@@ -161,6 +162,24 @@ def reorder_norm_function(spec: NormSpec, opset: int) -> onnx.FunctionProto:
         b.op("Add", y, "beta")
     b.rename_last("Y")
     return _function("ReorderNorm", spec.overload, inputs, b, ["kind", "epsilon"], opset)
+
+
+def hadamard_function(spec: HadamardSpec, opset: int) -> onnx.FunctionProto:
+    """Hadamard(X, base) -> X @ (base (x) H_p / sqrt(p)) over the last axis, n = c * p and base =
+    H_c / sqrt(c) [c, c] (runtime_ext.hadamard): the last axis viewed as [c, p], then
+    ``base^T @ X @ (H_p / sqrt(p))`` -- X @ H_n / sqrt(n) without ever building the n x n matrix."""
+    c, p = hadamard_factors(spec.size)
+    b = _Body()
+    right = b.const((hadamard(p) / np.sqrt(p)).astype(np.float32))
+    if c == 1:
+        b.op("MatMul", "X", right)
+    else:
+        shape = b.op("Concat", b.op("Shape", "X", end=-1), b.const(np.array([c, p], np.int64)), axis=0)
+        y = b.op("MatMul", b.op("Reshape", "X", shape), right)
+        y = b.op("MatMul", b.op("Transpose", "base", perm=[1, 0]), y)
+        b.op("Reshape", y, b.op("Shape", "X"))
+    b.rename_last("Y")
+    return _function("Hadamard", spec.overload, ["X", "base"], b, ["size"], opset)
 
 
 def _round_e2m1(b: _Body, y: str) -> str:

@@ -1,6 +1,6 @@
 """onnx_ir counterparts of the node builders, for compiler passes that edit ``ir.Model``s.
 
-``matmul_node_ir`` / ``gather_node_ir`` / ``reorder_norm_node_ir`` build ``ir.Node``s (attributes and ``overload`` exactly as
+``matmul_node_ir`` / ``gather_node_ir`` / ``reorder_norm_node_ir`` / ``hadamard_node_ir`` build ``ir.Node``s (attributes and ``overload`` exactly as
 the onnx.helper builders in :mod:`lowbit.runtime_ext.nodes` write them); ``attach_functions_ir``
 adds the fallback functions of every lowbit node of the main graph and the ``lowbit`` opset.
 Guarantees: a model built either way serializes to the same nodes and functions.
@@ -8,7 +8,7 @@ Guarantees: a model built either way serializes to the same nodes and functions.
 
 from __future__ import annotations
 
-__all__ = ["matmul_node_ir", "gather_node_ir", "reorder_norm_node_ir", "attach_functions_ir"]
+__all__ = ["matmul_node_ir", "gather_node_ir", "reorder_norm_node_ir", "hadamard_node_ir", "attach_functions_ir"]
 
 import onnx_ir as ir
 
@@ -49,6 +49,11 @@ def reorder_norm_node_ir(x: ir.Value, perm: ir.Value, gamma: ir.Value, *, kind: 
     return _node(proto, [x, perm, gamma] + ([beta] if beta is not None else []), name)
 
 
+def hadamard_node_ir(x: ir.Value, base: ir.Value, size: int, *, name: str | None = None) -> ir.Node:
+    """``Hadamard``: ``x @ H_size / sqrt(size)`` over the last axis (``base``: see make_hadamard_node)."""
+    return _node(nodes.make_hadamard_node("x", "b", "y", size), [x, base], name)
+
+
 def _node(proto, inputs, name: str | None) -> ir.Node:
     attrs = [ir.serde.deserialize_attribute(a) for a in proto.attribute]
     return ir.Node(proto.domain, proto.op_type, inputs, attrs, overload=proto.overload,
@@ -56,11 +61,15 @@ def _node(proto, inputs, name: str | None) -> ir.Node:
 
 
 def attach_functions_ir(model: ir.Model) -> ir.Model:
-    """Add fallbacks for the main graph's lowbit nodes and the ``lowbit`` opset (in place)."""
+    """Add fallbacks for the main graph's lowbit nodes that have none yet, and the ``lowbit``
+    opset (in place)."""
     opset = model.opset_imports.get("")
     if opset is None:
         raise LowbitError("model has no default-domain opset import")
-    lowbit_nodes = [ir.serde.serialize_node(n) for n in model.graph if n.domain == nodes.DOMAIN]
+    # a lowbit node whose function the model already has (e.g. norm fusion's lowbit.RMSNormalization
+    # on older opsets) keeps it: fallbacks are a function of the overload, nothing to rebuild
+    lowbit_nodes = [ir.serde.serialize_node(n) for n in model.graph
+                    if n.domain == nodes.DOMAIN and (n.domain, n.op_type, n.overload) not in model.functions]
     for proto in nodes.function_protos(lowbit_nodes, opset):
         fn = ir.serde.deserialize_function(proto)
         model.functions[fn.identifier()] = fn

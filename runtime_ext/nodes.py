@@ -7,7 +7,7 @@ native kernel) and an ``overload`` naming its fallback function (see specs.py).
 
 from __future__ import annotations
 
-__all__ = ["make_matmul_node", "make_gather_node", "make_reorder_norm_node", "make_fgmp_node",
+__all__ = ["make_matmul_node", "make_gather_node", "make_reorder_norm_node", "make_fgmp_node", "make_hadamard_node",
            "function_protos",
            "attach_functions", "DOMAIN"]
 
@@ -18,7 +18,7 @@ from onnx import helper
 
 from lowbit.errors import LowbitError
 from lowbit.runtime_ext import functions
-from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, MatMulSpec, NormSpec
+from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, HadamardSpec, MatMulSpec, NormSpec
 
 DOMAIN = functions.DOMAIN
 
@@ -84,7 +84,15 @@ def make_fgmp_node(x: str, g2: str, threshold: str, output: str, *,
     return _node("FgmpActQuant", inputs, output, spec.overload, name)
 
 
+def make_hadamard_node(x: str, base: str, output: str, size: int, *, name: str | None = None) -> onnx.NodeProto:
+    """``output = x @ H_size / sqrt(size)`` over the last axis; ``base`` names the [c, c] matrix
+    :func:`lowbit.runtime_ext.hadamard.hadamard_base` gives for ``size``."""
+    spec = HadamardSpec(size)
+    return _node("Hadamard", [x, base], output, spec.overload, name, size=size)
+
+
 _BUILDERS = {
+    "Hadamard": (HadamardSpec, functions.hadamard_function),
     "FgmpActQuant": (FgmpSpec, functions.fgmp_function),
     "MatMulLowbit": (MatMulSpec, functions.matmul_function),
     "GatherLowbit": (GatherSpec, functions.gather_function),

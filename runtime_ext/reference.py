@@ -11,10 +11,12 @@ from __future__ import annotations
 __all__ = [
     "FORMATS", "INT_TABLES", "INT_MULTIPLIER", "value_table", "e4m3_to_float", "e8m0_to_float",
     "unpack_codes", "decode_weight", "matmul", "quantize_rows_int8", "reorder_norm",
-    "fgmp_act_quant", "FGMP_BLOCK",
+    "fgmp_act_quant", "FGMP_BLOCK", "hadamard_transform",
 ]
 
 import numpy as np
+
+from lowbit.runtime_ext.hadamard import hadamard
 
 FORMATS = ("dint4", "nvfp4", "int4", "mxfp4")
 
@@ -106,6 +108,12 @@ def reorder_norm(x: np.ndarray, perm: np.ndarray, gamma: np.ndarray, beta=None,
         y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + epsilon)
     y = y[..., np.asarray(perm)] * np.asarray(gamma, np.float64)
     return y if beta is None else y + np.asarray(beta, np.float64)
+
+
+def hadamard_transform(x: np.ndarray) -> np.ndarray:
+    """Hadamard(x) = x @ H_n / sqrt(n) over the last axis (float64; H from runtime_ext.hadamard)."""
+    n = np.shape(x)[-1]
+    return np.asarray(x, np.float64) @ (hadamard(n) / np.sqrt(n))
 
 
 FGMP_BLOCK = 16

@@ -9,11 +9,12 @@ builders in :mod:`lowbit.runtime_ext.nodes` write both from one spec.
 
 from __future__ import annotations
 
-__all__ = ["MatMulSpec", "GatherSpec", "NormSpec", "FgmpSpec", "ACT_MODES", "SCALE_DTYPES", "NORM_KINDS"]
+__all__ = ["MatMulSpec", "GatherSpec", "NormSpec", "FgmpSpec", "HadamardSpec", "ACT_MODES", "SCALE_DTYPES", "NORM_KINDS"]
 
 import dataclasses
 
 from lowbit.errors import LowbitError
+from lowbit.runtime_ext.hadamard import hadamard_factors
 from lowbit.runtime_ext.reference import FORMATS
 
 ACT_MODES = ("float32", "int8_dynamic", "int8_static")
@@ -119,6 +120,27 @@ class FgmpSpec:
         if overload not in ("static", "dynamic"):
             raise LowbitError(f"malformed FgmpActQuant overload {overload!r}")
         return cls(overload == "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class HadamardSpec:
+    """Hadamard variant: the length n of the transformed last axis (the matrix is built from n)."""
+
+    size: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or hadamard_factors(self.size) is None:
+            raise LowbitError(f"Hadamard: no Hadamard matrix of order {self.size!r} (n = c * 2^k with a Paley or Sylvester base c)")
+
+    @property
+    def overload(self) -> str:
+        return f"n{self.size}"
+
+    @classmethod
+    def from_overload(cls, overload: str) -> "HadamardSpec":
+        if not overload.startswith("n") or not overload[1:].isdigit():
+            raise LowbitError(f"malformed Hadamard overload {overload!r}")
+        return cls(int(overload[1:]))
 
 
 def _split(overload: str, n: int) -> list[str]:

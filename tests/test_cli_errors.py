@@ -149,10 +149,21 @@ def test_compile_time_bench_errors_before_measuring(workdir, args, fragment):
     assert_no_leftovers(workdir, before)
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--windows", "0", "-o", "T.md"], "--windows, --rounds and --threads must be >= 1"),
+    (["--threads", "0", "-o", "T.md"], "--windows, --rounds and --threads must be >= 1"),
+    (["-o", "nonexistent/T.md"], "does not exist"),
+])  # fmt: skip
+def test_rotation_bench_errors_before_measuring(workdir, args, fragment):
+    before = {p.name for p in workdir.iterdir()}
+    assert_user_error(lowbit("rotation", *args, cwd=workdir, module="lowbit.bench"), fragment)
+    assert_no_leftovers(workdir, before)
+
+
 def test_help_works_everywhere(workdir):
     for cmd in ("export", "eval", "compile"):
         proc = lowbit(cmd, "--help", cwd=workdir)
         assert proc.returncode == 0 and "usage: lowbit" in proc.stdout
-    for cmd in ("run", "demo", "compile-time"):
+    for cmd in ("run", "demo", "compile-time", "rotation"):
         proc = lowbit(cmd, "--help", cwd=workdir, module="lowbit.bench")
         assert proc.returncode == 0 and f"usage: lowbit-bench {cmd}" in proc.stdout

@@ -64,3 +64,19 @@ class FgmpActQuant {
 };
 
 }  // namespace lowbit
+
+namespace lowbit {
+
+class Hadamard {
+ public:
+  static const char* kName;
+  static constexpr size_t kNumInputs = 2, kNumRequired = 2;
+  static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  explicit Hadamard(const OrtKernelInfo* info);
+  void Compute(Ort::KernelContext& ctx);
+
+ private:
+  int64_t size_;
+};
+
+}  // namespace lowbit

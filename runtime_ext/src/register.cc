@@ -9,6 +9,7 @@ lowbit::LowbitOp<lowbit::MatMulLowbit> g_matmul;
 lowbit::LowbitOp<lowbit::GatherLowbit> g_gather;
 lowbit::LowbitOp<lowbit::ReorderNorm> g_reorder_norm;
 lowbit::LowbitOp<lowbit::FgmpActQuant> g_fgmp;
+lowbit::LowbitOp<lowbit::Hadamard> g_hadamard;
 
 }  // namespace
 
@@ -19,7 +20,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api);
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = api->CreateCustomOpDomain("lowbit", &domain)) return st;
-  OrtCustomOp* ops[] = {&g_matmul, &g_gather, &g_reorder_norm, &g_fgmp};
+  OrtCustomOp* ops[] = {&g_matmul, &g_gather, &g_reorder_norm, &g_fgmp, &g_hadamard};
   for (OrtCustomOp* op : ops)
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) return st;
   // The domain must outlive every session using it; it is intentionally never released.

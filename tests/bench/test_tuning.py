@@ -54,3 +54,8 @@ def test_an_unknown_swept_key_is_one_line_and_exit_2_before_any_compile(tmp_path
     err = capsys.readouterr().err.strip()
     assert "--keys rounding.damp: not swept for w8a8-rptq" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_group_candidates_keep_lists_with_commas_whole():
+    assert candidate_overrides("rotate", 'residual=true,heads=true,online=["gated_linear", "attention_qk"]') == [
+        "rotate.residual=true", "rotate.heads=true", 'rotate.online=["gated_linear", "attention_qk"]']

@@ -49,7 +49,7 @@ def fake_quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt
 
 
 def fake_quantize_dynamic(x: np.ndarray, kv, scale: np.ndarray, fmt: str) -> np.ndarray:
-    """Reference of dynamic K: normalise by the static scale, one scale per token and head."""
+    """Reference of dynamic K or V: normalise by the static scale, one scale per token and head."""
     normed = to_channels(x, kv) / scale  # [tokens, heads * head_dim]
     tokens, heads = normed.shape[0], kv.heads(x.shape)
     per_head = normed.reshape(tokens, heads, -1)
@@ -75,7 +75,7 @@ def check_kv_exact(ctx: CompileContext, ids: np.ndarray) -> dict[str, np.ndarray
         kv = layouts[name]
         heads = kv.heads(stats.kv_shapes[name])
         scale, zero = kv_qparams(*kv_range(stats[name], spec), heads, spec)
-        if spec.dynamic_k and kv.role == "k":
+        if (spec.dynamic_k and kv.role == "k") or (spec.dynamic_v and kv.role == "v"):
             want = fake_quantize_dynamic(outs[name], kv, scale, spec.format)
         else:
             want = fake_quantize(to_channels(outs[name], kv), scale, zero, spec.format)
@@ -117,6 +117,14 @@ def test_kv_dynamic_k_is_exact(form, token_windows):
     ctx = compile_ctx(tiny_decoder(norm_form=form), "w8", ["weights.format=none", "kv.format=int4",
                       "kv.granularity=per_channel", "kv.dynamic_k=true"], token_windows)  # fmt: skip
     assert ctx.report["kv"]["forms"] == {"dynamic": 2, "broadcast": 2}
+    check_kv_exact(ctx, IDS)
+
+
+@pytest.mark.parametrize("form", ["fused", "decomposed"])
+def test_kv_dynamic_k_and_v_are_exact(form, token_windows):
+    ctx = compile_ctx(tiny_decoder(norm_form=form), "w8", ["weights.format=none", "kv.format=int4",
+                      "kv.granularity=per_channel", "kv.dynamic_k=true", "kv.dynamic_v=true"], token_windows)  # fmt: skip
+    assert ctx.report["kv"]["forms"] == {"dynamic": 4}
     check_kv_exact(ctx, IDS)
 
 

@@ -1,0 +1,201 @@
+"""R1: rotate a pre-norm decoder's residual stream by one orthogonal matrix Q (QuaRot's and
+SpinQuant's R1), in the weights only -- no new op, so every target keeps it.
+
+Assumes a canonicalized graph (norms fused into single nodes) and the linear-site map. The
+residual stream is every value reached from the token embedding's ``Gather`` through residual
+``Add``s. With h -> h Q everywhere on it:
+
+- the embedding table E -> E Q;
+- every linear that writes into the stream (o_proj, down_proj; weight [K, d]) -> W Q, a bias b
+  added to its output -> b Q;
+- every norm reading the stream becomes scale-free: RMSNorm(h Q) = RMSNorm(h) Q because an
+  orthogonal Q keeps the root mean square, so the norm's gamma is folded into the linears it
+  feeds, W [d, N] -> Q^T diag(gamma) W, and gamma becomes 1;
+- an LM head tied to the embedding gets its own weight Q^T diag(gamma_final) E^T: the rotated
+  table and the head are no longer one matrix (the head is quantized as its own site anyway).
+
+Q is a randomized Hadamard matrix of the hidden size (:func:`lowbit.runtime_ext.hadamard.rotation`,
+``rotate.seed``; a random orthogonal matrix where no Hadamard matrix of that order is built).
+
+Guarantees: function-preserving in exact arithmetic (float32: ~1e-6 of the largest logit on
+SmolLM2, tested). When the stream is not of this form the model is left untouched and
+``report["rotate"]["residual"]["reason"]`` says why: a LayerNorm (mean-centring commutes with Q
+only for Q that fixes the all-ones direction), a post-LN model (BERT: the norm's output *is* the
+stream), a stream value that is a graph output or read by any other op, shared weights other
+than the tied head, a norm with a bias or whose output feeds anything but linear sites.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.core.folding import set_weight_kn, weight_kn
+from lowbit.core.linear_sites import NORM_OPS, LinearSite, LinearSiteMap
+from lowbit.core.pass_base import LowbitPass
+from lowbit.runtime_ext.hadamard import rotation
+
+__all__ = ["ResidualStream", "RotateResidualPass", "find_residual_stream"]
+
+logger = logging.getLogger(__name__)
+
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
+@dataclass
+class ResidualStream:
+    """What R1 rewrites: the embedding table, the stream's writers, and its norms' readers."""
+
+    hidden: int
+    table: ir.Value  # the embedding initializer [vocab, hidden]
+    writers: list[tuple[LinearSite, ir.Value | None]] = field(default_factory=list)  # site, output bias
+    norms: list[tuple[ir.Node, list[LinearSite]]] = field(default_factory=list)  # norm, the sites it feeds
+    tied: list[LinearSite] = field(default_factory=list)  # heads whose weight is the table
+
+
+def _private(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer() and value.const_value is not None and len(value.uses()) == 1
+
+
+def _embedding(graph: ir.Graph) -> tuple[ir.Node, ir.Value] | str:
+    gathers = [n for n in graph if n.op_type == "Gather" and n.domain == "" and n.inputs[0] is not None
+               and n.inputs[0].is_initializer() and n.inputs[0].const_value is not None
+               and len(n.inputs[0].const_value.shape) == 2 and n.inputs[1].const_value is None]  # fmt: skip
+    if len(gathers) != 1:
+        return f"{len(gathers)} embedding lookups (Gather of a 2-D table by token ids), expected 1"
+    return gathers[0], gathers[0].inputs[0]
+
+
+def _writer(value: ir.Value, sites: LinearSiteMap, hidden: int) -> tuple[LinearSite, ir.Value | None] | str:
+    """The linear site (and constant bias) whose output ``value`` is, when nothing else reads it."""
+    node, bias = value.producer(), None
+    if node is not None and node.op_type == "Add" and node.domain == "" and len(value.consumers()) == 1:
+        consts = [v for v in node.inputs if v is not None and v.const_value is not None]
+        if len(consts) == 1 and _private(consts[0]) and consts[0].const_value.shape == (hidden,):
+            bias = consts[0]
+            value = node.inputs[1] if node.inputs[0] is bias else node.inputs[0]
+            node = value.producer()
+    site = sites.by_node.get(id(node)) if node is not None else None
+    if site is None:
+        return f"{node.op_type if node else 'a graph input'} {node.name if node else value.name} adds into the residual stream"
+    if site.out_features != hidden or not _private(site.weight) or len(value.consumers()) != 1:
+        return f"{site.name} writes into the residual stream but its weight or output is shared"
+    return site, bias
+
+
+def find_residual_stream(graph: ir.Graph, sites: LinearSiteMap) -> ResidualStream | str:
+    """The residual stream R1 can rotate, or why not (module doc)."""
+    layer_norm = next((n for n in graph if n.op_type == "LayerNormalization"), None)
+    if layer_norm is not None:  # GPT-2, BERT (post-LN: the norm's output is the stream itself)
+        return f"LayerNorm {layer_norm.name}: mean-centring does not commute with a rotation"
+    found = _embedding(graph)
+    if isinstance(found, str):
+        return found
+    gather, table = found
+    hidden = int(table.const_value.shape[1])
+    stream = ResidualStream(hidden, table)
+    frontier, seen = [gather.outputs[0]], set()
+    while frontier:
+        value = frontier.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.is_graph_output():
+            return f"residual value {value.name} is a graph output"
+        for node, index in value.uses():
+            if node.op_type in _SHAPE_ONLY:
+                continue
+            if (node.domain, node.op_type) in NORM_OPS:
+                why = _check_norm(node, index, sites, table)
+                if isinstance(why, str):
+                    return why
+                stream.norms.append((node, why))
+                continue
+            if node.op_type == "Add" and node.domain == "" and index in (0, 1):
+                other = node.inputs[1 - index]
+                if other is None or id(other) in seen:
+                    return f"Add {node.name} adds two residual values"
+                written = _writer(other, sites, hidden)
+                if isinstance(written, str):
+                    return written
+                stream.writers.append(written)
+                frontier.append(node.outputs[0])
+                continue
+            return f"{node.op_type} {node.name} reads the residual stream"
+    if not stream.norms or not stream.writers:
+        return "no pre-norm residual stream (norms reading it and linears writing into it)"
+    stream.tied = [s for _, readers in stream.norms for s in readers if s.weight is table]
+    other_uses = [n for n, _ in table.uses() if n is not gather and not any(n in s.weight_path for s in stream.tied)]
+    if other_uses:
+        return f"the embedding table {table.name} is also read by {other_uses[0].op_type} {other_uses[0].name}"
+    return stream
+
+
+def _check_norm(norm: ir.Node, index: int, sites: LinearSiteMap, table: ir.Value) -> list[LinearSite] | str:
+    gamma = norm.inputs[1] if len(norm.inputs) > 1 else None
+    has_bias = len(norm.inputs) > 2 and norm.inputs[2] is not None
+    if index != 0 or has_bias or not _private(gamma):
+        return f"norm {norm.name}: a bias, or a scale that is not a private initializer"
+    if norm.attributes.get_int("axis", -1) not in (-1, len(norm.inputs[0].shape or ()) - 1):
+        return f"norm {norm.name} does not normalize the last axis"
+    readers = []
+    for node, i in norm.outputs[0].uses():
+        if node.op_type in _SHAPE_ONLY:
+            continue
+        site = sites.by_node.get(id(node))
+        if site is None or i != 0:
+            return f"norm {norm.name} feeds {node.op_type} {node.name}, not only linear layers"
+        if site.weight is not table and not _private(site.weight):
+            return f"{site.name} reads norm {norm.name} through a shared weight"
+        readers.append(site)
+    if norm.outputs[0].is_graph_output():
+        return f"norm {norm.name}'s output is a graph output"
+    return readers
+
+
+def rotate_stream(graph: ir.Graph, stream: ResidualStream, q: np.ndarray) -> None:
+    """Apply h -> h Q to ``stream`` (module doc). ``q`` is orthogonal, [hidden, hidden]."""
+    table = stream.table.const_value.numpy().astype(np.float64)
+    for norm, readers in stream.norms:
+        gamma = norm.inputs[1].const_value.numpy().astype(np.float64)
+        for site in readers:
+            w = table.T if site.weight is stream.table else weight_kn(site).astype(np.float64)
+            rotated = np.ascontiguousarray(q.T @ (gamma[:, None] * w), dtype=np.float32)
+            if site.weight is stream.table:  # the tied head: a weight of its own, [hidden, vocab]
+                head = ir.Value(name=f"{stream.table.name}.rotated_head", const_value=ir.tensor(rotated))
+                head.type, head.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(rotated.shape)
+                graph.register_initializer(head)
+                site.node.replace_input_with(1, head)
+            else:
+                set_weight_kn(site, rotated)
+        norm.inputs[1].const_value = ir.tensor(np.ones_like(gamma, dtype=np.float32), name=norm.inputs[1].name)
+    for site, bias in stream.writers:
+        set_weight_kn(site, weight_kn(site).astype(np.float64) @ q)
+        if bias is not None:
+            bias.const_value = ir.tensor((bias.const_value.numpy().astype(np.float64) @ q).astype(np.float32), name=bias.name)
+    stream.table.const_value = ir.tensor((table @ q).astype(np.float32), name=stream.table.name)
+
+
+class RotateResidualPass(LowbitPass):
+    """R1 (module doc); ``report["rotate"]["residual"]`` says what was rotated, or why not."""
+
+    PRESERVES_FUNCTION = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        report = self.ctx.report.setdefault("rotate", {})
+        stream = find_residual_stream(model.graph, self.ctx.sites)
+        if isinstance(stream, str):
+            report["residual"] = {"rotated": False, "reason": stream}
+            logger.warning("R1 residual rotation not applied: %s", stream)
+            return ir.passes.PassResult(model, modified=False)
+        rot = rotation(stream.hidden, self.ctx.recipe.rotate.seed)
+        rotate_stream(model.graph, stream, rot.matrix)
+        report["residual"] = {"rotated": True, "hidden": stream.hidden, "matrix": rot.kind,
+                              "writers": len(stream.writers), "norms": len(stream.norms),
+                              "readers": sum(len(r) for _, r in stream.norms), "untied_head": bool(stream.tied)}  # fmt: skip
+        logger.info("R1: residual stream (%d) rotated by %s: %d writers, %d norms", stream.hidden, rot.kind,
+                    len(stream.writers), len(stream.norms))  # fmt: skip
+        return ir.passes.PassResult(model, modified=True)

@@ -1,0 +1,156 @@
+"""Rotations (R1 residual stream, R2 per head, online Hadamard) preserve the model's function,
+and say what they did or why not.
+
+Tolerance: the issue's 1e-4 of the largest logit. Rotating by Q and back reassociates float32
+sums of hidden-size length; measured ~3e-6 on SmolLM2, while a wrong rotation moves logits by O(1).
+"""
+
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from lowbit.compiler.api import compile as lowbit_compile
+from lowbit.compiler.api import load_onnx
+from lowbit.compiler.report import render_markdown
+from lowbit.core.context import CompileContext
+from lowbit.core.recipe import load_recipe
+from lowbit.errors import LowbitError
+from lowbit.models.synthetic_llm import SHAPES, write_decoder
+from lowbit.ort.feeds import build_feeds
+from lowbit.ort.session import ort_session, run_on_tokens
+from lowbit.passes.canonicalize import canonicalize_passes
+from lowbit.passes.rotate_heads import RotateHeadsPass
+from lowbit.passes.rotate_online import RotateOnlinePass
+from lowbit.passes.rotate_residual import RotateResidualPass
+
+RTOL = 1e-4
+ALL = ("rotate.residual=true", "rotate.heads=true", 'rotate.online=["gated_linear", "attention_qk"]')
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(a).max())
+
+
+def _rotated(path, *overrides):
+    model = load_onnx(path / "model.onnx")
+    for p in canonicalize_passes():
+        p(model)
+    ctx = CompileContext(model, load_recipe("w4a8-dint4", list(overrides)))
+    reference = ort_session(model)
+    for cls in (RotateResidualPass, RotateHeadsPass, RotateOnlinePass):
+        cls(ctx)(model)
+    return reference, ort_session(model), model, ctx.report["rotate"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rotate")
+    qwen = replace(SHAPES["tiny"], name="tiny-qwen", family="qwen2", qkv_bias=True, tied=False)
+    return {"llama": write_decoder("tiny", root / "llama", progress=False),
+            "qwen": write_decoder(qwen, root / "qwen", progress=False)}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen"])
+def test_rotations_preserve_tiny_decoders(tiny_dirs, family):
+    before, after, model, report = _rotated(tiny_dirs[family], *ALL)
+    ids = np.random.default_rng(0).integers(5, 40000, (2, 24))
+    for a, b in zip(before.run(None, build_feeds(before, ids)), after.run(None, build_feeds(after, ids))):
+        assert _rel(a, b) < RTOL
+    assert report["residual"]["rotated"] and report["residual"]["writers"] == 2 * 2
+    assert report["residual"]["untied_head"] == (family == "llama")
+    assert report["residual"]["matrix"] == "hadamard 1 x 64"
+    # a v_proj bias stops the attention-output trace (linear_sites does not walk through the bias
+    # Add yet, see the scale issue), so Qwen's heads, Q and K are left as they are
+    attentions = 2 if family == "llama" else 0
+    assert report["heads"]["rotated_groups"] == attentions
+    assert report["online"]["rotated"][:2] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert len(report["online"]["rotated"]) == 2 + attentions and not report["online"]["skipped"]
+    hadamards = Counter(n.overload for n in model.graph if n.op_type == "Hadamard")
+    # 96 = 12 x 8 before down_proj; Q and K over the head size 16
+    assert hadamards == ({"n96": 2, "n16": 4} if attentions else {"n96": 2})
+    norms = [n for n in model.graph if "RMSNormalization" in n.op_type]
+    assert all(np.all(n.inputs[1].const_value.numpy() == 1) for n in norms)  # gammas folded away
+
+
+def test_each_rotation_alone_preserves_function(tiny_dirs):
+    ids = np.random.default_rng(1).integers(5, 40000, 16)
+    for one in (*ALL[:2], 'rotate.online=["gated_linear"]', 'rotate.online=["attention_qk"]'):
+        before, after, _, report = _rotated(tiny_dirs["llama"], one)
+        assert _rel(before.run(None, build_feeds(before, ids))[0], after.run(None, build_feeds(after, ids))[0]) < RTOL
+
+
+def test_npu_target_refuses_online_rotation():
+    with pytest.raises(LowbitError, match="rotate.online.*standard ops"):
+        load_recipe("npu-w8a8", ['rotate.online=["gated_linear"]'])
+    assert load_recipe("npu-w8a8", ["rotate.residual=true", "rotate.heads=true"]).rotate.residual
+    with pytest.raises(LowbitError, match="rotate.online"):
+        load_recipe("w4a8-dint4", ['rotate.online=["attention_v"]'])
+
+
+def test_compiled_rotated_model_runs_and_verifies(tiny_dirs):
+    # --verify checks every rotation pass numerically inside the pipeline
+    result = lowbit_compile(tiny_dirs["llama"], "w4a8-dint4", verify=True,
+                            overrides=[*ALL, "calibration.windows=2", "calibration.seq_len=32", "calibration.slac_windows=1"])
+    passes = {p["pass"]: p for p in result.report["passes"]}
+    for name in ("RotateResidualPass", "RotateHeadsPass", "RotateOnlinePass"):
+        assert passes[name]["modified"] and passes[name]["verified_rel_diff"] < RTOL
+    ids = np.arange(5, 37)
+    assert np.isfinite(run_on_tokens(result.model, ids)[0]).all()
+    md = render_markdown(result.report)
+    assert "## Rotations" in md and "- R1 residual stream: rotated by hadamard 1 x 64 (4 writers, 5 norms folded, LM head untied)" in md
+    assert "- online Hadamard (gated_linear, attention_qk): 4 places" in md
+
+
+def test_npu_target_keeps_weight_only_rotations_in_standard_ops(tiny_dirs):
+    result = lowbit_compile(tiny_dirs["llama"], "npu-w8a8", verify=True,
+                            overrides=["rotate.residual=true", "rotate.heads=true", "calibration.windows=2",
+                                       "calibration.seq_len=32", "calibration.slac_windows=1"])  # fmt: skip
+    assert result.report["rotate"]["residual"]["rotated"] and result.report["rotate"]["heads"]["rotated_groups"] == 2
+    # no lowbit op: only norm fusion's model-local RMSNormalization function of this opset-18 model
+    assert {(n.domain, n.op_type) for n in result.model.graph if n.domain not in ("", "ai.onnx")} == {
+        ("lowbit", "RMSNormalization")}
+    assert np.isfinite(run_on_tokens(result.model, np.arange(5, 37))[0]).all()
+
+
+@pytest.mark.slow
+def test_smollm2_rotations_preserve_logits(smollm2_export, calib_windows):
+    before, after, _, report = _rotated(smollm2_export, *ALL)
+    ids = np.asarray(calib_windows[0][:64])
+    assert _rel(before.run(None, build_feeds(before, ids))[0], after.run(None, build_feeds(after, ids))[0]) < RTOL
+    assert report["residual"] == {"rotated": True, "hidden": 576, "matrix": "hadamard 36 x 16", "writers": 60,
+                                  "norms": 61, "readers": 151, "untied_head": True}
+    assert report["heads"]["rotated_groups"] == 30 and len(report["online"]["rotated"]) == 60
+
+
+def _decode_two_steps(session, prompt, next_id):
+    """Logits of a prefill and of one decode step fed the prefill's own KV cache."""
+    feeds = build_feeds(session, prompt)
+    outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    step = build_feeds(session, np.array([next_id]))
+    for name in list(step):
+        if name.startswith("past_key_values"):
+            step[name] = outs[name.replace("past_key_values", "present")]
+    step["attention_mask"] = np.ones((1, prompt.size + 1), np.int64)
+    if "position_ids" in step:
+        step["position_ids"] = np.array([[prompt.size]], np.int64)
+    return outs["logits"], session.run(["logits"], step)[0]
+
+
+@pytest.mark.slow
+def test_smollm2_with_past_rotated_cache_decodes_the_same(smollm2_with_past_export, calib_windows):
+    before, after, _, report = _rotated(smollm2_with_past_export, *ALL)
+    prompt = np.asarray(calib_windows[1][:40])
+    for a, b in zip(_decode_two_steps(before, prompt, 1234), _decode_two_steps(after, prompt, 1234)):
+        assert _rel(a, b) < RTOL
+    assert report["heads"]["rotated_groups"] == 30  # the cache holds rotated V
+
+
+@pytest.mark.slow
+def test_minilm_says_what_applies(minilm_export):
+    before, after, _, report = _rotated(minilm_export, *ALL)
+    ids = np.random.default_rng(0).integers(1000, 20000, (1, 40))
+    assert _rel(before.run(None, build_feeds(before, ids))[0], after.run(None, build_feeds(after, ids))[0]) == 0.0
+    assert not report["residual"]["rotated"] and "LayerNorm" in report["residual"]["reason"]
+    assert report["heads"]["rotated_groups"] == 0 and report["online"]["rotated"] == []
