@@ -109,7 +109,9 @@ def render(acc: list[dict], speed: list[dict], windows: int, command: str) -> st
         lines += ["", f"Speed of `{SPEED_RECIPE}` compiled for `ort-cpu` (optimum KV-cache export, lowbit library "
                   "registered): median ms, best of the rounds. *R1 + R2* rotates the weights only (no Hadamard "
                   "op), so *rotated / R1 + R2* is the online Hadamard's cost; *rotated / unrotated* also holds "
-                  "what R1 changes in the graph (the LM head gets its own weight).", "",
+                  "what R1 changes in the graph: the LM head gets its own weight. Unrotated, the int8 head tied to "
+                  "the embedding is dequantized, transposed and multiplied at every step (about a third of a "
+                  "decode step in ORT's profile); stored untied, ONNX Runtime fuses it into an 8-bit MatMulNBits.", "",
                   "| threads | prefill 128: unrotated / R1 + R2 / rotated | decode: unrotated / R1 + R2 / rotated | "
                   "decode rotated / unrotated | decode rotated / R1 + R2 |",
                   "|---:|---|---|---:|---:|"]  # fmt: skip
