@@ -12,8 +12,9 @@ Assumes the linear-site map. ``rotate.online`` names what is rotated:
   weight cannot absorb) -> Q H and K H over the head size, so Q K^T is unchanged and a K-cache
   quantizer sees K with its outlier channels spread (QuaRot's online K rotation). Fused
   ``Attention`` and decomposed ``softmax(Q K^T) V`` (K^T is transposed around the op) with 4-D
-  inputs; the KV cache itself keeps unrotated K (lowbit quantizes K where attention reads it). The op's ONNX
-function fallback is attached (:mod:`lowbit.runtime_ext.functions`: two small MatMuls over the
+  inputs; the KV cache itself keeps unrotated K (lowbit quantizes K where attention reads it).
+
+The op's ONNX function fallback is attached (:mod:`lowbit.runtime_ext.functions`: two small MatMuls over the
 ``c x 2^k`` factorisation, never the n x n matrix; the native kernel does a fast Walsh-Hadamard
 transform), so every runtime runs the model. The op's [c, c] base matrix is one initializer per
 width.
