@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from lowbit.core.linear_sites import LinearSite
 
-__all__ = ["FoldTarget", "fold_target", "producer_permutation", "set_weight_kn", "weight_kn"]
+__all__ = ["SHAPE_ONLY_OPS", "FoldTarget", "fold_target", "producer_permutation", "set_weight_kn", "weight_kn"]
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _weights_private(sites: list[LinearSite]) -> bool:
 # act(gate) as exporters write it: SiLU = x * Sigmoid(x), GELU via Erf/Tanh arithmetic
 # Consumers that read only a tensor's shape: folding a per-channel transform cannot affect them
 # (optimum's with-past exports read the norm output's shape to build the attention reshapes).
-_SHAPE_ONLY = frozenset({"Shape", "Size"})
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 _ELEMENTWISE = frozenset({"Sigmoid", "Mul", "Silu", "Gelu", "FastGelu", "Tanh", "Erf", "Div", "Add", "Relu", "Softplus", "Pow"})
 
 
@@ -187,7 +187,7 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...], *, cache_follow
     if feeder is None or feeder.kind not in kinds:
         return f"feeder {feeder.describe() if feeder else 'unknown'} not foldable here"
     members = {id(s.node) for s in group}
-    readers = {id(n) for n in site.input.consumers() if n.op_type not in _SHAPE_ONLY}
+    readers = {id(n) for n in site.input.consumers() if n.op_type not in SHAPE_ONLY_OPS}
     if readers != members or site.input.is_graph_output():
         return "the input has consumers outside the group"
     if not _weights_private(group):

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.folding import set_weight_kn, weight_kn
+from lowbit.core.initializers import add_initializer
 from lowbit.core.kv_sites import kv_inputs
 from lowbit.core.pass_base import LowbitPass
 from lowbit.runtime_ext.hadamard import hadamard, hadamard_base, hadamard_factors
@@ -46,10 +47,7 @@ def _base(graph: ir.Graph, n: int) -> ir.Value:
     """The op's [c, c] base matrix for width n, one initializer per width."""
     name = f"lowbit_hadamard_base_{n}"
     if name not in graph.initializers:
-        base = hadamard_base(n)
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(base.shape),
-                         const_value=ir.tensor(base, name=name))
-        graph.register_initializer(value)
+        return add_initializer(graph, hadamard_base(n), name)
     return graph.initializers[name]
 
 
@@ -110,6 +108,7 @@ class RotateOnlinePass(LowbitPass):
 
     def _linear_inputs(self, graph: ir.Graph, rotated: list[str], skipped: dict[str, str]) -> None:
         """x -> Hadamard(x) before down_proj; its weight takes H^T."""
+        normalized: dict[int, np.ndarray] = {}  # width -> H / sqrt(n), float64, shared by the layers
         for group in self.ctx.sites.input_groups():
             feeder = group[0].feeder
             if feeder is None or feeder.kind != "gated_linear":
@@ -119,7 +118,9 @@ class RotateOnlinePass(LowbitPass):
                 skipped[group[0].name] = f"no Hadamard matrix of order {n}"
                 continue
             y = _rotated(graph, group[0].input, n, f"{group[0].name}.hadamard")
-            h = hadamard(n).astype(np.float64) / np.sqrt(n)
+            if n not in normalized:
+                normalized[n] = hadamard(n) / np.sqrt(n)
+            h = normalized[n]
             for site in group:
                 site.node.replace_input_with(0, y)
                 set_weight_kn(site, h.T @ weight_kn(site).astype(np.float64))

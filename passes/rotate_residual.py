@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.core.folding import set_weight_kn, weight_kn
+from lowbit.core.folding import SHAPE_ONLY_OPS, set_weight_kn, weight_kn
+from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import NORM_OPS, LinearSite, LinearSiteMap
 from lowbit.core.pass_base import LowbitPass
 from lowbit.runtime_ext.hadamard import rotation
@@ -41,8 +42,6 @@ from lowbit.runtime_ext.hadamard import rotation
 __all__ = ["ResidualStream", "RotateResidualPass", "find_residual_stream"]
 
 logger = logging.getLogger(__name__)
-
-_SHAPE_ONLY = frozenset({"Shape", "Size"})
 
 
 @dataclass
@@ -106,7 +105,7 @@ def find_residual_stream(graph: ir.Graph, sites: LinearSiteMap) -> ResidualStrea
         if value.is_graph_output():
             return f"residual value {value.name} is a graph output"
         for node, index in value.uses():
-            if node.op_type in _SHAPE_ONLY:
+            if node.op_type in SHAPE_ONLY_OPS:
                 continue
             if (node.domain, node.op_type) in NORM_OPS:
                 why = _check_norm(node, index, sites, table)
@@ -143,7 +142,7 @@ def _check_norm(norm: ir.Node, index: int, sites: LinearSiteMap, table: ir.Value
         return f"norm {norm.name} does not normalize the last axis"
     readers = []
     for node, i in norm.outputs[0].uses():
-        if node.op_type in _SHAPE_ONLY:
+        if node.op_type in SHAPE_ONLY_OPS:
             continue
         site = sites.by_node.get(id(node))
         if site is None or i != 0:
@@ -165,10 +164,7 @@ def rotate_stream(graph: ir.Graph, stream: ResidualStream, q: np.ndarray) -> Non
             w = table.T if site.weight is stream.table else weight_kn(site).astype(np.float64)
             rotated = np.ascontiguousarray(q.T @ (gamma[:, None] * w), dtype=np.float32)
             if site.weight is stream.table:  # the tied head: a weight of its own, [hidden, vocab]
-                head = ir.Value(name=f"{stream.table.name}.rotated_head", const_value=ir.tensor(rotated))
-                head.type, head.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(rotated.shape)
-                graph.register_initializer(head)
-                site.node.replace_input_with(1, head)
+                site.node.replace_input_with(1, add_initializer(graph, rotated, f"{stream.table.name}.rotated_head"))
             else:
                 set_weight_kn(site, rotated)
         norm.inputs[1].const_value = ir.tensor(np.ones_like(gamma, dtype=np.float32), name=norm.inputs[1].name)
