@@ -34,6 +34,7 @@ from lowbit.passes.opset import output_opset
 from lowbit.emit.mixed import EmitMixedWeightsPass
 from lowbit.emit.npu import EmitNpuPass
 from lowbit.emit.qdq import EmitQDQPass
+from lowbit.emit.fusion_barrier import FusionBarrierPass
 from lowbit.emit.fgmp_act import FgmpActivationsPass, PerturbationAccumulator, observed_early
 from lowbit.emit.fgmp_static_act import FgmpStaticActivationsPass
 from lowbit.emit.kv import KvQuantPass
@@ -91,7 +92,7 @@ class _Verifier:
         self.reference: list[np.ndarray] | None = None
 
     def outputs(self, model: ir.Model) -> list[np.ndarray]:
-        return run_on_tokens(model, self.ids)
+        return run_on_tokens(model, self.ids, as_written=True)  # the graph's function, not ORT's fusions
 
     def check(self, name: str, model: ir.Model, before: list[np.ndarray], *, cache_rebased: bool = False) -> float:
         """``cache_rebased``: the pass stores the KV cache in another basis that only the model
@@ -215,7 +216,11 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
         if recipe.reorder.clusters:
             steps.append(FuseReorderNormPass())  # RPTQ Gather + norm -> ReorderNorm
     steps.append(RemoveUnusedNodesPass())  # the float weights the codes replaced
+    steps.append(FusionBarrierPass(ctx))  # ORT at its default level computes the graph as written
     return _blockwise(ctx, steps)
+
+
+_FINISHING = (RemoveUnusedNodesPass, FusionBarrierPass)  # the whole-graph steps every pipeline ends with
 
 
 def _blockwise(ctx: CompileContext, steps: list[ir.passes.PassBase]) -> list[ir.passes.PassBase]:
@@ -227,12 +232,12 @@ def _blockwise(ctx: CompileContext, steps: list[ir.passes.PassBase]) -> list[ir.
     if not observing or model_weight_bytes(ctx.model) <= observation.WHOLE_MODEL_BYTES:
         return steps
     first = observing[0]
-    inner = steps[first + 1:-1]  # up to the final dead-code removal
+    inner = steps[first + 1:-len(_FINISHING)]  # up to the final dead-code removal
     if not inner or not all(getattr(p, "BLOCKWISE", False) for p in inner):
         logger.warning("%s cannot run block by block (%s): its memory grows with the model", ctx.recipe.name,
                        ", ".join(type(p).__name__ for p in inner if not getattr(p, "BLOCKWISE", False)))  # fmt: skip
         return steps
-    return [*steps[:first], BlockwisePass(ctx, steps[first].accumulators, inner), steps[-1]]
+    return [*steps[:first], BlockwisePass(ctx, steps[first].accumulators, inner), *steps[-len(_FINISHING):]]
 
 
 def preserves_function(p: ir.passes.PassBase) -> bool:

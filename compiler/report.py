@@ -43,7 +43,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"- input: `{report.get('input', '?')}`", f"- target: `{recipe.get('target', '?')}`",
               f"- compile time: {report.get('compile_seconds', '?')} s",
               f"- lowbit {report.get('lowbit_version', '?')}; " + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()),
-              f"- weights: `{recipe.get('weights')}`", f"- activations: `{recipe.get('activations')}`", ""]  # fmt: skip
+              f"- weights: `{recipe.get('weights')}`", f"- activations: `{recipe.get('activations')}`"]  # fmt: skip
+    barriers = report.get("ort_fusion_barriers")
+    if barriers:
+        lines.append(f"- ONNX Runtime at its default options runs the graph as written: {barriers} weight "
+                     "DequantizeLinear nodes carry a same-shape Reshape that keeps ORT from fusing them into "
+                     "kernels that compute something else (README: ONNX Runtime's QDQ fusion)")
+    lines.append("")
     lines += ["## Passes", ""]
     lines += _table(["pass", "seconds", "modified", "nodes before", "nodes after", "verified rel. diff"],
                     [[p["pass"], p["seconds"], p["modified"], p["nodes_before"], p["nodes_after"],

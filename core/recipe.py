@@ -407,6 +407,8 @@ def _check_ort_cpu(r: Recipe) -> None:
     if w.format == "none":
         _require(not r.ort_cpu.embeddings, "ort_cpu.embeddings", "needs a 4-bit weights.format")
         return
+    _require(not r.precision.enabled, "precision.enabled",
+             "target ort-cpu has no mixed NVFP4/FP8 kernel: use target qdq for FGMP")
     _require(w.format in KERNEL_FORMATS, "weights.format",
              f"target ort-cpu packs {', '.join(KERNEL_FORMATS)} weights, not {_show(w.format)}")
     _require(w.symmetric, "weights.symmetric", "target ort-cpu kernels take symmetric weights")

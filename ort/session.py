@@ -88,9 +88,18 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def run_on_tokens(model: ir.Model, ids) -> list:
-    """All graph outputs of ``model`` for one token window (feeds built from its inputs)."""
+def run_on_tokens(model: ir.Model, ids, *, as_written: bool = False) -> list:
+    """All graph outputs of ``model`` for one token window (feeds built from its inputs).
+
+    ``as_written``: at ORT_ENABLE_BASIC, below the level of ORT's QDQ fusions, which rewrite
+    some quantized patterns into kernels that compute something else (lowbit.emit.fusion_barrier).
+    """
     from lowbit.ort.feeds import build_feeds
 
-    session = ort_session(model)
+    options = None
+    if as_written:
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort_session(model, session_options=options)
     return session.run(None, build_feeds(session, ids))
