@@ -19,14 +19,24 @@ Guarantees:
   to [-127, 127] where QuantizeLinear clamps to [-128, 127], which differs only for inputs below
   -127.5 x scale, outside the calibrated range. Other activation pairs (uint8, per-channel or
   per-cluster scales) stay in the graph and the op reads their float output.
+- Run-time per-token-group activation quantizers (``activations.granularity = per_token_group``)
+  are written by :class:`EmitQDQPass` as one ``lowbit.GroupQuant`` node each instead of nine
+  standard ops: the same float32 bits (the kernel and its fallback are tested against those ops),
+  eight fewer nodes for ONNX Runtime to dispatch per quantized input at every decode step.
 - ``ort_cpu.dynamic_activations``: sites whose input is float use ``act_mode=int8_dynamic``
   (int8 per row at run time; no longer equal to the ``qdq`` model).
 - ``ort_cpu.embeddings``: every embedding ``Gather`` of a constant 2-D table becomes
   ``lowbit.GatherLowbit``; a table tied to a lowered lm_head shares its packed arrays (one copy in
   the file), otherwise it is encoded with ``weights.format`` in blocks along the hidden axis.
-- Sites the kernels cannot take (block sizes other than 16 or multiples of 32, Gemm, other
-  layout ops) keep their QDQ form; the report says why. Every lowbit node gets its ONNX function
-  fallback, so the model runs with or without ``lowbit.runtime_ext.session_options()``.
+- Symmetric int8 weight sites (e.g. ``sites.int8_weights``' LM head) behind an int8 run-time
+  group quantizer whose group is a power of two >= 16 become ONNX Runtime's ``MatMulNBits``
+  (bits=8, blocks of that group, accuracy_level=4): its int8 kernel re-quantizes each block of
+  activations with scale absmax/127, which gives back the quantizer's own codes, so the output
+  equals the ``qdq`` model up to float32 summation order (:func:`_nbits_reason`).
+- Sites no kernel can take (block sizes other than 16 or multiples of 32, Gemm, other layout
+  ops, int8 weights on any other activations) keep their QDQ form; the report says why. Every
+  lowbit node gets its ONNX function fallback, so the model runs with or without
+  ``lowbit.runtime_ext.session_options()``.
 - :class:`lowbit.emit.reorder_norm.FuseReorderNormPass`: an RPTQ ``Gather(x, perm, axis=-1) -> RMS/LayerNormalization``
   (last axis, constant 1-D gamma/beta, the Gather read by the norm only) becomes one
   ``lowbit.ReorderNorm(x, perm, gamma[, beta])``: the same function (statistics over the gathered
@@ -63,11 +73,12 @@ from lowbit.runtime_ext.packing import Packed
 from lowbit.runtime_ext.reference import FORMATS as REFERENCE_FORMATS
 
 __all__ = ["KERNEL_FORMATS", "EmbeddingTable", "FindEmbeddingsPass", "LowerOrtCpuPass",
-           "attach_fallbacks", "kernel_reason"]
+           "activation_int8_group", "attach_fallbacks", "kernel_reason", "nbits_int8_weight"]
 
 logger = logging.getLogger(__name__)
 
 KERNEL_FORMATS = REFERENCE_FORMATS  # the 4-bit formats the native kernels implement (runtime_ext)
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -130,15 +141,15 @@ class _Lowered:
     arrays: tuple[ir.Value, ir.Value, ir.Value]  # codes, scales, global_scale initializers
 
 
-def kernel_reason(site: LinearSite, enc: formats.Encoded) -> str | None:
-    """Why the lowbit kernels cannot take ``site`` with encoding ``enc``, or None if they can.
+def kernel_reason(site: LinearSite, enc: formats.Encoded, act_group: int | None = None) -> str | None:
+    """Why no kernel of the ``ort-cpu`` target can take ``site`` with encoding ``enc``, or None.
 
-    They take a MatMul whose weight initializer reaches it directly or through one
+    The lowbit kernels take a MatMul whose weight initializer reaches it directly or through one
     Transpose(perm=[1, 0]), in a symmetric 4-bit kernel format with blocks of 16 or multiples
-    of 32 dividing a reduction axis that is a multiple of 16.
+    of 32 dividing a reduction axis that is a multiple of 16. Symmetric int8 weights go to ONNX
+    Runtime's ``MatMulNBits`` where its int8 compute is exact (:func:`_nbits_reason`):
+    ``act_group`` is the group of the int8 run-time activation quantizer feeding the site.
     """
-    if enc.fmt not in KERNEL_FORMATS:
-        return f"{enc.fmt} has no lowbit kernel (kernel formats: {', '.join(KERNEL_FORMATS)})"
     if site.node.op_type != "MatMul":
         return f"{site.node.op_type} sites keep their QDQ form"
     path = site.weight_path
@@ -147,6 +158,10 @@ def kernel_reason(site: LinearSite, enc: formats.Encoded) -> str | None:
         return "weight layout ops other than one Transpose(perm=[1, 0])"
     if enc.zero_point is not None:
         return "asymmetric weights (zero point): the lowbit kernels are symmetric"
+    if enc.fmt == "int8":
+        return _nbits_reason(enc, act_group)
+    if enc.fmt not in KERNEL_FORMATS:
+        return f"{enc.fmt} has no lowbit kernel (kernel formats: {', '.join(KERNEL_FORMATS)})"
     d = enc.shape[enc.axis]
     block = enc.block_size or d
     try:
@@ -156,6 +171,48 @@ def kernel_reason(site: LinearSite, enc: formats.Encoded) -> str | None:
     if d % 16 or d % block:
         return f"reduction axis {d} must be a multiple of 16 and of block_size={block}"
     return None
+
+
+def _nbits_reason(enc: formats.Encoded, act_group: int | None) -> str | None:
+    """int8 weights in ``MatMulNBits`` (bits=8, accuracy_level=4): its kernel quantizes the
+    activations to int8 per block of K with scale absmax/127. On activations that already are
+    int8 codes times one scale per group of the same length, that re-quantization gives back the
+    same codes, so the product equals the graph's up to float32 summation order. On any other
+    input it would round a second time: those sites keep their QDQ form."""
+    if act_group is None:
+        return "int8 weights without an int8 per-token-group activation quantizer (MatMulNBits would re-quantize)"
+    if enc.axis is None:
+        return "per-tensor int8 weights: MatMulNBits blocks run along the reduction axis"
+    if act_group < 16 or act_group & (act_group - 1):
+        return f"activation group {act_group}: MatMulNBits blocks are powers of two >= 16"
+    d = enc.shape[enc.axis]
+    if d % act_group or (enc.block_size and enc.block_size % act_group):
+        return f"reduction axis {d} / weight block {enc.block_size or d} not in whole activation groups of {act_group}"
+    return None
+
+
+def activation_int8_group(site_report: dict, site: LinearSite) -> int | None:
+    """The group of the run-time activation quantizer EmitQDQPass put before ``site`` when every
+    group of it is int8 (qmax 127), else None."""
+    entry = site_report.get(site.name, {})
+    group = entry.get("activation_group_size")
+    if group is None or entry.get("activation_int8_groups") != entry.get("activation_groups"):
+        return None
+    return int(group)
+
+
+def nbits_int8_weight(enc: formats.Encoded, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """``MatMulNBits`` (bits=8, block ``group``) arrays for an int8 encoding: uint8 codes
+    ``value + 128`` (its default zero point) as [N, K / group, group], and float32 scales
+    [N * K / group] (a per-channel or coarser block scale repeated over its groups)."""
+    values = enc.values().astype(np.int16)
+    scale = (enc.scale.astype(np.float32) * np.float32(enc.global_scale)).astype(np.float32)
+    if enc.axis == 0:  # stored [K, N]: the kernel wants N rows of K
+        values, scale = values.T, scale.T
+    n, k = values.shape
+    scale = np.repeat(scale, k // group // scale.shape[1], axis=1)  # [N, K / group]
+    codes = (values + 128).astype(np.uint8).reshape(n, k // group, group)
+    return np.ascontiguousarray(codes), np.ascontiguousarray(scale.reshape(-1))
 
 
 def _scale_dtype(fmt: str) -> str:
@@ -212,10 +269,17 @@ class LowerOrtCpuPass(LowbitPass):
         kept = dict(self.ctx.analyses.find(KEPT_QDQ) or {})
         summary = {"lowered": 0, "act_modes": Counter(), "kept_qdq": kept, "embeddings": []}
         lowered: dict[int, _Lowered] = {}
+        site_report = self.ctx.report["sites"]
         for site in list(self.ctx.sites):  # float weights left: the sites EmitQDQPass kept for us
             enc = encodings.get(site.name)
-            if enc is None or kernel_reason(site, enc) is not None:
+            group = activation_int8_group(site_report, site)
+            if enc is None or kernel_reason(site, enc, group) is not None:
                 continue  # excluded by sites.exclude (or not emitted by EmitQDQPass)
+            if enc.fmt == "int8":
+                self._lower_nbits_site(model, site, enc, group)
+                summary["lowered"] += 1
+                summary["act_modes"]["MatMulNBits int8"] += 1
+                continue
             lowered[id(site.node)], mode = self._lower_site(model.graph, site, enc, opts.dynamic_activations)
             summary["lowered"] += 1
             summary["act_modes"][mode] += 1
@@ -228,7 +292,8 @@ class LowerOrtCpuPass(LowbitPass):
         count = summary["lowered"] + len(summary["embeddings"])
         if count:
             RemoveUnusedNodesPass()(model)  # the float weights and tables replaced
-            attach_fallbacks(model)
+        if count or any(n.domain == DOMAIN and n.op_type == "GroupQuant" for n in model.graph):
+            attach_fallbacks(model)  # and EmitQDQPass's GroupQuant nodes
         summary["act_modes"] = dict(summary["act_modes"])
         self.ctx.report["ort_cpu"] = summary
         logger.info("ort-cpu: %d MatMulLowbit, %d GatherLowbit, %d sites kept in QDQ",
@@ -252,6 +317,20 @@ class LowerOrtCpuPass(LowbitPass):
         if entry is not None:
             entry["ort_cpu"] = f"MatMulLowbit {packed.spec.overload}_{mode}"
         return _Lowered(packed, arrays), mode
+
+    def _lower_nbits_site(self, model: ir.Model, site: LinearSite, enc: formats.Encoded, group: int) -> None:
+        codes, scales = nbits_int8_weight(enc, group)
+        n, blocks, _ = codes.shape
+        graph = model.graph
+        inputs = [site.node.inputs[0], add_initializer(graph, codes, f"{site.name}.nbits_codes"),
+                  add_initializer(graph, scales, f"{site.name}.nbits_scales")]  # fmt: skip
+        attrs = {"K": blocks * group, "N": n, "bits": 8, "block_size": group, "accuracy_level": 4}
+        node = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{site.name}.nbits")
+        _replace(graph, site.node, node)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        entry = self.ctx.report["sites"].get(site.name)
+        if entry is not None:
+            entry["ort_cpu"] = f"MatMulNBits bits=8 block={group} (int8 activations, exact)"
 
     def _lower_embedding(self, graph: ir.Graph, emb: EmbeddingTable, lowered: dict[int, _Lowered],
                          fmt: str) -> dict:  # fmt: skip
@@ -286,7 +365,7 @@ def attach_fallbacks(model: ir.Model) -> None:
     """
     opset = model.opset_imports[""]
     ours = [ir.serde.serialize_node(n) for n in model.graph
-            if n.domain == DOMAIN and n.op_type in ("MatMulLowbit", "GatherLowbit", "ReorderNorm")]
+            if n.domain == DOMAIN and n.op_type in ("MatMulLowbit", "GatherLowbit", "ReorderNorm", "GroupQuant")]
     for proto in function_protos(ours, opset):
         fn = ir.serde.deserialize_function(proto)
         model.functions[fn.identifier()] = fn

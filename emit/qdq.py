@@ -1,7 +1,8 @@
 """Emit standard ONNX QDQ for every linear site: weights as DequantizeLinear chains over stored
 codes, activations as one QuantizeLinear/DequantizeLinear pair per shared input (or, with
 ``activations.granularity = per_token_group``, the run-time group quantizer of
-:mod:`lowbit.emit.dynamic_act`).
+:mod:`lowbit.emit.dynamic_act`; target ``ort-cpu`` writes it as one ``lowbit.GroupQuant`` node,
+which computes the same bits).
 
 Assumes: the linear-site map, and (when activations are quantized) ``activation_stats`` from
 calibration. Not function-preserving (it quantizes). Guarantees:
@@ -39,7 +40,8 @@ from lowbit.core.pass_base import LowbitPass
 from lowbit.encode.activations import activation_qparams, cluster_ranges, dynamic_group_size
 from lowbit.errors import LowbitError
 from lowbit.emit.dynamic_act import dynamic_group_nodes, group_qmax
-from lowbit.emit.ort_cpu import KEPT_QDQ, kernel_reason
+from lowbit.emit.ort_cpu import KEPT_QDQ, activation_int8_group, kernel_reason
+from lowbit.runtime_ext import group_quant_node_ir
 from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.statistics import ACTIVATION_STATS
 from lowbit.passes.reorder import ACT_CLUSTERS
@@ -192,7 +194,7 @@ class EmitQDQPass(LowbitPass):
                       "bits_per_weight": spec.bits + 32.0 * n_scales / int(np.prod(enc.shape)),
                       "in_features": site.in_features})  # fmt: skip
         if target == "ort-cpu":  # sites the lowbit kernels take stay float for LowerOrtCpuPass
-            why = kernel_reason(site, enc)
+            why = kernel_reason(site, enc, activation_int8_group(self.ctx.report["sites"], site))
             if why is None:
                 return
             entry["ort_cpu_kept_qdq"] = why
@@ -254,7 +256,14 @@ class EmitQDQPass(LowbitPass):
         if aspec.outlier_format == "int8" and clusters is not None:
             outliers = np.flatnonzero(clusters == clusters.max())  # labels rank clusters by range
         qmax = group_qmax(aspec.format, channels, group, outliers)
-        nodes, out = dynamic_group_nodes(graph, x, channels, group, qmax, x.name)
+        if self.ctx.recipe.target == "ort-cpu":  # one lowbit.GroupQuant node, the same bits
+            limits = add_initializer(graph, qmax.astype(np.float32).reshape(-1, 1), f"{x.name}.group_qmax")
+            node = group_quant_node_ir(x, limits, group, name=f"{x.name}.group_quant")
+            node.outputs[0].name = f"{x.name}.act_dequantized"
+            node.outputs[0].type, node.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), x.shape
+            nodes, out = [node], node.outputs[0]
+        else:
+            nodes, out = dynamic_group_nodes(graph, x, channels, group, qmax, x.name)
         graph.insert_before(sites[0].node, nodes)
         for site in sites:
             site.node.replace_input_with(0, out)

@@ -35,6 +35,7 @@ from onnx_ir.passes.common import (
 from onnxscript import optimizer
 
 from lowbit.core.float_types import FloatTypesPass
+from lowbit.passes.simplify_shapes import SimplifyShapesPass
 from lowbit.passes.norm_fusion import FuseNormsPass
 from lowbit.passes.opset import OUTPUT_OPSET, UpgradeOpsetPass
 
@@ -70,6 +71,9 @@ def canonicalize_passes(*, target_opset: int = OUTPUT_OPSET, report: dict[str, A
         # float16/bfloat16 weights Cast to float32 become float32 weights; other non-float32
         # floats are refused here, before the folder or calibration see them
         FloatTypesPass(),
+        # needs the symbolic shapes inferred above: Reshape / Expand targets computed from Shape
+        # ops become constants, and their shape chains dead code
+        SimplifyShapesPass(),
         FoldConstants(fold_size_limit),
         RemoveUnusedNodesPass(),  # dead Identity left by folded Casts would block the fusion
         FuseNormsPass(report),

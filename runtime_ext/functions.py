@@ -20,7 +20,7 @@ the ONNX checker requires.
 from __future__ import annotations
 
 __all__ = ["DOMAIN", "matmul_function", "gather_function", "reorder_norm_function",
-           "fgmp_function", "hadamard_function"]
+           "fgmp_function", "hadamard_function", "group_quant_function"]
 
 import numpy as np
 import onnx
@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 from lowbit.errors import LowbitError
 from lowbit.runtime_ext.reference import e4m3_to_float, e8m0_to_float, value_table
 from lowbit.runtime_ext.hadamard import hadamard, hadamard_factors
-from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, HadamardSpec, MatMulSpec, NormSpec
+from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, GroupQuantSpec, HadamardSpec, MatMulSpec, NormSpec
 
 DOMAIN = "lowbit"
 MIN_OPSET = 18
@@ -180,6 +180,20 @@ def hadamard_function(spec: HadamardSpec, opset: int) -> onnx.FunctionProto:
         b.op("Reshape", y, b.op("Shape", "X"))
     b.rename_last("Y")
     return _function("Hadamard", spec.overload, ["X", "base"], b, ["size"], opset)
+
+
+def group_quant_function(spec: GroupQuantSpec, opset: int) -> onnx.FunctionProto:
+    """GroupQuant(x, qmax) -> per row and group of ``group_size`` channels, s = max(absmax / qmax,
+    FLT_MIN) and Round(x / s) * s: the same ops, in the same order, as lowbit.emit.dynamic_act."""
+    b = _Body()
+    shape = b.op("Concat", b.op("Shape", "x", end=-1), b.const(np.array([-1, spec.group_size], np.int64)), axis=0)
+    grouped = b.op("Reshape", "x", shape)
+    amax = b.op("ReduceMax", b.op("Abs", grouped), b.const(np.array([-1], np.int64)), keepdims=1)
+    scale = b.op("Max", b.op("Div", amax, "qmax"), b.const(np.finfo(np.float32).tiny))
+    y = b.op("Mul", b.op("Round", b.op("Div", grouped, scale)), scale)
+    b.op("Reshape", y, b.op("Shape", "x"))
+    b.rename_last("Y")
+    return _function("GroupQuant", spec.overload, ["x", "qmax"], b, ["group_size"], opset)
 
 
 def _round_e2m1(b: _Body, y: str) -> str:

@@ -8,7 +8,8 @@ Guarantees: a model built either way serializes to the same nodes and functions.
 
 from __future__ import annotations
 
-__all__ = ["matmul_node_ir", "gather_node_ir", "reorder_norm_node_ir", "hadamard_node_ir", "attach_functions_ir"]
+__all__ = ["matmul_node_ir", "gather_node_ir", "reorder_norm_node_ir", "hadamard_node_ir", "group_quant_node_ir",
+           "attach_functions_ir"]
 
 import onnx_ir as ir
 
@@ -52,6 +53,11 @@ def reorder_norm_node_ir(x: ir.Value, perm: ir.Value, gamma: ir.Value, *, kind: 
 def hadamard_node_ir(x: ir.Value, base: ir.Value, size: int, *, name: str | None = None) -> ir.Node:
     """``Hadamard``: ``x @ H_size / sqrt(size)`` over the last axis (``base``: see make_hadamard_node)."""
     return _node(nodes.make_hadamard_node("x", "b", "y", size), [x, base], name)
+
+
+def group_quant_node_ir(x: ir.Value, qmax: ir.Value, group_size: int, *, name: str | None = None) -> ir.Node:
+    """``GroupQuant``: ``x`` fake-quantized per row and group (see make_group_quant_node)."""
+    return _node(nodes.make_group_quant_node("x", "q", "y", group_size), [x, qmax], name)
 
 
 def _node(proto, inputs, name: str | None) -> ir.Node:

@@ -8,6 +8,7 @@ native kernel) and an ``overload`` naming its fallback function (see specs.py).
 from __future__ import annotations
 
 __all__ = ["make_matmul_node", "make_gather_node", "make_reorder_norm_node", "make_fgmp_node", "make_hadamard_node",
+           "make_group_quant_node",
            "function_protos",
            "attach_functions", "DOMAIN"]
 
@@ -18,7 +19,7 @@ from onnx import helper
 
 from lowbit.errors import LowbitError
 from lowbit.runtime_ext import functions
-from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, HadamardSpec, MatMulSpec, NormSpec
+from lowbit.runtime_ext.specs import FgmpSpec, GatherSpec, GroupQuantSpec, HadamardSpec, MatMulSpec, NormSpec
 
 DOMAIN = functions.DOMAIN
 
@@ -91,7 +92,15 @@ def make_hadamard_node(x: str, base: str, output: str, size: int, *, name: str |
     return _node("Hadamard", [x, base], output, spec.overload, name, size=size)
 
 
+def make_group_quant_node(x: str, qmax: str, output: str, group_size: int, *, name: str | None = None) -> onnx.NodeProto:
+    """``output`` = ``x`` fake-quantized per row and group of ``group_size`` channels with a run-time
+    scale absmax / qmax (``qmax`` names the [C / group_size, 1] code limits)."""
+    spec = GroupQuantSpec(group_size)
+    return _node("GroupQuant", [x, qmax], output, spec.overload, name, group_size=group_size)
+
+
 _BUILDERS = {
+    "GroupQuant": (GroupQuantSpec, functions.group_quant_function),
     "Hadamard": (HadamardSpec, functions.hadamard_function),
     "FgmpActQuant": (FgmpSpec, functions.fgmp_function),
     "MatMulLowbit": (MatMulSpec, functions.matmul_function),

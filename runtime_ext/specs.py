@@ -143,6 +143,27 @@ class HadamardSpec:
         return cls(int(overload[1:]))
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupQuantSpec:
+    """GroupQuant variant: the number of consecutive channels sharing one run-time scale."""
+
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise LowbitError(f"GroupQuant: group_size must be an integer >= 1, got {self.group_size!r}")
+
+    @property
+    def overload(self) -> str:
+        return f"g{self.group_size}"
+
+    @classmethod
+    def from_overload(cls, overload: str) -> "GroupQuantSpec":
+        if not overload.startswith("g") or not overload[1:].isdigit():
+            raise LowbitError(f"malformed GroupQuant overload {overload!r}")
+        return cls(int(overload[1:]))
+
+
 def _split(overload: str, n: int) -> list[str]:
     # int8_dynamic / int8_static contain an underscore: split from the left n-1 times.
     parts = overload.split("_", n - 1)

@@ -80,3 +80,19 @@ class Hadamard {
 };
 
 }  // namespace lowbit
+
+namespace lowbit {
+
+class GroupQuant {
+ public:
+  static const char* kName;
+  static constexpr size_t kNumInputs = 2, kNumRequired = 2;
+  static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  explicit GroupQuant(const OrtKernelInfo* info);
+  void Compute(Ort::KernelContext& ctx);
+
+ private:
+  int64_t group_;
+};
+
+}  // namespace lowbit

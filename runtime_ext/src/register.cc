@@ -10,6 +10,7 @@ lowbit::LowbitOp<lowbit::GatherLowbit> g_gather;
 lowbit::LowbitOp<lowbit::ReorderNorm> g_reorder_norm;
 lowbit::LowbitOp<lowbit::FgmpActQuant> g_fgmp;
 lowbit::LowbitOp<lowbit::Hadamard> g_hadamard;
+lowbit::LowbitOp<lowbit::GroupQuant> g_group_quant;
 
 }  // namespace
 
@@ -20,7 +21,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api);
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = api->CreateCustomOpDomain("lowbit", &domain)) return st;
-  OrtCustomOp* ops[] = {&g_matmul, &g_gather, &g_reorder_norm, &g_fgmp, &g_hadamard};
+  OrtCustomOp* ops[] = {&g_matmul, &g_gather, &g_reorder_norm, &g_fgmp, &g_hadamard, &g_group_quant};
   for (OrtCustomOp* op : ops)
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) return st;
   // The domain must outlive every session using it; it is intentionally never released.

@@ -21,7 +21,7 @@ from lowbit.core.recipe import load_recipe
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
 from lowbit.core.linear_sites import find_linear_sites
-from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass, kernel_reason
+from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass, kernel_reason, nbits_int8_weight
 from lowbit.encode.weights import EncodeWeightsPass
 from lowbit.runtime_ext.reference import decode_weight
 from lowbit.core.analyses import WEIGHT_ENCODINGS
@@ -244,8 +244,12 @@ def test_kernel_reason_names_what_the_kernels_cannot_take():
     site = sites["layers.0.mlp.down_proj"]  # K = 48
     w = site.weight.const_value.numpy()
     assert kernel_reason(site, formats.encode(w, "dint4", axis=0, block_size=16)) is None
-    assert kernel_reason(site, formats.encode(w, "int8", axis=0)) == \
-        "int8 has no lowbit kernel (kernel formats: dint4, nvfp4, int4, mxfp4)"
+    assert kernel_reason(site, formats.encode(w, "int8", axis=0)).startswith(
+        "int8 weights without an int8 per-token-group activation quantizer")
+    assert kernel_reason(site, formats.encode(w, "int8", axis=0), act_group=16) is None
+    assert "powers of two" in kernel_reason(site, formats.encode(w, "int8", axis=0), act_group=24)
+    assert "whole activation groups" in kernel_reason(site, formats.encode(w, "int8", axis=0), act_group=32)
+    assert kernel_reason(site, formats.encode(w, "int3", axis=0, block_size=16)).startswith("int3 has no lowbit kernel")
     assert kernel_reason(site, formats.encode(w, "dint4", axis=0, block_size=32)) == \
         "reduction axis 48 must be a multiple of 16 and of block_size=32"
     assert "block_size must be 16" in kernel_reason(site, formats.encode(w, "int4", axis=0, block_size=8))
@@ -323,3 +327,46 @@ def test_smollm2_perplexity_equals_qdq(native_lib, smollm2_export, eval_windows,
     want = perplexity(qdq_path, windows, session_options=as_written, progress=False).ppl
     got = perplexity(ortcpu_path, windows, session_options=rx.session_options(), progress=False).ppl
     assert abs(got / want - 1) < 1e-3, (got, want)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_sites_behind_int8_groups_become_exact_matmulnbits(tied, token_windows, native_lib):
+    """The int8 LM head of a W4A8 recipe: ORT's MatMulNBits (bits=8, blocks = the activation
+    group) re-quantizes activations that already are int8 codes per group, so the lowered model
+    equals the qdq model as written up to float32 summation order, at ORT's default options."""
+    recipe = "w4a8-dint4"
+    overrides = ["sites.int8_weights=[\"lm_head\"]", "activations.group_size=32"]
+    if tied:  # no R1 rotation: the head reads the embedding table through a Transpose
+        overrides += ["rotate.residual=false", "rotate.heads=false", "rotate.online=[]"]
+    def model():
+        tiny = tiny_decoder(hidden=64, ffn=128, vocab=64)
+        next(n for n in tiny.graph if n.outputs[0].name == "logits").name = "lm_head"
+        return tiny
+
+    lowered = lowbit.compile(model(), recipe, target="ort-cpu", calibration=token_windows, overrides=overrides)
+    qdq = lowbit.compile(model(), recipe, target="qdq", calibration=token_windows, overrides=overrides)
+    nbits = [n for n in lowered.model.graph if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1 and nbits[0].outputs[0].name == "logits"
+    attrs = {k: nbits[0].attributes.get_int(k) for k in ("K", "N", "bits", "block_size", "accuracy_level")}
+    assert attrs == {"K": 64, "N": 64, "bits": 8, "block_size": 32, "accuracy_level": 4}
+    assert not lowered.report["ort_cpu"]["kept_qdq"]
+    entry = lowered.report["sites"][next(k for k in lowered.report["sites"] if "ort_cpu" in lowered.report["sites"][k]
+                                         and "MatMulNBits" in lowered.report["sites"][k]["ort_cpu"])]
+    assert entry["weights"] == "int8"
+    ids = np.asarray(token_windows[0], np.int64)[None]
+    as_written = _run(qdq.model, native=True, ids=ids, basic=True)
+    default = ort.InferenceSession(ir.to_proto(lowered.model).SerializeToString(), rx.session_options(),
+                                   providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    assert _rel(default, as_written) < RTOL
+
+
+def test_nbits_int8_weight_layout_decodes_to_the_encoding():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 24)).astype(np.float32)  # stored [K, N]
+    for enc in (formats.encode(w, "int8", axis=0), formats.encode(w, "int8", axis=0, block_size=32),
+                formats.encode(w.T.copy(), "int8", axis=1)):
+        codes, scales = nbits_int8_weight(enc, 16)
+        assert codes.shape == (24, 4, 16) and codes.dtype == np.uint8 and scales.shape == (96,)
+        decoded = ((codes.astype(np.float32) - 128) * scales.reshape(24, 4, 1)).reshape(24, 64)
+        want = formats.decode(enc) if enc.axis == 1 else formats.decode(enc).T
+        np.testing.assert_array_equal(decoded, want)
