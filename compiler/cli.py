@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lowbit.models.cli_eval", "perplexity / cosine, size and latency of an ONNX model"),
     "recipes": ("lowbit.compiler.cli_recipes", "list the named recipes and their keys"),
     "report": ("lowbit.compiler.cli_report", "render the compile report of an output"),
+    "generate": ("lowbit.models.cli_generate", "stream a continuation from a compiled causal LM, with tokens/s"),
 }
 
 

@@ -161,9 +161,9 @@ def test_rotation_bench_errors_before_measuring(workdir, args, fragment):
 
 
 def test_help_works_everywhere(workdir):
-    for cmd in ("export", "eval", "compile"):
+    for cmd in ("export", "eval", "compile", "generate"):
         proc = lowbit(cmd, "--help", cwd=workdir)
         assert proc.returncode == 0 and "usage: lowbit" in proc.stdout
-    for cmd in ("run", "demo", "compile-time", "rotation"):
+    for cmd in ("run", "demo", "compile-time", "rotation", "deploy"):
         proc = lowbit(cmd, "--help", cwd=workdir, module="lowbit.bench")
         assert proc.returncode == 0 and f"usage: lowbit-bench {cmd}" in proc.stdout
