@@ -2,7 +2,8 @@
 product's ``lowbit`` command so that nothing in the product imports ``lowbit.bench``.
 
 Commands: ``run`` (every contender side by side -> ``bench/RESULTS.md``), ``demo`` (what
-``make demo`` runs), ``compile-time`` (-> ``bench/COMPILE_TIME.md``), ``rotation`` (-> ``bench/ROTATION.md``), ``scale`` (->
+``make demo`` runs), ``compile-time`` (-> ``bench/COMPILE_TIME.md``), ``rotation`` (-> ``bench/ROTATION.md``), ``deploy`` (->
+``bench/DEPLOY.md``), ``scale`` (->
 ``bench/SCALE.md``) and ``synth`` (a
 real-shaped synthetic decoder for scale tests, :mod:`lowbit.models.synthetic_llm`). Errors,
 signals and scratch files behave exactly as in ``lowbit``.
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tuning": ("lowbit.bench.tuning", "recipe sweeps on the tuning split, the only text settings are chosen on (bench/TUNING.md)"),
     "compile-time": ("lowbit.bench.compile_time", "lowbit's compile time against ORT quantize_static, back to back (bench/COMPILE_TIME.md)"),
     "rotation": ("lowbit.bench.rotation_bench", "rotations with and without, on the evaluation split and news, and the rotated ort-cpu model's speed (bench/ROTATION.md)"),
+    "deploy": ("lowbit.bench.deploy_bench", "the flagship recipe's deployed form vs FP32, ORT int4, llama.cpp and ORT GenAI: speed, size, faithfulness (bench/DEPLOY.md)"),
     "scale": ("lowbit.bench.scale_bench", "peak memory and compile time against model size on synthetic decoders (bench/SCALE.md)"),
     "synth": ("lowbit.models.synthetic_llm", "write a real-shaped synthetic decoder (Llama / Qwen2 shapes) to a new directory"),
 }

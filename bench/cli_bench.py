@@ -43,6 +43,26 @@ def check_report_path(out: Path) -> None:
                           "the report is a file, name a new one")  # fmt: skip
 
 
+def add_speed_report_arguments(parser, default_output: Path, rounds_help: str) -> None:
+    """``--windows``, ``--rounds``, ``--threads`` and ``-o`` of the benches that measure accuracy on
+    both texts and speed at several thread counts (rotation, deploy)."""
+    parser.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens per text (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help=f"{rounds_help} (default 3)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op threads for speed (default 1 2)")
+    parser.add_argument("-o", "--output", default=str(default_output), metavar="FILE", help=f"report (default {default_output})")
+
+
+def check_speed_report_arguments(args) -> Path:
+    """The report path (checked) after refusing counts below 1, before any work."""
+    from lowbit.errors import LowbitError
+
+    out = Path(args.output)
+    check_report_path(out)
+    if args.windows < 1 or args.rounds < 1 or any(t < 1 for t in args.threads):
+        raise LowbitError("--windows, --rounds and --threads must be >= 1")
+    return out
+
+
 def _split(value: str | None) -> list[str] | None:
     """None when the option is absent (= all); ``--sections ,`` gives [] (an error, not "all")."""
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]

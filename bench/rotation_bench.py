@@ -124,23 +124,18 @@ def render(acc: list[dict], speed: list[dict], windows: int, command: str) -> st
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens per text (default 8)")
-    parser.add_argument("--rounds", type=int, default=3, help="speed rounds, rotated and unrotated alternating (default 3)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op threads for speed (default 1 2)")
+    from lowbit.bench.cli_bench import add_speed_report_arguments
+
+    add_speed_report_arguments(parser, DEFAULT_OUTPUT, "speed rounds, rotated and unrotated alternating")
     parser.add_argument("--skip-speed", action="store_true", help="accuracy table only")
-    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT), metavar="FILE", help=f"report (default {DEFAULT_OUTPUT})")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.bench.cli_bench import check_report_path
+    from lowbit.bench.cli_bench import check_speed_report_arguments
     from lowbit.core.recipe import load_recipe
-    from lowbit.errors import LowbitError
     from lowbit.files.fsutil import atomic_path
 
-    out = Path(args.output)
-    check_report_path(out)
-    if args.windows < 1 or args.rounds < 1 or any(t < 1 for t in args.threads):
-        raise LowbitError("--windows, --rounds and --threads must be >= 1")
+    out = check_speed_report_arguments(args)
     for _, recipe, overrides in COMBOS:  # every combination loads before minutes of compiling
         load_recipe(recipe, overrides)
     command = "lowbit-bench rotation" + (f" --windows {args.windows}" if args.windows != 8 else "") + (

@@ -1,0 +1,51 @@
+"""The deploy bench's parts that need no compile: the memory-bandwidth bound's inputs, the tables,
+and one-line refusals of bad arguments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import onnx_ir as ir
+import pytest
+
+from lowbit.bench import deploy_bench
+from lowbit.errors import LowbitError
+from lowbit.models.synthetic import tiny_decoder
+
+
+def test_copy_bandwidth_and_cpu_flags_are_measured():
+    assert deploy_bench.copy_bandwidth_gbs(megabytes=8, repeats=2) > 0.1
+    assert isinstance(deploy_bench.cpu_flags(), str)
+
+
+def test_decode_weight_bytes_leave_out_the_embedding_table(tmp_path):
+    model = tiny_decoder(hidden=32, ffn=48, vocab=64)
+    ir.save(model, tmp_path / "model.onnx")
+    every = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    table = model.graph.initializers["embed_tokens.weight"].const_value.nbytes
+    assert deploy_bench.decode_weight_bytes(tmp_path) == every - table
+
+
+def test_speed_table_gives_ratios_to_fp32_and_matmulnbits(tmp_path):
+    dirs = {}
+    for name, size in (("fp32", 1000), ("ort-matmulnbits-int4", 250), ("lowbit-w4a8-dint4-ort-cpu", 160)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.onnx").write_bytes(b"x" * size)
+        dirs[name] = (name.upper(), d, None)
+    best = {"fp32": (100.0, 20.0), "ort-matmulnbits-int4": (120.0, 10.0), "lowbit-w4a8-dint4-ort-cpu": (80.0, 5.0)}
+    rows = deploy_bench.speed_table(dirs, best)
+    assert rows[2] == "| FP32 | 100.0 | 1.00 | 20.00 | 50.0 | 0.50 | 0.0 | 1.000 |"
+    assert rows[4] == "| LOWBIT-W4A8-DINT4-ORT-CPU | 80.0 | 0.80 | 5.00 | 200.0 | 2.00 | 0.0 | 0.160 |"
+
+
+@pytest.mark.parametrize("bad", [{"windows": 0}, {"rounds": 0}, {"threads": [0]}])
+def test_bad_arguments_are_refused_before_any_work(bad, tmp_path):
+    args = argparse.Namespace(windows=8, rounds=3, threads=[1], skip_faithfulness=False,
+                              output=str(tmp_path / "DEPLOY.md"))
+    for key, value in bad.items():
+        setattr(args, key, value)
+    with pytest.raises(LowbitError, match="must be >= 1"):
+        deploy_bench.run(args)
+    assert not Path(args.output).exists()
