@@ -2,6 +2,8 @@
 lowbit.emit.dynamic_act emits for the qdq target give the same float32 bits, and all equal the
 numpy reference lowbit.encode.activations.dynamic_fake_quant."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -42,7 +44,10 @@ def _bits(y: np.ndarray) -> np.ndarray:
     return y.view(np.uint32)
 
 
-@pytest.mark.parametrize("channels, group, outliers", [(576, 64, None), (1536, 64, [3, 700]), (96, 32, None), (64, 16, [0])])
+CASES = [(576, 64, None), (1536, 64, [3, 700]), (96, 32, None), (64, 16, [0]), (60, 12, None)]  # 12: a vector tail
+
+
+@pytest.mark.parametrize("channels, group, outliers", CASES)
 def test_native_fallback_and_standard_ops_agree_bit_for_bit(channels, group, outliers):
     rng = np.random.default_rng(channels + group)
     qmax = group_qmax("int4" if outliers else "int8", channels, group, None if outliers is None else np.array(outliers))
@@ -84,3 +89,27 @@ def test_kernel_checks_its_inputs_and_spec_its_overload():
             GroupQuantSpec.from_overload(bad)
     with pytest.raises(LowbitError, match="group_size must be an integer >= 1"):
         GroupQuantSpec(0)
+
+
+def test_scalar_kernel_gives_the_same_bits(tmp_path):
+    """The scalar loop (LOWBIT_ORT_ISA=scalar, chosen once per process: a child runs it) against
+    the numpy reference, on the same cases."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import sys, numpy as np, onnxruntime as ort\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_group_quant import CASES, _model, fake_quant, group_qmax\n"
+        "from lowbit.runtime_ext import session_options\n"
+        "for channels, group, outliers in CASES:\n"
+        "    qmax = group_qmax('int4' if outliers else 'int8', channels, group, None if outliers is None else np.array(outliers))\n"
+        "    s = ort.InferenceSession(_model(channels, group, qmax, 3), session_options(), providers=['CPUExecutionProvider'])\n"
+        "    x = (np.random.default_rng(channels).standard_normal((2, 5, channels)) * 3).astype(np.float32)\n"
+        "    assert (s.run(None, {'x': x})[0].view(np.uint32) == fake_quant(x, group, qmax).view(np.uint32)).all(), channels\n"
+        "print('ok')\n")
+    env = {**os.environ, "LOWBIT_ORT_ISA": "scalar"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
