@@ -41,16 +41,7 @@ def _dim(d) -> Dim:
 
 def _const(value: ir.Value) -> np.ndarray | None:
     """A small integer constant: an initializer, or a Constant node's value."""
-    tensor = value.const_value
-    node = value.producer()
-    if tensor is None and node is not None and node.op_type == "Constant" and node.domain == "":
-        attr = node.attributes.get("value")
-        if attr is not None:
-            tensor = attr.as_tensor()
-        elif node.attributes.get("value_ints") is not None:
-            return np.array(node.attributes.get_ints("value_ints"), np.int64)
-        elif node.attributes.get("value_int") is not None:
-            return np.array(node.attributes.get_int("value_int"), np.int64)
+    tensor = ir.convenience.get_const_tensor(value)
     if tensor is None or tensor.dtype not in (ir.DataType.INT64, ir.DataType.INT32) or tensor.size > _SMALL:
         return None
     return tensor.numpy()

@@ -154,9 +154,10 @@ def test_compile_time_bench_errors_before_measuring(workdir, args, fragment):
     (["--threads", "0", "-o", "T.md"], "--windows, --rounds and --threads must be >= 1"),
     (["-o", "nonexistent/T.md"], "does not exist"),
 ])  # fmt: skip
-def test_rotation_bench_errors_before_measuring(workdir, args, fragment):
+@pytest.mark.parametrize("command", ["rotation", "deploy"])  # one argument check (cli_bench) for both
+def test_speed_bench_errors_before_measuring(workdir, command, args, fragment):
     before = {p.name for p in workdir.iterdir()}
-    assert_user_error(lowbit("rotation", *args, cwd=workdir, module="lowbit.bench"), fragment)
+    assert_user_error(lowbit(command, *args, cwd=workdir, module="lowbit.bench"), fragment)
     assert_no_leftovers(workdir, before)
 
 
