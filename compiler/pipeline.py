@@ -38,6 +38,7 @@ from lowbit.emit.fusion_barrier import FusionBarrierPass
 from lowbit.emit.fgmp_act import FgmpActivationsPass, PerturbationAccumulator, observed_early
 from lowbit.emit.fgmp_static_act import FgmpStaticActivationsPass
 from lowbit.emit.kv import KvQuantPass
+from lowbit.emit.attention import FuseAttentionPass
 from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass
 from lowbit.emit.reorder_norm import FuseReorderNormPass
 from lowbit.encode.weights import EncodeWeightsPass
@@ -215,6 +216,8 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
         steps.append(LowerOrtCpuPass(ctx))
         if recipe.reorder.clusters:
             steps.append(FuseReorderNormPass())  # RPTQ Gather + norm -> ReorderNorm
+        if recipe.ort_cpu.fuse_attention:
+            steps.append(FuseAttentionPass(ctx))  # eager attention -> RotaryEmbedding + GroupQueryAttention
     steps.append(RemoveUnusedNodesPass())  # the float weights the codes replaced
     steps.append(FusionBarrierPass(ctx))  # ORT at its default level computes the graph as written
     return _blockwise(ctx, steps)

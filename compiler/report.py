@@ -49,6 +49,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- ONNX Runtime at its default options runs the graph as written: {barriers} weight "
                      "DequantizeLinear nodes carry a same-shape Reshape that keeps ORT from fusing them into "
                      "kernels that compute something else (README: ONNX Runtime's QDQ fusion)")
+    attention = report.get("attention")
+    if attention and (attention["fused"] or attention["kept"]):
+        kept = "; ".join(f"{n} kept: {why}" for why, n in attention["kept"].items())
+        lines.append(f"- attention: {attention['fused']} blocks fused into ONNX Runtime's GroupQueryAttention "
+                     f"({attention['nodes_before']} -> {attention['nodes_after']} nodes)" + (f"; {kept}" if kept else ""))
     lines.append("")
     lines += ["## Passes", ""]
     lines += _table(["pass", "seconds", "modified", "nodes before", "nodes after", "verified rel. diff"],

@@ -1,0 +1,124 @@
+"""FuseAttentionPass (lowbit.emit.attention) on SmolLM2's optimum KV-cache export: the fused graph
+computes the export's function up to float32 rounding on a prompt, a decode step with the cache,
+and a left-padded batch of two; blocks it cannot prove equal are kept and reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from lowbit.core.context import CompileContext
+from lowbit.core.recipe import load_recipe
+from lowbit.emit.attention import FuseAttentionPass
+from lowbit.passes.canonicalize import canonicalize_passes
+
+pytestmark = pytest.mark.slow
+
+LAYERS, KV_HEADS, HEAD = 30, 3, 64
+RTOL = 1e-5  # relative to the largest |output|: float32 reassociation only
+
+
+@pytest.fixture(scope="module")
+def graphs(smollm2_with_past_export, tmp_path_factory):
+    """(path of the export after canonicalization, path of the same fused, the pass's report)."""
+    root = tmp_path_factory.mktemp("attention")
+    model = ir.load(smollm2_with_past_export / "model.onnx")
+    for p in canonicalize_passes(report={}):
+        p(model)
+    before, after = _save(model, root / "before"), root / "after"
+    ctx = _context(model)
+    assert FuseAttentionPass(ctx)(model).modified
+    return before, _save(model, after), ctx.report["attention"]
+
+
+def _save(model: ir.Model, directory) -> str:
+    directory.mkdir()
+    ir.save(model, directory / "model.onnx", external_data="model.onnx.data")
+    return str(directory / "model.onnx")
+
+
+def _context(model: ir.Model) -> CompileContext:
+    return CompileContext(model, load_recipe("w4a8-dint4", ["target=ort-cpu"]))
+
+
+def _session(path: str) -> ort.InferenceSession:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def _feeds(ids, mask, positions, past):
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for i in range(LAYERS):
+        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+    return feeds
+
+
+def _empty(batch):
+    return [np.zeros((batch, KV_HEADS, 0, HEAD), np.float32)] * (2 * LAYERS)
+
+
+def _close(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b) == 1 + 2 * LAYERS
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        assert np.abs(x.astype(np.float64) - y).max() <= RTOL * max(np.abs(x).max(), 1e-6)
+
+
+def test_every_block_fused(graphs):
+    _, after, report = graphs
+    model = ir.load(after)
+    ops = [n.op_type for n in model.graph]
+    assert report["fused"] == LAYERS and not report["kept"]
+    assert ops.count("GroupQueryAttention") == LAYERS and ops.count("RotaryEmbedding") == 2 * LAYERS
+    assert "Softmax" not in ops and "Expand" not in ops[ops.index("GroupQueryAttention"):]
+    assert report["nodes_after"] < report["nodes_before"] - 40 * LAYERS
+    outputs = [v.name for v in model.graph.outputs]
+    assert outputs[0] == "logits" and outputs[1:3] == ["present.0.key", "present.0.value"]
+
+
+def test_prompt_then_decode_match_the_export(graphs):
+    before, after, _ = graphs
+    a, b = _session(before), _session(after)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(100, 40000, (1, 11))
+    mask, positions = np.ones((1, 11), np.int64), np.arange(11)[None]
+    ra, rb = a.run(None, _feeds(ids, mask, positions, _empty(1))), b.run(None, _feeds(ids, mask, positions, _empty(1)))
+    _close(ra, rb)
+    step = np.array([[int(ra[0][0, -1].argmax())]])
+    mask, positions = np.ones((1, 12), np.int64), np.array([[11]])
+    _close(a.run(None, _feeds(step, mask, positions, ra[1:])), b.run(None, _feeds(step, mask, positions, ra[1:])))
+
+
+def test_left_padded_batch_matches_on_real_tokens(graphs):
+    before, after, _ = graphs
+    a, b = _session(before), _session(after)
+    ids = np.random.default_rng(1).integers(100, 40000, (2, 9))
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :4] = 0  # the second row is left-padded
+    positions = np.where(mask == 1, np.cumsum(mask, 1) - 1, 1)
+    ra, rb = a.run(None, _feeds(ids, mask, positions, _empty(2))), b.run(None, _feeds(ids, mask, positions, _empty(2)))
+    scale = np.abs(ra[0]).max()
+    assert np.abs(ra[0][0] - rb[0][0]).max() <= RTOL * scale
+    assert np.abs(ra[0][1, 4:] - rb[0][1, 4:]).max() <= RTOL * scale  # padding rows are read by no token
+    assert np.isfinite(rb[0]).all()
+    step, mask = np.array([[5], [7]]), np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    da = a.run(None, _feeds(step, mask, positions[:, -1:] + 1, ra[1:]))
+    db = b.run(None, _feeds(step, mask, positions[:, -1:] + 1, rb[1:]))
+    assert np.abs(da[0] - db[0]).max() <= RTOL * np.abs(da[0]).max()
+
+
+def test_unmatched_blocks_are_kept_with_a_reason(graphs):
+    """A block whose mask is not the export's Where(m, 0, -inf) is left alone and reported."""
+    before, _, _ = graphs
+    model = ir.load(before)
+    where = next(n for n in model.graph if n.op_type == "Where" and n.name.startswith("/model/layers.3/self_attn"))
+    minus = ir.tensor(np.array([-1e4], np.float32))
+    where.replace_input_with(2, ir.Value(name="minus_1e4", type=ir.TensorType(ir.DataType.FLOAT),
+                                         shape=ir.Shape([1]), const_value=minus))
+    model.graph.register_initializer(where.inputs[2])
+    ctx = _context(model)
+    FuseAttentionPass(ctx)(model)
+    report = ctx.report["attention"]
+    assert report["fused"] == LAYERS - 1
+    assert report["kept"] == {"the mask is not Where(m, 0, -inf)": 1}
