@@ -49,3 +49,11 @@ def test_bad_arguments_are_refused_before_any_work(bad, tmp_path):
     with pytest.raises(LowbitError, match="must be >= 1"):
         deploy_bench.run(args)
     assert not Path(args.output).exists()
+
+
+def test_faithfulness_table_states_windows_and_differences():
+    rows = [{"name": "qdq, as written", "ppl": {"pydoc": 16.0, "news": 40.0}, "windows": 32},
+            {"name": "ort-cpu", "ppl": {"pydoc": 16.016, "news": 39.96}, "windows": 32}]
+    text = deploy_bench.render(rows, {}, [], [], [], {}, "lowbit-bench deploy")
+    assert "(32 x 512 tokens per text)" in text
+    assert "| ort-cpu | 16.0160 | +0.100 % | 39.9600 | -0.100 % |" in text
