@@ -18,8 +18,8 @@ Assumes: the graph computes, per layer (operand order of commutative ops free)::
     out = Reshape(Transpose(p @ vr, [0, 2, 1, 3]), [B, S, H * D])
 
 with ``cos``/``sin`` [B, S, D] computed once as ``Cos``/``Sin`` of ``Concat(f, f)`` (times a
-constant), ``mask`` an additive [B, 1, S, T] ``Where(m, 0, -inf)`` over a boolean mask built from
-the ``attention_mask`` input, and ``c1``, ``c2`` scalar constants.
+constant), ``mask`` an additive [B, 1, S, T] ``Where(m, 0, -inf)`` (or the float32 minimum) over a
+boolean mask built from the ``attention_mask`` input, and ``c1``, ``c2`` scalar constants.
 
 Guarantees: each block that matches all of the above is replaced; the others are left as they
 are and the report says why (e.g. a quantized K/V cache between the rotary and the Concat).
@@ -33,7 +33,7 @@ any padding in ``attention_mask``:
   ``attention_bias``, with -inf written as the float32 minimum: a query whose keys are all masked
   (a left-padding position) then yields a finite row instead of the export's zero row. Those
   rows are read by no real token (their keys are masked for every other query), so real tokens'
-  outputs do not change;
+  outputs do not change (the K/V cache rows of padding positions may: they are never read);
 - the scale is ``c1 * c2``; K/V caches keep the export's [B, Hkv, T, D] layout, so the model
   still runs in ``ORTModelForCausalLM``.
 """
@@ -57,6 +57,7 @@ __all__ = ["FuseAttentionPass"]
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+_MASKED = (float("-inf"), float(np.finfo(np.float32).min))  # the masked score (transformers writes either)
 
 
 class _NoMatch(Exception):
@@ -284,8 +285,8 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Block:
     scores = _node(softmax.inputs[0], "Add", "the scores")
     qk, mask_value = _operands(scores, "MatMul", "the scores")
     mask = _node(mask_value, "Where", "the mask")
-    if _scalar(mask.inputs[1]) != 0.0 or _scalar(mask.inputs[2]) != float("-inf"):
-        raise _NoMatch("the mask is not Where(m, 0, -inf)")
+    if _scalar(mask.inputs[1]) != 0.0 or _scalar(mask.inputs[2]) not in _MASKED:
+        raise _NoMatch("the mask is not Where(m, 0, -inf or the float32 minimum)")
     q_scaled, c1 = _scaled(qk.inputs[0])
     k_scaled, c2 = _scaled(qk.inputs[1])
     k_t = _node(k_scaled, "Transpose", "K^T")

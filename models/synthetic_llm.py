@@ -12,7 +12,7 @@ lowbit, ONNX Runtime and optimum load like an export:
 - SmolLM2's tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``):
   its ids are < 49152 <= every shape's vocabulary, so calibration text tokenizes to valid ids.
 
-Graph: ``input_ids``, ``attention_mask`` [batch, seq] int64 -> embedding Gather -> per layer
+Graph (``with_past=False``): ``input_ids``, ``attention_mask`` [batch, seq] int64 -> embedding Gather -> per layer
 [decomposed RMSNorm (Cast, Pow, ReduceMean, Add eps, Sqrt, Div(1, .), Mul, Cast, Mul(weight, .))
 -> q/k/v MatMul (+ bias Add for Qwen2) -> rotary (cos/sin of mask-cumsum positions, rotate_half by
 Slice/Neg/Concat) -> GQA repeat_kv (Unsqueeze/Expand/Reshape) -> q, k^T scaled by head_dim^-1/4
@@ -23,6 +23,11 @@ self_attn/q_proj/MatMul``), initializers HF (``model.layers.0.self_attn.q_proj.w
 linear weights are stored ``[in, out]`` as the export stores them. ``dtype="float16"``: every
 weight is stored float16 and read through ``Cast(to=FLOAT)`` ("float16 storage, float32
 compute", the form :mod:`lowbit.core.float_types` folds); compute stays float32.
+``with_past=True`` writes optimum's decoder-with-past signature instead: ``position_ids``
+[batch, seq] and ``past_key_values.{i}.key / value`` [batch, kv_heads, past, head_dim] inputs
+(``attention_mask`` covers past and new tokens), each layer's rotated K and its V concatenated to
+the cache before the head repeat and written as ``present.{i}.key / value``; rotary angles from
+``position_ids``, the mask causal at offset ``past``. The same weights, so the same logits.
 
 Weights: normal / sqrt(fan_in) linears (the embedding too: tied logits of unit scale), RMSNorm
 weights 1 + N(0, 0.1^2), biases N(0, 0.1^2). Three residual channels
@@ -273,6 +278,20 @@ def _rotary(b: _Builder, positions: ir.Value) -> tuple[ir.Value, ir.Value]:
     return tuple(b.op(sc, "Unsqueeze", b.op(sc, fn, emb), b.ints(sc, 1)) for fn in ("Cos", "Sin"))
 
 
+def _cached_attention_bias(b: _Builder, ids: ir.Value, mask: ir.Value) -> ir.Value:
+    """[batch, 1, seq, total] additive mask of a step after ``total - seq`` cached tokens: 0 where
+    key j <= past + query i and j is not padding (``mask`` covers past and new tokens)."""
+    sc = "/model"
+    seq = b.op(sc, "Gather", b.op(sc, "Shape", ids), b.const(sc, np.int64(1)), axis=0)
+    total = b.op(sc, "Gather", b.op(sc, "Shape", mask), b.const(sc, np.int64(1)), axis=0)
+    past = b.op(sc, "Sub", total, seq)
+    queries = b.op(sc, "Range", past, total, b.const(sc, np.int64(1)))
+    keys = b.op(sc, "Range", b.const(sc, np.int64(0)), total, b.const(sc, np.int64(1)))
+    causal = b.op(sc, "LessOrEqual", b.op(sc, "Unsqueeze", keys, b.ints(sc, 0)), b.op(sc, "Unsqueeze", queries, b.ints(sc, 1)))
+    kept = b.op(sc, "Cast", b.op(sc, "Unsqueeze", mask, b.ints(sc, 1, 2)), to=ir.DataType.BOOL)
+    return b.op(sc, "Where", b.op(sc, "And", causal, kept), b.const(sc, np.float32(0.0)), b.const(sc, np.float32(_MASKED)))
+
+
 def _attention_bias(b: _Builder, ids: ir.Value, mask: ir.Value) -> ir.Value:
     """[batch, 1, seq, seq] additive mask: 0 where key j <= query i and j is not padding."""
     sc = "/model"
@@ -284,7 +303,10 @@ def _attention_bias(b: _Builder, ids: ir.Value, mask: ir.Value) -> ir.Value:
     return b.op(sc, "Where", keep, b.const(sc, np.float32(0.0)), b.const(sc, np.float32(_MASKED)))
 
 
-def _attention(b: _Builder, x: ir.Value, i: int, cos: ir.Value, sin: ir.Value, bias: ir.Value) -> ir.Value:
+def _attention(b: _Builder, x: ir.Value, i: int, cos: ir.Value, sin: ir.Value, bias: ir.Value,
+               cache: list[ir.Value] | None = None) -> ir.Value:  # fmt: skip
+    """``cache``: [past_key, past_value] graph inputs; the layer then writes its present_key /
+    present_value (Concat on the sequence axis, before the head repeat) as graph outputs."""
     s, sc, name = b.shape, f"/model/layers.{i}/self_attn", f"model.layers.{i}.self_attn"
     hd, kv_dim = s.head_dim, s.kv_heads * s.head_dim
 
@@ -306,8 +328,15 @@ def _attention(b: _Builder, x: ir.Value, i: int, cos: ir.Value, sin: ir.Value, b
         return b.op(sc, "Reshape", t, b.ints(sc, 0, s.heads, -1, hd))
 
     q = rope(proj("q_proj", s.hidden, s.heads))
-    k = repeat_kv(rope(proj("k_proj", kv_dim, s.kv_heads)))
-    v = repeat_kv(proj("v_proj", kv_dim, s.kv_heads))
+    k, v = rope(proj("k_proj", kv_dim, s.kv_heads)), proj("v_proj", kv_dim, s.kv_heads)
+    if cache is not None:
+        k, v = (b.op(sc, "Concat", past, new, axis=2) for past, new in zip(cache, (k, v)))
+        for value, kind in ((k, "key"), (v, "value")):
+            value.name = f"present.{i}.{kind}"
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+            value.shape = ir.Shape(["batch_size", s.kv_heads, "total_sequence_length", hd])
+        cache[:] = [k, v]
+    k, v = repeat_kv(k), repeat_kv(v)
     scale = b.const(sc, np.float32(hd**-0.25))  # SDPA's decomposition scales q and k^T by sqrt(1/sqrt(hd))
     kt = b.op(sc, "Mul", b.op(sc, "Transpose", k, perm=[0, 1, 3, 2]), scale)
     scores = b.op(sc, "Add", b.op(sc, "MatMul", b.op(sc, "Mul", q, scale), kt), bias)
@@ -326,20 +355,32 @@ def _mlp(b: _Builder, x: ir.Value, i: int) -> ir.Value:
                     gain_channels=s.outlier_channels)  # fmt: skip
 
 
-def _build_graph(b: _Builder, step: Callable[[str], object]) -> ir.Graph:
+def _build_graph(b: _Builder, step: Callable[[str], object], with_past: bool = False) -> ir.Graph:
     s = b.shape
-    dims = ["batch_size", "sequence_length"]
-    ids, mask = (ir.Value(name=n, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(dims))
-                 for n in ("input_ids", "attention_mask"))  # fmt: skip
+    ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch_size", "sequence_length"]))
+    mask = ir.Value(name="attention_mask", type=ir.TensorType(ir.DataType.INT64),
+                    shape=ir.Shape(["batch_size", "total_sequence_length" if with_past else "sequence_length"]))  # fmt: skip
+    inputs, caches = [ids, mask], []
     # std hidden^-1/2: tied logits of unit scale, like the untied head's
     embed = b.weight("/model/embed_tokens", _Weight("model.embed_tokens.weight", (s.vocab, s.hidden), s.hidden**-0.5))
     h = b.op("/model/embed_tokens", "Gather", embed, ids, axis=0)
-    cos, sin = _rotary(b, _positions(b, mask))
-    bias = _attention_bias(b, ids, mask)
+    if with_past:  # optimum's KV-cache signature: explicit position ids, past_key_values.* -> present.*
+        positions = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch_size", "sequence_length"]))
+        inputs.append(positions)
+        for i in range(s.layers):
+            caches.append([ir.Value(name=f"past_key_values.{i}.{kind}", type=ir.TensorType(ir.DataType.FLOAT),
+                                    shape=ir.Shape(["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]))
+                           for kind in ("key", "value")])  # fmt: skip
+            inputs += caches[-1]
+        cos, sin = _rotary(b, b.op("/model", "Cast", positions, to=ir.DataType.FLOAT))
+        bias = _cached_attention_bias(b, ids, mask)
+    else:
+        cos, sin = _rotary(b, _positions(b, mask))
+        bias = _attention_bias(b, ids, mask)
     step("embedding")
     for i in range(s.layers):
         x = b.rms_norm(h, f"model.layers.{i}.input_layernorm", f"/model/layers.{i}/input_layernorm")
-        h = b.op(f"/model/layers.{i}", "Add", h, _attention(b, x, i, cos, sin, bias))
+        h = b.op(f"/model/layers.{i}", "Add", h, _attention(b, x, i, cos, sin, bias, caches[i] if with_past else None))
         x = b.rms_norm(h, f"model.layers.{i}.post_attention_layernorm", f"/model/layers.{i}/post_attention_layernorm")
         h = b.op(f"/model/layers.{i}", "Add", h, _mlp(b, x, i))
         step(f"layer {i}")
@@ -352,7 +393,7 @@ def _build_graph(b: _Builder, step: Callable[[str], object]) -> ir.Graph:
     logits.name = "logits"
     logits.type = ir.TensorType(ir.DataType.FLOAT)
     logits.shape = ir.Shape(["batch_size", "sequence_length", s.vocab])
-    return ir.Graph([ids, mask], [logits], nodes=b.tape.nodes, initializers=b.tape.initializers,
+    return ir.Graph(inputs, [logits, *(v for kv in caches for v in kv)], nodes=b.tape.nodes, initializers=b.tape.initializers,
                     opset_imports={"": OPSET}, name=f"synthetic_{s.name}")  # fmt: skip
 
 
@@ -433,9 +474,11 @@ def _check_new_dir(out: Path) -> None:
 
 
 def write_decoder(shape: str | DecoderShape, out_dir: str | os.PathLike, *, dtype: str = "float32", seed: int = 0,
-                  layers: int | None = None, progress: bool = True) -> Path:  # fmt: skip
+                  layers: int | None = None, progress: bool = True, with_past: bool = False) -> Path:  # fmt: skip
     """Write the synthetic decoder ``shape`` (a :data:`SHAPES` name or a DecoderShape; ``layers``
-    overrides its depth) into the new directory ``out_dir`` (see the module docstring); returns it."""
+    overrides its depth) into the new directory ``out_dir`` (see the module docstring); returns it.
+    ``with_past``: optimum's KV-cache signature (``position_ids`` and ``past_key_values.{i}.key /
+    value`` inputs, ``present.{i}.*`` outputs), what ``ORTModelForCausalLM`` decodes with."""
     from tqdm import tqdm
 
     from lowbit.files.fsutil import atomic_path, normalized
@@ -452,10 +495,11 @@ def write_decoder(shape: str | DecoderShape, out_dir: str | os.PathLike, *, dtyp
     with atomic_path(out, is_dir=True) as tmp:
         bar = tqdm(total=s.layers + 2, desc=f"synth {s.name}", unit="block", disable=None if progress else True)
         with bar, _DataFile(tmp, dtype, seed) as data:
-            graph = _build_graph(_Builder(s, data), lambda what: (bar.set_postfix_str(what), bar.update()))
+            graph = _build_graph(_Builder(s, data), lambda what: (bar.set_postfix_str(what), bar.update()), with_past)
         model = ir.Model(graph, ir_version=IR_VERSION, producer_name="lowbit.synthetic_llm")
         ir.save(model, tmp / "model.onnx")  # external tensors stay references to DATA_FILE
         config = _config(s, dtype, seed)
+        config["use_cache"] = with_past
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer / name, tmp / name)
@@ -473,11 +517,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight storage (float16: stored float16, Cast to float32 before use)")  # fmt: skip
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    parser.add_argument("--with-past", action="store_true", help="KV-cache inputs and outputs (optimum's decoder-with-past signature)")
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = write_decoder(args.shape, args.out_dir, dtype=args.dtype, seed=args.seed, layers=args.layers)
+    out = write_decoder(args.shape, args.out_dir, dtype=args.dtype, seed=args.seed, layers=args.layers,
+                        with_past=args.with_past)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{out}: {args.shape} ({args.dtype}), {size / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
     return 0

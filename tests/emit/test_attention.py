@@ -121,4 +121,48 @@ def test_unmatched_blocks_are_kept_with_a_reason(graphs):
     FuseAttentionPass(ctx)(model)
     report = ctx.report["attention"]
     assert report["fused"] == LAYERS - 1
-    assert report["kept"] == {"the mask is not Where(m, 0, -inf)": 1}
+    assert report["kept"] == {"the mask is not Where(m, 0, -inf or the float32 minimum)": 1}
+
+
+# -- the synthetic decoders (models/synthetic_llm.py): fast, with and without a KV cache ------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """{with_past: (path before, path fused, report)} for the tiny synthetic decoder."""
+    from lowbit.models.synthetic_llm import write_decoder
+
+    root, out = tmp_path_factory.mktemp("attention-tiny"), {}
+    for with_past in (False, True):
+        src = write_decoder("tiny", root / f"src-{with_past}", progress=False, with_past=with_past)
+        model = ir.load(src / "model.onnx")
+        for p in canonicalize_passes(report={}):
+            p(model)
+        before = _save(model, root / f"before-{with_past}")
+        ctx = _context(model)
+        FuseAttentionPass(ctx)(model)
+        out[with_past] = before, _save(model, root / f"after-{with_past}"), ctx.report["attention"]
+    return out
+
+
+@pytest.mark.parametrize("with_past", [False, True])
+def test_tiny_decoder_fused_and_equal(tiny_pair, with_past):
+    before, after, report = tiny_pair[with_past]
+    assert report["fused"] == 2 and not report["kept"]
+    a, b = _session(before), _session(after)
+    inputs = {i.name: i for i in a.get_inputs()}
+    ids = np.random.default_rng(2).integers(5, 40000, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if with_past:
+        kv, head = inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
+        feeds["position_ids"] = np.where(mask == 1, np.cumsum(mask, 1) - 1, 1)
+        feeds |= {n: np.zeros((2, kv, 0, head), np.float32) for n in inputs if n.startswith("past_key_values")}
+    ra, rb = a.run(None, feeds), b.run(None, feeds)
+    scale = np.abs(ra[0]).max()
+    assert np.abs(ra[0][0] - rb[0][0]).max() <= RTOL * scale and np.abs(ra[0][1, 3:] - rb[0][1, 3:]).max() <= RTOL * scale
+    for x, y in zip(ra[1:], rb[1:]):  # the caches, at the real tokens (padding rows are read by none)
+        tol = RTOL * max(np.abs(x).max(), 1e-6)
+        assert np.abs(x[0] - y[0]).max() <= tol and np.abs(x[1, :, 3:] - y[1, :, 3:]).max() <= tol
+    assert {n.op_type for n in ir.load(after).graph} >= {"GroupQueryAttention", "RotaryEmbedding"}

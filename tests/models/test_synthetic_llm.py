@@ -228,3 +228,27 @@ def test_cli_writes_a_model(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and config["lowbit_synthetic"]["seed"] == 3
     assert config["torch_dtype"] == "float16"
+
+
+@pytest.mark.parametrize("shape", [TINY, TINY_QWEN], ids=["llama", "qwen2"])
+def test_with_past_computes_the_same_logits_prompt_then_cached(tmp_path, tiny_dirs, shape):
+    """The KV-cache signature (optimum's with-past export): a left-padded prompt and then a cached
+    three-token step give the no-cache model's logits on the whole sequence."""
+    plain = tiny_dirs["float32" if shape is TINY else "qwen2"]
+    cached = write_decoder(shape, tmp_path / "past", progress=False, with_past=True)
+    assert json.loads((cached / "config.json").read_text())["use_cache"] is True
+    whole = _feeds()
+    expected = ort.InferenceSession(str(plain / "model.onnx")).run(None, whole)[0]
+    session = ort.InferenceSession(str(cached / "model.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
+    assert [o.name for o in session.get_outputs()][:3] == ["logits", "present.0.key", "present.0.value"]
+    ids, mask = whole["input_ids"], whole["attention_mask"]
+    positions = np.where(mask == 1, np.cumsum(mask, 1) - 1, 1)
+    past = {n: np.zeros((2, shape.kv_heads, 0, shape.head_dim), np.float32) for n in names[3:]}
+    first = session.run(None, {"input_ids": ids[:, :8], "attention_mask": mask[:, :8], "position_ids": positions[:, :8], **past})
+    real = mask[:, :8] == 1
+    assert np.abs(first[0] - expected[:, :8])[real].max() < 1e-5
+    caches = dict(zip(names[3:], first[1:]))
+    second = session.run(None, {"input_ids": ids[:, 8:], "attention_mask": mask, "position_ids": positions[:, 8:], **caches})
+    assert np.abs(second[0] - expected[:, 8:]).max() < 1e-5
