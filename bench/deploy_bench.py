@@ -151,10 +151,12 @@ def _ort_speed(path: Path, threads: int, repeats: int) -> tuple[float, float]:
     return lat.prefill_ms, lat.decode_ms
 
 
-def build_contenders(work: Path, *, recipe: str = RECIPE, qdq: bool = True, peers: dict[str, tuple[str, ...]] = PEERS
+def build_contenders(work: Path, *, recipe: str = RECIPE, qdq: bool = True, peers: dict[str, tuple[str, ...]] = PEERS,
+                     export: Path | None = None, overrides: tuple[str, ...] = ()
                      ) -> tuple[dict[str, tuple[str, Path, Any]], list[str]]:  # fmt: skip
     """name -> (description, path, speed function(threads, repeats) -> (prefill ms, decode ms));
-    and the peers that could not be built, with why."""
+    and the peers that could not be built, with why. ``export``: another KV-cache model directory
+    than SmolLM2's (then no peers: they start from SmolLM2's own files); ``overrides``: recipe keys."""
     import lowbit
     from lowbit.bench.ortcpu_bench import _matmul_nbits
     from lowbit.bench.peer_contenders import hf_directory
@@ -163,16 +165,20 @@ def build_contenders(work: Path, *, recipe: str = RECIPE, qdq: bool = True, peer
     from lowbit.models.export import export_model
     from lowbit.models.registry import resolve_model
 
-    export = export_model("smollm2-135m", with_past=True)
+    fp32_label = "FP32 optimum export" if export is None else "FP32 (the KV-cache model given)"
+    if export is None:
+        export = export_model("smollm2-135m", with_past=True)
+    else:
+        peers = {}
     ort_paths = {
-        "fp32": ("FP32 optimum export", export),
+        "fp32": (fp32_label, export),
         "ort-matmulnbits-int4": ("ORT MatMulNBitsQuantizer int4, sym, block 32 (lm_head FP32)", _matmul_nbits(export, work / "nbits")),
         f"lowbit-{recipe}-ort-cpu": (f"lowbit `{recipe}`, target ort-cpu (deployable)",
-                                     lowbit.compile(export, recipe, target="ort-cpu").save(work / "ort-cpu")),
+                                     lowbit.compile(export, recipe, target="ort-cpu", overrides=overrides).save(work / "ort-cpu")),
     }  # fmt: skip
     if qdq:
         ort_paths[f"lowbit-{recipe}-qdq"] = (f"lowbit `{recipe}`, target qdq (standard QDQ, ORT executes it as written)",
-                                             lowbit.compile(export, recipe, target="qdq").save(work / "qdq"))
+                                             lowbit.compile(export, recipe, target="qdq", overrides=overrides).save(work / "qdq"))
     contenders = {name: (desc, path, lambda n, r, p=path: _ort_speed(p, n, r)) for name, (desc, path) in ort_paths.items()}
     missing = []
     prompt = (np.arange(PREFILL, dtype=np.int64) % 1000 + 100)
@@ -234,10 +240,10 @@ def _fmt_pct(a: float, ref: float) -> str:
 
 
 def render(faithful: list[dict], contenders: dict, speed: list[dict], missing: list[str], profile: list, bound: dict,
-           command: str) -> str:  # fmt: skip
+           command: str, *, title: str = "SmolLM2-135M") -> str:  # fmt: skip
     from lowbit.bench.runner import machine_line
 
-    lines = ["# Deployment: SmolLM2-135M", "", f"Command: `{command}`", "", f"Machine: {machine_line()}", "",
+    lines = [f"# Deployment: {title}", "", f"Command: `{command}`", "", f"Machine: {machine_line()}", "",
              f"CPU flags: {cpu_flags()}.", ""]  # fmt: skip
     if faithful:
         ref = faithful[0]["ppl"]
@@ -253,7 +259,7 @@ def render(faithful: list[dict], contenders: dict, speed: list[dict], missing: l
                          f"{p['news']:.4f} | {_fmt_pct(p['news'], ref['news'])} |")
         lines.append("")
     lines += ["## Speed and size", "",
-              f"Optimum KV-cache export; prefill {PREFILL} tokens (batch 1); decode: one token after the prefill; best "
+              f"KV-cache graph (optimum's signature); prefill {PREFILL} tokens (batch 1); decode: one token after the prefill; best "
               "of the rounds. Size: the model's files.", ""]  # fmt: skip
     for s in speed:
         lines += [f"### {s['threads']} thread{'s' if s['threads'] > 1 else ''}", "", *speed_table(contenders, s["best"]), ""]
@@ -275,6 +281,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_speed_report_arguments(parser, DEFAULT_OUTPUT, "speed rounds over every contender")
     parser.add_argument("--skip-faithfulness", action="store_true", help="speed and size only")
+    parser.add_argument("--synthetic", metavar="SHAPE", default=None,
+                        help="speed and size of the synthetic KV-cache decoder of this shape (lowbit.models.synthetic_llm; "
+                             "random weights: no faithfulness, no peers), compiled on --calib-windows windows; report "
+                             "bench/DEPLOY_<SHAPE>.md unless -o is given")  # fmt: skip
+    parser.add_argument("--calib-windows", type=int, default=4, help="calibration windows of the --synthetic compile (default 4)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,12 +294,33 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.files.fsutil import atomic_path
 
     out = check_speed_report_arguments(args)
+    synthetic = getattr(args, "synthetic", None)
+    if synthetic is not None:
+        from lowbit.errors import LowbitError
+        from lowbit.models.synthetic_llm import SHAPES
+
+        if synthetic not in SHAPES:
+            raise LowbitError(f"--synthetic: unknown shape {synthetic!r} (known: {', '.join(SHAPES)})")
+        if args.calib_windows < 1:
+            raise LowbitError("--calib-windows must be >= 1")
+        if out == DEFAULT_OUTPUT:
+            out = DEFAULT_OUTPUT.with_name(f"DEPLOY_{synthetic}.md")
     command = "lowbit-bench deploy" + (f" --windows {args.windows}" if args.windows != 8 else "") + (
-        " --skip-faithfulness" if args.skip_faithfulness else "") + f" --rounds {args.rounds} --threads {' '.join(map(str, args.threads))}"
+        " --skip-faithfulness" if args.skip_faithfulness else "") + (
+        f" --synthetic {synthetic} --calib-windows {args.calib_windows}" if synthetic else "") + (
+        f" --rounds {args.rounds} --threads {' '.join(map(str, args.threads))}")
     with tempfile.TemporaryDirectory(prefix="lowbit-deploy-") as tmp:
-        contenders, missing = build_contenders(Path(tmp))
-        built = {t: contenders[f"lowbit-{RECIPE}-{t}"][1] for t in ("qdq", "ort-cpu")}
-        faithful = [] if args.skip_faithfulness else faithfulness_rows(built, args.windows)
+        if synthetic is None:
+            contenders, missing = build_contenders(Path(tmp))
+            built = {t: contenders[f"lowbit-{RECIPE}-{t}"][1] for t in ("qdq", "ort-cpu")}
+            faithful = [] if args.skip_faithfulness else faithfulness_rows(built, args.windows)
+        else:
+            from lowbit.models.synthetic_llm import write_decoder
+
+            model = write_decoder(synthetic, Path(tmp) / "synthetic", with_past=True)
+            contenders, missing = build_contenders(Path(tmp), qdq=False, export=model,
+                                                   overrides=(f"calibration.windows={args.calib_windows}",))  # fmt: skip
+            faithful = []
         speed = speed_rows(contenders, tuple(args.threads), args.rounds, repeats=10)
         deployed = contenders[f"lowbit-{RECIPE}-ort-cpu"][1]
         profile = decode_profile(deployed, True, 1)
@@ -296,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
         bound["ms"] = bound["bytes"] / (bound["gbs"] * 1e9) * 1e3
         one = next((s for s in speed if s["threads"] == 1), speed[0])
         bound["measured"] = one["best"][f"lowbit-{RECIPE}-ort-cpu"][1]
-        text = render(faithful, contenders, speed, missing, profile, bound, command)
+        title = f"synthetic {synthetic} (random weights)" if synthetic else "SmolLM2-135M"
+        text = render(faithful, contenders, speed, missing, profile, bound, command, title=title)
     with atomic_path(out) as tmp_out:
         tmp_out.write_text(text)
     print(text)

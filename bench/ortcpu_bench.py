@@ -80,7 +80,8 @@ def _matmul_nbits(export: Path, work: Path) -> Path:
     quantizer = MatMulNBitsQuantizer(onnx.load(str(export / "model.onnx")), bits=4, block_size=32,
                                      is_symmetric=True, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    quantizer.model.save_model_to_file(str(work / "model.onnx"), use_external_data_format=False)
+    # external data: a 1B model's FP32 table and lm_head alone pass protobuf's 2 GB limit
+    quantizer.model.save_model_to_file(str(work / "model.onnx"), use_external_data_format=True)
     fix_ir_version(work / "model.onnx")
     return work
 

@@ -40,13 +40,16 @@ def test_speed_table_gives_ratios_to_fp32_and_matmulnbits(tmp_path):
     assert rows[4] == "| LOWBIT-W4A8-DINT4-ORT-CPU | 80.0 | 0.80 | 5.00 | 200.0 | 2.00 | 0.0 | 0.160 |"
 
 
-@pytest.mark.parametrize("bad", [{"windows": 0}, {"rounds": 0}, {"threads": [0]}])
-def test_bad_arguments_are_refused_before_any_work(bad, tmp_path):
-    args = argparse.Namespace(windows=8, rounds=3, threads=[1], skip_faithfulness=False,
+@pytest.mark.parametrize("bad, message", [({"windows": 0}, "must be >= 1"), ({"rounds": 0}, "must be >= 1"),
+                                          ({"threads": [0]}, "must be >= 1"),
+                                          ({"synthetic": "llama-9b"}, "--synthetic: unknown shape 'llama-9b'"),
+                                          ({"synthetic": "tiny", "calib_windows": 0}, "--calib-windows must be >= 1")])
+def test_bad_arguments_are_refused_before_any_work(bad, message, tmp_path):
+    args = argparse.Namespace(windows=8, rounds=3, threads=[1], skip_faithfulness=False, synthetic=None, calib_windows=4,
                               output=str(tmp_path / "DEPLOY.md"))
     for key, value in bad.items():
         setattr(args, key, value)
-    with pytest.raises(LowbitError, match="must be >= 1"):
+    with pytest.raises(LowbitError, match=message):
         deploy_bench.run(args)
     assert not Path(args.output).exists()
 
