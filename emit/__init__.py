@@ -2,6 +2,7 @@
 
 ``qdq`` (standard ONNX QDQ; ``qdq-fp4`` too), ``npu`` (standard integer QDQ, clusters as split
 MatMuls), ``mixed`` (FGMP NVFP4/FP8 weight blocks), ``ort_cpu`` (lowbit's packed 4-bit custom ops)
-and ``reorder_norm`` (the fused ReorderNorm op), plus the quantizers inserted on activations:
+``reorder_norm`` (the fused ReorderNorm op) and ``attention`` (eager attention -> ONNX Runtime's
+GroupQueryAttention on ``ort-cpu``), plus the quantizers inserted on activations:
 ``dynamic_act`` (run-time per-token groups), ``kv`` (attention K/V), ``fgmp_act`` /
 ``fgmp_static_act`` (FGMP activation blocks)."""
