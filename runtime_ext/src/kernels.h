@@ -181,8 +181,9 @@ struct Kernels {
   bool (*quantize_i8g)(const float* a, int64_t K, int64_t G, int8_t* q, float* s,
                        int32_t* lane_sum);
   int64_t i8g_chunk;  // the activation order gemv_i8g reads (PermuteRowI8g)
-  // y[n] for n in [n0, n1).
-  void (*gemv_i8g)(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1);
+  // y[n] for n in [n0, n1); returns true when it found every row's block scales fl(s * global)
+  // in [2^-96, 2^96] (so tame; false: some row may not be, WeightRowsTame decides).
+  bool (*gemv_i8g)(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1);
   // Weight rows [n0, n0 + nr) into an I8gTile's u / sc; rows nr .. tile_rows are padding.
   void (*unpack_i8g)(const Weight& w, int64_t n0, int64_t nr, int64_t tile_rows, uint8_t* u,
                      float* sc);

@@ -387,33 +387,10 @@ LB_AVX2 float DotAvx2(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// Whether every fl(s[i] * global) lies in [2^-96, 2^96], on the bit patterns: |v| - bits(2^-96)
-// as unsigned <= bits(2^96) - bits(2^-96); three operations per 8 scales (no mask, compares).
-LB_AVX2 inline bool F32ScalesInRangeAvx2(const float* s, int64_t n, float global) {
-  const __m256 g = _mm256_set1_ps(global);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), lo = _mm256_set1_epi32(0x0F800000);
-  const uint32_t span = 0x6F800000u - 0x0F800000u;
-  __m256i worst = _mm256_setzero_si256();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i x = _mm256_and_si256(_mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(s + i), g)), abs_mask);
-    worst = _mm256_max_epu32(worst, _mm256_sub_epi32(x, lo));
-  }
-  alignas(32) uint32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), worst);
-  uint32_t m = 0;
-  for (uint32_t l : lanes) m = std::max(m, l);
-  for (; i < n; ++i) {
-    uint32_t bits;
-    const float v = s[i] * global;
-    std::memcpy(&bits, &v, sizeof(bits));
-    m = std::max(m, (bits & 0x7FFFFFFFu) - 0x0F800000u);
-  }
-  return m <= span;
-}
-
 LB_AVX2 bool F32ScalesTameAvx2(const float* s, int64_t n, float global) {
-  if (F32ScalesInRangeAvx2(s, n, global)) return true;  // the common case; else 0, NaN or untame
+  ScaleRange range;
+  range.Fold<true>(s, n, global);
+  if (range.InRange()) return true;  // the common case; else 0, NaN or untame somewhere
   const __m256 g = _mm256_set1_ps(global), hi = _mm256_set1_ps(kTameHi),
                lo = _mm256_set1_ps(kTameLo), zero = _mm256_setzero_ps(),
                abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -516,15 +493,18 @@ struct RowSumAvx2 {
   const LaneScales& ls;
   __m256i lut;
   std::vector<float>& buf;
+  ScaleRange& range;
+  bool check;  // fold every row's scales into `range` (they are not all tame by construction)
 
   LB_AVX2 __m256 Chunk(const uint8_t* row, const float* srow, int64_t k) const {
     const __m256 d = _mm256_cvtepi32_ps(DotI8g64(row + k / 2, a.qp + k, a.corr + k / 8, lut));
     return _mm256_mul_ps(d, Scales8<kScales, kGlobal>(srow, k, ls));
   }
-  LB_AVX2 __m256 operator()(int64_t n) const {
+  LB_AVX2 __m256 operator()(int64_t n) {
     const int64_t K = w.K, K64 = K & ~int64_t(63);
     const uint8_t* row = w.codes + n * (K / 2);
     const float* srow = ScaleRow(w, n, buf);
+    if (check) range.Fold<kGlobal>(srow, w.nb, w.global);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 128 <= K64; k += 128) {  // two chains
@@ -537,7 +517,8 @@ struct RowSumAvx2 {
     }
     if (k < K) {  // the 32-chunk tail, zero-extended into the sum
       const __m128 d = _mm_cvtepi32_ps(DotI8g32(row + k / 2, a.qp + k, a.corr + k / 8, lut));
-      const __m128 t = _mm_mul_ps(_mm_mul_ps(d, Scales4<kScales, kGlobal>(srow, k, ls)), _mm_loadu_ps(a.lsc + k / 8));
+      const __m128 t = _mm_mul_ps(_mm_mul_ps(d, Scales4<kScales, kGlobal>(srow, k, ls)),
+                                  _mm_loadu_ps(a.lsc + k / 8));
       acc1 = _mm256_add_ps(acc1, _mm256_insertf128_ps(_mm256_setzero_ps(), t, 0));
     }
     return _mm256_add_ps(acc0, acc1);
@@ -545,16 +526,19 @@ struct RowSumAvx2 {
 };
 
 template <int kScales, bool kGlobal>
-LB_AVX2 void GemvI8gAvx2T(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
+LB_AVX2 bool GemvI8gAvx2T(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
   const LaneScales ls = MakeLaneScales(w.block, w.global);
   std::vector<float> buf;
-  const RowSumAvx2<kScales, kGlobal> row_sum{a, w, ls, _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                                        reinterpret_cast<const __m128i*>(OffsetTable(w.format)))), buf};
+  ScaleRange range;
+  RowSumAvx2<kScales, kGlobal> row_sum{a, w, ls, _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                           reinterpret_cast<const __m128i*>(OffsetTable(w.format)))),
+                                       buf, range, !w.bytes_all_tame};
   StoreRowSums(y, n0, n1, row_sum);
+  return range.InRange();
 }
 
 // 64-chunks, then a 32-chunk tail (PermuteRowI8g order with chunk 64).
-LB_AVX2 void GemvI8gAvx2(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
+LB_AVX2 bool GemvI8gAvx2(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
   const bool g = w.global != 1.0f;  // global 1: fl(scale * 1) = scale, no multiplication
   switch (ScalesPerChunk64(w.block)) {
     case 4: return g ? GemvI8gAvx2T<4, true>(a, w, y, n0, n1) : GemvI8gAvx2T<4, false>(a, w, y, n0, n1);

@@ -46,8 +46,9 @@ LB_AVX2 inline __m128 LoadScales(const float* p) {
 template <int kScales, bool kGlobal>
 LB_AVX2 inline __m256 Scales8(const float* srow, int64_t k0, const LaneScales& l) {
   const float* p = srow + (k0 >> l.shift);
-  const __m256 s = kScales == 1 ? _mm256_broadcast_ss(p)
-                                : _mm256_permutevar8x32_ps(_mm256_castps128_ps256(LoadScales<kScales>(p)), l.idx8);
+  const __m256 s =
+      kScales == 1 ? _mm256_broadcast_ss(p)
+                   : _mm256_permutevar8x32_ps(_mm256_castps128_ps256(LoadScales<kScales>(p)), l.idx8);
   return kGlobal ? _mm256_mul_ps(s, l.global) : s;
 }
 
@@ -57,6 +58,44 @@ LB_AVX2 inline __m128 Scales4(const float* srow, int64_t k0, const LaneScales& l
   const __m128 s = kScales == 4 ? _mm_permutevar_ps(LoadScales<2>(p), l.idx4) : _mm_broadcast_ss(p);
   return kGlobal ? _mm_mul_ps(s, _mm256_castps256_ps128(l.global)) : s;
 }
+
+// Whether scales fl(s * global) lie in [2^-96, 2^96] (hence tame), on their bit patterns:
+// |v| - bits(2^-96) as unsigned never exceeds bits(2^96) - bits(2^-96). Rows are folded in one at
+// a time, three operations per 8 scales.
+struct ScaleRange {
+  __m256i worst;
+  uint32_t tail = 0;
+
+  LB_AVX2 ScaleRange() : worst(_mm256_setzero_si256()) {}
+
+  template <bool kGlobal>
+  LB_AVX2 void Fold8(const float* s, __m256 g) {
+    const __m256 v = kGlobal ? _mm256_mul_ps(_mm256_loadu_ps(s), g) : _mm256_loadu_ps(s);
+    const __m256i bits = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
+    worst = _mm256_max_epu32(worst, _mm256_sub_epi32(bits, _mm256_set1_epi32(0x0F800000)));
+  }
+  template <bool kGlobal>
+  LB_AVX2 void Fold(const float* s, int64_t n, float global) {
+    const __m256 g = _mm256_set1_ps(global);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) Fold8<kGlobal>(s + i, g);
+    if (i < n && n >= 8) {  // the last 8 again, overlapping: no scalar tail
+      Fold8<kGlobal>(s + n - 8, g);
+      i = n;
+    }
+    for (; i < n; ++i) {
+      const float v = kGlobal ? s[i] * global : s[i];
+      uint32_t bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      tail = std::max(tail, (bits & 0x7FFFFFFFu) - 0x0F800000u);
+    }
+  }
+  LB_AVX2 bool InRange() const {
+    const __m256i span = _mm256_set1_epi32(0x6F800000 - 0x0F800000);
+    const __m256i over = _mm256_cmpeq_epi32(_mm256_max_epu32(worst, span), span);  // lanes <= span
+    return _mm256_movemask_epi8(over) == -1 && tail <= 0x6F800000u - 0x0F800000u;
+  }
+};
 
 // [sum a, sum b, sum c, sum d] of four vectors.
 LB_AVX2 inline __m128 Sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
@@ -71,7 +110,7 @@ LB_AVX2 inline __m128 Sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 // is unspecified, and rows fetched backwards defeat the hardware prefetcher: measured 3x slower
 // from DRAM).
 template <typename RowSum>
-LB_AVX2 inline void StoreRowSums(float* y, int64_t n0, int64_t n1, RowSum&& row_sum) {
+LB_AVX2 inline void StoreRowSums(float* y, int64_t n0, int64_t n1, RowSum& row_sum) {
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const __m256 r0 = row_sum(n), r1 = row_sum(n + 1), r2 = row_sum(n + 2), r3 = row_sum(n + 3);

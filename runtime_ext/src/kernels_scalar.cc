@@ -220,7 +220,7 @@ bool QuantizeI8gScalar(const float* a, int64_t K, int64_t G, int8_t* q, float* s
 
 // Lane by lane as the SIMD kernels (no unsigned offset needed here): the int32 dot of a lane,
 // times the block scale, times the lane's group scale.
-void GemvI8gScalar(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
+bool GemvI8gScalar(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
   const int8_t* lut = IntTable(w.format);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.codes + n * (w.K / 2);
@@ -232,6 +232,7 @@ void GemvI8gScalar(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64
     }
     y[n] = acc;
   }
+  return false;  // the caller checks the scales
 }
 
 void UnpackI8gScalar(const Weight& w, int64_t n0, int64_t nr, int64_t tile_rows, uint8_t* u,

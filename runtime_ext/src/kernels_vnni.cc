@@ -52,15 +52,18 @@ struct RowSumVnni {
   const LaneScales& ls;
   __m256i lut;
   std::vector<float>& buf;
+  ScaleRange& range;
+  bool check;  // fold every row's scales into `range` (they are not all tame by construction)
 
   LB_VNNI __m256 Chunk(const uint8_t* row, const float* srow, int64_t k) const {
     const __m256 d = _mm256_cvtepi32_ps(Dot64(row + k / 2, a.qp + k, a.corr + k / 8, lut));
     return _mm256_mul_ps(d, Scales8<kScales, kGlobal>(srow, k, ls));
   }
-  LB_VNNI __m256 operator()(int64_t n) const {
+  LB_VNNI __m256 operator()(int64_t n) {
     const int64_t K = w.K, K64 = K & ~int64_t(63);
     const uint8_t* row = w.codes + n * (K / 2);
     const float* srow = ScaleRow(w, n, buf);
+    if (check) range.Fold<kGlobal>(srow, w.nb, w.global);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 128 <= K64; k += 128) {  // two chains
@@ -73,7 +76,8 @@ struct RowSumVnni {
     }
     if (k < K) {  // the 32-chunk tail, zero-extended into the sum
       const __m128 d = _mm_cvtepi32_ps(Dot32(row + k / 2, a.qp + k, a.corr + k / 8, lut));
-      const __m128 t = _mm_mul_ps(_mm_mul_ps(d, Scales4<kScales, kGlobal>(srow, k, ls)), _mm_loadu_ps(a.lsc + k / 8));
+      const __m128 t = _mm_mul_ps(_mm_mul_ps(d, Scales4<kScales, kGlobal>(srow, k, ls)),
+                                  _mm_loadu_ps(a.lsc + k / 8));
       acc1 = _mm256_add_ps(acc1, _mm256_zextps128_ps256(t));
     }
     return _mm256_add_ps(acc0, acc1);
@@ -81,16 +85,18 @@ struct RowSumVnni {
 };
 
 template <int kScales, bool kGlobal>
-LB_VNNI void GemvI8gVnniT(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
+LB_VNNI bool GemvI8gVnniT(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
   const LaneScales ls = MakeLaneScales(w.block, w.global);
   std::vector<float> buf;
-  const RowSumVnni<kScales, kGlobal> row_sum{a, w, ls, OffsetLut(w.format), buf};
+  ScaleRange range;
+  RowSumVnni<kScales, kGlobal> row_sum{a, w, ls, OffsetLut(w.format), buf, range, !w.bytes_all_tame};
   StoreRowSums(y, n0, n1, row_sum);
+  return range.InRange();
 }
 
 // 256-bit: measured faster than a 512-bit version (128-chunks) on this Zen 4, from DRAM
 // (28 vs 30-35 us on 576x1536 and 1536x576, one thread) and from L2 alike.
-LB_VNNI void GemvI8gVnni(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
+LB_VNNI bool GemvI8gVnni(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
   const bool g = w.global != 1.0f;  // global 1: fl(scale * 1) = scale, no multiplication
   switch (ScalesPerChunk64(w.block)) {
     case 4: return g ? GemvI8gVnniT<4, true>(a, w, y, n0, n1) : GemvI8gVnniT<4, false>(a, w, y, n0, n1);
@@ -145,8 +151,9 @@ LB_VNNI void GemmI8gVnni(const I8gPanel& a, const I8gTile& t, int64_t K, int64_t
 #undef LB_DOT
       }
       const __m512 as = _mm512_loadu_ps(a.asc + b * kI8gPanel);
-#define LB_ACC(r) \
-  f##r = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(i##r), _mm512_set1_ps(sc[(r) * nb + b])), as, f##r);
+#define LB_ACC(r)                                                                                 \
+  f##r = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(i##r), _mm512_set1_ps(sc[(r) * nb + b])), \
+                         as, f##r);
       LB_ALL(LB_ACC)
 #undef LB_ACC
     }
