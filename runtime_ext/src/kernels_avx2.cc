@@ -550,12 +550,22 @@ LB_AVX2 bool GemvI8gAvx2(const I8gRow& a, const Weight& w, float* y, int64_t n0,
 LB_AVX2 void UnpackI8gAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t tile_rows, uint8_t* u,
                            float* sc) {
   const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(OffsetTable(w.format)));
+  const __m256i lut2 = _mm256_broadcastsi128_si256(lut), m2 = _mm256_set1_epi8(0x0F);
   const __m128i m = _mm_set1_epi8(0x0F);
   const int64_t K = w.K;
   for (int64_t r = 0; r < nr; ++r) {
     const uint8_t* row = w.codes + (n0 + r) * (K / 2);
     uint8_t* out = u + r * K;
-    for (int64_t j = 0; j < K / 2; j += 16) {  // natural k order: interleave low and high nibbles
+    int64_t j = 0;
+    for (; j + 32 <= K / 2; j += 32) {  // natural k order: interleave low and high nibbles
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+      const __m256i lo = _mm256_shuffle_epi8(lut2, _mm256_and_si256(x, m2));
+      const __m256i hi = _mm256_shuffle_epi8(lut2, _mm256_and_si256(_mm256_srli_epi16(x, 4), m2));
+      const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  // in lanes
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * j), _mm256_permute2x128_si256(a, b, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * j + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+    for (; j < K / 2; j += 16) {
       const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
       const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(x, m));
       const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 4), m));
