@@ -42,9 +42,9 @@ def _cases() -> list[tuple]:
     for m in list(range(1, 18)) + [128, 128]:
         fmt, sd = formats_[m % len(formats_)]
         group = int(rng.choice([32, 64, 128]))
-        blocks = [b for b in (16, 32, 64) if group % b == 0 and (fmt != "nvfp4" or b == 16)
+        blocks = [b for b in (16, 32, 64, 128) if group % b == 0 and (fmt != "nvfp4" or b == 16)
                   and (fmt != "mxfp4" or b == 32)]
-        block = int(rng.choice(blocks))
+        block = blocks[(m // len(formats_)) % len(blocks)]
         k = group * int(rng.choice([1, 3, 9]))
         n = int(rng.choice([1, 5, 47, 100, 257]))
         out.append((fmt, block, sd, group, m, k, n))
