@@ -7,8 +7,9 @@ Markdown table. Each case is one ONNX model holding ``copies`` independent copie
 reading one input A[M, K]: together the copies hold >= ``stream_mb`` MB of weights, so every op
 streams its weights from DRAM as in a real decode step (SmolLM2's 30 layers hold 66 MB of codes +
 scales). The time of an op is ONNX Runtime's own profile of its kernel (``*_kernel_time`` events:
-no Python, no output copies); a measurement is the median over copies and runs, the variants
-taking turns run by run, and the table keeps the best of ``--repeat`` measurements per cell (a
+no Python, no output copies, but ORT's fixed per-node cost, ~4 us for its own MatMul too); a
+measurement is the median over copies and runs of one session (one alive at a time), and the table
+keeps the best of ``--repeat`` measurements per cell, the variants taking turns between them (a
 shared machine's load only adds time). ``bound`` = (codes + scales bytes) / 26.7 GB/s, the DRAM
 bandwidth bench/DEPLOY.md measured with a numpy copy (``--gbps`` overrides it).
 
@@ -117,23 +118,23 @@ def _op_times(profile: str) -> list[list[float]]:
 
 def measure(threads: int, rows=(1, 128), shapes=SHAPES, variants=VARIANTS, runs: int = 12,
             stream_mb: float = 64.0) -> dict[tuple[str, int, str], float]:
-    """Median microseconds per op, keyed by (shape name, M, variant)."""
+    """Median microseconds per op, keyed by (shape name, M, variant). One session is alive at a
+    time: another session's idle pool threads spin and steal a core from a multi-threaded run
+    (measured: 2-thread decode ops up to 1.3x longer)."""
     rng = np.random.default_rng(1)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (k, n) in shapes.items():
-            sessions = {v: _session(_model(k, n, v, _copies(k, n, v, stream_mb)), v, threads, tmp)
-                        for v in variants}
             feeds = {m: {"A": rng.standard_normal((m, k)).astype(np.float32)} for m in rows}
-            for m in rows:  # warm-up (arena, pre-packing), then the variants take turns
-                for sess in sessions.values():
+            for v in variants:
+                sess = _session(_model(k, n, v, _copies(k, n, v, stream_mb)), v, threads, tmp)
+                for m in rows:  # warm-up (arena, pre-packing), then the row counts take turns
                     sess.run(None, feeds[m])
-            for _ in range(runs):
-                for m in rows:
-                    for sess in sessions.values():
+                for _ in range(runs):
+                    for m in rows:
                         sess.run(None, feeds[m])
-            for v, sess in sessions.items():
                 per_run = _op_times(sess.end_profiling())[len(rows):]  # the warm-up runs
+                del sess
                 for j, m in enumerate(rows):  # run r * len(rows) + j had M = rows[j]
                     out[(name, m, v)] = statistics.median(t for r in per_run[j::len(rows)] for t in r)
     return out
