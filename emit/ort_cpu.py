@@ -23,6 +23,13 @@ Guarantees:
   are written by :class:`EmitQDQPass` as one ``lowbit.GroupQuant`` node each instead of nine
   standard ops: the same float32 bits (the kernel and its fallback are tested against those ops),
   eight fewer nodes for ONNX Runtime to dispatch per quantized input at every decode step.
+- A lowered site reading a ``lowbit.GroupQuant`` whose every group is int8 (qmax 127) reads the
+  quantizer's input instead, with ``act_mode=int8_group, act_group=G`` when G qualifies
+  (:func:`lowbit.runtime_ext.specs.int8_group_reason`: a multiple of 32 and of the power-of-two
+  weight block, dividing the reduction axis): the op quantizes each row per group exactly as
+  GroupQuant does and sums exact integer products per weight block, so outputs equal GroupQuant
+  followed by ``act_mode=float32`` up to float32 summation order (NaN/Inf positions included). A
+  GroupQuant no other node reads leaves the graph.
 - ``ort_cpu.dynamic_activations``: sites whose input is float use ``act_mode=int8_dynamic``
   (int8 per row at run time; no longer equal to the ``qdq`` model).
 - ``ort_cpu.embeddings``: every embedding ``Gather`` of a constant 2-D table becomes
@@ -71,6 +78,7 @@ from lowbit.runtime_ext import (
 )
 from lowbit.runtime_ext.packing import Packed
 from lowbit.runtime_ext.reference import FORMATS as REFERENCE_FORMATS
+from lowbit.runtime_ext.specs import int8_group_reason
 
 __all__ = ["KERNEL_FORMATS", "EmbeddingTable", "FindEmbeddingsPass", "LowerOrtCpuPass",
            "activation_int8_group", "attach_fallbacks", "kernel_reason", "nbits_int8_weight"]
@@ -246,6 +254,20 @@ def _static_int8_pair(a: ir.Value) -> tuple[ir.Value, ir.Value] | None:
     return q.inputs[0], s
 
 
+def _int8_group_quant(a: ir.Value, block: int, k: int) -> tuple[ir.Value, int] | None:
+    """(x, G) when ``a = lowbit.GroupQuant(x, qmax)`` with qmax 127 in every group of G channels
+    and MatMulLowbit's int8_group mode takes G with weight blocks of ``block`` along a reduction
+    axis of ``k``, else None."""
+    gq = a.producer()
+    if gq is None or gq.domain != DOMAIN or gq.op_type != "GroupQuant" or len(gq.inputs) < 2:
+        return None
+    group = gq.attributes.get_int("group_size", 0)
+    qmax = gq.inputs[1].const_value if gq.inputs[1] is not None else None
+    if qmax is None or not np.all(qmax.numpy() == 127) or group < 1 or k % group:
+        return None
+    return None if int8_group_reason(block, group) is not None else (gq.inputs[0], group)
+
+
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     """Put ``new`` where ``old`` was; ``new``'s output takes over the old name and every use."""
     graph.insert_before(old, new)
@@ -304,18 +326,21 @@ class LowerOrtCpuPass(LowbitPass):
                     ) -> tuple[_Lowered, str]:  # fmt: skip
         packed = pack_matmul_weight(enc, scale_dtype=_scale_dtype(enc.fmt))
         arrays = _pack(graph, packed, site.name)
-        a, act_scale, mode = site.node.inputs[0], None, "float32"
+        a, act_scale, mode, group = site.node.inputs[0], None, "float32", None
         pair = _static_int8_pair(a)
+        grouped = _int8_group_quant(a, packed.spec.block_size, enc.shape[enc.axis])
         if pair is not None:
             (a, act_scale), mode = pair, "int8_static"
+        elif grouped is not None:
+            (a, group), mode = grouped, "int8_group"
         elif dynamic and not _from_dequantize(a):
             mode = "int8_dynamic"
-        node = matmul_node_ir(a, *arrays, packed.matmul_spec(mode), act_scale=act_scale,
-                              name=f"{site.name}.lowbit")
+        spec = packed.matmul_spec(mode, group)
+        node = matmul_node_ir(a, *arrays, spec, act_scale=act_scale, name=f"{site.name}.lowbit")
         _replace(graph, site.node, node)
         entry = self.ctx.report["sites"].get(site.name)
         if entry is not None:
-            entry["ort_cpu"] = f"MatMulLowbit {packed.spec.overload}_{mode}"
+            entry["ort_cpu"] = f"MatMulLowbit {spec.overload}"
         return _Lowered(packed, arrays), mode
 
     def _lower_nbits_site(self, model: ir.Model, site: LinearSite, enc: formats.Encoded, group: int) -> None:

@@ -9,9 +9,10 @@ Guarantees: decode = value_table[code] * fl(scale * global_scale), element for e
 float32 operations as :func:`lowbit.runtime_ext.reference.decode_weight` (bit-exact; FP8 blocks of
 mixed weights: E4M3 table * fp8_scale); FgmpActQuant's fallback is bit-exact too (FP8 rounding via
 QuantizeLinear to FLOAT8E4M3FN, E2M1 rounding by Round on its three grid spacings, NaN-propagating
-block maxima, the perturbation in float64 as the reference); matmul and norm results differ from
-the native kernels only by summation order, NaN/Inf included (the kernels follow these
-functions' float32 operations, overflow and NaN propagation included).
+block maxima, the perturbation in float64 as the reference); MatMulLowbit's int8_group variant
+runs GroupQuant's function body (qmax 127) on A, then the float32 variant's ops; matmul and norm
+results differ from the native kernels only by summation order, NaN/Inf included (the kernels
+follow these functions' float32 operations, overflow and NaN propagation included).
 Assumes: the model's default-domain opset is >= 18 (ReduceMax/ReduceMean take axes as an input,
 BitwiseAnd exists; FgmpActQuant needs >= 19 for FP8); the functions import exactly that opset, as
 the ONNX checker requires.
@@ -86,12 +87,17 @@ def _function(name: str, overload: str, inputs: list[str], b: _Body, attrs: list
 
 
 def matmul_function(spec: MatMulSpec, opset: int) -> onnx.FunctionProto:
-    """MatMulLowbit(A, codes, scales, global_scale[, act_scale]) -> Y."""
+    """MatMulLowbit(A, codes, scales, global_scale[, act_scale]) -> Y; int8_group: GroupQuant's
+    ops (qmax 127, groups of ``spec.act_group``) on A, then the float32 variant's."""
     b = _Body()
     w = _decode(b, spec, "codes", "scales", "global_scale")
     a = "A"
     inputs = ["A", "codes", "scales", "global_scale"]
-    if spec.act_mode != "float32":
+    attrs = ["format", "block_size", "act_mode"]
+    if spec.act_mode == "int8_group":
+        a = _group_quant(b, "A", spec.act_group, b.const(np.float32(127)))  # GroupQuant, then float
+        attrs.append("act_group")
+    elif spec.act_mode != "float32":
         if spec.act_mode == "int8_static":
             inputs.append("act_scale")
             s = "act_scale"
@@ -108,8 +114,7 @@ def matmul_function(spec: MatMulSpec, opset: int) -> onnx.FunctionProto:
         w = _scatter_fp8_blocks(b, w)
     b.op("MatMul", a, b.op("Transpose", w, perm=[1, 0]))
     b.rename_last("Y")
-    return _function("MatMulLowbit", spec.overload, inputs, b,
-                     ["format", "block_size", "act_mode"], opset)
+    return _function("MatMulLowbit", spec.overload, inputs, b, attrs, opset)
 
 
 def _scatter_fp8_blocks(b: _Body, w: str) -> str:
@@ -186,14 +191,19 @@ def group_quant_function(spec: GroupQuantSpec, opset: int) -> onnx.FunctionProto
     """GroupQuant(x, qmax) -> per row and group of ``group_size`` channels, s = max(absmax / qmax,
     FLT_MIN) and Round(x / s) * s: the same ops, in the same order, as lowbit.emit.dynamic_act."""
     b = _Body()
-    shape = b.op("Concat", b.op("Shape", "x", end=-1), b.const(np.array([-1, spec.group_size], np.int64)), axis=0)
-    grouped = b.op("Reshape", "x", shape)
-    amax = b.op("ReduceMax", b.op("Abs", grouped), b.const(np.array([-1], np.int64)), keepdims=1)
-    scale = b.op("Max", b.op("Div", amax, "qmax"), b.const(np.finfo(np.float32).tiny))
-    y = b.op("Mul", b.op("Round", b.op("Div", grouped, scale)), scale)
-    b.op("Reshape", y, b.op("Shape", "x"))
+    _group_quant(b, "x", spec.group_size, "qmax")
     b.rename_last("Y")
     return _function("GroupQuant", spec.overload, ["x", "qmax"], b, ["group_size"], opset)
+
+
+def _group_quant(b: _Body, x: str, group: int, qmax: str) -> str:
+    """GroupQuant's ops on ``x``; ``qmax``: [C / group, 1] code limits (or one for every group)."""
+    shape = b.op("Concat", b.op("Shape", x, end=-1), b.const(np.array([-1, group], np.int64)), axis=0)
+    grouped = b.op("Reshape", x, shape)
+    amax = b.op("ReduceMax", b.op("Abs", grouped), b.const(np.array([-1], np.int64)), keepdims=1)
+    scale = b.op("Max", b.op("Div", amax, qmax), b.const(np.finfo(np.float32).tiny))
+    y = b.op("Mul", b.op("Round", b.op("Div", grouped, scale)), scale)
+    return b.op("Reshape", y, b.op("Shape", x))
 
 
 def _round_e2m1(b: _Body, y: str) -> str:

@@ -37,6 +37,9 @@ def make_matmul_node(a: str, codes: str, scales: str, global_scale: str, output:
                      name: str | None = None) -> onnx.NodeProto:
     """``output = a @ W`` with W packed by :func:`pack_matmul_weight` (inputs are value names).
 
+    ``spec.act_mode == "int8_group"``: ``a`` is quantized per row and group of ``spec.act_group``
+    channels inside the op (GroupQuant with qmax 127, then integer dot products).
+
     ``fp8``: names of (fp8_mask, fp8_codes, fp8_scales) for mixed NVFP4/FP8 weights
     (:func:`pack_mixed_matmul_weight`); required exactly when ``spec.fp8_blocks``.
     """
@@ -51,8 +54,9 @@ def make_matmul_node(a: str, codes: str, scales: str, global_scale: str, output:
         raise LowbitError("pass fp8=(mask, codes, scales) exactly when spec.fp8_blocks is set")
     if fp8 is not None:
         inputs += ["", *fp8]  # input 4 (act_scale) stays empty
+    group = {"act_group": spec.act_group} if spec.act_mode == "int8_group" else {}
     return _node("MatMulLowbit", inputs, output, spec.overload, name, format=spec.fmt,
-                 block_size=spec.block_size, act_mode=spec.act_mode)
+                 block_size=spec.block_size, act_mode=spec.act_mode, **group)
 
 
 def make_gather_node(table: str, scales: str, global_scale: str, indices: str, output: str,

@@ -50,10 +50,10 @@ class Packed:
                        fp8_scales=self.fp8_scales)
         return out
 
-    def matmul_spec(self, act_mode: str = "float32") -> MatMulSpec:
+    def matmul_spec(self, act_mode: str = "float32", act_group: int | None = None) -> MatMulSpec:
         s = self.spec
         return MatMulSpec(s.fmt, s.block_size, s.scale_dtype, act_mode,
-                          fp8_blocks=self.fp8_mask is not None)
+                          fp8_blocks=self.fp8_mask is not None, act_group=act_group)
 
 
 def pack_nibbles_rows(codes: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ builders in :mod:`lowbit.runtime_ext.nodes` write both from one spec.
 
 from __future__ import annotations
 
-__all__ = ["MatMulSpec", "GatherSpec", "NormSpec", "FgmpSpec", "HadamardSpec", "ACT_MODES", "SCALE_DTYPES", "NORM_KINDS"]
+__all__ = ["MatMulSpec", "GatherSpec", "NormSpec", "FgmpSpec", "HadamardSpec", "ACT_MODES", "SCALE_DTYPES", "NORM_KINDS",
+           "int8_group_reason"]
 
 import dataclasses
 
@@ -17,7 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.runtime_ext.hadamard import hadamard_factors
 from lowbit.runtime_ext.reference import FORMATS
 
-ACT_MODES = ("float32", "int8_dynamic", "int8_static")
+ACT_MODES = ("float32", "int8_dynamic", "int8_static", "int8_group")
 SCALE_DTYPES = ("float32", "uint8")  # uint8: E4M3 bits (nvfp4) or E8M0 bits (mxfp4)
 NORM_KINDS = ("rms", "layer")
 
@@ -27,6 +28,18 @@ def _check_block(block_size: int, fmt: str) -> None:
             block_size == 16 or (block_size >= 32 and block_size % 32 == 0)):
         raise LowbitError(f"{fmt}: block_size must be 16 or a positive multiple of 32 for the "
                           f"lowbit ORT ops, got {block_size!r}")
+
+
+def int8_group_reason(block_size: int, group) -> str | None:
+    """Why MatMulLowbit's ``act_mode=int8_group`` cannot quantize activations in groups of
+    ``group`` against weight blocks of ``block_size``, or None. The kernels want whole 32-element
+    chunks per group and whole (power-of-two) weight blocks per group; K % group is checked at
+    run time."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 32 or group % 32 or (
+            group % block_size or block_size & (block_size - 1)):
+        return (f"act_mode=int8_group needs act_group a positive multiple of 32 and of a power-of-two "
+                f"block_size, got act_group={group!r}, block_size={block_size}")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +76,7 @@ class MatMulSpec(GatherSpec):
 
     act_mode: str = "float32"  # one of ACT_MODES
     fp8_blocks: bool = False  # FGMP mixed weights: some 16-blocks stored as FP8 (nvfp4/16 only)
+    act_group: int | None = None  # int8_group only: channels per run-time activation scale (G)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,16 +86,29 @@ class MatMulSpec(GatherSpec):
                 "nvfp4", 16, "float32"):
             raise LowbitError("FP8 blocks (mixed NVFP4/FP8 weights) need nvfp4, block_size 16 "
                               "and float32 activations")
+        if self.act_mode == "int8_group":
+            reason = int8_group_reason(self.block_size, self.act_group)
+            if reason is not None:
+                raise LowbitError(reason)
+        elif self.act_group is not None:
+            raise LowbitError(f"act_group is only used with act_mode=int8_group, not {self.act_mode}")
 
     @property
     def overload(self) -> str:
-        return f"{super().overload}_{self.act_mode}" + ("_mixed" if self.fp8_blocks else "")
+        group = f"_g{self.act_group}" if self.act_mode == "int8_group" else ""
+        return f"{super().overload}_{self.act_mode}{group}" + ("_mixed" if self.fp8_blocks else "")
 
     @classmethod
     def from_overload(cls, overload: str) -> "MatMulSpec":
         mixed = overload.endswith("_mixed")
         fmt, block, scale_dtype, act = _split(overload.removesuffix("_mixed"), 4)
-        return cls(fmt, int(block[1:]), scale_dtype, act, mixed)
+        group = None
+        if act.startswith("int8_group"):
+            digits = act.removeprefix("int8_group_g")
+            if digits == act or not digits.isdigit():
+                raise LowbitError(f"malformed lowbit overload {overload!r}")
+            act, group = "int8_group", int(digits)
+        return cls(fmt, int(block[1:]), scale_dtype, act, mixed, group)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,13 +8,17 @@
 //
 // Activation order: kernels read activations "chunk-permuted": K is cut into chunks of C
 // elements (the last one may be shorter); inside a chunk the even k come first, then the odd k.
-// Float activations use C = 8 (PermuteRow), int8 activations C = 32 (PermuteRowI8). Those are
-// the orders in which the SIMD unpack emits the low and high nibbles of the packed bytes, so the
-// weights are never reshuffled at run time; only the (small) activation row is.
+// Float activations use C = 8 (PermuteRow), int8 activations C = 32 (PermuteRowI8), int8_group
+// activations C = Kernels::i8g_chunk (PermuteRowI8g). Those are the orders in which the SIMD
+// unpack emits the low and high nibbles of the packed bytes, so the weights are never reshuffled
+// at run time; only the (small) activation row is.
 //
 // Requires K % 16 == 0 and block in {16} U {32 x j}; the caller validates.
-// Dispatch: a portable scalar version and an AVX2+FMA version, chosen once per process.
+// Dispatch: a portable scalar version, an AVX2+FMA version and (act_mode=int8_group only) an
+// AVX-512 VNNI version (F, BW, VL, VNNI, VBMI), chosen once per process (SelectKernels).
 #pragma once
+
+#include <cfloat>
 
 #include "common.h"
 
@@ -78,9 +82,10 @@ inline bool TameActivation(float x) {
   const float a = std::fabs(x);
   return (a == 0.0f) | ((a >= kTameLo) & (a <= kTameHi));  // NaN, +-Inf: not tame
 }
-// Whether every block scale of weight row n (and of its FP8 blocks) is tame.
+// Whether every block scale of weight row n (and of its FP8 blocks) is tame; of rows [n0, n1).
 struct Kernels;
 bool WeightRowTame(const Kernels& kern, const Weight& w, int64_t n);
+bool WeightRowsTame(const Kernels& kern, const Weight& w, int64_t n0, int64_t n1);
 // Fills w.byte_tame / w.bytes_all_tame (after scale_u8, byte_table and global are set).
 void ClassifyScaleBytes(Weight& w);
 
@@ -99,6 +104,55 @@ void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K);
 // q = clamp(rint(a / scale), -127, 127), NaN kept (ONNX Clip passes NaN through) so that
 // non-finite activations behave as in the fallback; the int8 kernels take q when none is NaN.
 void QuantizeRowF(const float* a, float* q, int64_t K, float scale);
+
+// ---- int8 activations per group (act_mode=int8_group) ---------------------------------------
+// A row is quantized per group of G channels exactly as GroupQuant with qmax 127 does:
+// s_g = max(absmax / 127, FLT_MIN), q = nearbyint(a / s_g), an integer in [-127, 127]. The kernels
+// multiply the unsigned bytes u = v + kI8gOffset (v = IntTable(format)[code], |v| <= 12 for every
+// format: u in [0, 24]) by the signed q (vpdpbusd / vpmaddubsw, whose int16 pair sums stay
+// <= 2 * 24 * 127: no saturation) and take kI8gOffset * sum(q) back, precomputed per row.
+// Every "lane" of 8 consecutive k (or, in the GEMM, every weight block) contributes
+// fl(fl(float(int32 dot) * sc_b) * fl(s_g * mult)), sc_b = fl(scale * global), summed in float:
+// the fallback's sum of fl(q * s_g) * fl(v * mult * sc_b) up to rounding while the row and the
+// weight row are tame (see TameGroupScale and "special values" above).
+// Requires G % 32 == 0, K % G == 0 and a power-of-two block dividing G (MatMulLowbit checks).
+constexpr int kI8gOffset = 12;
+constexpr int64_t kI8gLane = 8;      // k per lane
+constexpr int64_t kI8gPanel = 16;    // activation rows per GEMM panel
+constexpr int64_t kI8gTileRows = 12; // GEMM weight tiles hold a multiple of this many rows
+// A group scale the int8 kernels take: an all-zero group (amax 0: q = 0), or
+// 2^-96 <= s <= 2^96 (no NaN, no Inf, no scale from the FLT_MIN floor of a tiny group).
+inline bool TameGroupScale(float amax, float s) {
+  return amax == 0.0f || (s >= kTameLo && s <= kTameHi);
+}
+// GroupQuant's scale of a group (qmax 127) from its absmax; NaN when the group holds a NaN.
+inline float GroupScale127(float amax, bool nan) {
+  const float raw = amax / 127.0f;
+  return nan ? std::nanf("") : (raw > FLT_MIN || raw != raw ? raw : FLT_MIN);
+}
+
+struct I8gRow {  // one activation row, GEMV form
+  const int8_t* qp;     // [K] q in the kernel's order (PermuteRowI8g, Kernels::i8g_chunk)
+  const int32_t* corr;  // [K/8] -kI8gOffset * sum of q over k in [8i, 8i + 8)
+  const float* lsc;     // [K/8] s_g * mult of the group holding lane i
+};
+
+struct I8gPanel {  // 16 activation rows (panel row i = vector lane i), GEMM form
+  const int8_t* q;      // [K/4][16][4]: q[row i][4j .. 4j + 3] at (j * 16 + i) * 4
+  const int32_t* corr;  // [nb][16] -kI8gOffset * sum of q over weight block b
+  const float* asc;     // [nb][16] s_g * mult of block b's group
+};
+
+struct I8gTile {  // weight rows [n0, n0 + nr) of a GEMM task, unpacked once for every panel
+  const uint8_t* u;  // [nr][K] v + kI8gOffset, natural k order
+  const float* sc;   // [nr][nb] fl(scale * global)
+  int64_t nr;        // a multiple of kI8gTileRows (padding rows: u = kI8gOffset, sc = 0)
+};
+
+// q in the int8_group kernel order of chunk size `chunk` (a power of two >= 32): K is cut into
+// chunks of `chunk`, then of chunk / 2, ... down to 32 (the tail of K % chunk; K % 32 == 0);
+// inside each the even k come first, then the odd k (the nibble order of the packed bytes).
+void PermuteRowI8g(const int8_t* q, int8_t* out, int64_t K, int64_t chunk);
 
 struct Kernels {
   const char* name;
@@ -120,9 +174,28 @@ struct Kernels {
   bool (*f32_scales_tame)(const float* s, int64_t n, float global);
   // Whether every scale byte b[i], i < n, is tame (w.byte_tame, in its range form when exact).
   bool (*byte_scales_tame)(const Weight& w, const uint8_t* b, int64_t n);
+
+  // int8_group (see above). Quantizes one row: q[k], s[g] (GroupQuant's scales, NaN for a group
+  // with a NaN) and lane_sum[i] = sum of q over k in [8i, 8i + 8); returns whether every group
+  // is tame (TameGroupScale). q and lane_sum are meaningful only then.
+  bool (*quantize_i8g)(const float* a, int64_t K, int64_t G, int8_t* q, float* s,
+                       int32_t* lane_sum);
+  int64_t i8g_chunk;  // the activation order gemv_i8g reads (PermuteRowI8g)
+  // y[n] for n in [n0, n1); returns true when it found every row's block scales fl(s * global)
+  // in [2^-96, 2^96] (so tame; false: some row may not be, WeightRowsTame decides).
+  bool (*gemv_i8g)(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1);
+  // Weight rows [n0, n0 + nr) into an I8gTile's u / sc; rows nr .. tile_rows are padding.
+  void (*unpack_i8g)(const Weight& w, int64_t n0, int64_t nr, int64_t tile_rows, uint8_t* u,
+                     float* sc);
+  // c[i * ldc + r] = panel row i times tile row r, i < 16, r < t.nr (rows of Y, transposed in
+  // registers: the driver copies them out contiguously).
+  void (*gemm_i8g)(const I8gPanel& a, const I8gTile& t, int64_t K, int64_t block, float* c,
+                   int64_t ldc);
 };
 
-const Kernels& SelectKernels();  // AVX2 when the CPU has it (and LOWBIT_ORT_ISA != "scalar")
+// The best set the CPU runs: AVX-512 VNNI (the AVX2 set with VNNI int8_group kernels), AVX2+FMA,
+// scalar. LOWBIT_ORT_ISA=scalar / avx2 caps the choice (to test every path on one machine).
+const Kernels& SelectKernels();
 const Kernels& ScalarKernels();
 
 // Y[M, N] = A[M, K] @ W (float activations), multi-threaded via ctx.
@@ -131,6 +204,10 @@ void MatMulF32(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int
 // int8 activations: per-row scales (dynamic) or one static scale.
 void MatMulI8(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
               const Weight& w, const float* row_scales, float* Y);
+
+// act_mode=int8_group with groups of G channels (see above), multi-threaded via ctx.
+void MatMulI8Group(Ort::KernelContext& ctx, const Kernels& kern, const float* A, int64_t M,
+                   const Weight& w, int64_t G, float* Y);
 
 // Validates codes [R, D/2], scales [R, D/block] (float32 or format-matching uint8) and the
 // one-value global scale against the unpacked length D, and fills `w` (MatMulLowbit, GatherLowbit).

@@ -4,14 +4,13 @@
 
 #include <array>
 
-#include "kernels_impl.h"
+#include "kernels_i8g.h"
 
 namespace lowbit {
 namespace detail {
 namespace {
 
-// ---- AVX2 + FMA -----------------------------------------------------------------------------
-#define LB_AVX2 __attribute__((target("avx2,fma")))
+// ---- AVX2 + FMA (LB_AVX2: kernels_i8g.h) ----------------------------------------------------
 
 LB_AVX2 inline float HSum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -389,6 +388,9 @@ LB_AVX2 float DotAvx2(const float* a, const float* b, int64_t n) {
 }
 
 LB_AVX2 bool F32ScalesTameAvx2(const float* s, int64_t n, float global) {
+  ScaleRange range;
+  range.Fold<true>(s, n, global);
+  if (range.InRange()) return true;  // the common case; else 0, NaN or untame somewhere
   const __m256 g = _mm256_set1_ps(global), hi = _mm256_set1_ps(kTameHi),
                lo = _mm256_set1_ps(kTameLo), zero = _mm256_setzero_ps(),
                abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -420,11 +422,232 @@ LB_AVX2 bool ByteScalesTameAvx2(const Weight& w, const uint8_t* b, int64_t n) {
   return _mm256_movemask_epi8(ok) == -1 && ByteScalesTameScalar(w, b + i, n - i);
 }
 
+
+// ---- int8_group (kernels.h) -------------------------------------------------------------------
+LB_AVX2 bool QuantizeI8gAvx2(const float* a, int64_t K, int64_t G, int8_t* q, float* s,
+                             int32_t* lane_sum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  bool tame = true;
+  for (int64_t g0 = 0; g0 < K; g0 += G) {  // G % 32 == 0
+    __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
+    for (int64_t i = g0; i < g0 + G; i += 8) {
+      const __m256 v = _mm256_loadu_ps(a + i);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
+    }
+    float lanes[8], amax = 0.0f;
+    _mm256_storeu_ps(lanes, vmax);
+    for (float l : lanes) amax = l > amax ? l : amax;  // a NaN lane is flagged by vnan
+    const bool nan = _mm256_movemask_ps(vnan) != 0;
+    const float sg = s[g0 / G] = GroupScale127(amax, nan);
+    tame = tame && !nan && TameGroupScale(amax, sg);
+    if (!tame) continue;
+    const __m256 vs = _mm256_set1_ps(sg);
+    for (int64_t i = g0; i < g0 + G; i += 32) {
+      __m256i v[4];
+      for (int j = 0; j < 4; ++j)  // nearbyint(a / s): the division and rounding of GroupQuant
+        v[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(a + i + 8 * j), vs),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lane_sum + i / kI8gLane),
+                       _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+  }
+  return tame;
+}
+
+// One 64-chunk: 32 bytes of codes -> u of the 32 even k (lo) and the 32 odd k (hi); int32 lane j
+// = sum of u * q over k0 + 8j .. k0 + 8j + 7, plus corr (int16 pair sums <= 2 * 2 * 24 * 127).
+LB_AVX2 inline __m256i DotI8g64(const uint8_t* p, const int8_t* q, const int32_t* corr, __m256i lut) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(x, m));
+  const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), m));
+  const __m256i s16 = _mm256_add_epi16(
+      _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+      _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32))));
+  return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr)));
+}
+
+// The 32-chunk tail (K % 64 == 32): four lanes.
+LB_AVX2 inline __m128i DotI8g32(const uint8_t* p, const int8_t* q, const int32_t* corr, __m256i lut) {
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(0x0F);
+  const __m128i l = _mm256_castsi256_si128(lut);
+  const __m128i lo = _mm_shuffle_epi8(l, _mm_and_si128(x, m));
+  const __m128i hi = _mm_shuffle_epi8(l, _mm_and_si128(_mm_srli_epi16(x, 4), m));
+  const __m128i s16 = _mm_add_epi16(
+      _mm_maddubs_epi16(lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q))),
+      _mm_maddubs_epi16(hi, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  return _mm_add_epi32(_mm_madd_epi16(s16, _mm_set1_epi16(1)),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(corr)));
+}
+
+// One weight row against the activation row: per lane fl(fl(d * sc) * lsc), in one vector.
+template <int kScales, bool kGlobal>
+struct RowSumAvx2 {
+  const I8gRow& a;
+  const Weight& w;
+  const LaneScales& ls;
+  __m256i lut;
+  std::vector<float>& buf;
+  ScaleRange& range;
+  bool check;  // fold every row's scales into `range` (they are not all tame by construction)
+
+  LB_AVX2 __m256 Chunk(const uint8_t* row, const float* srow, int64_t k) const {
+    const __m256 d = _mm256_cvtepi32_ps(DotI8g64(row + k / 2, a.qp + k, a.corr + k / 8, lut));
+    return _mm256_mul_ps(d, Scales8<kScales, kGlobal>(srow, k, ls));
+  }
+  LB_AVX2 __m256 operator()(int64_t n) {
+    const int64_t K = w.K, K64 = K & ~int64_t(63);
+    const uint8_t* row = w.codes + n * (K / 2);
+    const float* srow = ScaleRow(w, n, buf);
+    if (check) range.Fold<kGlobal>(srow, w.nb, w.global);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 128 <= K64; k += 128) {  // two chains
+      acc0 = _mm256_fmadd_ps(Chunk(row, srow, k), _mm256_loadu_ps(a.lsc + k / 8), acc0);
+      acc1 = _mm256_fmadd_ps(Chunk(row, srow, k + 64), _mm256_loadu_ps(a.lsc + k / 8 + 8), acc1);
+    }
+    if (k < K64) {
+      acc0 = _mm256_fmadd_ps(Chunk(row, srow, k), _mm256_loadu_ps(a.lsc + k / 8), acc0);
+      k += 64;
+    }
+    if (k < K) {  // the 32-chunk tail, zero-extended into the sum
+      const __m128 d = _mm_cvtepi32_ps(DotI8g32(row + k / 2, a.qp + k, a.corr + k / 8, lut));
+      const __m128 t = _mm_mul_ps(_mm_mul_ps(d, Scales4<kScales, kGlobal>(srow, k, ls)),
+                                  _mm_loadu_ps(a.lsc + k / 8));
+      acc1 = _mm256_add_ps(acc1, _mm256_insertf128_ps(_mm256_setzero_ps(), t, 0));
+    }
+    return _mm256_add_ps(acc0, acc1);
+  }
+};
+
+template <int kScales, bool kGlobal>
+LB_AVX2 bool GemvI8gAvx2T(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const LaneScales ls = MakeLaneScales(w.block, w.global);
+  std::vector<float> buf;
+  ScaleRange range;
+  RowSumAvx2<kScales, kGlobal> row_sum{a, w, ls, _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                           reinterpret_cast<const __m128i*>(OffsetTable(w.format)))),
+                                       buf, range, !w.bytes_all_tame};
+  StoreRowSums(y, n0, n1, row_sum);
+  return range.InRange();
+}
+
+// 64-chunks, then a 32-chunk tail (PermuteRowI8g order with chunk 64).
+LB_AVX2 bool GemvI8gAvx2(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const bool g = w.global != 1.0f;  // global 1: fl(scale * 1) = scale, no multiplication
+  switch (ScalesPerChunk64(w.block)) {
+    case 4: return g ? GemvI8gAvx2T<4, true>(a, w, y, n0, n1) : GemvI8gAvx2T<4, false>(a, w, y, n0, n1);
+    case 2: return g ? GemvI8gAvx2T<2, true>(a, w, y, n0, n1) : GemvI8gAvx2T<2, false>(a, w, y, n0, n1);
+    default: return g ? GemvI8gAvx2T<1, true>(a, w, y, n0, n1) : GemvI8gAvx2T<1, false>(a, w, y, n0, n1);
+  }
+}
+
+LB_AVX2 void UnpackI8gAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t tile_rows, uint8_t* u,
+                           float* sc) {
+  const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(OffsetTable(w.format)));
+  const __m256i lut2 = _mm256_broadcastsi128_si256(lut), m2 = _mm256_set1_epi8(0x0F);
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const int64_t K = w.K;
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint8_t* row = w.codes + (n0 + r) * (K / 2);
+    uint8_t* out = u + r * K;
+    int64_t j = 0;
+    for (; j + 32 <= K / 2; j += 32) {  // natural k order: interleave low and high nibbles
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
+      const __m256i lo = _mm256_shuffle_epi8(lut2, _mm256_and_si256(x, m2));
+      const __m256i hi = _mm256_shuffle_epi8(lut2, _mm256_and_si256(_mm256_srli_epi16(x, 4), m2));
+      const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  // in lanes
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * j), _mm256_permute2x128_si256(a, b, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * j + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+    for (; j < K / 2; j += 16) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
+      const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(x, m));
+      const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 4), m));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * j), _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * j + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+    for (int64_t b = 0; b < w.nb; ++b) sc[r * w.nb + b] = w.Scale(n0 + r, b);
+  }
+  std::memset(u + nr * K, kI8gOffset, static_cast<size_t>((tile_rows - nr) * K));
+  std::fill(sc + nr * w.nb, sc + tile_rows * w.nb, 0.0f);
+}
+
+// c[i * ldc + j] = lane i of vector j (j < 4, i < 8): 4 x 4 transposes inside the 128-bit lanes.
+LB_AVX2 inline void StoreTransposed4(__m256 a, __m256 b, __m256 c4, __m256 d, float* c, int64_t ldc) {
+  const __m256 t0 = _mm256_unpacklo_ps(a, b), t1 = _mm256_unpackhi_ps(a, b);
+  const __m256 t2 = _mm256_unpacklo_ps(c4, d), t3 = _mm256_unpackhi_ps(c4, d);
+  const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                       _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+  for (int j = 0; j < 4; ++j) {  // u[j], 128-bit lane L: row 4L + j
+    _mm_storeu_ps(c + j * ldc, _mm256_castps256_ps128(u[j]));
+    _mm_storeu_ps(c + (4 + j) * ldc, _mm256_extractf128_ps(u[j], 1));
+  }
+}
+
+// 16 panel rows (two ymm of 8) x 4 weight rows per step; float sums per block in `acc` (L1).
+LB_AVX2 void GemmI8gAvx2(const I8gPanel& a, const I8gTile& t, int64_t K, int64_t block, float* c,
+                         int64_t ldc) {
+  const int64_t nb = K / block;
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float acc[4][kI8gPanel];
+  for (int64_t r0 = 0; r0 < t.nr; r0 += 4) {
+    std::fill(&acc[0][0], &acc[0][0] + 4 * kI8gPanel, 0.0f);
+    const uint8_t* u = t.u + r0 * K;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.corr + b * 16));
+      const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.corr + b * 16 + 8));
+      __m256i i00 = c0, i01 = c1, i10 = c0, i11 = c1, i20 = c0, i21 = c1, i30 = c0, i31 = c1;
+      const int8_t* q = a.q + b * block * kI8gPanel;
+      const uint8_t* ub = u + b * block;
+      for (int64_t s = 0; s < block; s += 8, q += 128) {  // two k4 steps: int16 sums <= 12192
+        const __m256i a00 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const __m256i a01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+        const __m256i a10 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64));
+        const __m256i a11 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 96));
+#define LB_STEP(r)                                                                                \
+  {                                                                                               \
+    int32_t d0, d1;                                                                               \
+    std::memcpy(&d0, ub + r * K + s, 4);                                                          \
+    std::memcpy(&d1, ub + r * K + s + 4, 4);                                                      \
+    const __m256i w0 = _mm256_set1_epi32(d0), w1 = _mm256_set1_epi32(d1);                         \
+    i##r##0 = _mm256_add_epi32(i##r##0, _mm256_madd_epi16(_mm256_add_epi16(                       \
+        _mm256_maddubs_epi16(w0, a00), _mm256_maddubs_epi16(w1, a10)), ones));                    \
+    i##r##1 = _mm256_add_epi32(i##r##1, _mm256_madd_epi16(_mm256_add_epi16(                       \
+        _mm256_maddubs_epi16(w0, a01), _mm256_maddubs_epi16(w1, a11)), ones));                    \
+  }
+        LB_STEP(0) LB_STEP(1) LB_STEP(2) LB_STEP(3)
+#undef LB_STEP
+      }
+      const __m256 s0 = _mm256_loadu_ps(a.asc + b * 16), s1 = _mm256_loadu_ps(a.asc + b * 16 + 8);
+#define LB_ACC(r)                                                                                 \
+  {                                                                                               \
+    const __m256 sc = _mm256_set1_ps(t.sc[(r0 + r) * nb + b]);                                    \
+    _mm256_store_ps(acc[r], _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i##r##0), sc), s0,   \
+                                            _mm256_load_ps(acc[r])));                             \
+    _mm256_store_ps(acc[r] + 8, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i##r##1), sc),   \
+                                                s1, _mm256_load_ps(acc[r] + 8)));                 \
+  }
+      LB_ACC(0) LB_ACC(1) LB_ACC(2) LB_ACC(3)
+#undef LB_ACC
+    }
+    for (int h = 0; h < 2; ++h)
+      StoreTransposed4(_mm256_load_ps(acc[0] + 8 * h), _mm256_load_ps(acc[1] + 8 * h),
+                       _mm256_load_ps(acc[2] + 8 * h), _mm256_load_ps(acc[3] + 8 * h),
+                       c + 8 * h * ldc + r0, ldc);
+  }
+}
 }  // namespace
 
 const Kernels kAvx2{"avx2",           GemvF32Avx2,   GemvI8Avx2, DecodeRowsAvx2,
                     MicroAvx2,        GemvMixedAvx2, DotAvx2,    F32ScalesTameAvx2,
-                    ByteScalesTameAvx2};
+                    ByteScalesTameAvx2, QuantizeI8gAvx2, 64, GemvI8gAvx2, UnpackI8gAvx2,
+                    GemmI8gAvx2};
 
 }  // namespace detail
 }  // namespace lowbit

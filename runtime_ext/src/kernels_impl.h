@@ -32,9 +32,23 @@ const float* E4m3Table();  // 256 E4M3 codes -> float32
 bool F32ScalesTameScalar(const float* s, int64_t n, float global);
 bool ByteScalesTameScalar(const Weight& w, const uint8_t* b, int64_t n);
 
-// The kernel sets (kernels_scalar.cc / kernels_avx2.cc).
+// int8_group: codes -> u = v + kI8gOffset (16 unsigned bytes per format).
+const uint8_t* OffsetTable(Format f);
+
+// Block scales of weight row n as float32 (uint8 scale bytes through the table into `buf`);
+// global_scale not applied.
+inline const float* ScaleRow(const Weight& w, int64_t n, std::vector<float>& buf) {
+  if (w.scale_f32) return w.scale_f32 + n * w.nb;
+  buf.resize(static_cast<size_t>(w.nb));
+  for (int64_t b = 0; b < w.nb; ++b) buf[b] = w.byte_table[w.scale_u8[n * w.nb + b]];
+  return buf.data();
+}
+
+// The kernel sets (kernels_scalar.cc / kernels_avx2.cc); the VNNI set is the AVX2 set with its
+// int8_group kernels replaced (kernels_vnni.cc).
 extern const Kernels kScalar;
 extern const Kernels kAvx2;
+void SetVnniKernels(Kernels& k);
 
 }  // namespace detail
 }  // namespace lowbit

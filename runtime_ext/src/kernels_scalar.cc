@@ -21,6 +21,16 @@ static void PermuteRowT(const T* a, T* out, int64_t K, int64_t chunk) {
 void PermuteRow(const float* a, float* out, int64_t K) { PermuteRowT(a, out, K, kChunkF32); }
 void PermuteRowI8(const int8_t* a, int8_t* out, int64_t K) { PermuteRowT(a, out, K, kChunkI8); }
 
+void PermuteRowI8g(const int8_t* q, int8_t* out, int64_t K, int64_t chunk) {
+  int64_t base = 0;
+  for (int64_t c = chunk; c >= 32; c /= 2)
+    for (; base + c <= K; base += c)
+      for (int64_t i = 0; i < c / 2; ++i) {
+        out[base + i] = q[base + 2 * i];
+        out[base + c / 2 + i] = q[base + 2 * i + 1];
+      }
+}
+
 void QuantizeRowF(const float* a, float* q, int64_t K, float scale) {
   for (int64_t k = 0; k < K; ++k) {
     const float v = std::nearbyint(a[k] / scale);
@@ -171,6 +181,88 @@ bool ByteScalesTameScalar(const Weight& w, const uint8_t* b, int64_t n) {
   return bad == 0;
 }
 
+// ---- int8_group (kernels.h) -------------------------------------------------------------------
+const uint8_t* OffsetTable(Format f) {
+  static const std::array<std::array<uint8_t, 16>, 4> tables = [] {
+    std::array<std::array<uint8_t, 16>, 4> out{};
+    for (int i = 0; i < 4; ++i)
+      for (int c = 0; c < 16; ++c)
+        out[i][c] = static_cast<uint8_t>(IntTable(static_cast<Format>(i))[c] + kI8gOffset);
+    return out;
+  }();
+  return tables[static_cast<int>(f)].data();
+}
+
+bool QuantizeI8gScalar(const float* a, int64_t K, int64_t G, int8_t* q, float* s,
+                       int32_t* lane_sum) {
+  bool tame = true;
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    float amax = 0.0f;
+    bool nan = false;
+    for (int64_t i = g0; i < g0 + G; ++i) {
+      const float v = std::fabs(a[i]);
+      nan |= v != v;
+      amax = v > amax ? v : amax;
+    }
+    const float sg = s[g0 / G] = GroupScale127(amax, nan);
+    tame = tame && !nan && TameGroupScale(amax, sg);
+    if (!tame) continue;  // the scales are still wanted (the exact path)
+    for (int64_t i = g0; i < g0 + G; ++i) q[i] = static_cast<int8_t>(std::nearbyint(a[i] / sg));
+  }
+  if (tame)
+    for (int64_t l = 0; l < K / kI8gLane; ++l) {
+      int32_t sum = 0;
+      for (int64_t k = l * kI8gLane; k < (l + 1) * kI8gLane; ++k) sum += q[k];
+      lane_sum[l] = sum;
+    }
+  return tame;
+}
+
+// Lane by lane as the SIMD kernels (no unsigned offset needed here): the int32 dot of a lane,
+// times the block scale, times the lane's group scale.
+bool GemvI8gScalar(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
+  const int8_t* lut = IntTable(w.format);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.codes + n * (w.K / 2);
+    float acc = 0;
+    for (int64_t l = 0; l < w.K / kI8gLane; ++l) {
+      const int64_t k0 = l * kI8gLane;
+      const int32_t d = RangeDot<int8_t, int32_t>(row, a.qp, lut, k0, k0 + kI8gLane, w.K, 32);
+      acc += (static_cast<float>(d) * w.Scale(n, k0 / w.block)) * a.lsc[l];
+    }
+    y[n] = acc;
+  }
+  return false;  // the caller checks the scales
+}
+
+void UnpackI8gScalar(const Weight& w, int64_t n0, int64_t nr, int64_t tile_rows, uint8_t* u,
+                     float* sc) {
+  const int8_t* lut = IntTable(w.format);
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    const uint8_t* row = r < nr ? w.codes + (n0 + r) * (w.K / 2) : nullptr;
+    for (int64_t k = 0; k < w.K; ++k)
+      u[r * w.K + k] = static_cast<uint8_t>((row ? lut[Code(row, k)] : 0) + kI8gOffset);
+    for (int64_t b = 0; b < w.nb; ++b) sc[r * w.nb + b] = row ? w.Scale(n0 + r, b) : 0.0f;
+  }
+}
+
+// Block by block with the unsigned offset and its correction, as the SIMD GEMM kernels.
+void GemmI8gScalar(const I8gPanel& a, const I8gTile& t, int64_t K, int64_t block, float* c,
+                   int64_t ldc) {
+  const int64_t nb = K / block;
+  for (int64_t r = 0; r < t.nr; ++r)
+    for (int64_t i = 0; i < kI8gPanel; ++i) {
+      float acc = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t d = a.corr[b * kI8gPanel + i];
+        for (int64_t k = b * block; k < (b + 1) * block; ++k)
+          d += int32_t(t.u[r * K + k]) * a.q[((k / 4) * kI8gPanel + i) * 4 + k % 4];
+        acc += (static_cast<float>(d) * t.sc[r * nb + b]) * a.asc[b * kI8gPanel + i];
+      }
+      c[i * ldc + r] = acc;
+    }
+}
+
 float DotScalar(const float* a, const float* b, int64_t n) {
   float s = 0;
   for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
@@ -179,7 +271,8 @@ float DotScalar(const float* a, const float* b, int64_t n) {
 
 const Kernels kScalar{"scalar",        GemvF32Scalar, GemvI8Scalar,        DecodeRowsScalar,
                       MicroScalar,     GemvMixedScalar, DotScalar, F32ScalesTameScalar,
-                      ByteScalesTameScalar};
+                      ByteScalesTameScalar, QuantizeI8gScalar, 32, GemvI8gScalar,
+                      UnpackI8gScalar, GemmI8gScalar};
 
 }  // namespace detail
 }  // namespace lowbit

@@ -7,13 +7,17 @@
 // [F, 16] (E4M3 bits of the F FP8 blocks, row-major over (n, b)) and fp8_scales float32 [F];
 // then format must be nvfp4, block_size 16, act_mode float32 (see kernels.h, Weight).
 // Attributes: format (dint4|nvfp4|int4|mxfp4), block_size (16 or a multiple of 32),
-// act_mode (float32 | int8_dynamic | int8_static, default float32).
-// int8 modes quantize A symmetrically: q = clamp(rint(a / s), -127, 127) with s = max|a_row|/127
-// per row (dynamic; 1 for an all-zero row) or the static act_scale, then Y = s * (q @ W).
+// act_mode (float32 | int8_dynamic | int8_static | int8_group, default float32), act_group (G,
+// int8_group only: a multiple of 32 and of block_size, which must be a power of two; K % G == 0).
+// int8_dynamic / int8_static quantize A symmetrically: q = clamp(rint(a / s), -127, 127) with
+// s = max|a_row|/127 per row (dynamic; 1 for an all-zero row) or the static act_scale, then
+// Y = s * (q @ W). int8_group quantizes each row per group of G channels exactly as GroupQuant
+// with qmax 127 (s_g = max(absmax / 127, FLT_MIN), q = nearbyint(a / s_g)) and sums integer
+// products per weight block: Y = GroupQuant(A) @ W up to float32 summation order.
 // Special values follow the ONNX fallback (functions.py): a NaN activation stays NaN through the
-// quantization (its row of Y is NaN), an Inf makes the dynamic scale Inf (row NaN), a static
-// scale clips +-Inf to +-127; float results equal the fallback's up to summation order, NaN/Inf
-// positions included, on every kernel path (see kernels.h, "special values").
+// quantization (its row of Y is NaN), an Inf makes the dynamic (or its group's) scale Inf (row
+// NaN), a static scale clips +-Inf to +-127; float results equal the fallback's up to summation
+// order, NaN/Inf positions included, on every kernel path (see kernels.h, "special values").
 #include "ops.h"
 
 #include "kernels.h"
@@ -41,9 +45,18 @@ MatMulLowbit::MatMulLowbit(const OrtKernelInfo* info) {
   if (mode == "float32") act_mode_ = ActMode::kFloat;
   else if (mode == "int8_dynamic") act_mode_ = ActMode::kInt8Dynamic;
   else if (mode == "int8_static") act_mode_ = ActMode::kInt8Static;
+  else if (mode == "int8_group") act_mode_ = ActMode::kInt8Group;
   else
-    throw OpError("attribute 'act_mode' must be float32, int8_dynamic or int8_static, got '" +
-                  mode + "'");
+    throw OpError("attribute 'act_mode' must be float32, int8_dynamic, int8_static or int8_group, "
+                  "got '" + mode + "'");
+  act_group_ = GetIntAttr(info, "act_group", 0, act_mode_ == ActMode::kInt8Group);
+  if (act_mode_ != ActMode::kInt8Group && act_group_ != 0)
+    throw OpError("attribute 'act_group' is only used with act_mode=int8_group, not " + mode);
+  if (act_mode_ == ActMode::kInt8Group &&
+      (act_group_ < 32 || act_group_ % 32 != 0 || act_group_ % block_ != 0 || (block_ & (block_ - 1))))
+    throw OpError("act_mode=int8_group needs 'act_group' a positive multiple of 32 and of a "
+                  "power-of-two block_size, got act_group=" + std::to_string(act_group_) +
+                  ", block_size=" + std::to_string(block_));
 }
 
 // Checks the weight inputs against A's K and fills `w`; shared with the fallback-free paths.
@@ -133,6 +146,9 @@ void MatMulLowbit::Compute(Ort::KernelContext& ctx) {
   const int64_t M = NumElements(batch);
   Weight w;
   BindWeight(kName, format_, block_, codes, scales, global, K, w);
+  if (act_mode_ == ActMode::kInt8Group && K % act_group_ != 0)
+    throw OpError(std::string(kName) + ": A's last dimension " + std::to_string(K) +
+                  " must be a multiple of act_group=" + std::to_string(act_group_));
   if (GetInput(ctx, 5).present()) {
     if (act_mode_ != ActMode::kFloat)
       throw OpError(std::string(kName) + ": FP8 blocks (fp8_mask) need act_mode=float32");
@@ -151,6 +167,7 @@ void MatMulLowbit::Compute(Ort::KernelContext& ctx) {
   const Kernels& kern = SelectKernels();
 
   if (act_mode_ == ActMode::kFloat) return MatMulF32(ctx, kern, A, M, w, y);
+  if (act_mode_ == ActMode::kInt8Group) return MatMulI8Group(ctx, kern, A, M, w, act_group_, y);
   std::vector<float> row_scales(static_cast<size_t>(M));
   if (act_mode_ == ActMode::kInt8Static) {
     if (!act_scale.present())

@@ -14,10 +14,11 @@ class MatMulLowbit {
   void Compute(Ort::KernelContext& ctx);
 
  private:
-  enum class ActMode { kFloat, kInt8Dynamic, kInt8Static };
+  enum class ActMode { kFloat, kInt8Dynamic, kInt8Static, kInt8Group };
   Format format_;
   int64_t block_;
   ActMode act_mode_;
+  int64_t act_group_ = 0;  // G of act_mode=int8_group
 };
 
 }  // namespace lowbit

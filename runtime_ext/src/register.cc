@@ -1,5 +1,6 @@
 // Library entry point: ORT calls RegisterCustomOps when the library is registered with
 // SessionOptions.register_custom_ops_library. Registers every op in domain "lowbit", version 1.
+#include "kernels.h"
 #include "op_base.h"
 #include "ops.h"
 
@@ -26,4 +27,10 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) return st;
   // The domain must outlive every session using it; it is intentionally never released.
   return api->AddCustomOpDomain(options, domain);
+}
+
+// The kernel set this process runs ("scalar", "avx2" or "avx512vnni", see SelectKernels), for
+// tests and benchmarks (ctypes): LOWBIT_ORT_ISA is read once, at the first call or kernel run.
+extern "C" __attribute__((visibility("default"))) const char* LowbitKernelSet() {
+  return lowbit::SelectKernels().name;
 }

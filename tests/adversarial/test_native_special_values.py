@@ -6,9 +6,9 @@ special global scales in the weights. MatMulLowbit runs every batch size M = 1..
 2-3 row GEMV, blocked GEMM with a 16-row tail) on N = 52 output rows (several GEMV/GEMM thread
 tasks) and K with a 16-element tail where the block allows it.
 
-Every ISA path the CPU supports (LOWBIT_ORT_ISA=scalar, and the default AVX2+FMA kernels when the
-CPU has them) runs in its own child process: a native crash fails the test instead of killing
-pytest. The child writes the native outputs; the fallback (plain ONNX Runtime, no library) runs
+Every ISA path the CPU supports (LOWBIT_ORT_ISA=scalar, LOWBIT_ORT_ISA=avx2 when the CPU has AVX2+FMA,
+and the default selection's AVX-512 VNNI int8_group kernels when it has those too) runs in its own
+child process: a native crash fails the test instead of killing pytest. The child writes the native outputs; the fallback (plain ONNX Runtime, no library) runs
 here, once.
 
 What "agree" means:
@@ -44,8 +44,12 @@ TINY = 2.0 ** -149  # smallest float32 denormal
 N_OUT = 52  # MatMul output rows: > 48 (two GEMM tasks), > 16 (several GEMV tasks), % 6 != 0
 
 
+VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"}
+
+
 def _isa_paths() -> list[str]:
-    """LOWBIT_ORT_ISA values whose kernels this CPU runs ("" = the default selection)."""
+    """Kernel sets this CPU runs: "avx512vnni" (the default selection, LOWBIT_ORT_ISA unset),
+    "avx2" and "scalar" (LOWBIT_ORT_ISA caps the choice)."""
     flags = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -53,7 +57,8 @@ def _isa_paths() -> list[str]:
                 flags.update(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return (["avx2"] if {"avx2", "fma"} <= flags else []) + ["scalar"]
+    avx2 = {"avx2", "fma"} <= flags
+    return (["avx512vnni"] if avx2 and VNNI_FLAGS <= flags else []) + (["avx2"] if avx2 else []) + ["scalar"]
 
 
 ISAS = _isa_paths()
@@ -132,7 +137,13 @@ MM_CONFIGS = {  # id: (fmt, block, scale_dtype, act_mode, fp8 blocks, K)
     "mxfp4_b32_u8_i8dyn": ("mxfp4", 32, "uint8", "int8_dynamic", False, 96),
     "int4_b64_f32_i8static": ("int4", 64, "float32", "int8_static", False, 128),
     "nvfp4_b16_u8_i8static": ("nvfp4", 16, "uint8", "int8_static", False, 80),
+    "dint4_b32_f32_i8g32": ("dint4", 32, "float32", "int8_group", False, 288),
+    "dint4_b16_f32_i8g64": ("dint4", 16, "float32", "int8_group", False, 320),
+    "int4_b64_f32_i8g64": ("int4", 64, "float32", "int8_group", False, 192),
+    "nvfp4_b16_u8_i8g32": ("nvfp4", 16, "uint8", "int8_group", False, 288),
+    "mxfp4_b32_u8_i8g128": ("mxfp4", 32, "uint8", "int8_group", False, 384),
 }
+I8G_GROUPS = {cfg: int(cfg.rsplit("i8g", 1)[1]) for cfg, v in MM_CONFIGS.items() if v[3] == "int8_group"}
 
 
 def _weights(cfg: str, special: bool, seed: int) -> dict[str, np.ndarray]:
@@ -408,7 +419,7 @@ def build_model(op: str, cfg: str):
 
     if op == "mm":
         fmt, block, sd, act, fp8, _ = MM_CONFIGS[cfg]
-        spec = rx.MatMulSpec(fmt, block, sd, act, fp8_blocks=fp8)
+        spec = rx.MatMulSpec(fmt, block, sd, act, fp8_blocks=fp8, act_group=I8G_GROUPS.get(cfg))
         node = rx.make_matmul_node("A", "codes", "scales", "global_scale", "Y", spec,
                                    act_scale="act_scale" if act == "int8_static" else None,
                                    fp8=("fp8_mask", "fp8_codes", "fp8_scales") if fp8 else None)
@@ -570,13 +581,19 @@ def decoded_weight(cfg: str, feeds: dict) -> np.ndarray:
 
 
 def effective_activations(cfg: str, feeds: dict) -> np.ndarray:
-    """What the fallback multiplies: A, or for int8 modes clip(rint(A / s), -127, 127) * s."""
+    """What the fallback multiplies: A, for int8_group GroupQuant(A) (qmax 127), or for the other
+    int8 modes clip(rint(A / s), -127, 127) * s."""
+    from lowbit.encode.activations import dynamic_fake_quant
     from lowbit.runtime_ext import reference as ref
 
     act = MM_CONFIGS[cfg][3]
     a = feeds["A"]
     if act == "float32":
         return a
+    if act == "int8_group":
+        group = I8G_GROUPS[cfg]
+        with np.errstate(all="ignore"):
+            return dynamic_fake_quant(a, group, np.full(a.shape[-1] // group, 127.0))
     with np.errstate(all="ignore"):
         q, s = ref.quantize_rows_int8(a, float(feeds["act_scale"]) if act == "int8_static" else None)
         return (q * s).astype(F32)
@@ -589,8 +606,8 @@ def native_outputs(isa: str) -> dict[str, np.ndarray]:
     import tempfile
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if isa == "scalar":
-        env["LOWBIT_ORT_ISA"] = "scalar"
+    if isa in ("scalar", "avx2"):
+        env["LOWBIT_ORT_ISA"] = isa
     else:
         env.pop("LOWBIT_ORT_ISA", None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -600,7 +617,8 @@ def native_outputs(isa: str) -> dict[str, np.ndarray]:
         assert proc.returncode == 0, (f"native child ({isa}) died with {proc.returncode}: "
                                       f"{proc.stderr[-3000:]}")
         with np.load(out) as z:
-            return {k: z[k] for k in z.files}
+            assert str(z["kernel_set"]) == isa, (str(z["kernel_set"]), isa)
+            return {k: z[k] for k in z.files if k != "kernel_set"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -628,8 +646,9 @@ def native_lib():
 def test_isa_paths_cover_this_cpu():
     assert "scalar" in ISAS
     with open("/proc/cpuinfo") as f:
-        has_avx2 = any(" avx2" in ln and " fma" in ln for ln in f if ln.startswith("flags"))
-    assert ("avx2" in ISAS) == has_avx2
+        flags = set(next((ln for ln in f if ln.startswith("flags")), ":").split(":", 1)[1].split())
+    assert ("avx2" in ISAS) == ({"avx2", "fma"} <= flags)
+    assert ("avx512vnni" in ISAS) == ({"avx2", "fma"} | VNNI_FLAGS <= flags)
 
 
 @pytest.mark.parametrize("cfg", list(MM_CONFIGS))
@@ -748,5 +767,16 @@ def test_fgmp_is_bit_exact(native, fallback, cfg):
         assert_bitwise(nat[f"fgmp:{cid}"], want, f"native[{isa}] {cid}")
 
 
+def kernel_set() -> str:
+    """The kernel set the native library runs in this process (its LowbitKernelSet export)."""
+    import ctypes
+
+    from lowbit.runtime_ext import library_path
+
+    lib = ctypes.CDLL(str(library_path()))
+    lib.LowbitKernelSet.restype = ctypes.c_char_p
+    return lib.LowbitKernelSet().decode()
+
+
 if __name__ == "__main__":  # the child: native outputs of every case with this process's ISA
-    np.savez(sys.argv[1], **run_all(native=True))
+    np.savez(sys.argv[1], **run_all(native=True), kernel_set=np.array(kernel_set()))

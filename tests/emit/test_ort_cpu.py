@@ -370,3 +370,28 @@ def test_nbits_int8_weight_layout_decodes_to_the_encoding():
         decoded = ((codes.astype(np.float32) - 128) * scales.reshape(24, 4, 1)).reshape(24, 64)
         want = formats.decode(enc) if enc.axis == 1 else formats.decode(enc).T
         np.testing.assert_array_equal(decoded, want)
+
+
+def test_int8_group_quantizers_fold_into_the_matmuls(native_lib, token_windows, monkeypatch):
+    """w4a8-dint4's run-time int8 group quantizers (lowbit.GroupQuant, qmax 127, groups of 64) fold
+    into MatMulLowbit act_mode=int8_group reading GroupQuant's input: no GroupQuant is left, and the
+    logits equal the previous form (GroupQuant + act_mode=float32) up to float32 summation order,
+    with the native library and through the ONNX function fallbacks."""
+    from lowbit.emit import ort_cpu
+
+    def compile_tiny():
+        return lowbit.compile(tiny_decoder(hidden=64, ffn=128, vocab=64), "w4a8-dint4", target="ort-cpu",
+                              calibration=token_windows)
+
+    folded = compile_tiny()
+    monkeypatch.setattr(ort_cpu, "_int8_group_quant", lambda *args: None)  # the previous form
+    previous = compile_tiny()
+    assert _ops(folded.model)["GroupQuant"] == 0 and _ops(previous.model)["GroupQuant"] == 9  # 4 per layer + the head
+    lowered = [n for n in folded.model.graph if n.op_type == "MatMulLowbit"]
+    assert len(lowered) == 15 and folded.report["ort_cpu"]["act_modes"] == {"int8_group": 15}
+    assert {(n.attributes.get_string("act_mode"), n.attributes.get_int("act_group")) for n in lowered} == {("int8_group", 64)}
+    assert folded.report["sites"]["layers.0.mlp.down_proj"]["ort_cpu"] == "MatMulLowbit dint4_b32_float32_int8_group_g64"
+    assert previous.report["ort_cpu"]["act_modes"] == {"float32": 15}
+    ids = np.asarray(token_windows[0], np.int64)[None]
+    for native in (True, False):
+        assert _rel(_run(folded.model, native=native, ids=ids), _run(previous.model, native=native, ids=ids)) < RTOL

@@ -64,7 +64,21 @@ FIXED = [  # (case, expected substring of the outcome)
     (_mm(attrs={"block_size": 0}), "'block_size' must be 16 or a positive multiple of 32"),
     ({**_mm(), "attrs": {"format": "dint4"}}, "missing required int attribute 'block_size'"),
     ({**_mm(), "attrs": {"block_size": 32}}, "missing required attribute 'format'"),
-    (_mm(attrs={"act_mode": "int4"}), "'act_mode' must be float32, int8_dynamic or int8_static"),
+    (_mm(attrs={"act_mode": "int4"}), "'act_mode' must be float32, int8_dynamic, int8_static or int8_group"),
+    (_mm(attrs={"act_mode": "int8_group", "act_group": 64}), "ok 2x8"),
+    (_mm(scales=(8, 4), attrs={"act_mode": "int8_group", "act_group": 32, "block_size": 16}), "ok 2x8"),
+    (_mm(sd="uint8", attrs={"format": "nvfp4", "act_mode": "int8_group", "act_group": 32}), "ok 2x8"),
+    (_mm(a=(2, 0), codes=(8, 0), scales=(8, 0), attrs={"act_mode": "int8_group", "act_group": 64}), "ok 2x8"),
+    (_mm(attrs={"act_mode": "int8_group"}), "missing required int attribute 'act_group'"),
+    (_mm(attrs={"act_mode": "int8_group", "act_group": 48}),
+     "act_mode=int8_group needs 'act_group' a positive multiple of 32 and of a power-of-two block_size, "
+     "got act_group=48, block_size=32"),
+    (_mm(attrs={"act_mode": "int8_group", "act_group": -64}), "got act_group=-64"),
+    (_mm(a=(2, 192), codes=(8, 96), scales=(8, 2), attrs={"block_size": 96, "act_mode": "int8_group",
+                                                          "act_group": 96}), "power-of-two block_size"),
+    (_mm(attrs={"act_group": 64}), "attribute 'act_group' is only used with act_mode=int8_group, not float32"),
+    (_mm(a=(2, 96), codes=(8, 48), scales=(8, 3), attrs={"act_mode": "int8_group", "act_group": 64}),
+     "A's last dimension 96 must be a multiple of act_group=64"),
     (_mm(codes=(256,)), "codes must be 2-D [N, K/2], got [256]"),
     (_mm(codes=(8, 31), scales=(8, 2)), "codes [8, 31] do not match the unpacked length 64"),
     (_mm(scales=(8, 3)), "scales must have shape [8, 2], got [8, 3]"),
@@ -151,6 +165,24 @@ def _random_cases(n: int, seed: int):
     return out
 
 
+def _random_group_cases(n: int, seed: int):
+    """Random int8_group geometry; valid exactly when the documented rules hold (G a multiple of
+    32 and of a power-of-two block, K a multiple of G)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.choice([0, 32, 64, 96, 128, 192, 256]))
+        block = int(rng.choice([16, 32, 64, 96, 128]))
+        group = int(rng.choice([0, 16, 32, 48, 64, 96, 128, 256]))
+        nb = k // block if k % block == 0 else max(k // 16, 1)
+        valid = (k % block == 0 and block & (block - 1) == 0 and group >= 32 and group % 32 == 0
+                 and group % block == 0 and k % group == 0)
+        case = _mm(a=(3, k), codes=(5, k // 2), scales=(5, nb),
+                   attrs={"block_size": block, "act_mode": "int8_group", "act_group": group})
+        out.append((case, "ok 3x5" if valid else "err "))
+    return out
+
+
 def _run_in_child(cases: list[dict]) -> list[str]:
     """One outcome line per case from a child process (a crash kills the child, not the suite);
     the child must survive every case."""
@@ -163,7 +195,7 @@ def _run_in_child(cases: list[dict]) -> list[str]:
 
 
 def test_bad_inputs_raise_clear_errors_without_crashing(native_lib):
-    cases = FIXED + _random_cases(60, seed=11)
+    cases = FIXED + _random_cases(60, seed=11) + _random_group_cases(40, seed=13)
     lines = _run_in_child([c for c, _ in cases])
     for (case, want), got in zip(cases, lines):
         assert want in got, f"{case}: expected {want!r}, got {got!r}"
@@ -192,7 +224,7 @@ def _expected_with_fill(case, want: str, fill: float) -> str:
 
 
 def test_special_values_in_every_float_input_never_crash(native_lib):
-    cases = FIXED + _random_cases(30, seed=12)
+    cases = FIXED + _random_cases(30, seed=12) + _random_group_cases(20, seed=14)
     runs = [({**c, "fill": f}, _expected_with_fill(c, want, f)) for f in SPECIAL_FILLS
             for c, want in cases]
     lines = _run_in_child([c for c, _ in runs])
