@@ -21,7 +21,7 @@ INTEGER_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "Dy
 STANDARD_OPS = {"QuantizeLinear", "DequantizeLinear", "MatMul", "Split", "Gather", "Sum", "Transpose", "Reshape",
                 "Mul", "Add", "RMSNormalization", "Softmax", "Sigmoid"}  # fmt: skip
 # int7 weights: |code| <= 63 keeps uint8 x int8 pair sums inside int16 (255 * 63 * 2 < 32767), so
-# CPUs without VNNI (this one) run the fused kernels exactly; see the README.
+# CPUs without VNNI run the fused kernels exactly (the test below says what a VNNI CPU gives); see the README.
 # static per-cluster activations and round-to-nearest weights, as npu-w8a8 (w8a8-rptq's activations
 # are dynamic and its weights OPTQ-rounded since the tuning texts chose them)
 STATIC = ["activations.granularity=per_tensor", "activations.symmetric=false", "activations.group_size=0",
