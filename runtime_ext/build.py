@@ -80,7 +80,7 @@ def _sources() -> list[Path]:
 def _up_to_date() -> bool:
     if not LIBRARY.is_file():
         return False
-    inputs = [*_sources(), *SRC.glob("*.h"), Path(__file__).resolve()]
+    inputs = [*_sources(), *SRC.glob("*.h"), *SRC.glob("*.inc"), Path(__file__).resolve()]
     return LIBRARY.stat().st_mtime >= max(p.stat().st_mtime for p in inputs)
 
 

@@ -461,7 +461,7 @@ LB_AVX2 bool QuantizeI8gAvx2(const float* a, int64_t K, int64_t G, int8_t* q, fl
 
 // One 64-chunk: 32 bytes of codes -> u of the 32 even k (lo) and the 32 odd k (hi); int32 lane j
 // = sum of u * q over k0 + 8j .. k0 + 8j + 7, plus corr (int16 pair sums <= 2 * 2 * 24 * 127).
-LB_AVX2 inline __m256i DotI8g64(const uint8_t* p, const int8_t* q, const int32_t* corr, __m256i lut) {
+LB_AVX2 inline __m256i Dot64(const uint8_t* p, const int8_t* q, const int32_t* corr, __m256i lut) {
   const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(0x0F);
   const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(x, m));
   const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), m));
@@ -473,7 +473,7 @@ LB_AVX2 inline __m256i DotI8g64(const uint8_t* p, const int8_t* q, const int32_t
 }
 
 // The 32-chunk tail (K % 64 == 32): four lanes.
-LB_AVX2 inline __m128i DotI8g32(const uint8_t* p, const int8_t* q, const int32_t* corr, __m256i lut) {
+LB_AVX2 inline __m128i Dot32(const uint8_t* p, const int8_t* q, const int32_t* corr, __m256i lut) {
   const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(0x0F);
   const __m128i l = _mm256_castsi256_si128(lut);
   const __m128i lo = _mm_shuffle_epi8(l, _mm_and_si128(x, m));
@@ -485,67 +485,12 @@ LB_AVX2 inline __m128i DotI8g32(const uint8_t* p, const int8_t* q, const int32_t
                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(corr)));
 }
 
-// One weight row against the activation row: per lane fl(fl(d * sc) * lsc), in one vector.
-template <int kScales, bool kGlobal>
-struct RowSumAvx2 {
-  const I8gRow& a;
-  const Weight& w;
-  const LaneScales& ls;
-  __m256i lut;
-  std::vector<float>& buf;
-  ScaleRange& range;
-  bool check;  // fold every row's scales into `range` (they are not all tame by construction)
-
-  LB_AVX2 __m256 Chunk(const uint8_t* row, const float* srow, int64_t k) const {
-    const __m256 d = _mm256_cvtepi32_ps(DotI8g64(row + k / 2, a.qp + k, a.corr + k / 8, lut));
-    return _mm256_mul_ps(d, Scales8<kScales, kGlobal>(srow, k, ls));
-  }
-  LB_AVX2 __m256 operator()(int64_t n) {
-    const int64_t K = w.K, K64 = K & ~int64_t(63);
-    const uint8_t* row = w.codes + n * (K / 2);
-    const float* srow = ScaleRow(w, n, buf);
-    if (check) range.Fold<kGlobal>(srow, w.nb, w.global);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 128 <= K64; k += 128) {  // two chains
-      acc0 = _mm256_fmadd_ps(Chunk(row, srow, k), _mm256_loadu_ps(a.lsc + k / 8), acc0);
-      acc1 = _mm256_fmadd_ps(Chunk(row, srow, k + 64), _mm256_loadu_ps(a.lsc + k / 8 + 8), acc1);
-    }
-    if (k < K64) {
-      acc0 = _mm256_fmadd_ps(Chunk(row, srow, k), _mm256_loadu_ps(a.lsc + k / 8), acc0);
-      k += 64;
-    }
-    if (k < K) {  // the 32-chunk tail, zero-extended into the sum
-      const __m128 d = _mm_cvtepi32_ps(DotI8g32(row + k / 2, a.qp + k, a.corr + k / 8, lut));
-      const __m128 t = _mm_mul_ps(_mm_mul_ps(d, Scales4<kScales, kGlobal>(srow, k, ls)),
-                                  _mm_loadu_ps(a.lsc + k / 8));
-      acc1 = _mm256_add_ps(acc1, _mm256_insertf128_ps(_mm256_setzero_ps(), t, 0));
-    }
-    return _mm256_add_ps(acc0, acc1);
-  }
-};
-
-template <int kScales, bool kGlobal>
-LB_AVX2 bool GemvI8gAvx2T(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
-  const LaneScales ls = MakeLaneScales(w.block, w.global);
-  std::vector<float> buf;
-  ScaleRange range;
-  RowSumAvx2<kScales, kGlobal> row_sum{a, w, ls, _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                                           reinterpret_cast<const __m128i*>(OffsetTable(w.format)))),
-                                       buf, range, !w.bytes_all_tame};
-  StoreRowSums(y, n0, n1, row_sum);
-  return range.InRange();
+#define LB_I8G LB_AVX2
+LB_AVX2 inline __m256i OffsetLut(Format f) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(OffsetTable(f))));
 }
-
-// 64-chunks, then a 32-chunk tail (PermuteRowI8g order with chunk 64).
-LB_AVX2 bool GemvI8gAvx2(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
-  const bool g = w.global != 1.0f;  // global 1: fl(scale * 1) = scale, no multiplication
-  switch (ScalesPerChunk64(w.block)) {
-    case 4: return g ? GemvI8gAvx2T<4, true>(a, w, y, n0, n1) : GemvI8gAvx2T<4, false>(a, w, y, n0, n1);
-    case 2: return g ? GemvI8gAvx2T<2, true>(a, w, y, n0, n1) : GemvI8gAvx2T<2, false>(a, w, y, n0, n1);
-    default: return g ? GemvI8gAvx2T<1, true>(a, w, y, n0, n1) : GemvI8gAvx2T<1, false>(a, w, y, n0, n1);
-  }
-}
+#include "kernels_i8g_gemv.inc"
+#undef LB_I8G
 
 LB_AVX2 void UnpackI8gAvx2(const Weight& w, int64_t n0, int64_t nr, int64_t tile_rows, uint8_t* u,
                            float* sc) {
@@ -646,7 +591,7 @@ LB_AVX2 void GemmI8gAvx2(const I8gPanel& a, const I8gTile& t, int64_t K, int64_t
 
 const Kernels kAvx2{"avx2",           GemvF32Avx2,   GemvI8Avx2, DecodeRowsAvx2,
                     MicroAvx2,        GemvMixedAvx2, DotAvx2,    F32ScalesTameAvx2,
-                    ByteScalesTameAvx2, QuantizeI8gAvx2, 64, GemvI8gAvx2, UnpackI8gAvx2,
+                    ByteScalesTameAvx2, QuantizeI8gAvx2, 64, GemvI8g, UnpackI8gAvx2,
                     GemmI8gAvx2};
 
 }  // namespace detail

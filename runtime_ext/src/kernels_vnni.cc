@@ -44,66 +44,12 @@ LB_VNNI inline __m128i Dot32(const uint8_t* p, const int8_t* q, const int32_t* c
   return _mm_dpbusd_epi32(d, hi, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
 }
 
-// RowSumAvx2 (kernels_avx2.cc) with vpdpbusd.
-template <int kScales, bool kGlobal>
-struct RowSumVnni {
-  const I8gRow& a;
-  const Weight& w;
-  const LaneScales& ls;
-  __m256i lut;
-  std::vector<float>& buf;
-  ScaleRange& range;
-  bool check;  // fold every row's scales into `range` (they are not all tame by construction)
-
-  LB_VNNI __m256 Chunk(const uint8_t* row, const float* srow, int64_t k) const {
-    const __m256 d = _mm256_cvtepi32_ps(Dot64(row + k / 2, a.qp + k, a.corr + k / 8, lut));
-    return _mm256_mul_ps(d, Scales8<kScales, kGlobal>(srow, k, ls));
-  }
-  LB_VNNI __m256 operator()(int64_t n) {
-    const int64_t K = w.K, K64 = K & ~int64_t(63);
-    const uint8_t* row = w.codes + n * (K / 2);
-    const float* srow = ScaleRow(w, n, buf);
-    if (check) range.Fold<kGlobal>(srow, w.nb, w.global);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 128 <= K64; k += 128) {  // two chains
-      acc0 = _mm256_fmadd_ps(Chunk(row, srow, k), _mm256_loadu_ps(a.lsc + k / 8), acc0);
-      acc1 = _mm256_fmadd_ps(Chunk(row, srow, k + 64), _mm256_loadu_ps(a.lsc + k / 8 + 8), acc1);
-    }
-    if (k < K64) {
-      acc0 = _mm256_fmadd_ps(Chunk(row, srow, k), _mm256_loadu_ps(a.lsc + k / 8), acc0);
-      k += 64;
-    }
-    if (k < K) {  // the 32-chunk tail, zero-extended into the sum
-      const __m128 d = _mm_cvtepi32_ps(Dot32(row + k / 2, a.qp + k, a.corr + k / 8, lut));
-      const __m128 t = _mm_mul_ps(_mm_mul_ps(d, Scales4<kScales, kGlobal>(srow, k, ls)),
-                                  _mm_loadu_ps(a.lsc + k / 8));
-      acc1 = _mm256_add_ps(acc1, _mm256_zextps128_ps256(t));
-    }
-    return _mm256_add_ps(acc0, acc1);
-  }
-};
-
-template <int kScales, bool kGlobal>
-LB_VNNI bool GemvI8gVnniT(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
-  const LaneScales ls = MakeLaneScales(w.block, w.global);
-  std::vector<float> buf;
-  ScaleRange range;
-  RowSumVnni<kScales, kGlobal> row_sum{a, w, ls, OffsetLut(w.format), buf, range, !w.bytes_all_tame};
-  StoreRowSums(y, n0, n1, row_sum);
-  return range.InRange();
-}
-
-// 256-bit: measured faster than a 512-bit version (128-chunks) on this Zen 4, from DRAM
-// (28 vs 30-35 us on 576x1536 and 1536x576, one thread) and from L2 (20 vs 23 us) alike.
-LB_VNNI bool GemvI8gVnni(const I8gRow& a, const Weight& w, float* y, int64_t n0, int64_t n1) {
-  const bool g = w.global != 1.0f;  // global 1: fl(scale * 1) = scale, no multiplication
-  switch (ScalesPerChunk64(w.block)) {
-    case 4: return g ? GemvI8gVnniT<4, true>(a, w, y, n0, n1) : GemvI8gVnniT<4, false>(a, w, y, n0, n1);
-    case 2: return g ? GemvI8gVnniT<2, true>(a, w, y, n0, n1) : GemvI8gVnniT<2, false>(a, w, y, n0, n1);
-    default: return g ? GemvI8gVnniT<1, true>(a, w, y, n0, n1) : GemvI8gVnniT<1, false>(a, w, y, n0, n1);
-  }
-}
+// The AVX2 set's GEMV with vpdpbusd. 256-bit: measured faster than a 512-bit version (128-chunks)
+// on this Zen 4, from DRAM (28 vs 30-35 us on 576x1536 and 1536x576, one thread) and from L2 (20
+// vs 23 us) alike.
+#define LB_I8G LB_VNNI
+#include "kernels_i8g_gemv.inc"
+#undef LB_I8G
 
 // c[i * ldc + j] = lane i of vector j (j < 4, i < 16): 4 x 4 transposes inside the 128-bit
 // lanes, then one 16-byte store per panel row.
@@ -171,7 +117,7 @@ LB_VNNI void GemmI8gVnni(const I8gPanel& a, const I8gTile& t, int64_t K, int64_t
 void SetVnniKernels(Kernels& k) {
   k.name = "avx512vnni";
   k.i8g_chunk = 64;
-  k.gemv_i8g = GemvI8gVnni;
+  k.gemv_i8g = GemvI8g;
   k.gemm_i8g = GemmI8gVnni;
 }
 
