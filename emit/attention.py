@@ -123,7 +123,8 @@ def _split_heads(value: ir.Value, what: str) -> _Heads:
     if shape is None or len(shape) != 4 or shape[3] <= 0 or not isinstance(width, int) or width % shape[3]:
         raise _NoMatch(f"{what}: Reshape of {proj.shape} to {shape}, not [B, S, heads, head_size]")
     heads = width // shape[3]
-    if shape[2] not in (heads, -1) or any(d not in (0, -1) for d in shape[:2]) or shape.count(-1) > 1:
+    copies = reshape.attributes.get_int("allowzero", 0) == 0  # a 0 copies the input's dimension
+    if shape[2] not in (heads, -1) or any(d not in (0, -1) for d in shape[:2]) or shape.count(-1) > 1 or not copies:
         raise _NoMatch(f"{what}: Reshape of {proj.shape} to {shape}, not [B, S, heads, head_size]")
     return _Heads(proj, heads, shape[3])
 
