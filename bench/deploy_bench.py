@@ -282,6 +282,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "random weights: no faithfulness, no peers), compiled on --calib-windows windows; report "
                              "bench/DEPLOY_<SHAPE>.md unless -o is given")  # fmt: skip
     parser.add_argument("--calib-windows", type=int, default=4, help="calibration windows of the --synthetic compile (default 4)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for the --synthetic compile (repeatable; random weights: e.g. "
+                             "rounding.method=rtn keeps a large model's compile light, the graph is the same)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
             out = DEFAULT_OUTPUT.with_name(f"DEPLOY_{synthetic}.md")
     command = "lowbit-bench deploy" + (f" --windows {args.windows}" if args.windows != 8 else "") + (
         " --skip-faithfulness" if args.skip_faithfulness else "") + (
-        f" --synthetic {synthetic} --calib-windows {args.calib_windows}" if synthetic else "") + (
+        f" --synthetic {synthetic} --calib-windows {args.calib_windows}" + "".join(f" --set {kv}" for kv in getattr(args, "set", []))
+        if synthetic else "") + (
         f" --rounds {args.rounds} --threads {' '.join(map(str, args.threads))}")
     with tempfile.TemporaryDirectory(prefix="lowbit-deploy-") as tmp:
         if synthetic is None:
@@ -317,8 +321,8 @@ def run(args: argparse.Namespace) -> int:
             from lowbit.models.synthetic_llm import write_decoder
 
             model = write_decoder(synthetic, Path(tmp) / "synthetic", with_past=True)
-            contenders, missing = build_contenders(Path(tmp), qdq=False, export=model,
-                                                   overrides=(f"calibration.windows={args.calib_windows}",))  # fmt: skip
+            overrides = (f"calibration.windows={args.calib_windows}", *getattr(args, "set", []))
+            contenders, missing = build_contenders(Path(tmp), qdq=False, export=model, overrides=overrides)
             faithful = []
         speed = speed_rows(contenders, tuple(args.threads), args.rounds, repeats=10)
         deployed = contenders[f"lowbit-{RECIPE}-ort-cpu"][1]
