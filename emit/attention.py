@@ -296,6 +296,8 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Block:
     q_heads_rot, rotary = _rotary(q_scaled, "Q rotary")
     k_cache = _cache(_repeated(k_t.inputs[0], "K repeat"), graph, "K")
     v_cache = _cache(_repeated(context.inputs[1], "V repeat"), graph, "V")
+    if (k_cache.past is None) != (v_cache.past is None):
+        raise _NoMatch("only one of K and V has a cache")
     k_heads_rot, k_rotary = _rotary(k_cache.new, "K rotary")
     if (k_rotary.cos, k_rotary.sin) != (rotary.cos, rotary.sin):
         raise _NoMatch("Q and K use different rotary angles")
@@ -315,11 +317,25 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Block:
 class _Shared:
     """The values every fused block reads, built once per graph (before the first block)."""
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, rotary: _Rotary, mask: ir.Node) -> None:
-        self.graph, self.anchor = graph, anchor
-        attention_mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
-        if attention_mask is None:
+    @staticmethod
+    def check(graph: ir.Graph, rotary: _Rotary, mask: ir.Node) -> None:
+        """Raise _NoMatch unless the shared values can be built (before any node is inserted)."""
+        if not any(v.name == "attention_mask" for v in graph.inputs):
             raise _NoMatch("the graph has no attention_mask input (T and seqlens_k come from it)")
+        shape = rotary.cos.shape
+        if shape is None or len(shape) != 3 or not isinstance(shape[2], int):
+            raise _NoMatch("the rotary table's head size is not static")
+        node = mask.inputs[0].producer()
+        if node is not None and node.op_type == "Slice" and node.domain == "":
+            axes = _ints(node.inputs[3]) if len(node.inputs) > 3 else None
+            steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+            if _ints(node.inputs[1]) != [0] or axes not in ([3], [-1]) or steps != [1]:
+                raise _NoMatch("the mask is not sliced to the key length on its last axis")
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, rotary: _Rotary, mask: ir.Node) -> None:
+        self.check(graph, rotary, mask)
+        self.graph, self.anchor = graph, anchor
+        attention_mask = next(v for v in graph.inputs if v.name == "attention_mask")
         total = self._op("Shape", [attention_mask], start=1, end=2)  # [T]
         self.total = self._op("Cast", [self._op("Squeeze", [total])], to=ir.DataType.INT32)
         last = self._op("Sub", [self.total, self._const(np.array(1, np.int32), "one_i32")])
@@ -344,20 +360,15 @@ class _Shared:
         fused graph no longer computes)."""
         cond = mask.inputs[0]
         node = cond.producer()
-        if node is not None and node.op_type == "Slice" and node.domain == "":
-            starts, axes = _ints(node.inputs[1]), _ints(node.inputs[3]) if len(node.inputs) > 3 else None
-            steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
-            if starts != [0] or axes not in ([3], [-1]) or steps != [1]:
-                raise _NoMatch("the mask is not sliced to the key length on its last axis")
+        if node is not None and node.op_type == "Slice" and node.domain == "":  # checked in check()
             cond = self._op("Slice", [node.inputs[0], node.inputs[1], total, node.inputs[3]])
         minimum = self._const(np.array([np.finfo(np.float32).min], np.float32), "mask_min")
         return self._op("Where", [cond, mask.inputs[1], minimum])
 
     def _caches(self, rotary: _Rotary) -> tuple[ir.Value, ir.Value, ir.Value]:
-        shape = rotary.cos.shape
-        size = shape[2] if shape is not None and len(shape) == 3 and isinstance(shape[2], int) else None
-        if size is None:
-            raise _NoMatch("the rotary table's head size is not static")
+        """RotaryEmbedding's cos / sin caches: the step's own [B, S, D] rows, first halves, as
+        [B * S, D / 2]; and the position ids that index them (the row numbers, shaped [B, S])."""
+        size = rotary.cos.shape[2]
         half = self._const(np.array([size // 2], np.int64), "rotary_half")
         zero, axis = self._const(np.array([0], np.int64), "zero"), self._const(np.array([-1], np.int64), "last_axis")
         flat = self._const(np.array([-1, size // 2], np.int64), "rotary_rows")
@@ -381,10 +392,8 @@ def _fuse(block: _Block, shared: _Shared, graph: ir.Graph, index: int) -> None:
         return node.outputs[0]
 
     q, k = rope(block.q, block.heads, "q"), rope(block.k, block.kv_heads, "k")
-    past = [block.k_cache.past, block.v_cache.past]
-    inputs = [q, k, block.v, *past, shared.seqlens, shared.total, None, None, None, shared.bias]
-    if past[0] is None:
-        inputs[3:5] = [None, None]
+    inputs = [q, k, block.v, block.k_cache.past, block.v_cache.past, shared.seqlens, shared.total, None, None, None,
+              shared.bias]  # fmt: skip
     gqa = ir.node("GroupQueryAttention", inputs,
                   {"num_heads": block.heads, "kv_num_heads": block.kv_heads, "scale": float(np.float32(block.scale)),
                    "do_rotary": 0},  # fmt: skip
@@ -417,11 +426,11 @@ class FuseAttentionPass(LowbitPass):
                     blocks.append(_match(node, graph))
                 except _NoMatch as why:
                     reasons[str(why)] += 1
-        shared = None
+        shared, before = None, len(graph)
         if blocks:
             first = blocks[0]
             if any((b.rotary.cos, b.rotary.sin) != (first.rotary.cos, first.rotary.sin)
-                   or b.mask.inputs[0].producer() is None or not self._same_mask(b.mask, first.mask) for b in blocks):
+                   or not self._same_mask(b.mask, first.mask) for b in blocks):
                 reasons["the blocks do not share one rotary table and one mask"] += len(blocks)
                 blocks = []
             else:
@@ -430,7 +439,6 @@ class FuseAttentionPass(LowbitPass):
                 except _NoMatch as why:
                     reasons[str(why)] += len(blocks)
                     blocks = []
-        before = len(graph)
         for i, block in enumerate(blocks):
             _fuse(block, shared, graph, i)
         if blocks:
