@@ -294,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_speed_report_arguments(args)
     synthetic = getattr(args, "synthetic", None)
+    if getattr(args, "set", []) and synthetic is None:
+        from lowbit.errors import LowbitError
+
+        raise LowbitError("--set applies to the --synthetic compile only (SmolLM2's recipe is the one shipped)")
     if synthetic is not None:
         from lowbit.errors import LowbitError
         from lowbit.models.synthetic_llm import SHAPES

@@ -43,10 +43,11 @@ def test_speed_table_gives_ratios_to_fp32_and_matmulnbits(tmp_path):
 @pytest.mark.parametrize("bad, message", [({"windows": 0}, "must be >= 1"), ({"rounds": 0}, "must be >= 1"),
                                           ({"threads": [0]}, "must be >= 1"),
                                           ({"synthetic": "llama-9b"}, "--synthetic: unknown shape 'llama-9b'"),
-                                          ({"synthetic": "tiny", "calib_windows": 0}, "--calib-windows must be >= 1")])
+                                          ({"synthetic": "tiny", "calib_windows": 0}, "--calib-windows must be >= 1"),
+                                          ({"set": ["rounding.method=rtn"]}, "--set applies to the --synthetic")])
 def test_bad_arguments_are_refused_before_any_work(bad, message, tmp_path):
     args = argparse.Namespace(windows=8, rounds=3, threads=[1], skip_faithfulness=False, synthetic=None, calib_windows=4,
-                              output=str(tmp_path / "DEPLOY.md"))
+                              set=[], output=str(tmp_path / "DEPLOY.md"))
     for key, value in bad.items():
         setattr(args, key, value)
     with pytest.raises(LowbitError, match=message):
