@@ -26,6 +26,7 @@ import ctypes
 import json
 import os
 import statistics
+import sys
 import tempfile
 
 import numpy as np
@@ -171,8 +172,8 @@ def best_of(repeat: int, threads: int, **kw) -> dict[tuple[str, int, str], float
     return {key: min(r[key] for r in results) for key in results[0]}
 
 
-def run(threads=(1, 2), rows=(1, 128), gbps: float = 26.7, runs: int = 12, stream_mb: float = 64.0,
-        repeat: int = 1) -> str:
+def report(threads=(1, 2), rows=(1, 128), gbps: float = 26.7, runs: int = 12, stream_mb: float = 64.0,
+           repeat: int = 1) -> str:
     import onnxruntime as ort
 
     lines = ["## W4A8 per-op kernel time: GroupQuant + MatMulLowbit(float32) vs MatMulLowbit(int8_group)", "",
@@ -182,12 +183,11 @@ def run(threads=(1, 2), rows=(1, 128), gbps: float = 26.7, runs: int = 12, strea
     for t in threads:
         res = best_of(repeat, t, rows=rows, runs=runs, stream_mb=stream_mb)
         lines += ["", *_table(res, t, rows, SHAPES, gbps)]
-    lines += ["", "Command: `python -m lowbit.bench.kernel_bench`."]
+    lines += ["", "Command: `lowbit-bench kernels`."]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 128])
     p.add_argument("--gbps", type=float, default=26.7)
@@ -195,9 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-mb", type=float, default=64.0,
                    help="weights of all copies of an op (MB); below the caches the weights stay hot")
     p.add_argument("--repeat", type=int, default=3, help="measurements per cell; the table keeps the best")
-    args = p.parse_args(argv)
-    print(run(tuple(args.threads), tuple(args.rows), args.gbps, args.runs, args.stream_mb, args.repeat))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lowbit-bench kernels``: counts are checked before anything is measured (one-line errors)."""
+    from lowbit.errors import LowbitError
+
+    counts = [*args.threads, *args.rows, args.runs, args.repeat]
+    if any(c < 1 for c in counts) or not (args.gbps > 0 and args.stream_mb > 0):
+        raise LowbitError("--threads, --rows, --runs and --repeat must be >= 1, --gbps and --stream-mb > 0")
+    print(report(tuple(args.threads), tuple(args.rows), args.gbps, args.runs, args.stream_mb, args.repeat))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lowbit.bench.cli import main as bench_main
+
+    return bench_main(["kernels", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

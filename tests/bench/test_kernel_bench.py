@@ -25,3 +25,11 @@ def test_weight_bytes_and_copies():
     assert kb.weight_bytes(576, 1536, "int8_group") == 576 * 1536 // 2 + 1536 * 18 * 4
     assert kb.weight_bytes(576, 1536, "fp32") == 576 * 1536 * 4
     assert kb._copies(576, 1536, "int8_group", 64.0) * kb.weight_bytes(576, 1536, "int8_group") >= 64 * 2**20
+
+
+def test_bad_counts_are_one_line_errors_before_any_measurement(capsys):
+    from lowbit.bench.cli import main
+
+    assert main(["kernels", "--repeat", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lowbit-bench kernels: error: --threads, --rows, --runs and --repeat must be >= 1, --gbps and --stream-mb > 0"]
