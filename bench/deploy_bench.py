@@ -307,7 +307,10 @@ def run(args: argparse.Namespace) -> int:
         if args.calib_windows < 1:
             raise LowbitError("--calib-windows must be >= 1")
         if out == DEFAULT_OUTPUT:
+            from lowbit.bench.cli_bench import check_report_path
+
             out = DEFAULT_OUTPUT.with_name(f"DEPLOY_{synthetic}.md")
+            check_report_path(out)
     command = "lowbit-bench deploy" + (f" --windows {args.windows}" if args.windows != 8 else "") + (
         " --skip-faithfulness" if args.skip_faithfulness else "") + (
         f" --synthetic {synthetic} --calib-windows {args.calib_windows}" + "".join(f" --set {kv}" for kv in getattr(args, "set", []))
