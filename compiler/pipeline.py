@@ -39,6 +39,7 @@ from lowbit.emit.fgmp_act import FgmpActivationsPass, PerturbationAccumulator, o
 from lowbit.emit.fgmp_static_act import FgmpStaticActivationsPass
 from lowbit.emit.kv import KvQuantPass
 from lowbit.emit.attention import FuseAttentionPass
+from lowbit.emit.merge_siblings import MergeSiblingMatMulsPass
 from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass
 from lowbit.emit.reorder_norm import FuseReorderNormPass
 from lowbit.encode.weights import EncodeWeightsPass
@@ -217,7 +218,9 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
         if recipe.reorder.clusters:
             steps.append(FuseReorderNormPass())  # RPTQ Gather + norm -> ReorderNorm
         if recipe.ort_cpu.fuse_attention:
-            steps.append(FuseAttentionPass(ctx))  # eager attention -> RotaryEmbedding + GroupQueryAttention
+            steps.append(FuseAttentionPass(ctx))  # eager attention -> RotaryEmbedding + Attention (opset 23)
+        if recipe.ort_cpu.merge_siblings:
+            steps.append(MergeSiblingMatMulsPass(ctx))  # q/k/v, gate/up: one MatMulLowbit per shared input
     steps.append(RemoveUnusedNodesPass())  # the float weights the codes replaced
     steps.append(FusionBarrierPass(ctx))  # ORT at its default level computes the graph as written
     return _blockwise(ctx, steps)

@@ -52,7 +52,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     attention = report.get("attention")
     if attention and (attention["fused"] or attention["kept"]):
         kept = "; ".join(f"{n} kept: {why}" for why, n in attention["kept"].items())
-        lines.append(f"- attention: {attention['fused']} blocks fused into ONNX Runtime's GroupQueryAttention "
+        lines.append(f"- attention: {attention['fused']} blocks fused into ONNX Attention + RotaryEmbedding (opset 23) "
                      f"({attention['nodes_before']} -> {attention['nodes_after']} nodes)" + (f"; {kept}" if kept else ""))
     lines.append("")
     lines += ["## Passes", ""]

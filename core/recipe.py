@@ -335,7 +335,8 @@ class PrecisionSpec(_Spec):
 class OrtCpuSpec(_Spec):
     embeddings: bool = _doc("target ort-cpu: store the token-embedding table in packed 4 bits (GatherLowbit, weights.format); a tied lm_head shares the table", False)
     dynamic_activations: bool = _doc("target ort-cpu: 4-bit sites with float inputs quantize them to int8 per row at run time (W4A8 kernels; faster decode, no longer equal to the qdq model)", False)
-    fuse_attention: bool = _doc("target ort-cpu: each exported eager-attention block (rotary, K/V cache concat, head repeat, masked softmax) becomes ONNX Runtime's RotaryEmbedding + GroupQueryAttention: the same function up to float32 rounding, ~45 fewer nodes per layer at every decode step", True)
+    fuse_attention: bool = _doc("target ort-cpu: each exported eager-attention block (rotary, K/V cache concat, head repeat, masked softmax) becomes the standard RotaryEmbedding + Attention (opset 23, the ort-cpu target's output opset): the same function up to float32 rounding, ~45 fewer nodes per layer at every decode step", True)
+    merge_siblings: bool = _doc("target ort-cpu: the MatMulLowbit nodes that read one activation (q/k/v, gate/up) become one node over their concatenated weights and a Split: the same outputs, one dispatch and one activation quantization instead of three or two", True)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
-"""Fuse exported eager attention into ONNX Runtime's ``GroupQueryAttention`` (target ``ort-cpu``).
+"""Fuse exported eager attention into ONNX's ``Attention`` and ``RotaryEmbedding`` (opset 23; target ``ort-cpu``).
 
 An optimum / transformers export writes each decoder attention as about 45 small nodes (head
 reshapes, the rotary embedding's slices and concats, the K/V cache concatenation, the repeat of
 K/V heads, two MatMuls, the mask and the softmax). ONNX Runtime dispatches each one at every
 decode step; on SmolLM2 they were half of a step. This pass replaces each such block by two
-``com.microsoft.RotaryEmbedding`` nodes (Q and K) and one ``com.microsoft.GroupQueryAttention``
-reading the same projections, the same K/V cache inputs and writing the same cache outputs.
+standard ``RotaryEmbedding`` nodes (Q and K) and one standard ``Attention`` (both opset 23),
+reading the same projections and K/V cache inputs and writing the same cache outputs. ONNX
+Runtime's CPU kernel for ``Attention`` took 29 / 33 us per SmolLM2 decode call at 1 / 2 threads
+where its contrib ``GroupQueryAttention`` took 50 / 54 (bench/RESULTS.md), and any ONNX runtime
+may run the standard ops.
 
-Assumes: the graph computes, per layer (operand order of commutative ops free)::
+Assumes: the model's default-domain opset is >= 23 (the ``ort-cpu`` target's output opset,
+:func:`lowbit.passes.opset.output_opset`), and the graph computes, per layer (operand order of
+commutative ops free)::
 
     q = Transpose(Reshape(q_proj, [B, S, H, D]), [0, 2, 1, 3])          (k, v likewise, Hkv heads)
     rot(x) = x * Unsqueeze(cos, 1) + Concat(-x[..., D/2:], x[..., :D/2]) * Unsqueeze(sin, 1)
@@ -26,16 +31,16 @@ are and the report says why (e.g. a quantized K/V cache between the rotary and t
 The fused graph computes the same function up to float32 rounding, for any ``position_ids`` and
 any padding in ``attention_mask``:
 
-- rotary: the cos/sin rows the graph computed for this step are the ``RotaryEmbedding`` caches,
-  indexed by the row number of each token (so positions past any trained length behave as in the
-  export);
-- attention: ``seqlens_k`` is ``T - 1`` for every sequence and the export's own mask is the
-  ``attention_bias``, with -inf written as the float32 minimum: a query whose keys are all masked
-  (a left-padding position) then yields a finite row instead of the export's zero row. Those
-  rows are read by no real token (their keys are masked for every other query), so real tokens'
-  outputs do not change (the K/V cache rows of padding positions may: they are never read);
-- the scale is ``c1 * c2``; K/V caches keep the export's [B, Hkv, T, D] layout, so the model
-  still runs in ``ORTModelForCausalLM``.
+- rotary: the first halves of the cos/sin rows the graph computed for this step, [B, S, D / 2],
+  are the ``RotaryEmbedding`` caches (its form without ``position_ids``), so positions past any
+  trained length behave as in the export;
+- attention: ``is_causal = 0`` and the export's own mask is ``attn_mask``, with -inf written as
+  the float32 minimum: a query whose keys are all masked (a left-padding position) then yields a
+  finite row instead of the export's zero row. Those rows are read by no real token (their keys
+  are masked for every other query), so real tokens' outputs do not change (the K/V cache rows of
+  padding positions may: they are never read);
+- the scale is ``c1 * c2``; ``Attention`` takes and returns the K/V caches in the export's
+  [B, Hkv, T, D] layout, so the model still runs in ``ORTModelForCausalLM``.
 """
 
 from __future__ import annotations
@@ -51,12 +56,13 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lowbit.core.initializers import add_initializer
 from lowbit.core.pass_base import LowbitPass
+from lowbit.passes.opset import default_opset
 
 __all__ = ["FuseAttentionPass"]
 
 logger = logging.getLogger(__name__)
 
-MS_DOMAIN = "com.microsoft"
+ATTENTION_OPSET = 23  # Attention and RotaryEmbedding
 _MASKED = (float("-inf"), float(np.finfo(np.float32).min))  # the masked score (transformers writes either)
 
 
@@ -321,7 +327,7 @@ class _Shared:
     def check(graph: ir.Graph, rotary: _Rotary, mask: ir.Node) -> None:
         """Raise _NoMatch unless the shared values can be built (before any node is inserted)."""
         if not any(v.name == "attention_mask" for v in graph.inputs):
-            raise _NoMatch("the graph has no attention_mask input (T and seqlens_k come from it)")
+            raise _NoMatch("the graph has no attention_mask input (the key length T comes from it)")
         shape = rotary.cos.shape
         if shape is None or len(shape) != 3 or not isinstance(shape[2], int):
             raise _NoMatch("the rotary table's head size is not static")
@@ -337,19 +343,19 @@ class _Shared:
         self.graph, self.anchor = graph, anchor
         attention_mask = next(v for v in graph.inputs if v.name == "attention_mask")
         total = self._op("Shape", [attention_mask], start=1, end=2)  # [T]
-        self.total = self._op("Cast", [self._op("Squeeze", [total])], to=ir.DataType.INT32)
-        last = self._op("Sub", [self.total, self._const(np.array(1, np.int32), "one_i32")])
-        self.seqlens = self._op("Expand", [last, self._op("Shape", [attention_mask], start=0, end=1)])
         self.bias = self._bias(mask, total)
-        # the step's own cos/sin rows as RotaryEmbedding caches, indexed by row number
-        self.rotary = rotary
-        self.cos, self.sin, self.ids = self._caches(rotary)
+        # RotaryEmbedding's [B, S, D / 2] caches: the first halves of the step's own [B, S, D] cos /
+        # sin rows (the angles are Concat(f, f), so both halves are equal)
+        size = rotary.cos.shape[2]
+        zero, half = self._const(np.array([0], np.int64), "zero"), self._const(np.array([size // 2], np.int64), "rotary_half")
+        axis = self._const(np.array([-1], np.int64), "last_axis")
+        self.cos, self.sin = (self._op("Slice", [t, zero, half, axis]) for t in (rotary.cos, rotary.sin))
 
     def _const(self, array: np.ndarray, name: str) -> ir.Value:
         return add_initializer(self.graph, array, f"lowbit_attention.{name}")
 
-    def _op(self, op: str, inputs: list[ir.Value], domain: str = "", **attrs) -> ir.Value:
-        node = ir.node(op, inputs, attrs, domain=domain, name=f"lowbit_attention/{op}_{len(self.graph)}")
+    def _op(self, op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+        node = ir.node(op, inputs, attrs, name=f"lowbit_attention/{op}_{len(self.graph)}")
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0]
 
@@ -365,41 +371,24 @@ class _Shared:
         minimum = self._const(np.array([np.finfo(np.float32).min], np.float32), "mask_min")
         return self._op("Where", [cond, mask.inputs[1], minimum])
 
-    def _caches(self, rotary: _Rotary) -> tuple[ir.Value, ir.Value, ir.Value]:
-        """RotaryEmbedding's cos / sin caches: the step's own [B, S, D] rows, first halves, as
-        [B * S, D / 2]; and the position ids that index them (the row numbers, shaped [B, S])."""
-        size = rotary.cos.shape[2]
-        half = self._const(np.array([size // 2], np.int64), "rotary_half")
-        zero, axis = self._const(np.array([0], np.int64), "zero"), self._const(np.array([-1], np.int64), "last_axis")
-        flat = self._const(np.array([-1, size // 2], np.int64), "rotary_rows")
-        tables = [self._op("Reshape", [self._op("Slice", [t, zero, half, axis]), flat]) for t in (rotary.cos, rotary.sin)]
-        rows = self._op("Shape", [rotary.cos], start=0, end=2)
-        count = self._op("ReduceProd", [rows], keepdims=0)
-        ids = self._op("Range", [self._const(np.array(0, np.int64), "zero_scalar"), count,
-                                 self._const(np.array(1, np.int64), "one_i64")])  # fmt: skip
-        return tables[0], tables[1], self._op("Reshape", [ids, rows])
-
 
 def _fuse(block: _Block, shared: _Shared, graph: ir.Graph, index: int) -> None:
     anchor = block.output.producer()
-    d = block.head_size
 
     def rope(x: ir.Value, heads: int, name: str) -> ir.Value:
-        node = ir.node("RotaryEmbedding", [x, shared.ids, shared.cos, shared.sin],
-                       {"interleaved": 0, "num_heads": heads, "rotary_embedding_dim": d},
-                       domain=MS_DOMAIN, name=f"lowbit_attention/{index}/{name}_rotary")  # fmt: skip
+        node = ir.node("RotaryEmbedding", [x, shared.cos, shared.sin], {"interleaved": 0, "num_heads": heads},
+                       name=f"lowbit_attention/{index}/{name}_rotary")  # fmt: skip
         graph.insert_before(anchor, node)
         return node.outputs[0]
 
     q, k = rope(block.q, block.heads, "q"), rope(block.k, block.kv_heads, "k")
-    inputs = [q, k, block.v, block.k_cache.past, block.v_cache.past, shared.seqlens, shared.total, None, None, None,
-              shared.bias]  # fmt: skip
-    gqa = ir.node("GroupQueryAttention", inputs,
-                  {"num_heads": block.heads, "kv_num_heads": block.kv_heads, "scale": float(np.float32(block.scale)),
-                   "do_rotary": 0},  # fmt: skip
-                  domain=MS_DOMAIN, num_outputs=3, name=f"lowbit_attention/{index}/gqa")
-    graph.insert_before(anchor, gqa)
-    out, present_k, present_v = gqa.outputs
+    inputs = [q, k, block.v, shared.bias, block.k_cache.past, block.v_cache.past]
+    attention = ir.node("Attention", inputs,
+                        {"q_num_heads": block.heads, "kv_num_heads": block.kv_heads, "is_causal": 0,
+                         "scale": float(np.float32(block.scale))},  # fmt: skip
+                        num_outputs=3, name=f"lowbit_attention/{index}/attention")
+    graph.insert_before(anchor, attention)
+    out, present_k, present_v = attention.outputs
     for old, new in ((block.output, out), (block.k_cache.present, present_k), (block.v_cache.present, present_v)):
         if old is block.output or old.is_graph_output():
             new.type, new.shape = old.type, old.shape
@@ -409,7 +398,7 @@ def _fuse(block: _Block, shared: _Shared, graph: ir.Graph, index: int) -> None:
 
 
 class FuseAttentionPass(LowbitPass):
-    """Eager attention blocks -> RotaryEmbedding + GroupQueryAttention (module docs)."""
+    """Eager attention blocks -> RotaryEmbedding + Attention, opset 23 (module docs)."""
 
     # The same function up to float32 rounding, but it runs after emission: a rounding-level change
     # of an activation that a run-time quantizer reads then moves it to the neighbouring code now
@@ -420,9 +409,12 @@ class FuseAttentionPass(LowbitPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         blocks, reasons = [], Counter()
+        opset = default_opset(model)
         for node in list(graph):
             if node.domain == "" and node.op_type == "Softmax":
                 try:
+                    if opset < ATTENTION_OPSET:
+                        raise _NoMatch(f"the model's opset {opset} has no Attention (opset {ATTENTION_OPSET})")
                     blocks.append(_match(node, graph))
                 except _NoMatch as why:
                     reasons[str(why)] += 1
@@ -442,12 +434,11 @@ class FuseAttentionPass(LowbitPass):
         for i, block in enumerate(blocks):
             _fuse(block, shared, graph, i)
         if blocks:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
             RemoveUnusedNodesPass()(model)
             graph.sort()  # the shared values were inserted before the first block
         self.ctx.report["attention"] = {"fused": len(blocks), "nodes_before": before, "nodes_after": len(graph),
                                         "kept": dict(reasons)}  # fmt: skip
-        logger.info("attention: %d blocks -> GroupQueryAttention (%d -> %d nodes)%s", len(blocks), before,
+        logger.info("attention: %d blocks -> Attention (%d -> %d nodes)%s", len(blocks), before,
                     len(graph), "".join(f"; kept {n}: {r}" for r, n in reasons.items()))  # fmt: skip
         return ir.passes.PassResult(model, modified=bool(blocks))
 

@@ -1,7 +1,7 @@
 """Upgrade the model's default-domain opset to the one lowbit writes, before any pass reads an op.
 
 lowbit inserts nodes in a recent opset's form (blocked Q/DQ and INT4 need opset 21, FLOAT4E2M1
-23). Raising the opset *number* alone would leave the model's own nodes in their old form, which
+and the standard Attention / RotaryEmbedding 23). Raising the opset *number* alone would leave the model's own nodes in their old form, which
 is invalid under the new number (a ReduceMean with an ``axes`` attribute is opset < 18; at 18
 ``axes`` became an input). So the compile's output opset is decided once, from the recipe's
 target (:func:`output_opset`), and the whole model is converted to it first.
@@ -37,20 +37,21 @@ from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass
 
 from lowbit.errors import LowbitError
 
-__all__ = ["FP4_OUTPUT_OPSET", "OUTPUT_OPSET", "UpgradeOpsetPass", "default_opset", "output_opset",
+__all__ = ["FP4_OUTPUT_OPSET", "ORT_CPU_OUTPUT_OPSET", "OUTPUT_OPSET", "UpgradeOpsetPass", "default_opset", "output_opset",
            "upgrade_opset"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_OPSET = 21  # INT4/UINT4 and Q/DQ block_size (FACTS.md: "ONNX types and Q/DQ")
 FP4_OUTPUT_OPSET = 23  # FLOAT4E2M1 and DQ output_dtype: target qdq-fp4
+ORT_CPU_OUTPUT_OPSET = 23  # the standard Attention and RotaryEmbedding: target ort-cpu
 INLINE_LIMIT = 1024  # in-memory initializers up to this many elements go to the converter as data
 CONVERTER = f"onnx.version_converter (onnx {onnx.__version__})"
 
 
 def output_opset(target: str) -> int:
     """The default-domain opset a compile for ``target`` writes (models above it keep theirs)."""
-    return FP4_OUTPUT_OPSET if target == "qdq-fp4" else OUTPUT_OPSET
+    return {"qdq-fp4": FP4_OUTPUT_OPSET, "ort-cpu": ORT_CPU_OUTPUT_OPSET}.get(target, OUTPUT_OPSET)
 
 
 def default_opset(model: ir.Model) -> int:

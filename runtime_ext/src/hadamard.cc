@@ -9,6 +9,7 @@
 // Float32 arithmetic; results differ from the ONNX fallback (two MatMuls) by summation order.
 #include <cmath>
 
+#include "kernels.h"
 #include "ops.h"
 
 namespace lowbit {
@@ -38,34 +39,11 @@ void Hadamard::Compute(Ort::KernelContext& ctx) {
   const float* B = base.data<float>();
   float* Y = ctx.GetOutput(0, x.shape).GetTensorMutableData<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(p));
+  const Kernels& kern = SelectKernels();
   ParallelRanges(ctx, static_cast<size_t>(rows), 8, [&](size_t r0, size_t r1) {
     std::vector<float> z(static_cast<size_t>(c > 1 ? n : 0));
-    for (size_t r = r0; r < r1; ++r) {
-      float* v = c > 1 ? z.data() : Y + static_cast<int64_t>(r) * n;
-      const float* xr = X + static_cast<int64_t>(r) * n;
-      for (int64_t j = 0; j < n; ++j) v[j] = xr[j] * scale;
-      for (int64_t i = 0; i < c; ++i) {
-        float* chunk = v + i * p;
-        for (int64_t h = 1; h < p; h *= 2)
-          for (int64_t s = 0; s < p; s += 2 * h)
-            for (int64_t j = s; j < s + h; ++j) {
-              const float a = chunk[j], b = chunk[j + h];
-              chunk[j] = a + b;
-              chunk[j + h] = a - b;
-            }
-      }
-      if (c == 1) continue;
-      float* yr = Y + static_cast<int64_t>(r) * n;
-      for (int64_t k = 0; k < c; ++k) {
-        float* out = yr + k * p;
-        for (int64_t j = 0; j < p; ++j) out[j] = 0.0f;
-        for (int64_t i = 0; i < c; ++i) {
-          const float w = B[i * c + k];
-          const float* in = v + i * p;
-          for (int64_t j = 0; j < p; ++j) out[j] += w * in[j];
-        }
-      }
-    }
+    for (size_t r = r0; r < r1; ++r)
+      kern.hadamard_row(X + static_cast<int64_t>(r) * n, B, c, p, scale, z.data(), Y + static_cast<int64_t>(r) * n);
   });
 }
 

@@ -191,6 +191,14 @@ struct Kernels {
   // registers: the driver copies them out contiguously).
   void (*gemm_i8g)(const I8gPanel& a, const I8gTile& t, int64_t K, int64_t block, float* c,
                    int64_t ldc);
+
+  // One row of lowbit::Hadamard (hadamard.cc), n = c * p with p a power of two: v = x * scale,
+  // a fast Walsh-Hadamard transform of each chunk of p, then y[k * p + j] = sum_i base[i * c + k]
+  // * v[i * p + j] in order of i from 0.0f (z: n floats of scratch, unused when c == 1). Every
+  // set performs the same float32 operations (butterflies, products, sums in the same order, no
+  // fused multiply-add), so all give the same bits.
+  void (*hadamard_row)(const float* x, const float* base, int64_t c, int64_t p, float scale,
+                       float* z, float* y);
 };
 
 // The best set the CPU runs: AVX-512 VNNI (the AVX2 set with VNNI int8_group kernels), AVX2+FMA,

@@ -587,12 +587,57 @@ LB_AVX2 void GemmI8gAvx2(const I8gPanel& a, const I8gTile& t, int64_t K, int64_t
                        c + 8 * h * ldc + r0, ldc);
   }
 }
+// ---- lowbit::Hadamard rows (see kernels.h): the scalar set's operations, 8 lanes at a time ----
+// Butterflies of distance 1, 2 and 4 stay inside a vector: the partner lanes come from a permute
+// and each lane keeps a + b or a - b of the same two floats as the scalar loop. GCC contracts a
+// vector mul + add into an FMA by default; here that would change bits against the scalar set.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+LB_AVX2 inline __m256 InVectorButterflies(__m256 v) {
+  __m256 s = _mm256_permute_ps(v, 0xB1);  // h = 1: lanes (0 1)(2 3)...
+  v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xAA);
+  s = _mm256_permute_ps(v, 0x4E);  // h = 2: lanes (0 2)(1 3)...
+  v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xCC);
+  s = _mm256_permute2f128_ps(v, v, 0x01);  // h = 4: the two halves
+  return _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xF0);
+}
+
+LB_AVX2 void HadamardRowAvx2(const float* x, const float* base, int64_t c, int64_t p, float scale,
+                             float* z, float* y) {
+  if (p < 8) return HadamardRowScalar(x, base, c, p, scale, z, y);
+  const int64_t n = c * p;
+  float* v = c > 1 ? z : y;
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 8)
+    _mm256_storeu_ps(v + j, InVectorButterflies(_mm256_mul_ps(_mm256_loadu_ps(x + j), sc)));
+  for (int64_t i = 0; i < c; ++i) {
+    float* chunk = v + i * p;
+    for (int64_t h = 8; h < p; h *= 2)
+      for (int64_t s = 0; s < p; s += 2 * h)
+        for (int64_t j = s; j < s + h; j += 8) {
+          const __m256 a = _mm256_loadu_ps(chunk + j), b = _mm256_loadu_ps(chunk + j + h);
+          _mm256_storeu_ps(chunk + j, _mm256_add_ps(a, b));
+          _mm256_storeu_ps(chunk + j + h, _mm256_sub_ps(a, b));
+        }
+  }
+  if (c == 1) return;
+  for (int64_t k = 0; k < c; ++k) {
+    for (int64_t j = 0; j < p; j += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < c; ++i)  // mul then add: no fused multiply-add, as the scalar set
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(base[i * c + k]), _mm256_loadu_ps(v + i * p + j)));
+      _mm256_storeu_ps(y + k * p + j, acc);
+    }
+  }
+}
+#pragma GCC pop_options
+
 }  // namespace
 
 const Kernels kAvx2{"avx2",           GemvF32Avx2,   GemvI8Avx2, DecodeRowsAvx2,
                     MicroAvx2,        GemvMixedAvx2, DotAvx2,    F32ScalesTameAvx2,
                     ByteScalesTameAvx2, QuantizeI8gAvx2, 64, GemvI8g, UnpackI8gAvx2,
-                    GemmI8gAvx2};
+                    GemmI8gAvx2, HadamardRowAvx2};
 
 }  // namespace detail
 }  // namespace lowbit

@@ -49,6 +49,9 @@ inline const float* ScaleRow(const Weight& w, int64_t n, std::vector<float>& buf
 extern const Kernels kScalar;
 extern const Kernels kAvx2;
 void SetVnniKernels(Kernels& k);
+// The scalar Hadamard row (kernels.h, hadamard_row): the AVX2 set's path for chunks below 8.
+void HadamardRowScalar(const float* x, const float* base, int64_t c, int64_t p, float scale,
+                       float* z, float* y);
 
 }  // namespace detail
 }  // namespace lowbit

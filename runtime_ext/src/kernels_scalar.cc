@@ -269,10 +269,37 @@ float DotScalar(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+void HadamardRowScalar(const float* x, const float* base, int64_t c, int64_t p, float scale,
+                       float* z, float* y) {
+  const int64_t n = c * p;
+  float* v = c > 1 ? z : y;
+  for (int64_t j = 0; j < n; ++j) v[j] = x[j] * scale;
+  for (int64_t i = 0; i < c; ++i) {
+    float* chunk = v + i * p;
+    for (int64_t h = 1; h < p; h *= 2)
+      for (int64_t s = 0; s < p; s += 2 * h)
+        for (int64_t j = s; j < s + h; ++j) {
+          const float a = chunk[j], b = chunk[j + h];
+          chunk[j] = a + b;
+          chunk[j + h] = a - b;
+        }
+  }
+  if (c == 1) return;
+  for (int64_t k = 0; k < c; ++k) {
+    float* out = y + k * p;
+    for (int64_t j = 0; j < p; ++j) out[j] = 0.0f;
+    for (int64_t i = 0; i < c; ++i) {
+      const float w = base[i * c + k];
+      const float* in = v + i * p;
+      for (int64_t j = 0; j < p; ++j) out[j] += w * in[j];
+    }
+  }
+}
+
 const Kernels kScalar{"scalar",        GemvF32Scalar, GemvI8Scalar,        DecodeRowsScalar,
                       MicroScalar,     GemvMixedScalar, DotScalar, F32ScalesTameScalar,
                       ByteScalesTameScalar, QuantizeI8gScalar, 32, GemvI8gScalar,
-                      UnpackI8gScalar, GemmI8gScalar};
+                      UnpackI8gScalar, GemmI8gScalar, HadamardRowScalar};
 
 }  // namespace detail
 }  // namespace lowbit

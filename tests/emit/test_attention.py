@@ -13,8 +13,10 @@ from lowbit.core.context import CompileContext
 from lowbit.core.recipe import load_recipe
 from lowbit.emit.attention import FuseAttentionPass
 from lowbit.passes.canonicalize import canonicalize_passes
+from lowbit.passes.opset import output_opset
 
 pytestmark = pytest.mark.slow
+OPSET = output_opset("ort-cpu")  # Attention and RotaryEmbedding are opset 23
 
 LAYERS, KV_HEADS, HEAD = 30, 3, 64
 RTOL = 1e-5  # relative to the largest |output|: float32 reassociation only
@@ -25,7 +27,7 @@ def graphs(smollm2_with_past_export, tmp_path_factory):
     """(path of the export after canonicalization, path of the same fused, the pass's report)."""
     root = tmp_path_factory.mktemp("attention")
     model = ir.load(smollm2_with_past_export / "model.onnx")
-    for p in canonicalize_passes(report={}):
+    for p in canonicalize_passes(target_opset=OPSET, report={}):
         p(model)
     before, after = _save(model, root / "before"), root / "after"
     ctx = _context(model)
@@ -70,8 +72,9 @@ def test_every_block_fused(graphs):
     model = ir.load(after)
     ops = [n.op_type for n in model.graph]
     assert report["fused"] == LAYERS and not report["kept"]
-    assert ops.count("GroupQueryAttention") == LAYERS and ops.count("RotaryEmbedding") == 2 * LAYERS
-    assert "Softmax" not in ops and "Expand" not in ops[ops.index("GroupQueryAttention"):]
+    assert ops.count("Attention") == LAYERS and ops.count("RotaryEmbedding") == 2 * LAYERS
+    assert all(n.domain == "" for n in model.graph if n.op_type in ("Attention", "RotaryEmbedding"))
+    assert "Softmax" not in ops and "Expand" not in ops[ops.index("Attention"):]
     assert report["nodes_after"] < report["nodes_before"] - 40 * LAYERS
     outputs = [v.name for v in model.graph.outputs]
     assert outputs[0] == "logits" and outputs[1:3] == ["present.0.key", "present.0.value"]
@@ -136,7 +139,7 @@ def tiny_pair(tmp_path_factory):
     for with_past in (False, True):
         src = write_decoder("tiny", root / f"src-{with_past}", progress=False, with_past=with_past)
         model = ir.load(src / "model.onnx")
-        for p in canonicalize_passes(report={}):
+        for p in canonicalize_passes(target_opset=OPSET, report={}):
             p(model)
         before = _save(model, root / f"before-{with_past}")
         ctx = _context(model)
@@ -165,4 +168,16 @@ def test_tiny_decoder_fused_and_equal(tiny_pair, with_past):
     for x, y in zip(ra[1:], rb[1:]):  # the caches, at the real tokens (padding rows are read by none)
         tol = RTOL * max(np.abs(x).max(), 1e-6)
         assert np.abs(x[0] - y[0]).max() <= tol and np.abs(x[1, :, 3:] - y[1, :, 3:]).max() <= tol
-    assert {n.op_type for n in ir.load(after).graph} >= {"GroupQueryAttention", "RotaryEmbedding"}
+    assert {n.op_type for n in ir.load(after).graph} >= {"Attention", "RotaryEmbedding"}
+
+
+def test_below_opset_23_every_block_is_kept(smollm2_with_past_export):
+    """At the qdq targets' opset 21 there is no standard Attention: nothing changes, the report says why."""
+    model = ir.load(smollm2_with_past_export / "model.onnx")
+    for p in canonicalize_passes(report={}):  # opset 21
+        p(model)
+    before = len(model.graph)
+    ctx = _context(model)
+    assert not FuseAttentionPass(ctx)(model).modified
+    assert len(model.graph) == before
+    assert ctx.report["attention"]["kept"] == {"the model's opset 21 has no Attention (opset 23)": LAYERS}

@@ -37,8 +37,11 @@ def native_lib():
     return build.build()
 
 
-def _compile(overrides, target="ort-cpu", calibration=None, **tiny):
+def _compile(overrides, target="ort-cpu", calibration=None, merge=False, **tiny):
+    """``merge``: keep MergeSiblingMatMulsPass (off here: these tests check one node per site)."""
     model = tiny_decoder(**tiny)
+    if target == "ort-cpu" and not merge:
+        overrides = [*overrides, "ort_cpu.merge_siblings=false"]
     originals = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
     compiled = lowbit.compile(model, "w8", target=target, calibration=calibration,
                               overrides=overrides)
@@ -200,7 +203,7 @@ def test_embeddings_need_a_4bit_weight_format():
 
 def _pipeline(overrides, ffn=64):
     model = tiny_decoder(ffn=ffn)
-    ctx = CompileContext(model, load_recipe("w8", overrides + ["target=ort-cpu"]))
+    ctx = CompileContext(model, load_recipe("w8", overrides + ["target=ort-cpu", "ort_cpu.merge_siblings=false"]))
     encodings = {}
     for step in build_pipeline(ctx)[:-1]:
         step(model)
@@ -292,7 +295,8 @@ def test_kv_cache_smollm2_generates_through_optimum(native_lib, smollm2_with_pas
     compiled = lowbit.compile(smollm2_with_past_export, "w8", target="ort-cpu", overrides=[
         "weights.format=dint4", "weights.block_size=32", "ort_cpu.embeddings=true"])
     ops = _ops(compiled.model)
-    assert ops["MatMulLowbit"] == 211 and ops["GatherLowbit"] == 1  # 30 x 7 linears + lm_head
+    # 30 x (q/k/v, o, gate/up, down: siblings merged) + lm_head
+    assert ops["MatMulLowbit"] == 121 and ops["Split"] == 60 and ops["GatherLowbit"] == 1
     assert ops["DequantizeLinear"] == 0
     assert compiled.report["ort_cpu"]["embeddings"][0]["shared_with_lm_head"]
     out = compiled.save(tmp_path / "smollm2_ortcpu")
@@ -381,7 +385,7 @@ def test_int8_group_quantizers_fold_into_the_matmuls(native_lib, token_windows, 
 
     def compile_tiny():
         return lowbit.compile(tiny_decoder(hidden=64, ffn=128, vocab=64), "w4a8-dint4", target="ort-cpu",
-                              calibration=token_windows)
+                              calibration=token_windows, overrides=["ort_cpu.merge_siblings=false"])
 
     folded = compile_tiny()
     monkeypatch.setattr(ort_cpu, "_int8_group_quant", lambda *args: None)  # the previous form

@@ -88,7 +88,7 @@ def test_ort_cpu_rptq_pipeline_emits_reorder_norm(native_lib, token_windows, mon
     """ort-cpu + int8 activations + RPTQ clusters on a tiny decoder: every reorder Gather before a
     norm is fused, and the model equals the same compile without the fusion."""
     overrides = ["weights.format=dint4", "weights.block_size=16", "activations.format=int8",
-                 "activations.symmetric=true", "reorder.clusters=4"]
+                 "activations.symmetric=true", "reorder.clusters=4", "ort_cpu.merge_siblings=false"]
     fused = lowbit.compile(tiny_decoder(), "w8", target="ort-cpu", calibration=token_windows, overrides=overrides)
     ops = Counter(n.op_type for n in fused.model.graph)
     assert ops["ReorderNorm"] >= 4 and ops["MatMulLowbit"] == 15 and ops["Gather"] == 1  # the embedding

@@ -84,3 +84,41 @@ def test_spec_refuses_orders_without_a_matrix():
         HadamardSpec(10)
     with pytest.raises(LowbitError, match="malformed"):
         HadamardSpec.from_overload("576")
+
+
+_CHILD = """
+import sys, numpy as np, onnxruntime as ort
+from lowbit.runtime_ext import session_options
+data = np.load(sys.argv[1])
+out = {}
+for key in data.files:
+    n = data[key].shape[-1]
+    model = open(sys.argv[2] + f"/{n}.onnx", "rb").read()
+    out[key] = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"]).run(None, {"x": data[key]})[0]
+np.savez(sys.argv[3], **out)
+"""
+
+
+def test_every_kernel_set_gives_the_same_bits(tmp_path):
+    """The AVX2 rows (vector butterflies, the base mix 8 lanes at a time) perform the scalar set's
+    float32 operations: the outputs are bit-identical, at every width the models use and for
+    chunks below one vector (Hadamard of 12 = 12 x 1)."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    inputs = {f"x{n}": (rng.standard_normal((3, n)) * 7).astype(np.float32) for n in (12, 16, 24, 64, 576, 1536, 2048)}
+    best = {}
+    for key, x in inputs.items():
+        n = x.shape[-1]
+        model = _model(n, ["rows", n])
+        (tmp_path / f"{n}.onnx").write_bytes(model)
+        best[key] = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.savez(tmp_path / "in.npz", **inputs)
+    env = dict(os.environ, LOWBIT_ORT_ISA="scalar")
+    subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in.npz"), str(tmp_path), str(tmp_path / "out.npz")],
+                   check=True, env=env, timeout=300)
+    scalar = np.load(tmp_path / "out.npz")
+    for key in inputs:
+        assert np.array_equal(best[key].view(np.uint32), scalar[key].view(np.uint32)), key
