@@ -248,10 +248,12 @@ class OptqPass(LowbitPass):
                 for problem in batch:  # one site (a head): its weight as it is, no concatenated copy
                     sites = problem[0]
                     problem[1] = weight_kn(sites[0]) if len(sites) == 1 else np.concatenate([weight_kn(s) for s in sites], axis=1)
-                # a batch of fewer problems than threads (one block of a block-wise compile) gives
-                # BLAS the idle threads: a 1B model's down_proj factor and refit take 24 s on one
-                with threadpool_limits(max(1, _THREADS // len(batch)), user_api="blas"):
-                    self._round(batch, encodings, report)
+                # Still one BLAS thread for a batch of one problem (one block of a block-wise
+                # compile): OpenBLAS's Haswell kernels give other bits for Cholesky and GEMM edge
+                # tiles on two threads (measured), and the rounding must not depend on how the
+                # compile batched its sites. The second core then idles here (a 1B model's
+                # down_proj factor and refit: 24 s on one thread).
+                self._round(batch, encodings, report)
                 for problem in batch:
                     problem[1] = None  # at most one batch of weights in memory
                 bar.update(len(batch))
