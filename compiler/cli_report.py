@@ -5,7 +5,6 @@ an older lowbit picks up the current layout); ``--screenshot`` renders the page 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 

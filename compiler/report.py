@@ -49,6 +49,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- ONNX Runtime at its default options runs the graph as written: {barriers} weight "
                      "DequantizeLinear nodes carry a same-shape Reshape that keeps ORT from fusing them into "
                      "kernels that compute something else (README: ONNX Runtime's QDQ fusion)")
+    npu = report.get("npu")
+    if npu and npu.get("onnxruntime_x86"):
+        lines.append(f"- {npu['onnxruntime_x86']}")
     attention = report.get("attention")
     if attention and (attention["fused"] or attention["kept"]):
         kept = "; ".join(f"{n} kept: {why}" for why, n in attention["kept"].items())
