@@ -57,6 +57,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         kept = "; ".join(f"{n} kept: {why}" for why, n in attention["kept"].items())
         lines.append(f"- attention: {attention['fused']} blocks fused into ONNX Attention + RotaryEmbedding (opset 23) "
                      f"({attention['nodes_before']} -> {attention['nodes_after']} nodes)" + (f"; {kept}" if kept else ""))
+    merged = report.get("merged_matmuls")
+    if merged and merged["groups"]:
+        lines.append(f"- {merged['nodes_before']} MatMulLowbit nodes that read one activation merged into "
+                     f"{merged['groups']} (each followed by a Split)")
     lines.append("")
     lines += ["## Passes", ""]
     lines += _table(["pass", "seconds", "modified", "nodes before", "nodes after", "verified rel. diff"],
