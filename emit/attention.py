@@ -5,10 +5,10 @@ reshapes, the rotary embedding's slices and concats, the K/V cache concatenation
 K/V heads, two MatMuls, the mask and the softmax). ONNX Runtime dispatches each one at every
 decode step; on SmolLM2 they were half of a step. This pass replaces each such block by two
 standard ``RotaryEmbedding`` nodes (Q and K) and one standard ``Attention`` (both opset 23),
-reading the same projections and K/V cache inputs and writing the same cache outputs. ONNX
-Runtime's CPU kernel for ``Attention`` took 29 / 33 us per SmolLM2 decode call at 1 / 2 threads
-where its contrib ``GroupQueryAttention`` took 50 / 54 (bench/RESULTS.md), and any ONNX runtime
-may run the standard ops.
+reading the same projections and K/V cache inputs and writing the same cache outputs. Any ONNX
+runtime may run the standard ops, and ONNX Runtime's CPU ``Attention`` is the faster kernel: on
+the W4A8 SmolLM2 graph it took 1.54 / 1.76 ms per decode step at 1 / 2 threads where the contrib
+``GroupQueryAttention`` this pass first wrote took 1.90 / 2.00 ms (bench/RESULTS.md).
 
 Assumes: the model's default-domain opset is >= 23 (the ``ort-cpu`` target's output opset,
 :func:`lowbit.passes.opset.output_opset`), and the graph computes, per layer (operand order of

@@ -249,9 +249,9 @@ class OptqPass(LowbitPass):
                     sites = problem[0]
                     problem[1] = weight_kn(sites[0]) if len(sites) == 1 else np.concatenate([weight_kn(s) for s in sites], axis=1)
                 # Still one BLAS thread for a batch of one problem (one block of a block-wise
-                # compile): OpenBLAS's Haswell kernels give other bits for Cholesky and GEMM edge
-                # tiles on two threads (measured), and the rounding must not depend on how the
-                # compile batched its sites. The second core then idles here (a 1B model's
+                # compile): on two threads OpenBLAS's Haswell kernels give other bits (measured: a
+                # 576 x 576 Cholesky; the tiny decoder's lm_head refit), and the rounding must not
+                # depend on how the compile batched its sites. The second core then idles here (a 1B model's
                 # down_proj factor and refit: 24 s on one thread).
                 self._round(batch, encodings, report)
                 for problem in batch:
