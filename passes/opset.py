@@ -3,8 +3,9 @@
 lowbit inserts nodes in a recent opset's form (blocked Q/DQ and INT4 need opset 21, FLOAT4E2M1
 and the standard Attention / RotaryEmbedding 23). Raising the opset *number* alone would leave the
 model's own nodes in their old form, which is invalid under the new number (a ReduceMean with an
-``axes`` attribute is opset < 18; at 18 ``axes`` became an input). So the compile's output opset is decided once, from the recipe's
-target (:func:`output_opset`), and the whole model is converted to it first.
+``axes`` attribute is opset < 18; at 18 ``axes`` became an input). So the compile's output opset
+is decided once, from the recipe's target (:func:`output_opset`), and the whole model is
+converted to it first.
 
 Assumes: any ONNX model (opset 7 and up, as ``onnx.version_converter`` supports); model-local
 functions are inlined first (the converter converts the main graph only).
