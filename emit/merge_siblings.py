@@ -37,21 +37,19 @@ logger = logging.getLogger(__name__)
 _WEIGHT_INPUTS = 4  # a, codes, scales, global_scale (then the optional static act_scale)
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    return value.const_value.numpy() if value is not None and value.const_value is not None else None
-
-
 def _key(node: ir.Node) -> tuple | None:
-    """What siblings must share to merge, or None for a node this pass leaves alone."""
+    """What siblings must share to merge, or None for a node this pass leaves alone. Only the
+    scalar global scale is read: the packed arrays are compared by shape and type (an external
+    tensor stays unread until a merge needs it)."""
     if node.domain != DOMAIN or node.op_type != "MatMulLowbit" or len(node.inputs) > _WEIGHT_INPUTS + 1:
         return None  # FP8 blocks (inputs 5-7) are not concatenated
-    codes, scales, global_scale = (_constant(v) for v in node.inputs[1:_WEIGHT_INPUTS])
+    codes, scales, global_scale = (v.const_value if v is not None else None for v in node.inputs[1:_WEIGHT_INPUTS])
     if codes is None or scales is None or global_scale is None or global_scale.size != 1:
         return None
     attrs = tuple(sorted((name, repr(attr.value)) for name, attr in node.attributes.items()))
     act_scale = node.inputs[_WEIGHT_INPUTS] if len(node.inputs) > _WEIGHT_INPUTS else None
     return (id(node.inputs[0]), id(act_scale), attrs, node.overload, codes.shape[1], scales.shape[1],
-            scales.dtype.str, global_scale.item())  # fmt: skip
+            scales.dtype, global_scale.numpy().item())  # fmt: skip
 
 
 def _merge(graph: ir.Graph, siblings: list[ir.Node], index: int) -> None:
@@ -59,9 +57,9 @@ def _merge(graph: ir.Graph, siblings: list[ir.Node], index: int) -> None:
     the weight initializers only they read leave the graph."""
     first = siblings[0]
     replaced = [v for n in siblings for v in n.inputs[1:_WEIGHT_INPUTS]]
-    codes = np.concatenate([_constant(n.inputs[1]) for n in siblings], axis=0)
-    scales = np.concatenate([_constant(n.inputs[2]) for n in siblings], axis=0)
-    widths = [int(_constant(n.inputs[1]).shape[0]) for n in siblings]
+    codes = np.concatenate([n.inputs[1].const_value.numpy() for n in siblings], axis=0)
+    scales = np.concatenate([n.inputs[2].const_value.numpy() for n in siblings], axis=0)
+    widths = [int(n.inputs[1].const_value.shape[0]) for n in siblings]
     base = f"lowbit_merged.{index}"
     inputs = [first.inputs[0], add_initializer(graph, codes, f"{base}.codes4"),
               add_initializer(graph, scales, f"{base}.scales4"), *first.inputs[3:]]  # fmt: skip
