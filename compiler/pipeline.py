@@ -42,9 +42,11 @@ from lowbit.emit.attention import FuseAttentionPass
 from lowbit.emit.merge_siblings import MergeSiblingMatMulsPass
 from lowbit.emit.ort_cpu import FindEmbeddingsPass, LowerOrtCpuPass
 from lowbit.emit.reorder_norm import FuseReorderNormPass
+from lowbit.emit.share_embedding import ShareEmbeddingCodesPass
 from lowbit.encode.weights import EncodeWeightsPass
 from lowbit.encode.optq import OptqPass
 from lowbit.passes.precision import AssignPrecisionPass
+from lowbit.passes.quantize_embedding import QuantizeEmbeddingPass
 from lowbit.passes.reorder import ReorderPass
 from lowbit.passes.rotate_heads import RotateHeadsPass
 from lowbit.passes.rotate_online import RotateOnlinePass
@@ -221,29 +223,32 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
             steps.append(FuseAttentionPass(ctx))  # eager attention -> RotaryEmbedding + Attention (opset 23)
         if recipe.ort_cpu.merge_siblings:
             steps.append(MergeSiblingMatMulsPass(ctx))  # q/k/v, gate/up: one MatMulLowbit per shared input
-    steps.append(RemoveUnusedNodesPass())  # the float weights the codes replaced
-    steps.append(FusionBarrierPass(ctx))  # ORT at its default level computes the graph as written
-    return _blockwise(ctx, steps)
+    # the whole-graph steps after emission (outside a block-wise run's per-block passes)
+    finishing: list[ir.passes.PassBase] = []
+    if recipe.sites.embeddings == "int8":  # after observation and emission: calibration saw the float table
+        finishing.append(QuantizeEmbeddingPass(ctx))
+        finishing.append(ShareEmbeddingCodesPass(ctx))  # a tied table: one copy of its codes
+    finishing.append(RemoveUnusedNodesPass())  # the float weights the codes replaced
+    finishing.append(FusionBarrierPass(ctx))  # ORT at its default level computes the graph as written
+    return _blockwise(ctx, steps, finishing)
 
 
-_FINISHING = (RemoveUnusedNodesPass, FusionBarrierPass)  # the whole-graph steps every pipeline ends with
-
-
-def _blockwise(ctx: CompileContext, steps: list[ir.passes.PassBase]) -> list[ir.passes.PassBase]:
+def _blockwise(ctx: CompileContext, steps: list[ir.passes.PassBase],
+               finishing: list[ir.passes.PassBase]) -> list[ir.passes.PassBase]:  # fmt: skip
     """A model too large to run whole (``WHOLE_MODEL_BYTES``) whose per-site passes all work
     block by block is compiled block by block (:mod:`lowbit.compiler.blockwise`); otherwise the
     steps stay as they are (a recipe with a model-wide step, e.g. FGMP's global budget, then
     holds the whole model's statistics: logged)."""
     observing = [i for i, p in enumerate(steps) if isinstance(p, ObservePass)]
     if not observing or model_weight_bytes(ctx.model) <= observation.WHOLE_MODEL_BYTES:
-        return steps
+        return steps + finishing
     first = observing[0]
-    inner = steps[first + 1:-len(_FINISHING)]  # up to the final dead-code removal
+    inner = steps[first + 1:]
     if not inner or not all(getattr(p, "BLOCKWISE", False) for p in inner):
         logger.warning("%s cannot run block by block (%s): its memory grows with the model", ctx.recipe.name,
                        ", ".join(type(p).__name__ for p in inner if not getattr(p, "BLOCKWISE", False)))  # fmt: skip
-        return steps
-    return [*steps[:first], BlockwisePass(ctx, steps[first].accumulators, inner), *steps[-len(_FINISHING):]]
+        return steps + finishing
+    return [*steps[:first], BlockwisePass(ctx, steps[first].accumulators, inner), *finishing]
 
 
 def preserves_function(p: ir.passes.PassBase) -> bool:

@@ -57,6 +57,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         kept = "; ".join(f"{n} kept: {why}" for why, n in attention["kept"].items())
         lines.append(f"- attention: {attention['fused']} blocks fused into ONNX Attention + RotaryEmbedding (opset 23) "
                      f"({attention['nodes_before']} -> {attention['nodes_after']} nodes)" + (f"; {kept}" if kept else ""))
+    for e in report.get("embeddings", []):
+        shared = e.get("shared_with")
+        lines.append(f"- embedding {e['table']}: {e['format']} ({e['bits_per_weight']:.2f} bits per weight), "
+                     + (f"reads the codes of {shared}" if shared else "its own codes (no LM head stores the same ones)"))
     merged = report.get("merged_matmuls")
     if merged and merged["groups"]:
         lines.append(f"- {merged['nodes_before']} MatMulLowbit nodes that read one activation merged into "
@@ -100,7 +104,9 @@ def _rotation_lines(rotate: dict[str, Any] | None) -> list[str]:
     r1 = rotate.get("residual")
     if r1 is not None:
         lines.append(f"- R1 residual stream: rotated by {r1['matrix']} ({r1['writers']} writers, {r1['norms']} norms "
-                     f"folded{', LM head untied' if r1['untied_head'] else ''})" if r1["rotated"]
+                     f"folded{', LM head untied' if r1['untied_head'] else ''}"
+                     f"{', LM head kept tied behind a float hidden x hidden MatMul' if r1.get('tied_head_bridge') else ''})"
+                     if r1["rotated"]
                      else f"- R1 residual stream: not applied ({r1['reason']})")  # fmt: skip
     r2 = rotate.get("heads")
     if r2 is not None:

@@ -24,11 +24,14 @@ import onnx_ir as ir
 
 from lowbit.core.analyses import Key
 
-__all__ = ["LINEAR_SITES", "Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS", "find_linear_sites", "selected_sites",
-           "site_name"]
+__all__ = ["FLOAT_SITE_KEY", "LINEAR_SITES", "Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS", "find_linear_sites",
+           "selected_sites", "site_name"]
 
 logger = logging.getLogger(__name__)
 
+# Node metadata a pass sets on a MatMul it inserted that must stay float; the value is the reason
+# the report shows for the skipped site.
+FLOAT_SITE_KEY = "lowbit.float_site"
 NORM_OPS = frozenset({("", "RMSNormalization"), ("", "LayerNormalization"), ("lowbit", "RMSNormalization")})
 _WEIGHT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast"})
 # Expand is GQA's repeat_kv: each kv channel is replicated to its query heads, so o_proj's input
@@ -201,6 +204,10 @@ def find_linear_sites(graph: ir.Graph) -> LinearSiteMap:
         if traced is None:
             continue
         weight, path = traced
+        kept = node.metadata_props.get(FLOAT_SITE_KEY)
+        if kept:  # a matrix a lowbit pass inserted and asks to keep exact (e.g. R1's tied-head bridge)
+            skipped[site_name(node, weight)] = kept
+            continue
         axis = _reduction_axis(node, weight, path)
         if axis is None or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
             why = "transposed A operand" if axis is not None else "weight is not a 2-D matrix (or is reshaped)"

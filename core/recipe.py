@@ -212,6 +212,13 @@ class SiteSpec(_Spec):
     int8_weights: tuple[str, ...] = _doc("fnmatch patterns over site names whose weights are int8 with one scale per "
                                          "output channel (round to nearest) whatever weights.format, e.g. the LM head, "
                                          "which llama.cpp and NNCF also keep at 8 bits", ())
+    embeddings: str = _doc("token-embedding tables: float (as exported) | int8 (one scale per row, round to nearest, looked up "
+                           "by standard Gather + Cast + Mul; a table tied to an LM head in sites.int8_weights holds the same "
+                           "codes, so the file keeps one copy; with rotate.residual the head stays tied through one "
+                           "float hidden x hidden MatMul after the final norm)", "float")
+
+    def _validate(self) -> None:
+        _require(self.embeddings in ("float", "int8"), "sites.embeddings", f"{_show(self.embeddings)} is not float or int8")
 
 
 FEEDER_KINDS = ("norm", "attention_v", "gated_linear")
@@ -396,6 +403,8 @@ def _check_cross_sections(r: Recipe) -> None:
     else:
         _require(p.activations == "uniform", "precision.activations", "needs precision.enabled = true")
     _require(not r.ort_cpu.embeddings or r.target == "ort-cpu", "ort_cpu.embeddings", "needs target = 'ort-cpu'")
+    _require(not (r.ort_cpu.embeddings and r.sites.embeddings != "float"), "sites.embeddings",
+             "ort_cpu.embeddings already packs the table in 4 bits (set one of them)")
     _require(not r.ort_cpu.dynamic_activations or r.target == "ort-cpu", "ort_cpu.dynamic_activations",
              "needs target = 'ort-cpu'")
 

@@ -12,7 +12,12 @@ residual stream is every value reached from the token embedding's ``Gather`` thr
   orthogonal Q keeps the root mean square, so the norm's gamma is folded into the linears it
   feeds, W [d, N] -> Q^T diag(gamma) W, and gamma becomes 1;
 - an LM head tied to the embedding gets its own weight Q^T diag(gamma_final) E^T: the rotated
-  table and the head are no longer one matrix (the head is quantized as its own site anyway).
+  table and the head are no longer one matrix (the head is quantized as its own site anyway);
+- unless the recipe keeps the table in int8 shared with an int8 head (``sites.embeddings =
+  "int8"``, the head in ``sites.int8_weights``): then the head keeps reading the rotated table E Q
+  and its input goes through one float MatMul by B = Q^T diag(gamma_final) Q first (z Q B Q^T E^T =
+  z diag(gamma_final) E^T), marked to stay float (``linear_sites.FLOAT_SITE_KEY``): hidden^2 more
+  float weights (0.3 M on SmolLM2) buy one copy of the vocab x hidden table instead of two.
 
 Q is a randomized Hadamard matrix of the hidden size (:func:`lowbit.runtime_ext.hadamard.rotation`,
 ``rotate.seed``; a random orthogonal matrix where no Hadamard matrix of that order is built).
@@ -35,11 +40,11 @@ import onnx_ir as ir
 
 from lowbit.core.folding import SHAPE_ONLY_OPS, set_weight_kn, weight_kn
 from lowbit.core.initializers import add_initializer
-from lowbit.core.linear_sites import NORM_OPS, LinearSite, LinearSiteMap
+from lowbit.core.linear_sites import FLOAT_SITE_KEY, NORM_OPS, LinearSite, LinearSiteMap, matches_any
 from lowbit.core.pass_base import LowbitPass
 from lowbit.runtime_ext.hadamard import rotation
 
-__all__ = ["ResidualStream", "RotateResidualPass", "find_residual_stream"]
+__all__ = ["TIED_BRIDGE_REASON", "ResidualStream", "RotateResidualPass", "find_residual_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,12 +160,20 @@ def _check_norm(norm: ir.Node, index: int, sites: LinearSiteMap, table: ir.Value
     return readers
 
 
-def rotate_stream(graph: ir.Graph, stream: ResidualStream, q: np.ndarray) -> None:
-    """Apply h -> h Q to ``stream`` (module doc). ``q`` is orthogonal, [hidden, hidden]."""
+TIED_BRIDGE_REASON = "R1's bridge to the tied LM head (Q^T diag(gamma) Q), kept float"
+
+
+def rotate_stream(graph: ir.Graph, stream: ResidualStream, q: np.ndarray, *, keep_tied: bool = False) -> None:
+    """Apply h -> h Q to ``stream`` (module doc). ``q`` is orthogonal, [hidden, hidden].
+    ``keep_tied``: a tied head keeps reading the table, behind the float bridge B (module doc)."""
     table = stream.table.const_value.numpy().astype(np.float64)
     for norm, readers in stream.norms:
         gamma = norm.inputs[1].const_value.numpy().astype(np.float64)
         for site in readers:
+            if keep_tied and site.weight is stream.table:
+                _bridge(graph, site, np.ascontiguousarray(q.T @ (gamma[:, None] * q), dtype=np.float32),
+                        f"{stream.table.name}.tied_head_bridge")  # fmt: skip
+                continue
             w = table.T if site.weight is stream.table else weight_kn(site).astype(np.float64)
             rotated = np.ascontiguousarray(q.T @ (gamma[:, None] * w), dtype=np.float32)
             if site.weight is stream.table:  # the tied head: a weight of its own, [hidden, vocab]
@@ -175,6 +188,16 @@ def rotate_stream(graph: ir.Graph, stream: ResidualStream, q: np.ndarray) -> Non
     stream.table.const_value = ir.tensor((table @ q).astype(np.float32), name=stream.table.name)
 
 
+def _bridge(graph: ir.Graph, site: LinearSite, matrix: np.ndarray, name: str) -> None:
+    """``site`` reads ``MatMul(its input, matrix)`` instead of its input."""
+    node = ir.node("MatMul", [site.node.inputs[0], add_initializer(graph, matrix, name)], name=name)
+    node.metadata_props[FLOAT_SITE_KEY] = TIED_BRIDGE_REASON
+    node.outputs[0].name = f"{name}.output"
+    node.outputs[0].type, node.outputs[0].shape = site.node.inputs[0].type, site.node.inputs[0].shape
+    graph.insert_before(site.node, node)
+    site.node.replace_input_with(0, node.outputs[0])
+
+
 class RotateResidualPass(LowbitPass):
     """R1 (module doc); ``report["rotate"]["residual"]`` says what was rotated, or why not."""
 
@@ -187,11 +210,15 @@ class RotateResidualPass(LowbitPass):
             report["residual"] = {"rotated": False, "reason": stream}
             logger.warning("R1 residual rotation not applied: %s", stream)
             return ir.passes.PassResult(model, modified=False)
-        rot = rotation(stream.hidden, self.ctx.recipe.rotate.seed)
-        rotate_stream(model.graph, stream, rot.matrix)
+        recipe = self.ctx.recipe
+        rot = rotation(stream.hidden, recipe.rotate.seed)
+        keep_tied = bool(stream.tied) and recipe.sites.embeddings == "int8" and all(
+            matches_any(s, recipe.sites.int8_weights) for s in stream.tied)
+        rotate_stream(model.graph, stream, rot.matrix, keep_tied=keep_tied)
         report["residual"] = {"rotated": True, "hidden": stream.hidden, "matrix": rot.kind,
                               "writers": len(stream.writers), "norms": len(stream.norms),
-                              "readers": sum(len(r) for _, r in stream.norms), "untied_head": bool(stream.tied)}  # fmt: skip
+                              "readers": sum(len(r) for _, r in stream.norms),
+                              "untied_head": bool(stream.tied) and not keep_tied, "tied_head_bridge": keep_tied}  # fmt: skip
         logger.info("R1: residual stream (%d) rotated by %s: %d writers, %d norms", stream.hidden, rot.kind,
                     len(stream.writers), len(stream.norms))  # fmt: skip
         return ir.passes.PassResult(model, modified=True)
