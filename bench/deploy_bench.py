@@ -79,16 +79,17 @@ def _size(path: Path) -> int:
 
 
 def decode_weight_bytes(model_dir: Path) -> int:
-    """Bytes of every initializer except embedding tables (a Gather reads one row of them)."""
+    """Bytes of every initializer a step reads whole: all but the tables only lookups read (a
+    Gather reads one row of them; a table shared with a tied LM head is read whole by the head)."""
     import onnx_ir as ir
 
     model = ir.load(model_dir / "model.onnx")
-    gathered = {n.inputs[0].name for n in model.graph if n.op_type in ("Gather", "GatherLowbit") and n.inputs[0] is not None}
     total = 0
-    for name, value in model.graph.initializers.items():
-        if name in gathered or value.const_value is None:
-            continue
-        total += value.const_value.nbytes
+    for value in model.graph.initializers.values():
+        lookups_only = value.uses() and all((n.op_type == "Gather" and i == 0) or (n.op_type == "GatherLowbit" and i < 3)
+                                            for n, i in value.uses())  # GatherLowbit: codes, scales, global scale
+        if not lookups_only and value.const_value is not None:
+            total += value.const_value.nbytes
     return total
 
 

@@ -57,8 +57,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         kept = "; ".join(f"{n} kept: {why}" for why, n in attention["kept"].items())
         lines.append(f"- attention: {attention['fused']} blocks fused into ONNX Attention + RotaryEmbedding (opset 23) "
                      f"({attention['nodes_before']} -> {attention['nodes_after']} nodes)" + (f"; {kept}" if kept else ""))
+    sharing = report.get("embedding_codes_shared_with", {})
     for e in report.get("embeddings", []):
-        shared = e.get("shared_with")
+        shared = sharing.get(e["table"])
         lines.append(f"- embedding {e['table']}: {e['format']} ({e['bits_per_weight']:.2f} bits per weight), "
                      + (f"reads the codes of {shared}" if shared else "its own codes (no LM head stores the same ones)"))
     merged = report.get("merged_matmuls")

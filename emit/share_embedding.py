@@ -15,7 +15,8 @@ head's codes. With MatMulNBits it reads B and becomes ``Reshape(Sub(Cast(Gather(
 [..., hidden])``: ``float(code + 128) - 128`` is the code exactly, so every looked-up value is the
 same ``fl(code * scale)``. Lookups whose codes match no head keep their own (the report says so:
 e.g. a head the reorder or smoothing rescaled, or an untied table). The unused copy is removed
-by the pipeline's final dead-code pass.
+by the pipeline's final dead-code pass. ``report["embedding_codes_shared_with"]`` maps each table
+to the node whose codes it reads, or None.
 """
 
 from __future__ import annotations
@@ -84,13 +85,9 @@ class ShareEmbeddingCodesPass(LowbitPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        entries = {e["table"]: e for e in self.ctx.report.get("embeddings", [])}
-        shared = 0
-        for lookup in self.ctx.analyses.get(INT8_EMBEDDINGS):
-            entry = entries.get(lookup.table, {})
-            how = self._share(graph, lookup)
-            entry["shared_with"] = how
-            shared += how is not None
+        sharing = {lookup.table: self._share(graph, lookup) for lookup in self.ctx.analyses.get(INT8_EMBEDDINGS)}
+        self.ctx.report["embedding_codes_shared_with"] = sharing
+        shared = sum(how is not None for how in sharing.values())
         logger.info("embeddings: %d lookups read their LM head's codes", shared)
         return ir.passes.PassResult(model, modified=bool(shared))
 

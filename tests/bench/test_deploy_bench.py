@@ -10,6 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from lowbit.bench import deploy_bench
+from lowbit.core.initializers import add_initializer
 from lowbit.errors import LowbitError
 from lowbit.models.synthetic import tiny_decoder
 
@@ -19,12 +20,18 @@ def test_copy_bandwidth_and_cpu_flags_are_measured():
     assert isinstance(deploy_bench.cpu_flags(), str)
 
 
-def test_decode_weight_bytes_leave_out_the_embedding_table(tmp_path):
+def test_decode_weight_bytes_leave_out_a_table_only_lookups_read(tmp_path):
     model = tiny_decoder(hidden=32, ffn=48, vocab=64)
-    ir.save(model, tmp_path / "model.onnx")
+    (tmp_path / "tied").mkdir()
+    ir.save(model, tmp_path / "tied" / "model.onnx")
     every = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-    table = model.graph.initializers["embed_tokens.weight"].const_value.nbytes
-    assert deploy_bench.decode_weight_bytes(tmp_path) == every - table
+    assert deploy_bench.decode_weight_bytes(tmp_path / "tied") == every  # the tied LM head reads it whole
+    table = model.graph.initializers["embed_tokens.weight"]
+    head = next(n for n, _ in table.uses() if n.op_type == "Transpose")
+    head.replace_input_with(0, add_initializer(model.graph, table.const_value.numpy().copy(), "head.weight"))
+    (tmp_path / "untied").mkdir()
+    ir.save(model, tmp_path / "untied" / "model.onnx")
+    assert deploy_bench.decode_weight_bytes(tmp_path / "untied") == every  # the head's copy, not the table
 
 
 def test_speed_table_gives_ratios_to_fp32_and_matmulnbits(tmp_path):

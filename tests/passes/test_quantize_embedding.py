@@ -91,7 +91,7 @@ def test_the_tied_table_is_stored_once_and_read_from_the_head(tiny_dir, target):
                          overrides=["sites.embeddings=int8", *SMALL])  # fmt: skip
     big = [v for v in out.model.graph.initializers.values() if v.const_value.size >= 49152 * 64]
     assert len(big) == 1 and big[0].const_value.dtype in (ir.DataType.INT8, ir.DataType.UINT8)  # the head's codes, nothing else
-    shared = out.report["embeddings"][0]["shared_with"]
+    shared = out.report["embedding_codes_shared_with"][TABLE]
     assert shared == ("lm_head.dq (DequantizeLinear codes)" if target == "qdq" else "lm_head.nbits (MatMulNBits B)")
     size = sum(v.const_value.nbytes for v in out.model.graph.initializers.values())
     plain_size = sum(v.const_value.nbytes for v in plain.model.graph.initializers.values())
