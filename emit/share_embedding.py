@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from lowbit.core.initializers import add_initializer
 from lowbit.core.pass_base import LowbitPass
-from lowbit.passes.quantize_embedding import INT8_EMBEDDINGS, Int8Lookup
+from lowbit.passes.quantize_embedding import INT8_EMBEDDINGS, ROWS_PER_CHUNK, Int8Lookup
 
 __all__ = ["ShareEmbeddingCodesPass"]
 
@@ -53,7 +53,7 @@ def _dq_codes(node: ir.Node, codes: np.ndarray, scale: np.ndarray) -> ir.Value |
     zp = _const(node.inputs[2]) if len(node.inputs) > 2 else None
     if q is None or s is None or q.dtype != np.int8 or q.shape != codes.shape or s.shape != scale.shape[:1]:
         return None
-    if (zp is not None and zp.any()) or not np.array_equal(s, scale[:, 0]) or not np.array_equal(q, codes):
+    if (zp is not None and zp.any()) or not np.array_equal(s, scale[:, 0]) or not _rows_equal(q, codes):
         return None
     return node.inputs[0]
 
@@ -72,9 +72,16 @@ def _nbits_codes(node: ir.Node, codes: np.ndarray, scale: np.ndarray) -> ir.Valu
         return None
     if not np.array_equal(s.reshape(rows, -1), np.broadcast_to(scale, (rows, b.shape[1]))):
         return None
-    if not np.array_equal(b.reshape(rows, hidden).astype(np.int16) - NBITS_OFFSET, codes):
+    # code + 128 in uint8 is the int8 code with its top bit flipped
+    if not _rows_equal(b.reshape(rows, hidden), codes, lambda rows_: (rows_ ^ np.uint8(0x80)).view(np.int8)):
         return None
     return node.inputs[1]
+
+
+def _rows_equal(stored: np.ndarray, codes: np.ndarray, as_codes=lambda rows: rows) -> bool:
+    """``as_codes(stored) == codes`` everywhere, a chunk of rows at a time (no table-sized temporary)."""
+    return all(np.array_equal(as_codes(stored[r:r + ROWS_PER_CHUNK]), codes[r:r + ROWS_PER_CHUNK])
+               for r in range(0, len(codes), ROWS_PER_CHUNK))
 
 
 class ShareEmbeddingCodesPass(LowbitPass):
@@ -122,10 +129,6 @@ class ShareEmbeddingCodesPass(LowbitPass):
         new_cast = ir.node("Cast", [new_take.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}.nbits_cast")
         sub = ir.node("Sub", [new_cast.outputs[0], offset], name=f"{name}.nbits_unoffset")
         flat = ir.node("Reshape", [sub.outputs[0], shape], name=f"{name}.nbits_rows")
-        graph.insert_before(take, [new_take, new_cast, sub, flat])
-        out = cast.outputs[0]
-        flat.outputs[0].type, flat.outputs[0].shape = out.type, out.shape
-        out.replace_all_uses_with(flat.outputs[0])
-        graph.remove([cast, take], safe=True)
-        flat.outputs[0].name = out.name
+        ir.convenience.replace_nodes_and_values(graph, cast, [take, cast], [new_take, new_cast, sub, flat],
+                                                [cast.outputs[0]], [flat.outputs[0]])  # fmt: skip
         return True

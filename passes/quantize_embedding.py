@@ -35,7 +35,7 @@ from lowbit.core.initializers import add_initializer
 from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
 
-__all__ = ["INT8_EMBEDDINGS", "Int8Lookup", "QuantizeEmbeddingPass", "encode_rows"]
+__all__ = ["INT8_EMBEDDINGS", "Int8Lookup", "QuantizeEmbeddingPass", "int8_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,25 @@ class Int8Lookup:
 INT8_EMBEDDINGS: Key[list[Int8Lookup]] = Key("int8_embeddings", "token-embedding lookups quantized to int8 per row")
 
 
-def encode_rows(table: np.ndarray) -> formats.Encoded:
-    """int8 codes with one absmax scale per row: the encoding of an int8 LM head stored [vocab,
-    hidden] (``lowbit.encode.weights``), so a tied head and its table agree code for code."""
-    return formats.encode(table, "int8", axis=1, symmetric=True, scale_method="absmax")
+ROWS_PER_CHUNK = 4096  # rows are encoded independently: float temporaries of a chunk, not of the table
+
+
+def int8_rows(table: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int8 [V, K], scales float32 [V, 1]): ``formats.encode(table, "int8", axis=1)`` with one
+    absmax scale per row, the encoding of an int8 LM head stored [vocab, hidden]
+    (``lowbit.encode.weights``), so a tied head and its table agree code for code. A chunk of rows
+    at a time: an 8B model's table is 2 GB in float32, and encoding makes float copies of it."""
+    codes = np.empty(table.shape, np.int8)
+    scales = np.empty((table.shape[0], 1), np.float32)
+    for r in range(0, table.shape[0], ROWS_PER_CHUNK):
+        chunk = table[r:r + ROWS_PER_CHUNK]
+        bad = int((~np.isfinite(chunk)).sum())
+        if bad:
+            raise LowbitError(f"embedding table {name} has NaN/Inf values (rows {r}-{r + len(chunk) - 1}: {bad})")
+        enc = formats.encode(chunk, "int8", axis=1, symmetric=True, scale_method="absmax")
+        codes[r:r + len(chunk)] = enc.values()
+        scales[r:r + len(chunk)] = enc.scale
+    return codes, scales
 
 
 def _lookup_tables(graph: ir.Graph) -> list[ir.Node]:
@@ -86,22 +101,16 @@ class QuantizeEmbeddingPass(LowbitPass):
             table = gather.inputs[0]
             values = table.const_value.numpy()
             name = table.name or gather.name or "embedding"
-            if not np.isfinite(values).all():
-                raise LowbitError(f"embedding table {name} has {int((~np.isfinite(values)).sum())} NaN/Inf values")
-            enc = encode_rows(values)
-            codes = add_initializer(graph, enc.values().astype(np.int8), f"{name}.int8")
-            scale = add_initializer(graph, enc.scale.reshape(-1, 1), f"{name}.row_scale")
+            codes_array, scales = int8_rows(values, name)
+            codes = add_initializer(graph, codes_array, f"{name}.int8")
+            scale = add_initializer(graph, scales, f"{name}.row_scale")
             ids = gather.inputs[1]
             take = ir.node("Gather", [codes, ids], {"axis": 0}, name=f"{name}.int8_lookup")
             cast = ir.node("Cast", [take.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}.int8_cast")
             take_scale = ir.node("Gather", [scale, ids], {"axis": 0}, name=f"{name}.row_scale_lookup")
             mul = ir.node("Mul", [cast.outputs[0], take_scale.outputs[0]], name=f"{name}.dequantize")
-            graph.insert_before(gather, [take, cast, take_scale, mul])
-            out = gather.outputs[0]
-            mul.outputs[0].type, mul.outputs[0].shape = out.type, out.shape
-            out.replace_all_uses_with(mul.outputs[0], replace_graph_outputs=True)
-            graph.remove(gather, safe=True)
-            mul.outputs[0].name = out.name
+            ir.convenience.replace_nodes_and_values(graph, gather, [gather], [take, cast, take_scale, mul],
+                                                    [gather.outputs[0]], [mul.outputs[0]])  # fmt: skip
             if not table.uses():
                 graph.initializers.pop(table.name, None)
             lookups.append(Int8Lookup(take, cast, take_scale, name))
