@@ -58,7 +58,7 @@ class BlockwisePass(LowbitPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         seconds: dict[str, float] = defaultdict(float)
-        spill = TensorSpill(run_dir() / f"blockwise-{id(self):x}.data")
+        spill = self.ctx.spill or TensorSpill(run_dir())
         blocks = {"segments": 0, "dropped_initializers": 0, "peak_block_sites": 0}
         rss: list[int] = []  # resident memory after each block, MB: flat when memory is bounded
 

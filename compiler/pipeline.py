@@ -23,6 +23,8 @@ from lowbit.core.context import CompileContext
 from lowbit.ort.session import run_on_tokens
 from lowbit.errors import LowbitError
 from lowbit.core.recipe import Recipe
+from lowbit.core.tensor_spill import TensorSpill
+from lowbit.files.scratch import run_dir
 from lowbit.compiler.blockwise import BlockwisePass
 from lowbit.ort import observe as observation
 from lowbit.ort.observe import Accumulator, ObservePass
@@ -263,6 +265,10 @@ def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions
             options.dump_dir.mkdir(exist_ok=True)  # the parent exists (PipelineOptions checked)
         except OSError as e:  # removed or replaced since the check
             raise LowbitError(f"--dump-dir {options.dump_dir}: cannot create it ({e.strerror})") from e
+    if model_weight_bytes(ctx.model) > observation.WHOLE_MODEL_BYTES:
+        # too large to hold twice: model-wide rewrites (rotations) and block-wise passes spill what
+        # they rewrite to one scratch file (lowbit.core.tensor_spill)
+        ctx.spill = TensorSpill(run_dir())
     verifier = _Verifier(ctx, options.verify_tokens) if options.verify else None
     wrapped = [
         Instrumented(p, ctx, i, preserving=preserves_function(p), options=options, verifier=verifier)

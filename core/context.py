@@ -23,6 +23,7 @@ from lowbit.core.linear_sites import LINEAR_SITES, LinearSiteMap, find_linear_si
 from lowbit.core.model_checks import check_ir_external_data, check_token_ids, ir_vocab_limits
 from lowbit.core.float_types import check_float_types
 from lowbit.core.recipe import Recipe
+from lowbit.core.tensor_spill import TensorSpill, unmap_external
 
 __all__ = ["CalibrationData", "CompileContext"]
 
@@ -66,6 +67,17 @@ class CompileContext:
         self.analyses.register(LINEAR_SITES, lambda: find_linear_sites(self.model.graph))
         # the nodes of the block a block-wise compile processes now (None: the whole model)
         self.scope: set[ir.Node] | None = None
+        # a model too large to hold twice (set by the pipeline): what passes rewrite goes to one
+        # scratch data file as they go, so memory is bounded by what a pass works on, not the model
+        self.spill: TensorSpill | None = None
+
+    def release_rewritten(self) -> None:
+        """Within a model-wide rewrite of a large model (rotations), after each piece of it (a
+        layer, a group): the weights rewritten so far go to the scratch file and the memory maps
+        reading left open are closed. Does nothing when the model is held in memory (no ``spill``)."""
+        if self.spill is not None:
+            self.spill.spill(self.model.graph)
+            unmap_external(self.model.graph)
 
     @property
     def sites(self) -> LinearSiteMap:

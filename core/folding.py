@@ -13,6 +13,10 @@ absorb ``x / s`` or ``x[..., perm]``:
   every channel inside its head (attention mixes tokens, never channels, within a head) and be the
   same in every query head that shares a v head; v_proj's output columns then absorb it.
 
+A bias added to the producer's (or gate's) output channels -- Qwen's v_proj, Gemm's C -- takes
+the same scale or permutation as the producer's columns
+(:func:`lowbit.core.linear_sites.output_bias`).
+
 It refuses (returns a reason string) whenever folding would change anything but x: the group
 input has consumers outside the group (``Shape``/``Size`` consumers are allowed: a per-channel
 scale or permutation leaves the shape they read unchanged), a weight or gamma initializer is shared (tied lm_head),
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.core.linear_sites import LinearSite
+from lowbit.core.linear_sites import LinearSite, output_bias
 
 __all__ = ["SHAPE_ONLY_OPS", "FoldTarget", "fold_target", "producer_permutation", "set_weight_kn", "weight_kn"]
 
@@ -42,6 +46,8 @@ class FoldTarget:
     gate: LinearSite | None = None  # gate_proj (gated_linear only)
     channel_map: np.ndarray | None = None  # consumer channel -> producer channel
     head_dim: int | None = None  # attention_v: channels per head (None: head layout unknown)
+    producer_bias: ir.Value | None = None  # added to the producer's output channels (Qwen's v_proj)
+    gate_bias: ir.Value | None = None  # added to gate_proj's output channels
 
     @property
     def channels(self) -> int:
@@ -62,6 +68,8 @@ class FoldTarget:
             return
         sp = producer_scale(self, s)
         set_weight_kn(self.producer, weight_kn(self.producer) / sp[None, :].astype(np.float32))
+        if self.producer_bias is not None:
+            _set_const(self.producer_bias, _const(self.producer_bias) / sp.astype(np.float32))
 
     # --- permutations: x -> x[..., perm] -------------------------------------------------------
     def apply_permutation(self, perm: np.ndarray) -> None:
@@ -78,6 +86,9 @@ class FoldTarget:
             return
         for site in (self.producer, self.gate) if self.kind == "gated_linear" else (self.producer,):
             set_weight_kn(site, weight_kn(site)[:, pperm])
+        for bias in (self.producer_bias, self.gate_bias):
+            if bias is not None:
+                _set_const(bias, _const(bias)[..., pperm])
 
 
 def producer_permutation(target: FoldTarget, perm: np.ndarray) -> np.ndarray:
@@ -203,11 +214,18 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...], *, cache_follow
     producer = feeder.producer_site
     if producer is None or not _weights_private([producer]) or len(producer.node.outputs[0].consumers()) != 1:
         return "the producer's weight or output is shared"
+    bias = output_bias(producer)
+    if isinstance(bias, str):
+        return bias
     if feeder.kind == "gated_linear":
         siblings = producer.siblings
         if len(siblings) != 1 or not _weights_private(siblings) or not _elementwise_only(siblings[0].node.outputs[0]):
             return "gate/up pair not recognised"
-        return FoldTarget("gated_linear", group, producer=producer, gate=siblings[0], channel_map=np.arange(site.in_features))
+        gate_bias = output_bias(siblings[0])
+        if isinstance(gate_bias, str):
+            return gate_bias
+        return FoldTarget("gated_linear", group, producer=producer, gate=siblings[0], channel_map=np.arange(site.in_features),
+                          producer_bias=bias, gate_bias=gate_bias)  # fmt: skip
     if not cache_follows and _reaches_graph_output(producer.node.outputs[0]):
         return "v_proj output is also a KV-cache output (present.*): scaling it would change the cache"
     head_dim = _head_dim(feeder.node)
@@ -216,4 +234,4 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...], *, cache_follow
         return mapping
     if head_dim is not None and site.in_features % head_dim:
         head_dim = None
-    return FoldTarget("attention_v", group, producer=producer, channel_map=mapping, head_dim=head_dim)
+    return FoldTarget("attention_v", group, producer=producer, channel_map=mapping, head_dim=head_dim, producer_bias=bias)

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from lowbit.core.analyses import Key
 
 __all__ = ["FLOAT_SITE_KEY", "LINEAR_SITES", "Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS", "find_linear_sites",
-           "selected_sites", "site_name"]
+           "output_bias", "selected_sites", "site_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,32 @@ def site_name(node: ir.Node, weight: ir.Value) -> str:
     return name
 
 
+def _channel_bias(value: ir.Value | None, channels: int) -> bool:
+    """A private constant of one value per output channel ([N] or [1, N])."""
+    return (value is not None and value.is_initializer() and value.const_value is not None
+            and len(value.uses()) == 1 and tuple(value.const_value.shape) in ((channels,), (1, channels)))  # fmt: skip
+
+
+def output_bias(site: LinearSite) -> ir.Value | str | None:
+    """The constant added to each output channel of ``site`` -- Gemm's C, or the one ``Add`` that
+    reads its output (Qwen's q/k/v_proj) -- so that a transform of the output channels (a folded
+    scale, a permutation, a rotation per head) can be applied to it too; None when the output has
+    no bias, a reason string when its constant is not a private per-channel bias."""
+    n = site.out_features
+    if site.node.op_type == "Gemm" and len(site.node.inputs) > 2 and site.node.inputs[2] is not None:
+        c = site.node.inputs[2]
+        return c if _channel_bias(c, n) else f"{site.name}: Gemm's C is not a private bias per output channel"
+    out = site.node.outputs[0]
+    users = out.consumers()
+    if len(users) != 1 or users[0].op_type != "Add" or users[0].domain != "" or out.is_graph_output():
+        return None
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if other is None or other.const_value is None:
+        return None  # a residual Add: not a bias
+    return other if _channel_bias(other, n) else f"{site.name}: its output Add's constant is not a private bias per channel"
+
+
 def _walk_up(value: ir.Value) -> ir.Node | None:
     node = value.producer()
     while node is not None and node.op_type in _ACT_LAYOUT_OPS:
@@ -169,6 +195,12 @@ class LinearSiteMap:
             # projection at earlier steps, so channels still map one to one
             found = [s for s in map(self.site_of_output, node.inputs) if s is not None]
             return found[0] if len(found) == 1 else None
+        if node is not None and node.op_type == "Add" and node.domain == "":  # a bias after the linear
+            for operand in node.inputs:
+                site = self.by_node.get(id(operand.producer())) if operand is not None else None
+                if site is not None and isinstance(output_bias(site), ir.Value):
+                    return site
+            return None
         return self.by_node.get(id(node)) if node is not None else None
 
     def _feeder(self, site: LinearSite) -> Feeder:

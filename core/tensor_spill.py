@@ -15,8 +15,11 @@ so a compiled model can be saved after the compile.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 __all__ = ["TensorSpill", "drop_unused_initializers", "unmap_external"]
@@ -25,10 +28,13 @@ _ALIGN = 64
 
 
 class TensorSpill:
-    """One append-only scratch data file of spilled initializers."""
+    """One append-only scratch data file of spilled initializers, a new file in ``directory``
+    (each compile its own: a compiled model keeps reading its spill after the compile)."""
 
-    def __init__(self, path: Path, min_bytes: int = 64 << 10) -> None:
-        self.path, self.min_bytes = path, min_bytes
+    def __init__(self, directory: Path, min_bytes: int = 64 << 10) -> None:
+        fd, name = tempfile.mkstemp(prefix="spill-", suffix=".data", dir=directory)
+        os.close(fd)
+        self.path, self.min_bytes = Path(name), min_bytes
         self.offset = 0
         self.bytes = 0  # spilled so far
 
@@ -42,9 +48,10 @@ class TensorSpill:
                 # external and lazily widened weights are read on demand already: only what a pass wrote moves
                 if tensor is None or isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)) or tensor.nbytes < self.min_bytes:
                     continue
-                data = tensor.tobytes()
+                data = _raw_bytes(tensor)
                 pad = -self.offset % _ALIGN
-                f.write(b"\0" * pad + data)
+                f.write(b"\0" * pad)
+                f.write(data)
                 self.offset += pad
                 value.const_value = ir.ExternalTensor(self.path.name, self.offset, len(data), tensor.dtype,
                                                       shape=tensor.shape, name=tensor.name or value.name,
@@ -53,6 +60,16 @@ class TensorSpill:
                 self.bytes += len(data)
                 moved += 1
         return moved
+
+
+def _raw_bytes(tensor: ir.TensorProtocol) -> memoryview | bytes:
+    """The tensor's bytes as ``tobytes()`` gives them, without the copy when its array is already
+    laid out that way (C order, little endian, whole bytes per element): a rotated 1B table is 1 GB."""
+    if tensor.dtype.bitwidth % 8 == 0 and isinstance(tensor, ir.Tensor):
+        array = tensor.numpy()
+        if array.flags.c_contiguous and array.dtype.byteorder in "=|<" and array.dtype.itemsize * 8 == tensor.dtype.bitwidth:
+            return memoryview(array.reshape(-1).view(np.uint8))
+    return tensor.tobytes()
 
 
 def drop_unused_initializers(graph: ir.Graph) -> int:
@@ -75,4 +92,7 @@ def unmap_external(graph: ir.Graph) -> None:
     the file again."""
     for value in graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value.release()
+            try:
+                value.const_value.release()
+            except BufferError:  # a pass still holds an array of it: its map closes when that array dies
+                pass

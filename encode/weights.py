@@ -36,6 +36,8 @@ __all__ = ["EncodeWeightsPass", "encode_weights", "power_of_two", "transposed"]
 
 logger = logging.getLogger(__name__)
 
+_CHECK_ROWS = 8192  # rows per NaN/Inf check: a boolean temporary of a slice, not of the weight
+
 def power_of_two(scale: np.ndarray, mode: str) -> np.ndarray:
     """``scale`` rounded to powers of two: ``ceil`` (up), ``nearest`` (in log2), ``none``."""
     if mode == "none":
@@ -59,19 +61,21 @@ def _rtn(ctx: CompileContext, site: LinearSite) -> formats.Encoded:
     recipe = ctx.recipe
     wspec = recipe.weights
     w = site.weight.const_value.numpy()
-    if not np.isfinite(w).all():
-        raise LowbitError(f"weight {site.name} has {int((~np.isfinite(w)).sum())} NaN/Inf values")
+    bad = sum(int((~np.isfinite(w[i:i + _CHECK_ROWS])).sum()) for i in range(0, len(w), _CHECK_ROWS))
+    if bad:
+        raise LowbitError(f"weight {site.name} has {bad} NaN/Inf values")
     if recipe.target == "npu":  # symmetric per output channel of the (K, N) matrix
         w_kn = weight_kn(site)
         scale = formats.choose_scale(w_kn, wspec.format, axis=0, scale_method=wspec.scale_method).scale
         scale = power_of_two(scale, recipe.npu.power_of_two_scales)
         enc = formats.encode(w_kn, wspec.format, axis=0, scale=scale)
         return enc if site.reduction_axis == 0 else transposed(enc)
+    # a slice of output channels at a time (the same codes): a 1-8B vocabulary head is 1-2 GB
     if matches_any(site, recipe.sites.int8_weights):  # one scale per output channel, as the w8 recipe
-        return formats.encode(w, "int8", axis=site.reduction_axis, symmetric=True, scale_method="absmax")
+        return formats.encode_sliced(w, "int8", axis=site.reduction_axis, symmetric=True, scale_method="absmax")
     block = formats.get_format(wspec.format).block_size(wspec.block_size)
-    return formats.encode(w, wspec.format, axis=site.reduction_axis, block_size=block,
-                          symmetric=wspec.symmetric, scale_method=wspec.scale_method)
+    return formats.encode_sliced(w, wspec.format, axis=site.reduction_axis, block_size=block,
+                                 symmetric=wspec.symmetric, scale_method=wspec.scale_method)
 
 
 def encode_weights(ctx: CompileContext) -> dict[str, formats.Encoded]:

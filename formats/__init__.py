@@ -8,13 +8,13 @@ The module docstrings of ``blocking``, ``scales`` and ``choosers`` define granul
 and scale choosers; ``codec`` states the encode/decode guarantees.
 """
 
-from lowbit.formats.codec import Encoded, Scales, cast, choose_scale, decode, encode, fake_quantize
+from lowbit.formats.codec import Encoded, Scales, cast, choose_scale, decode, encode, encode_sliced, fake_quantize
 from lowbit.formats.e8m0 import cast_e8m0, decode_e8m0, encode_e8m0
 from lowbit.formats.packing import pack_nibbles, unpack_nibbles
 from lowbit.formats.registry import FORMATS, ScaledFormat, ScaleKind, code_table, get_format, integer_codes
 
 __all__ = [
-    "cast", "fake_quantize", "encode", "decode", "Encoded", "Scales", "choose_scale",
+    "cast", "fake_quantize", "encode", "encode_sliced", "decode", "Encoded", "Scales", "choose_scale",
     "pack_nibbles", "unpack_nibbles", "FORMATS", "get_format", "code_table", "ScaledFormat",
     "ScaleKind", "cast_e8m0", "encode_e8m0", "decode_e8m0", "integer_codes",
 ]

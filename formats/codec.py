@@ -27,7 +27,7 @@ from lowbit.formats.minifloat import FP8_E4M3
 from lowbit.formats.registry import FORMATS, ScaledFormat, ScaleKind, get_format
 from lowbit.formats.scales import BlockScales, check_explicit, quantize_values, scale_product
 
-__all__ = ["Encoded", "Scales", "cast", "choose_scale", "encode", "decode", "fake_quantize"]
+__all__ = ["Encoded", "Scales", "cast", "choose_scale", "encode", "encode_sliced", "decode", "fake_quantize"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -133,6 +133,35 @@ def encode(x: np.ndarray, fmt: str, axis: int | None = -1, block_size: int | Non
     lay = _to_layout(blocking, bs)
     return Encoded(spec.name, tuple(blocking.shape), blocking.axis, _user_block(blocking),
                    blocking.from_blocks(codes_b), lay.scale, lay.global_scale, lay.zero_point)
+
+
+def encode_sliced(x: np.ndarray, fmt: str, axis: int, block_size: int | None = None, *,
+                  slice_bytes: int = 64 << 20, **kwargs: Any) -> Encoded:
+    """:func:`encode` of a 2-D ``x`` blocked along ``axis``, a slice of the other axis at a time.
+
+    Every block (and every scale the chooser fits) lies inside one row of the other axis, so the
+    codes and scales are those of one call, while the float temporaries are a slice's (about
+    ``slice_bytes`` of ``x``) instead of several copies of a vocabulary-sized head. NVFP4, whose
+    per-tensor global scale depends on the whole tensor, is encoded in one call."""
+    x = np.asarray(x)
+    if x.ndim != 2 or axis not in (0, 1, -1, -2):
+        raise LowbitError(f"{fmt}: encode_sliced takes a 2-D tensor blocked along one of its axes, got {x.shape}")
+    axis %= 2
+    other = 1 - axis
+    step = max(1, slice_bytes // max(1, x.shape[axis] * 4))
+    if step >= x.shape[other] or get_format(fmt).scale_kind is ScaleKind.NVFP4:
+        return encode(x, fmt, axis, block_size, **kwargs)
+    weights = kwargs.pop("weights", None)  # weighted_mse's per-element weights slice with x
+    parts = []
+    for i in range(0, x.shape[other], step):
+        rows = range(i, min(i + step, x.shape[other]))
+        part_weights = None if weights is None else np.take(weights, rows, axis=other)
+        parts.append(encode(np.take(x, rows, axis=other), fmt, axis, block_size, weights=part_weights, **kwargs))
+    first = parts[0]
+    zero_point = None if first.zero_point is None else np.concatenate([e.zero_point for e in parts], axis=other)
+    return Encoded(first.fmt, tuple(x.shape), first.axis, first.block_size,
+                   np.concatenate([e.codes for e in parts], axis=other),
+                   np.concatenate([e.scale for e in parts], axis=other), first.global_scale, zero_point)
 
 
 def decode(enc: Encoded) -> np.ndarray:

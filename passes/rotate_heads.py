@@ -10,8 +10,9 @@ under GQA every query head reading one V head gets the same R. With a KV cache, 
 rotated V, which only this model reads back.
 
 R is a randomized Hadamard matrix of the head size (``rotate.seed``). Guarantees:
-function-preserving in exact arithmetic (tested on SmolLM2 with and without KV cache); groups it
-cannot rotate (bias-carrying or fused attention a v_proj output is not traced through, unknown head
+function-preserving in exact arithmetic (tested on SmolLM2 with and without KV cache, and on a
+Qwen-shaped decoder with v_proj biases); groups it cannot rotate (an attention whose V is not traced
+to one v_proj -- a fused QKV --, a v_proj constant that is not a bias per channel, unknown head
 size) are listed in ``report["rotate"]["heads"]["skipped"]`` with the reason.
 """
 
@@ -36,6 +37,10 @@ def rotate_heads(target: FoldTarget, r: np.ndarray) -> None:
     hd = r.shape[0]
     v = weight_kn(target.producer).astype(np.float64)
     set_weight_kn(target.producer, (v.reshape(v.shape[0], -1, hd) @ r).reshape(v.shape))
+    if target.producer_bias is not None:  # v_proj's bias (Qwen) is rotated with its columns
+        b = target.producer_bias.const_value.numpy().astype(np.float64)
+        rotated = (b.reshape(-1, hd) @ r).reshape(b.shape).astype(np.float32)
+        target.producer_bias.const_value = ir.tensor(rotated, name=target.producer_bias.name)
     for site in target.group:
         w = weight_kn(site).astype(np.float64)
         set_weight_kn(site, np.einsum("ji,hjn->hin", r, w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
@@ -63,6 +68,7 @@ class RotateHeadsPass(LowbitPass):
                 continue
             rot = rotation(target.head_dim, self.ctx.recipe.rotate.seed)
             rotate_heads(target, rot.matrix)
+            self.ctx.release_rewritten()
             rotated, kind = rotated + 1, rot.kind
         report["heads"] = {"rotated_groups": rotated, "matrix": kind, "skipped": skipped}
         logger.info("R2: %d attention output groups rotated per head (%s), %d skipped", rotated, kind, len(skipped))

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.folding import set_weight_kn, weight_kn
 from lowbit.core.initializers import add_initializer
 from lowbit.core.kv_sites import kv_inputs
 from lowbit.core.pass_base import LowbitPass
-from lowbit.runtime_ext.hadamard import hadamard, hadamard_base, hadamard_factors
+from lowbit.runtime_ext.hadamard import hadamard_base, hadamard_factors, rotation
 from lowbit.runtime_ext.ir_support import attach_functions_ir, hadamard_node_ir
 
 __all__ = ["RotateOnlinePass"]
@@ -108,7 +107,6 @@ class RotateOnlinePass(LowbitPass):
 
     def _linear_inputs(self, graph: ir.Graph, rotated: list[str], skipped: dict[str, str]) -> None:
         """x -> Hadamard(x) before down_proj; its weight takes H^T."""
-        normalized: dict[int, np.ndarray] = {}  # width -> H / sqrt(n), float64, shared by the layers
         for group in self.ctx.sites.input_groups():
             feeder = group[0].feeder
             if feeder is None or feeder.kind != "gated_linear":
@@ -118,13 +116,12 @@ class RotateOnlinePass(LowbitPass):
                 skipped[group[0].name] = f"no Hadamard matrix of order {n}"
                 continue
             y = _rotated(graph, group[0].input, n, f"{group[0].name}.hadamard")
-            if n not in normalized:
-                normalized[n] = hadamard(n) / np.sqrt(n)
-            h = normalized[n]
+            h = rotation(n, seed=None)  # H / sqrt(n), the op's transform; its products are fast
             for site in group:
                 site.node.replace_input_with(0, y)
-                set_weight_kn(site, h.T @ weight_kn(site).astype(np.float64))
+                set_weight_kn(site, h.left_t(weight_kn(site)))
             rotated.append(group[0].name)
+            self.ctx.release_rewritten()
 
     def _queries_and_keys(self, graph: ir.Graph, rotated: list[str], skipped: dict[str, str]) -> None:
         """Q and K after the rotary embedding -> Q H, K H: the scores Q K^T do not change, and

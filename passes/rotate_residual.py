@@ -33,6 +33,7 @@ than the tied head, a norm with a bias or whose output feeds anything but linear
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +43,7 @@ from lowbit.core.folding import SHAPE_ONLY_OPS, set_weight_kn, weight_kn
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import FLOAT_SITE_KEY, NORM_OPS, LinearSite, LinearSiteMap, matches_any
 from lowbit.core.pass_base import LowbitPass
-from lowbit.runtime_ext.hadamard import rotation
+from lowbit.runtime_ext.hadamard import Rotation, rotation
 
 __all__ = ["TIED_BRIDGE_REASON", "ResidualStream", "RotateResidualPass", "find_residual_stream"]
 
@@ -163,29 +164,51 @@ def _check_norm(norm: ir.Node, index: int, sites: LinearSiteMap, table: ir.Value
 TIED_BRIDGE_REASON = "R1's bridge to the tied LM head (Q^T diag(gamma) Q), kept float"
 
 
-def rotate_stream(graph: ir.Graph, stream: ResidualStream, q: np.ndarray, *, keep_tied: bool = False) -> None:
-    """Apply h -> h Q to ``stream`` (module doc). ``q`` is orthogonal, [hidden, hidden].
-    ``keep_tied``: a tied head keeps reading the table, behind the float bridge B (module doc)."""
-    table = stream.table.const_value.numpy().astype(np.float64)
+def rotate_stream(graph: ir.Graph, stream: ResidualStream, rot: Rotation, *, keep_tied: bool = False,
+                  after_each: Callable[[], None] = lambda: None) -> None:
+    """Apply h -> h Q to ``stream`` (module doc), Q = ``rot`` (products by Q through its fast
+    transform, :class:`lowbit.runtime_ext.hadamard.Rotation`).
+    ``keep_tied``: a tied head keeps reading the table, behind the float bridge B (module doc).
+    ``after_each`` runs after each norm's readers and after each writer (a large model's compile
+    spills the weights rewritten so far: ``CompileContext.release_rewritten``); vocabulary-sized
+    products are computed a chunk of rows at a time, so the float64 temporaries are a chunk's."""
     for norm, readers in stream.norms:
         gamma = norm.inputs[1].const_value.numpy().astype(np.float64)
         for site in readers:
             if keep_tied and site.weight is stream.table:
-                _bridge(graph, site, np.ascontiguousarray(q.T @ (gamma[:, None] * q), dtype=np.float32),
+                _bridge(graph, site, np.ascontiguousarray(rot.left_t(gamma[:, None] * rot.matrix), dtype=np.float32),
                         f"{stream.table.name}.tied_head_bridge")  # fmt: skip
-                continue
-            w = table.T if site.weight is stream.table else weight_kn(site).astype(np.float64)
-            rotated = np.ascontiguousarray(q.T @ (gamma[:, None] * w), dtype=np.float32)
-            if site.weight is stream.table:  # the tied head: a weight of its own, [hidden, vocab]
-                site.node.replace_input_with(1, add_initializer(graph, rotated, f"{stream.table.name}.rotated_head"))
+            elif site.weight is stream.table:  # the tied head: a weight of its own, [hidden, vocab]
+                table = stream.table.const_value.numpy()  # never widened whole: 1 GB in float32 at 1B
+                head = np.empty(table.shape[::-1], np.float32)
+                for rows in _chunks(len(table)):
+                    head[:, rows] = rot.right(table[rows] * gamma).T  # (Q^T diag(gamma) E^T)[:, rows]
+                site.node.replace_input_with(1, add_initializer(graph, head, f"{stream.table.name}.rotated_head"))
+                del table, head  # a large model's maps and copies are released by after_each
             else:
-                set_weight_kn(site, rotated)
+                set_weight_kn(site, rot.left_t(gamma[:, None] * weight_kn(site)))
         norm.inputs[1].const_value = ir.tensor(np.ones_like(gamma, dtype=np.float32), name=norm.inputs[1].name)
+        after_each()
     for site, bias in stream.writers:
-        set_weight_kn(site, weight_kn(site).astype(np.float64) @ q)
+        set_weight_kn(site, rot.right(weight_kn(site)))
         if bias is not None:
-            bias.const_value = ir.tensor((bias.const_value.numpy().astype(np.float64) @ q).astype(np.float32), name=bias.name)
-    stream.table.const_value = ir.tensor((table @ q).astype(np.float32), name=stream.table.name)
+            bias.const_value = ir.tensor(rot.right(bias.const_value.numpy()).astype(np.float32), name=bias.name)
+        after_each()
+    table = stream.table.const_value.numpy()
+    rotated = np.empty(table.shape, np.float32)
+    for rows in _chunks(len(table)):
+        rotated[rows] = rot.right(table[rows])
+    del table
+    stream.table.const_value = ir.tensor(rotated, name=stream.table.name)
+    del rotated
+    after_each()
+
+
+_CHUNK_ROWS = 4096  # vocabulary rows per product: float64 temporaries of 4096 x hidden, not vocab x hidden
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(start, min(start + _CHUNK_ROWS, n)) for start in range(0, n, _CHUNK_ROWS)]
 
 
 def _bridge(graph: ir.Graph, site: LinearSite, matrix: np.ndarray, name: str) -> None:
@@ -214,7 +237,7 @@ class RotateResidualPass(LowbitPass):
         rot = rotation(stream.hidden, recipe.rotate.seed)
         keep_tied = bool(stream.tied) and recipe.sites.embeddings == "int8" and all(
             matches_any(s, recipe.sites.int8_weights) for s in stream.tied)
-        rotate_stream(model.graph, stream, rot.matrix, keep_tied=keep_tied)
+        rotate_stream(model.graph, stream, rot, keep_tied=keep_tied, after_each=self.ctx.release_rewritten)
         report["residual"] = {"rotated": True, "hidden": stream.hidden, "matrix": rot.kind,
                               "writers": len(stream.writers), "norms": len(stream.norms),
                               "readers": sum(len(r) for _, r in stream.norms),

@@ -171,18 +171,24 @@ def reorder_norm_function(spec: NormSpec, opset: int) -> onnx.FunctionProto:
 
 def hadamard_function(spec: HadamardSpec, opset: int) -> onnx.FunctionProto:
     """Hadamard(X, base) -> X @ (base (x) H_p / sqrt(p)) over the last axis, n = c * p and base =
-    H_c / sqrt(c) [c, c] (runtime_ext.hadamard): the last axis viewed as [c, p], then
-    ``base^T @ X @ (H_p / sqrt(p))`` -- X @ H_n / sqrt(n) without ever building the n x n matrix."""
+    H_c / sqrt(c) [c, c] (runtime_ext.hadamard). H_p is itself split, H_a (x) H_b with a, b ~
+    sqrt(p): the last axis viewed as [c, a, b], three small MatMuls contract b, a and c in turn --
+    n (a + b + c) multiply-adds per row, and constants of a^2 + b^2 elements, where the n x n
+    matrix would be n^2 of each (256 MB of constant and 4 x down_proj's work at n = 8192)."""
     c, p = hadamard_factors(spec.size)
+    k = p.bit_length() - 1
+    a, bsize = 1 << (k // 2), 1 << (k - k // 2)
     b = _Body()
-    right = b.const((hadamard(p) / np.sqrt(p)).astype(np.float32))
-    if c == 1:
-        b.op("MatMul", "X", right)
-    else:
-        shape = b.op("Concat", b.op("Shape", "X", end=-1), b.const(np.array([c, p], np.int64)), axis=0)
-        y = b.op("MatMul", b.op("Reshape", "X", shape), right)
-        y = b.op("MatMul", b.op("Transpose", "base", perm=[1, 0]), y)
-        b.op("Reshape", y, b.op("Shape", "X"))
+    shape = b.op("Concat", b.op("Shape", "X", end=-1), b.const(np.array([c, a, bsize], np.int64)), axis=0)
+    y = b.op("Reshape", "X", shape)
+    if bsize > 1:
+        y = b.op("MatMul", y, b.const((hadamard(bsize) / np.sqrt(bsize)).astype(np.float32)))
+    if a > 1:  # H_a is symmetric: H_a @ Y over the a axis
+        y = b.op("MatMul", b.const((hadamard(a) / np.sqrt(a)).astype(np.float32)), y)
+    if c > 1:
+        rows = b.op("Concat", b.op("Shape", "X", end=-1), b.const(np.array([c, a * bsize], np.int64)), axis=0)
+        y = b.op("MatMul", b.op("Transpose", "base", perm=[1, 0]), b.op("Reshape", y, rows))
+    b.op("Reshape", y, b.op("Shape", "X"))
     b.rename_last("Y")
     return _function("Hadamard", spec.overload, ["X", "base"], b, ["size"], opset)
 

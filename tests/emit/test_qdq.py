@@ -158,3 +158,19 @@ def test_per_channel_activation_scales_run_at_ort_default_options(symmetric, tok
     fused = ort.InferenceSession(proto, exact).run(None, feed)[0]
     np.testing.assert_allclose(fused, as_written, rtol=1e-5, atol=1e-5 * np.abs(as_written).max())
     assert sum(n.op_type == "Mul" and n.name.endswith(".dq_scale") for n in result.model.graph) == 9
+
+
+@pytest.mark.parametrize("fmt,block,symmetric", CASES)
+@pytest.mark.parametrize("target", ["qdq", "qdq-fp4"])
+def test_stored_codes_of_a_large_weight_are_written_a_slice_at_a_time(fmt, block, symmetric, target, monkeypatch):
+    """A vocabulary-sized head's codes are decoded a slice of rows at a time: the stored array is
+    byte for byte the one decoded whole."""
+    from lowbit.emit import qdq
+
+    x = np.random.default_rng(7).standard_normal((203, 64)).astype(np.float32)
+    enc = formats.encode(x, fmt, 1, block or None, symmetric=symmetric)
+    whole = [qdq.stored_codes(enc, fmt, target, unsigned_int8=u) for u in (False, True)]
+    monkeypatch.setattr(qdq, "_STORE_SLICE", 64 * 5)  # slices of 5 rows, the last one shorter
+    sliced = [qdq.stored_codes(enc, fmt, target, unsigned_int8=u) for u in (False, True)]
+    for (a, *_), (b, *_) in zip(whole, sliced):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lowbit.errors import LowbitError
-from lowbit.formats import FORMATS, Encoded, decode, encode, fake_quantize
+from lowbit.formats import FORMATS, Encoded, decode, encode, encode_sliced, fake_quantize
 
 ALL = sorted(FORMATS)
 BLOCKED = ("nvfp4", "mxfp4", "mxfp8")
@@ -54,6 +54,25 @@ def test_decode_of_encode_is_fake_quantize_bit_for_bit(case):
     y = decode(enc)
     assert y.dtype == np.float32
     np.testing.assert_array_equal(_bits(y), _bits(fake_quantize(x, fmt, **kwargs)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases(), st.integers(1, 5))
+def test_encoding_a_slice_of_rows_at_a_time_is_one_encoding(case, rows_per_slice):
+    """encode_sliced (a large head, a few rows of the other axis at a time) gives the codes,
+    scales and zero points of one encode call, for every format, scale chooser and block."""
+    x, fmt, kwargs = case
+    if x.ndim != 2 or kwargs["axis"] is None:
+        x, kwargs = x.reshape(x.shape[0], -1), {**kwargs, "axis": 1}
+        if "weights" in kwargs:
+            kwargs["weights"] = kwargs["weights"].reshape(x.shape)
+    axis = kwargs.pop("axis")
+    one = encode(x, fmt, axis, **kwargs)
+    sliced = encode_sliced(x, fmt, axis, slice_bytes=rows_per_slice * x.shape[axis] * 4, **kwargs)
+    assert (sliced.fmt, sliced.shape, sliced.axis, sliced.block_size) == (one.fmt, one.shape, one.axis, one.block_size)
+    assert np.array_equal(sliced.codes, one.codes) and np.array_equal(_bits(sliced.scale), _bits(one.scale))
+    assert sliced.global_scale == one.global_scale
+    assert (one.zero_point is None and sliced.zero_point is None) or np.array_equal(sliced.zero_point, one.zero_point)
 
 
 @settings(max_examples=200, deadline=None)

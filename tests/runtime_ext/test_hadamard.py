@@ -55,8 +55,9 @@ def _model(n: int, shape: list[int]) -> bytes:
 
 def test_kernel_and_fallback_equal_numpy_on_fuzzed_shapes():
     rng = np.random.default_rng(0)
-    for _ in range(12):
-        n = int(rng.choice([12, 16, 64, 576, 1536, 96, 1]))
+    # every factorisation: base only, powers of two split into H_a (x) H_b, both, and n = 1
+    for n in [12, 16, 64, 576, 1536, 96, 1, 2, 8192, 28 * 512, *rng.choice([12, 64, 576, 96], 4)]:
+        n = int(n)
         shape = [int(d) for d in rng.integers(1, 5, size=int(rng.integers(0, 4)))] + [n]
         x = (rng.standard_normal(shape) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
         model = _model(n, shape)
