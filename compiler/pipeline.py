@@ -189,6 +189,9 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
         steps.append(RotateHeadsPass(ctx))
     if rotate.online:
         steps.append(RotateOnlinePass(ctx))
+    ort_cpu = recipe.target == "ort-cpu"
+    if ort_cpu:  # analysis only: embedding tables and their tied sites, before emission unties them
+        steps.append(FindEmbeddingsPass(ctx))
     accumulators = observers(recipe)
     if accumulators:  # the one run over the calibration windows (lowbit.ort.observe)
         steps.append(ObservePass(ctx, accumulators))
@@ -206,9 +209,6 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
             steps.append(FgmpActivationsPass(ctx))
         elif recipe.precision.activations == "static":
             steps.append(FgmpStaticActivationsPass(ctx))
-    ort_cpu = recipe.target == "ort-cpu"
-    if ort_cpu:  # analysis only: embedding tables and their tied sites, before emission unties them
-        steps.append(FindEmbeddingsPass(ctx))
     if recipe.weights.format != "none" and not fgmp:  # analysis only: every site's exact encoding
         steps.append(EncodeWeightsPass(ctx))
     if recipe.target == "npu":  # standard integer QDQ only, RPTQ clusters as split MatMuls
@@ -219,14 +219,15 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
         steps.append(EmitMixedWeightsPass(ctx))
     if ort_cpu:  # the encodings of the sites the kernels take -> lowbit custom ops, packed
         steps.append(LowerOrtCpuPass(ctx))
-        if recipe.reorder.clusters:
-            steps.append(FuseReorderNormPass())  # RPTQ Gather + norm -> ReorderNorm
-        if recipe.ort_cpu.fuse_attention:
-            steps.append(FuseAttentionPass(ctx))  # eager attention -> RotaryEmbedding + Attention (opset 23)
-        if recipe.ort_cpu.merge_siblings:
-            steps.append(MergeSiblingMatMulsPass(ctx))  # q/k/v, gate/up: one MatMulLowbit per shared input
     # the whole-graph steps after emission (outside a block-wise run's per-block passes)
     finishing: list[ir.passes.PassBase] = []
+    if ort_cpu:  # structural rewrites of the emitted graph
+        if recipe.reorder.clusters:
+            finishing.append(FuseReorderNormPass())  # RPTQ Gather + norm -> ReorderNorm
+        if recipe.ort_cpu.fuse_attention:
+            finishing.append(FuseAttentionPass(ctx))  # eager attention -> RotaryEmbedding + Attention (opset 23)
+        if recipe.ort_cpu.merge_siblings:
+            finishing.append(MergeSiblingMatMulsPass(ctx))  # q/k/v, gate/up: one MatMulLowbit per shared input
     if recipe.sites.embeddings == "int8":  # after observation and emission: calibration saw the float table
         finishing.append(QuantizeEmbeddingPass(ctx))
         finishing.append(ShareEmbeddingCodesPass(ctx))  # a tied table: one copy of its codes

@@ -98,6 +98,7 @@ class MergeSiblingMatMulsPass(LowbitPass):
             if len(siblings) > 1:
                 _merge(graph, siblings, len(sizes))
                 sizes.append(len(siblings))
+                self.ctx.release_rewritten()  # a large model's merged arrays go to disk a layer at a time
         self.ctx.report["merged_matmuls"] = {"groups": len(sizes), "nodes_before": sum(sizes),
                                              "sizes": sorted(set(sizes))}  # fmt: skip
         if sizes:

@@ -62,6 +62,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lowbit import formats
+from lowbit.core.context import CompileContext
 from lowbit.core.analyses import WEIGHT_ENCODINGS, Key
 from lowbit.core.pass_base import LowbitPass
 from lowbit.errors import LowbitError
@@ -284,12 +285,21 @@ class LowerOrtCpuPass(LowbitPass):
     REQUIRES = (WEIGHT_ENCODINGS,)
     PRESERVES_FUNCTION = False
 
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__(ctx)
+        # one block's sites at a time (lowbit.compiler.blockwise), except when embeddings are
+        # lowered too: a table shares the packed arrays of its tied head, lowered in another block
+        self.BLOCKWISE = not ctx.recipe.ort_cpu.embeddings
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
         fmt, opts = recipe.weights.format, recipe.ort_cpu
         encodings = self.ctx.analyses.find(WEIGHT_ENCODINGS) or {}
         kept = dict(self.ctx.analyses.find(KEPT_QDQ) or {})
-        summary = {"lowered": 0, "act_modes": Counter(), "kept_qdq": kept, "embeddings": []}
+        earlier = self.ctx.report.get("ort_cpu", {})  # a block-wise compile's earlier blocks
+        summary = {"lowered": earlier.get("lowered", 0), "act_modes": Counter(earlier.get("act_modes", {})),
+                   "kept_qdq": kept, "embeddings": list(earlier.get("embeddings", []))}  # fmt: skip
+        before = summary["lowered"]
         lowered: dict[int, _Lowered] = {}
         site_report = self.ctx.report["sites"]
         for site in list(self.ctx.sites):  # float weights left: the sites EmitQDQPass kept for us
@@ -311,7 +321,7 @@ class LowerOrtCpuPass(LowbitPass):
                                   f"({', '.join(KERNEL_FORMATS)}), got {fmt!r}")
             for emb in self.ctx.analyses.get(EMBEDDINGS):
                 summary["embeddings"].append(self._lower_embedding(model.graph, emb, lowered, fmt))
-        count = summary["lowered"] + len(summary["embeddings"])
+        count = summary["lowered"] - before + len(summary["embeddings"])
         if count:
             RemoveUnusedNodesPass()(model)  # the float weights and tables replaced
         if count or any(n.domain == DOMAIN and n.op_type == "GroupQuant" for n in model.graph):
