@@ -296,8 +296,9 @@ class OptqPass(LowbitPass):
                 rtn_site = float(sampled_err.sum()) * site.out_features / len(picked)
                 q, scale = q_all[:, cols], scale_all[:, cols]
                 stored, stored_scale = (q, scale) if site.reduction_axis == 0 else (q.T, scale.T)
-                enc = formats.encode(np.ascontiguousarray(stored), wspec.format, axis=site.reduction_axis,
-                                     block_size=block, scale=np.ascontiguousarray(stored_scale))  # fmt: skip
+                # a slice of output channels at a time: a vocabulary head's float32 copies are 1-2 GB
+                enc = formats.encode_sliced(stored, wspec.format, axis=site.reduction_axis,
+                                            block_size=block, scale=stored_scale)  # fmt: skip
                 out.append((site.name, enc, {"rtn_proxy_error": rtn_site, "optq_proxy_error": float(optq_err[cols].sum())}))
             return out
 

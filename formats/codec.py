@@ -151,12 +151,15 @@ def encode_sliced(x: np.ndarray, fmt: str, axis: int, block_size: int | None = N
     step = max(1, slice_bytes // max(1, x.shape[axis] * 4))
     if step >= x.shape[other] or get_format(fmt).scale_kind is ScaleKind.NVFP4:
         return encode(x, fmt, axis, block_size, **kwargs)
-    weights = kwargs.pop("weights", None)  # weighted_mse's per-element weights slice with x
+    # arrays laid out along the other axis (weighted_mse's weights, explicit scales and zero
+    # points in the scale layout) are sliced with x; anything else is passed as it is
+    sliced = {key: np.asarray(kwargs.pop(key)) for key in ("weights", "scale", "zero_point") if kwargs.get(key) is not None}
     parts = []
     for i in range(0, x.shape[other], step):
         rows = range(i, min(i + step, x.shape[other]))
-        part_weights = None if weights is None else np.take(weights, rows, axis=other)
-        parts.append(encode(np.take(x, rows, axis=other), fmt, axis, block_size, weights=part_weights, **kwargs))
+        pieces = {key: np.take(a, rows, axis=other) if a.ndim == 2 and a.shape[other] == x.shape[other] else a
+                  for key, a in sliced.items()}  # fmt: skip
+        parts.append(encode(np.take(x, rows, axis=other), fmt, axis, block_size, **pieces, **kwargs))
     first = parts[0]
     zero_point = None if first.zero_point is None else np.concatenate([e.zero_point for e in parts], axis=other)
     return Encoded(first.fmt, tuple(x.shape), first.axis, first.block_size,

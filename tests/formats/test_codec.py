@@ -176,3 +176,16 @@ def test_encoded_validates_its_fields():
     with pytest.raises(LowbitError, match="codes must be uint8"):
         Encoded("int8", (2, 4), 1, None, enc.codes.astype(np.int8), enc.scale, np.float32(1),
                 None)
+
+
+@pytest.mark.parametrize("fmt,block", [("int8", None), ("dint4", 32), ("int4", 16), ("mxfp4", None)])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_encoding_a_slice_at_a_time_with_given_scales(fmt, block, axis):
+    """OPTQ hands its own scales to encode_sliced: they are sliced with the rows they belong to."""
+    x = np.random.default_rng(3).standard_normal((70, 64)).astype(np.float32)
+    given = encode(x, fmt, axis, block)
+    values = decode(given)
+    kwargs = {} if fmt == "mxfp4" else {"scale": given.scale}
+    one = encode(values, fmt, axis, block, **kwargs)
+    sliced = encode_sliced(values, fmt, axis, block, slice_bytes=3 * x.shape[axis] * 4, **kwargs)
+    assert np.array_equal(sliced.codes, one.codes) and np.array_equal(_bits(sliced.scale), _bits(one.scale))
