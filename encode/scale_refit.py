@@ -33,6 +33,7 @@ __all__ = ["refit_block_scales"]
 
 _RIDGE = 1e-6
 _SLICE_BYTES = 256 << 20  # float64 normal equations held at once (8B's head: 128256 columns x 128 blocks)
+_COLUMN_BYTES = 256 << 20  # one (K, columns) float32 temporary (SmolLM2's 576 x 49152 head: 113 MB, one slice)
 
 
 def refit_block_scales(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.ndarray, damp: float,
@@ -43,7 +44,10 @@ def refit_block_scales(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.n
     k, n = w.shape
     block = block or k
     nb = -(-k // block)
-    width = max(1, _SLICE_BYTES // (16 * nb * nb))  # columns refit at once: M (and its ridge copy) per slice
+    # columns refit at once: M (and its ridge copy) per slice, and each (K, columns) float32
+    # temporary (codes, weights, H products; an 8-bit per-channel head has one block, so M alone
+    # would not slice a 1B head's 1 GB copies)
+    width = max(1, min(_SLICE_BYTES // (16 * nb * nb), _COLUMN_BYTES // (4 * nb * block)))
     if n > width:  # columns are independent: a vocabulary-sized head is refit slice by slice
         out = (np.empty_like(q, dtype=np.float32), np.empty_like(scales, dtype=np.float32), np.empty(n))
         for c in range(0, n, width):

@@ -16,7 +16,8 @@ reciprocal only):
    name (exact, ``float_types``); then small constant subexpressions and no-op Casts are folded
    (onnxscript's folder; inputs above ``fold_size_limit`` elements are never folded, so weight
    Transposes, e.g. a tied lm_head, stay as they are and the initializer is not duplicated);
-3. decomposed RMSNorm / LayerNorm chains become single norm nodes (``norm_fusion``);
+3. decomposed RMSNorm / LayerNorm chains become single norm nodes (``norm_fusion``), and a norm
+   parameter or bias that deduplication shared between layers is copied per use (``unshare_params``);
 4. dead nodes and initializers are removed; shapes and types are inferred where ONNX can.
 KV-cache inputs/outputs and the model signature are untouched.
 """
@@ -37,6 +38,7 @@ from onnxscript import optimizer
 from lowbit.core.float_types import FloatTypesPass
 from lowbit.passes.simplify_shapes import SimplifyShapesPass
 from lowbit.passes.norm_fusion import FuseNormsPass
+from lowbit.passes.unshare_params import UnshareParamsPass
 from lowbit.passes.opset import OUTPUT_OPSET, UpgradeOpsetPass
 
 __all__ = ["FoldConstants", "canonicalize_passes"]
@@ -77,6 +79,7 @@ def canonicalize_passes(*, target_opset: int = OUTPUT_OPSET, report: dict[str, A
         FoldConstants(fold_size_limit),
         RemoveUnusedNodesPass(),  # dead Identity left by folded Casts would block the fusion
         FuseNormsPass(report),
+        UnshareParamsPass(report),  # per-layer folding needs each norm's gamma, each bias, to itself
         RemoveUnusedNodesPass(),
         RemoveUnusedOpsetsPass(),
     ]

@@ -20,7 +20,7 @@ import pytest
 
 from lowbit.models.export import ORT_MAX_IR_VERSION
 
-from .tiny_hf import ARCHITECTURES, CAUSAL, VOCAB, make_hf_dir
+from lowbit.models.tiny_hf import ARCHITECTURES, CAUSAL, VOCAB, make_hf_dir
 
 pytestmark = pytest.mark.slow
 

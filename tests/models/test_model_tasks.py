@@ -22,7 +22,7 @@ from lowbit.errors import LowbitError
 from lowbit.models import data
 from lowbit.models.registry import hf_task, load_image_processor, max_positions, onnx_model_kind, resolve_model
 
-from .tiny_hf import ARCHITECTURES, CAUSAL, config_for, write_tokenizer
+from lowbit.models.tiny_hf import ARCHITECTURES, CAUSAL, config_for, write_tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
         "def f(x): return x_1 - x_2, (a, b) = (b, a);\n") * 40  # fmt: skip

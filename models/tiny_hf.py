@@ -1,4 +1,5 @@
-"""Tiny randomly initialised Hugging Face model directories for export tests.
+"""Tiny randomly initialised Hugging Face model directories: the export tests and `lowbit-bench
+architectures` build every architecture family from them.
 
 Each builder writes what ``save_pretrained(safe_serialization=True)`` writes for a real model
 (config.json, model.safetensors) plus a char-level fast tokenizer (text models) or a ViT image
