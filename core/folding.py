@@ -6,7 +6,8 @@ absorb ``x / s`` or ``x[..., perm]``:
 
 - ``norm``: x is a norm's output; the norm's gamma (and LayerNorm's beta) absorb the transform;
 - ``gated_linear``: x = act(gate) * up; up_proj's output columns absorb a scale, gate_proj's and
-  up_proj's columns together absorb a permutation (act is elementwise);
+  up_proj's columns together absorb a permutation (act is elementwise); a fused gate_up (Phi-3,
+  one weight whose output is split in halves) the same, on the halves of its columns;
 - ``attention_v``: x is attention output; v_proj's output columns absorb a scale. With GQA each
   v channel is replicated to ``g`` query heads, so a scale must be one value per *v* channel:
   ``channel_map[c]`` is the v channel that o_proj input channel c reads. A permutation must keep
@@ -48,6 +49,9 @@ class FoldTarget:
     head_dim: int | None = None  # attention_v: channels per head (None: head layout unknown)
     producer_bias: ir.Value | None = None  # added to the producer's output channels (Qwen's v_proj)
     gate_bias: ir.Value | None = None  # added to gate_proj's output channels
+    # a fused gate_up producer (Phi-3): its output columns that are up and gate
+    producer_columns: slice | None = None
+    gate_columns: slice | None = None
 
     @property
     def channels(self) -> int:
@@ -79,12 +83,16 @@ class FoldTarget:
         pperm = producer_permutation(self, perm) if self.kind == "attention_v" else perm
         for site in self.group:
             set_weight_kn(site, weight_kn(site)[perm])
+        if self.kind == "gated_linear" and self.producer_columns is not None:  # fused gate_up: both halves alike
+            pperm = np.arange(self.producer.out_features)
+            for cols in (self.producer_columns, self.gate_columns):
+                pperm[cols] = cols.start + perm
         if self.kind == "norm":
             for i in (1, 2):
                 if len(self.norm.inputs) > i and self.norm.inputs[i] is not None:
                     _set_const(self.norm.inputs[i], _const(self.norm.inputs[i])[perm])
             return
-        for site in (self.producer, self.gate) if self.kind == "gated_linear" else (self.producer,):
+        for site in (self.producer, self.gate) if self.gate is not None else (self.producer,):
             set_weight_kn(site, weight_kn(site)[:, pperm])
         for bias in (self.producer_bias, self.gate_bias):
             if bias is not None:
@@ -99,8 +107,9 @@ def producer_permutation(target: FoldTarget, perm: np.ndarray) -> np.ndarray:
     c = np.arange(perm.size)
     if np.any(perm // target.head_dim != c // target.head_dim):
         raise ValueError(f"{target.group[0].name}: permutation moves channels across attention heads")
-    cmap = target.channel_map
-    pperm = np.empty(target.producer.out_features, np.int64)
+    offset = target.producer_columns.start if target.producer_columns is not None else 0  # a fused QKV's V part
+    cmap = offset + target.channel_map
+    pperm = np.arange(target.producer.out_features)  # columns outside V (a fused QKV's Q and K) stay
     pperm[cmap] = cmap[perm]  # new consumer channel c reads new v channel cmap[c] = old cmap[perm[c]]
     if np.any(pperm[cmap] != cmap[perm]):
         raise ValueError(f"{target.group[0].name}: permutation differs between query heads sharing a v head")
@@ -110,7 +119,8 @@ def producer_permutation(target: FoldTarget, perm: np.ndarray) -> np.ndarray:
 def producer_scale(target: FoldTarget, s: np.ndarray) -> np.ndarray:
     """Per producer channel scale from a consumer-channel scale constant on replicas."""
     sp = np.ones(target.producer.out_features, np.float64)
-    sp[target.channel_map] = s
+    offset = target.producer_columns.start if target.producer_columns is not None else 0  # up / V of a fused producer
+    sp[offset + target.channel_map] = s
     return sp
 
 
@@ -147,6 +157,29 @@ SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 _ELEMENTWISE = frozenset({"Sigmoid", "Mul", "Silu", "Gelu", "FastGelu", "Tanh", "Erf", "Div", "Add", "Relu", "Softplus", "Pow"})
 
 
+def _channel_preserving_chain(start: ir.Value, end: ir.Value) -> bool:
+    """``end`` is ``start`` through Reshape / Identity / Squeeze / Unsqueeze nodes that keep the
+    last axis (the channels) whole -- GPT-2's Conv1D flattens [batch, seq, d] to [tokens, d] --
+    each the only reader of its input, so a per-channel transform of ``start`` reaches ``end``
+    unchanged and nothing else."""
+    value = end
+    while value is not start:
+        node = value.producer()
+        if node is None or node.op_type not in _CHANNEL_LAYOUT_OPS or node.domain != "":
+            return False
+        src = node.inputs[0]
+        dims_in, dims_out = (tuple(v.shape) if v.shape is not None else () for v in (src, value))
+        if not dims_in or not dims_out or not isinstance(dims_in[-1], int) or dims_in[-1] != dims_out[-1]:
+            return False
+        if src.is_graph_output() or [n for n in src.consumers() if n.op_type not in SHAPE_ONLY_OPS] != [node]:
+            return False
+        value = src
+    return True
+
+
+_CHANNEL_LAYOUT_OPS = frozenset({"Reshape", "Identity", "Squeeze", "Unsqueeze"})
+
+
 def _elementwise_only(value: ir.Value) -> bool:
     """Every consumer of the gate output is elementwise (a column permutation commutes)."""
     return all(c.op_type in _ELEMENTWISE for c in value.consumers())
@@ -177,8 +210,9 @@ def _head_dim(attn: ir.Node) -> int | None:
     return None
 
 
-def _gqa_map(site: LinearSite, producer: LinearSite, head_dim: int | None) -> np.ndarray | str:
-    k, p = site.in_features, producer.out_features
+def _gqa_map(site: LinearSite, p: int, head_dim: int | None) -> np.ndarray | str:
+    """o_proj input channel -> V channel (of ``p``)."""
+    k = site.in_features
     if k == p:
         return np.arange(k)
     if head_dim is None or k % p or p % head_dim:
@@ -205,14 +239,24 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...], *, cache_follow
         return "a weight initializer is shared (e.g. a tied embedding)"
     if feeder.kind == "norm":
         norm = feeder.node
-        if norm.outputs[0] is not site.input:
+        if norm.outputs[0] is not site.input and not _channel_preserving_chain(norm.outputs[0], site.input):
             return "layout ops between the norm and the sites"
         params = [v for v in norm.inputs[1:3] if v is not None]
         if not all(_private_initializer(v) for v in params):
             return "norm gamma/beta are not private initializers"
         return FoldTarget("norm", group, norm=norm)
     producer = feeder.producer_site
-    if producer is None or not _weights_private([producer]) or len(producer.node.outputs[0].consumers()) != 1:
+    if producer is not None and feeder.producer_columns is not None and feeder.kind == "gated_linear":
+        # one gate_up weight (linear_sites: its output read by its two halves only)
+        if not _weights_private([producer]):
+            return "the producer's weight is shared"
+        bias = output_bias(producer)
+        if isinstance(bias, str):
+            return bias
+        return FoldTarget("gated_linear", group, producer=producer, producer_bias=bias, producer_columns=feeder.producer_columns,
+                          gate_columns=feeder.gate_columns, channel_map=np.arange(site.in_features))  # fmt: skip
+    fused = feeder.producer_columns is not None  # V columns of a fused QKV, read by slices only (linear_sites)
+    if producer is None or not _weights_private([producer]) or (len(producer.node.outputs[0].consumers()) != 1 and not fused):
         return "the producer's weight or output is shared"
     bias = output_bias(producer)
     if isinstance(bias, str):
@@ -229,9 +273,11 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...], *, cache_follow
     if not cache_follows and _reaches_graph_output(producer.node.outputs[0]):
         return "v_proj output is also a KV-cache output (present.*): scaling it would change the cache"
     head_dim = _head_dim(feeder.node)
-    mapping = _gqa_map(site, producer, head_dim)
+    cols = feeder.producer_columns
+    mapping = _gqa_map(site, cols.stop - cols.start if fused else producer.out_features, head_dim)
     if isinstance(mapping, str):
         return mapping
     if head_dim is not None and site.in_features % head_dim:
         head_dim = None
-    return FoldTarget("attention_v", group, producer=producer, channel_map=mapping, head_dim=head_dim, producer_bias=bias)
+    return FoldTarget("attention_v", group, producer=producer, channel_map=mapping, head_dim=head_dim, producer_bias=bias,
+                      producer_columns=cols)  # fmt: skip

@@ -45,6 +45,10 @@ class Feeder:
     kind: str  # "norm" | "attention_v" | "gated_linear" | "other"
     node: ir.Node | None  # the norm node, the attention/matmul node, or the gating Mul
     producer_site: LinearSite | None = None  # v_proj for attention_v, up_proj for gated_linear
+    # a fused producer (Phi-3's gate_up_proj and qkv_proj, GPT-2's c_attn): the producer's output
+    # columns this input is linear in (up, or V), and a fused gate_up's gate columns
+    producer_columns: slice | None = None
+    gate_columns: slice | None = None
 
     def describe(self) -> str:
         if self.kind == "norm":
@@ -149,6 +153,65 @@ def output_bias(site: LinearSite) -> ir.Value | str | None:
     return other if _channel_bias(other, n) else f"{site.name}: its output Add's constant is not a private bias per channel"
 
 
+def _constant_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
+def _column_slice(value: ir.Value) -> tuple[ir.Value, slice] | None:
+    """(the linear output, its columns) when ``value`` is a constant Slice or Split of the last
+    axis of a linear layer's output (the MatMul's own output: no layout op in between)."""
+    node = value.producer()
+    if node is None or node.domain != "" or node.op_type not in ("Slice", "Split"):
+        return None
+    source = node.inputs[0]
+    dims = tuple(source.shape) if source is not None and source.shape is not None else ()
+    producer = source.producer() if source is not None else None
+    if not dims or not isinstance(dims[-1], int) or producer is None or producer.op_type not in ("MatMul", "Gemm"):
+        return None
+    width, last = dims[-1], len(dims) - 1
+    if node.op_type == "Split":
+        if node.attributes.get_int("axis", 0) not in (-1, last):
+            return None
+        sizes = _constant_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        if sizes is None:
+            parts = len(node.outputs)
+            sizes = [width // parts] * parts if width % parts == 0 else None
+        if sizes is None or sum(sizes) != width:
+            return None
+        index = list(node.outputs).index(value)
+        start = sum(sizes[:index])
+        return source, slice(start, start + sizes[index])
+    starts, ends = _constant_ints(node.inputs[1]), _constant_ints(node.inputs[2])
+    axes = _constant_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else [0]
+    steps = _constant_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+    if None in (starts, ends, axes, steps) or len(starts) != 1 or axes[0] not in (-1, last) or steps != [1]:
+        return None
+    start, end = (max(0, min(width, v if v >= 0 else v + width)) for v in (starts[0], ends[0]))
+    return (source, slice(start, end)) if end > start else None
+
+
+def _computed_elementwise_from(value: ir.Value, source: ir.Value, depth: int = 8) -> bool:
+    """``value`` is computed from ``source`` alone by elementwise ops (an activation: SiLU = x *
+    Sigmoid(x), GELU's arithmetic) with scalar constants, so a permutation or positive scale of
+    ``source``'s channels reaches ``value`` unchanged in kind."""
+    if value is source:
+        return True
+    node = value.producer()
+    if depth == 0 or node is None or node.domain != "" or node.op_type not in _ELEMENTWISE_ACT:
+        return False
+    ins = [v for v in node.inputs if v is not None]
+    if any(v.const_value is not None and v.const_value.size != 1 for v in ins):
+        return False
+    variable = [v for v in ins if v.const_value is None]
+    return bool(variable) and all(_computed_elementwise_from(v, source, depth - 1) for v in variable)
+
+
+_ELEMENTWISE_ACT = frozenset({"Sigmoid", "Mul", "Silu", "Gelu", "FastGelu", "Tanh", "Erf", "Div", "Add", "Relu",
+                              "Softplus", "Pow"})  # fmt: skip
+
+
 def _walk_up(value: ir.Value) -> ir.Node | None:
     node = value.producer()
     while node is not None and node.op_type in _ACT_LAYOUT_OPS:
@@ -211,18 +274,76 @@ class LinearSiteMap:
             return Feeder("norm", node)
         if node.op_type == "Attention" and node.domain == "":
             v_site = self.site_of_output(node.inputs[2])
-            return Feeder("attention_v", node, v_site) if v_site else Feeder("other", node)
+            if v_site is not None:
+                return Feeder("attention_v", node, v_site)
+            fused = self._fused_v(node.inputs[2])
+            return Feeder("attention_v", node, fused[0], producer_columns=fused[1]) if fused else Feeder("other", node)
         if node.op_type == "MatMul" and id(node) not in self.by_node:
             v_site = self.site_of_output(node.inputs[1])  # softmax(QK^T) @ V
             if v_site is not None:
                 return Feeder("attention_v", node, v_site)
+            fused = self._fused_v(node.inputs[1])
+            if fused is not None:
+                return Feeder("attention_v", node, fused[0], producer_columns=fused[1])
         if node.op_type == "Mul":
             for operand in node.inputs:
                 up = self.site_of_output(operand)
                 other = node.inputs[1] if operand is node.inputs[0] else node.inputs[0]
                 if up is not None and self.site_of_output(other) is not up:
                     return Feeder("gated_linear", node, up)
+            fused = self._fused_gate_up(node)
+            if fused is not None:
+                return Feeder("gated_linear", node, fused[0], producer_columns=fused[1], gate_columns=fused[2])
         return Feeder("other", node)
+
+    def _fused_v(self, v: ir.Value) -> tuple[LinearSite, slice] | None:
+        """(site, V columns) when attention's V is, through layout ops, a last-axis Slice / Split of
+        one linear's output (a fused QKV projection); the other parts (Q, K) are other slices."""
+        value, node = v, v.producer()
+        while node is not None and node.op_type in _ACT_LAYOUT_OPS:
+            value, node = node.inputs[0], node.inputs[0].producer()
+        if node is not None and node.op_type == "Concat":  # KV cache: concat(past, new), as site_of_output
+            found = [f for f in (self._fused_v(i) for i in node.inputs if i is not None) if f is not None]
+            return found[0] if len(found) == 1 else None
+        found = _column_slice(value)
+        if found is None:
+            return None
+        site = self.by_node.get(id(found[0].producer()))
+        if site is None or not all(c.op_type in ("Slice", "Split") for c in found[0].consumers()) or value.is_graph_output():
+            return None
+        return site, found[1]
+
+    def _fused_gate_up(self, mul: ir.Node) -> tuple[LinearSite, slice, slice] | None:
+        """(site, up columns, gate columns) when ``mul`` is ``up * act(gate)`` with up and gate two
+        halves of one linear's output (Phi-3's gate_up_proj, split on the last axis): the up half
+        is one operand directly, the gate half reaches the other through elementwise ops only."""
+        for operand in mul.inputs:
+            found = _column_slice(operand) if operand is not None else None
+            site = self.by_node.get(id(found[0].producer())) if found is not None else None
+            if site is None:
+                continue
+            source, up = found
+            cut = operand.producer()
+            if cut.op_type == "Split":
+                halves = [o for o in cut.outputs if o is not operand]
+                readers = [cut]
+            else:
+                readers = [c for c in source.consumers() if c is not cut]
+                halves = [r.outputs[0] for r in readers if r.op_type == "Slice"]
+            if len(halves) != 1 or len(readers) != 1 or set(map(id, source.consumers())) != {id(cut), id(readers[0])}:
+                continue
+            if list(operand.consumers()) != [mul] or not all(c.op_type in _ELEMENTWISE_ACT for c in halves[0].consumers()):
+                continue  # another reader of a half would see its columns move
+            gate_found = _column_slice(halves[0])
+            if gate_found is None or gate_found[0] is not source:
+                continue
+            gate = gate_found[1]
+            if gate.stop - gate.start != up.stop - up.start or not (gate.stop <= up.start or up.stop <= gate.start):
+                continue
+            other = mul.inputs[1] if operand is mul.inputs[0] else mul.inputs[0]
+            if other is not None and _computed_elementwise_from(other, halves[0]):
+                return site, up, gate
+        return None
 
 
 def find_linear_sites(graph: ir.Graph) -> LinearSiteMap:

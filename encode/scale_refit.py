@@ -40,7 +40,8 @@ def refit_block_scales(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.n
                        block: int | None, error: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(q, scales, per-column proxy error) after the refit of the (K, N) problem ``w`` rounded
     to ``q`` on ``scales`` (ceil(K / block), N) with per-column proxy error ``error`` (OPTQ's
-    loop figure); ``block=None``: one scale per column."""
+    loop figure); ``block=None``: one scale per column. A problem refit in slices (wider than
+    one slice) writes its refit codes into a float32 ``q`` and returns it."""
     k, n = w.shape
     block = block or k
     nb = -(-k // block)
@@ -49,7 +50,10 @@ def refit_block_scales(w: np.ndarray, q: np.ndarray, scales: np.ndarray, h: np.n
     # would not slice a 1B head's 1 GB copies)
     width = max(1, min(_SLICE_BYTES // (16 * nb * nb), _COLUMN_BYTES // (4 * nb * block)))
     if n > width:  # columns are independent: a vocabulary-sized head is refit slice by slice
-        out = (np.empty_like(q, dtype=np.float32), np.empty_like(scales, dtype=np.float32), np.empty(n))
+        # the refit codes go into ``q`` itself (each slice reads its own columns before they are
+        # written): no second (K, N) array beside OPTQ's, 1 GB for a 1B model's head
+        out = (q if q.dtype == np.float32 else np.empty_like(q, dtype=np.float32),
+               np.empty_like(scales, dtype=np.float32), np.empty(n))  # fmt: skip
         for c in range(0, n, width):
             cols = slice(c, c + width)
             part = refit_block_scales(w[:, cols], q[:, cols], scales[:, cols], h, damp, block, error[cols])

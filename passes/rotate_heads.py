@@ -35,12 +35,16 @@ logger = logging.getLogger(__name__)
 def rotate_heads(target: FoldTarget, r: np.ndarray) -> None:
     """V columns of every head -> V R, o_proj rows of every head -> R^T W (module doc)."""
     hd = r.shape[0]
+    cols = target.producer_columns or slice(None)  # a fused QKV: its V columns only
     v = weight_kn(target.producer).astype(np.float64)
-    set_weight_kn(target.producer, (v.reshape(v.shape[0], -1, hd) @ r).reshape(v.shape))
-    if target.producer_bias is not None:  # v_proj's bias (Qwen) is rotated with its columns
-        b = target.producer_bias.const_value.numpy().astype(np.float64)
-        rotated = (b.reshape(-1, hd) @ r).reshape(b.shape).astype(np.float32)
-        target.producer_bias.const_value = ir.tensor(rotated, name=target.producer_bias.name)
+    part = v[:, cols]
+    v[:, cols] = (part.reshape(part.shape[0], -1, hd) @ r).reshape(part.shape)
+    set_weight_kn(target.producer, v)
+    if target.producer_bias is not None:  # v_proj's bias (Qwen, BERT) is rotated with its columns
+        b = target.producer_bias.const_value.numpy().astype(np.float64).copy()
+        flat = b.reshape(-1)
+        flat[cols] = (flat[cols].reshape(-1, hd) @ r).reshape(-1)
+        target.producer_bias.const_value = ir.tensor(b.astype(np.float32), name=target.producer_bias.name)
     for site in target.group:
         w = weight_kn(site).astype(np.float64)
         set_weight_kn(site, np.einsum("ji,hjn->hin", r, w.reshape(-1, hd, w.shape[1])).reshape(w.shape))

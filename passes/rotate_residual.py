@@ -22,6 +22,9 @@ residual stream is every value reached from the token embedding's ``Gather`` thr
 Q is a randomized Hadamard matrix of the hidden size (:func:`lowbit.runtime_ext.hadamard.rotation`,
 ``rotate.seed``; a random orthogonal matrix where no Hadamard matrix of that order is built).
 
+A multiplication of the stream by one constant number (Gemma scales the embedding by
+sqrt(hidden)) commutes with Q and is walked through.
+
 Guarantees: function-preserving in exact arithmetic (float32: ~1e-6 of the largest logit on
 SmolLM2, tested). When the stream is not of this form the model is left untouched and
 ``report["rotate"]["residual"]["reason"]`` says why: a LayerNorm (mean-centring commutes with Q
@@ -91,6 +94,14 @@ def _writer(value: ir.Value, sites: LinearSiteMap, hidden: int) -> tuple[LinearS
     return site, bias
 
 
+def _scalar_scale(node: ir.Node, index: int) -> bool:
+    """``node`` multiplies its stream input ``index`` by one constant number."""
+    if node.op_type != "Mul" or node.domain != "" or index not in (0, 1):
+        return False
+    other = node.inputs[1 - index]
+    return other is not None and other.const_value is not None and other.const_value.size == 1
+
+
 def find_residual_stream(graph: ir.Graph, sites: LinearSiteMap) -> ResidualStream | str:
     """The residual stream R1 can rotate, or why not (module doc)."""
     layer_norm = next((n for n in graph if n.op_type == "LayerNormalization"), None)
@@ -118,6 +129,9 @@ def find_residual_stream(graph: ir.Graph, sites: LinearSiteMap) -> ResidualStrea
                 if isinstance(why, str):
                     return why
                 stream.norms.append((node, why))
+                continue
+            if _scalar_scale(node, index):  # Gemma's embedding times sqrt(hidden): commutes with Q
+                frontier.append(node.outputs[0])
                 continue
             if node.op_type == "Add" and node.domain == "" and index in (0, 1):
                 other = node.inputs[1 - index]

@@ -68,6 +68,7 @@ def test_wide_problems_are_refit_in_column_slices(monkeypatch):
     whole = scale_refit.refit_block_scales(w, q, s, h, 0.01, 32, e)
     monkeypatch.setattr(scale_refit, "_SLICE_BYTES", 16 * 8 * 8 * 100)  # 100 columns per slice
     sliced = scale_refit.refit_block_scales(w, q, s, h, 0.01, 32, e)
+    assert sliced[0] is q  # written in place: no second (K, N) array for a vocabulary head
     expand = np.arange(k) // 32
     np.testing.assert_array_equal(np.rint(2 * sliced[0] / sliced[1][expand]), np.rint(2 * whole[0] / whole[1][expand]))
     np.testing.assert_allclose(sliced[1], whole[1], rtol=1e-6)

@@ -60,11 +60,11 @@ def test_analyses_follow_the_scales_exactly(token_windows):
 
 
 def test_gqa_scale_map_shares_one_scale_per_kv_channel():
-    class _Site:  # the two numbers _gqa_map reads
+    class _Site:  # the number _gqa_map reads
         def __init__(self, fin, fout):
             self.in_features, self.out_features = fin, fout
 
-    mapping = _gqa_map(_Site(24, 8), _Site(8, 8), 4)  # 6 query heads of dim 4, 2 kv heads
+    mapping = _gqa_map(_Site(24, 8), 8, 4)  # 6 query heads of dim 4, 2 kv heads (8 V channels)
     assert mapping.tolist()[:12] == [0, 1, 2, 3] * 3 and mapping.tolist()[12:] == [4, 5, 6, 7] * 3
     amax = np.arange(1, 25, dtype=np.float64)
     for _, s in candidate_scales("aqas", (0.5,), amax, amax, np.ones(24), mapping):

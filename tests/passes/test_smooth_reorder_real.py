@@ -73,6 +73,8 @@ def test_minilm_function_preserved(minilm_export):
     windows = [rng.integers(1000, 20000, (2, 64)) for _ in range(2)]
     worst, report = _smooth_and_reorder(minilm_export, windows, rng.integers(1000, 20000, (1, 40)))
     assert worst < RTOL
-    # BERT is post-LN: every LayerNorm output also feeds the residual, so nothing folds into it
-    assert report["smooth"]["folded_groups"] == 0 and report["reorder"]["gathers"] == 0
+    # BERT is post-LN: every LayerNorm output also feeds the residual, so nothing folds into a
+    # norm; each layer's attention output folds into v_proj's columns and its bias
+    assert report["smooth"]["folded_groups"] == 6 and report["reorder"]["gathers"] == 0
+    assert {g["feeder"] for g in report["smooth"]["groups"].values() if g.get("folded")} == {"attention_v"}
     assert report["reorder"]["clustered_groups"] == 6 * 4  # q/k/v, o, intermediate, output per layer
