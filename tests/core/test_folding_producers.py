@@ -121,20 +121,26 @@ def _fuse_gate_up(model) -> int:
     return fused
 
 
-def test_a_fused_gate_up_takes_scales_and_permutations_on_its_halves():
-    """Phi-3's gate_up_proj: down_proj's input is up * act(gate) with both halves of one weight's
-    output; its scales go to the up half's columns, a permutation to both halves alike."""
+def _fused_tiny(fuse, consumer: str, rng):
+    """The tiny decoder with ``fuse`` applied to both layers: (model, ids, logits before any
+    folding, the input groups of the ``consumer`` sites)."""
     from lowbit.models.synthetic import tiny_decoder
 
-    rng = np.random.default_rng(3)
     model = tiny_decoder(norm="rms", norm_form="fused", layers=2)
     for p in canonicalize_passes():
         p(model)
-    assert _fuse_gate_up(model) == 2
+    assert fuse(model) == 2
     ids = rng.integers(1, 50, (2, 12))
-    before = _logits(model, ids)
-    groups = [g for g in find_linear_sites(model.graph).input_groups() if g[0].name.endswith("down_proj")]
+    groups = [g for g in find_linear_sites(model.graph).input_groups() if g[0].name.endswith(consumer)]
     assert len(groups) == 2
+    return model, ids, _logits(model, ids), groups
+
+
+def test_a_fused_gate_up_takes_scales_and_permutations_on_its_halves():
+    """Phi-3's gate_up_proj: down_proj's input is up * act(gate) with both halves of one weight's
+    output; its scales go to the up half's columns, a permutation to both halves alike."""
+    rng = np.random.default_rng(3)
+    model, ids, before, groups = _fused_tiny(_fuse_gate_up, "down_proj", rng)
     for group in groups:
         feeder = group[0].feeder
         assert feeder.kind == "gated_linear" and feeder.producer_site.name.endswith("gate_up")
@@ -176,19 +182,11 @@ def _fuse_qkv(model) -> int:
 def test_a_fused_qkv_takes_scales_permutations_and_head_rotations_on_its_v_columns():
     """Phi-3's qkv_proj: o_proj's input is linear in the V third of one weight's output; scales,
     permutations inside heads and R2's per-head rotation go to those columns only."""
-    from lowbit.models.synthetic import tiny_decoder
     from lowbit.passes.rotate_heads import rotate_heads
     from lowbit.runtime_ext.hadamard import rotation
 
     rng = np.random.default_rng(4)
-    model = tiny_decoder(norm="rms", norm_form="fused", layers=2)
-    for p in canonicalize_passes():
-        p(model)
-    assert _fuse_qkv(model) == 2
-    ids = rng.integers(1, 50, (2, 12))
-    before = _logits(model, ids)
-    groups = [g for g in find_linear_sites(model.graph).input_groups() if g[0].name.endswith("o_proj")]
-    assert len(groups) == 2
+    model, ids, before, groups = _fused_tiny(_fuse_qkv, "o_proj", rng)
     for group in groups:
         target = fold_target(group, ("attention_v",))
         assert not isinstance(target, str), target
