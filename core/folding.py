@@ -16,7 +16,9 @@ absorb ``x / s`` or ``x[..., perm]``:
 
 A bias added to the producer's (or gate's) output channels -- Qwen's v_proj, Gemm's C -- takes
 the same scale or permutation as the producer's columns
-(:func:`lowbit.core.linear_sites.output_bias`).
+(:func:`lowbit.core.linear_sites.output_bias`); a fused QKV producer (Phi-3's qkv_proj) takes
+them on its V columns only; a Reshape that keeps the channel axis between a norm and its sites
+(GPT-2's Conv1D) is walked through.
 
 It refuses (returns a reason string) whenever folding would change anything but x: the group
 input has consumers outside the group (``Shape``/``Size`` consumers are allowed: a per-channel
@@ -49,7 +51,7 @@ class FoldTarget:
     head_dim: int | None = None  # attention_v: channels per head (None: head layout unknown)
     producer_bias: ir.Value | None = None  # added to the producer's output channels (Qwen's v_proj)
     gate_bias: ir.Value | None = None  # added to gate_proj's output channels
-    # a fused gate_up producer (Phi-3): its output columns that are up and gate
+    # a fused producer (Phi-3's gate_up_proj, qkv_proj): its columns that are up (or V), and gate
     producer_columns: slice | None = None
     gate_columns: slice | None = None
 

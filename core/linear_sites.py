@@ -45,7 +45,7 @@ class Feeder:
     kind: str  # "norm" | "attention_v" | "gated_linear" | "other"
     node: ir.Node | None  # the norm node, the attention/matmul node, or the gating Mul
     producer_site: LinearSite | None = None  # v_proj for attention_v, up_proj for gated_linear
-    # a fused producer (Phi-3's gate_up_proj and qkv_proj, GPT-2's c_attn): the producer's output
+    # a fused producer (Phi-3's gate_up_proj and qkv_proj, split on the last axis): the producer's output
     # columns this input is linear in (up, or V), and a fused gate_up's gate columns
     producer_columns: slice | None = None
     gate_columns: slice | None = None
