@@ -214,14 +214,25 @@ def nbits_int8_weight(enc: formats.Encoded, group: int) -> tuple[np.ndarray, np.
     """``MatMulNBits`` (bits=8, block ``group``) arrays for an int8 encoding: uint8 codes
     ``value + 128`` (its default zero point) as [N, K / group, group], and float32 scales
     [N * K / group] (a per-channel or coarser block scale repeated over its groups)."""
-    values = enc.values().astype(np.int16)
     scale = (enc.scale.astype(np.float32) * np.float32(enc.global_scale)).astype(np.float32)
-    if enc.axis == 0:  # stored [K, N]: the kernel wants N rows of K
-        values, scale = values.T, scale.T
-    n, k = values.shape
+    stored = enc.codes if enc.axis == 1 else enc.codes.T  # the kernel wants N rows of K
+    if enc.axis == 0:
+        scale = scale.T
+    n, k = stored.shape
     scale = np.repeat(scale, k // group // scale.shape[1], axis=1)  # [N, K / group]
-    codes = (values + 128).astype(np.uint8).reshape(n, k // group, group)
-    return np.ascontiguousarray(codes), np.ascontiguousarray(scale.reshape(-1))
+    if enc.zero_point is None:  # symmetric (every int8 site): values are an elementwise decode of the codes
+        def values(rows: slice) -> np.ndarray:
+            return enc.spec.element.decode(stored[rows])
+    else:
+        whole = enc.values().T if enc.axis == 0 else enc.values()
+
+        def values(rows: slice) -> np.ndarray:
+            return whole[rows]
+    codes = np.empty((n, k), np.uint8)
+    step = max(1, (16 << 20) // k)  # a slice of rows at a time: a 1B head's int16 values are 0.5 GB
+    for i in range(0, n, step):
+        codes[i:i + step] = (values(slice(i, i + step)).astype(np.int16) + 128).astype(np.uint8)
+    return codes.reshape(n, k // group, group), np.ascontiguousarray(scale.reshape(-1))
 
 
 def _scale_dtype(fmt: str) -> str:
