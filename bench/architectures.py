@@ -72,8 +72,10 @@ def _first_output(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run([session.get_outputs()[0].name], build_feeds(session, x))[0]
 
 
-def _row(family: str, exporter: str, recipe: str, export: Path, out: Path, counts: tuple[int, int]) -> tuple[dict, list[str]]:
-    """One compile under --verify and its checks; the reasons something did not apply."""
+def _row(family: str, exporter: str, recipe: str, export: Path, out: Path, counts: tuple[int, int],
+         fp32: np.ndarray) -> tuple[dict, list[str]]:  # fmt: skip
+    """One compile under --verify and its checks (``fp32``: the export's output on
+    :func:`_sample`); the reasons something did not apply."""
     from lowbit.compiler.api import compile as lowbit_compile
 
     row = {"family": family, "exporter": exporter, "recipe": recipe, "torch_linears": counts[0], "torch_norms": counts[1]}
@@ -94,8 +96,7 @@ def _row(family: str, exporter: str, recipe: str, export: Path, out: Path, count
     if residual and not residual.get("rotated"):
         why.append(f"R1: {residual['reason']}")
     why += [f"R2 {name}: {reason}" for name, reason in rotate.get("heads", {}).get("skipped", {}).items()]
-    x = _sample(family)
-    ours, fp32 = _first_output(out, x), _first_output(export, x)
+    ours = _first_output(out, _sample(family))
     cosine = float((ours * fp32).sum() / (np.linalg.norm(ours) * np.linalg.norm(fp32)))
     norms = sum(n.op_type in _NORM_OPS or n.op_type == "ReorderNorm" for n in result.model.graph)
     row.update(compiled="yes", sites=f"{sum(bool(s.get('quantized')) for s in sites)} / {len(sites)}", norms=norms,
@@ -169,9 +170,10 @@ def run(args: argparse.Namespace) -> int:
                 if with_past and family not in CAUSAL:
                     continue
                 export = export_model(str(hf_dir), with_past=with_past)
+                fp32 = _first_output(export, _sample(family))  # once per export, not per recipe
                 for recipe in recipes:
                     out = work / "out" / f"{family}-{'past' if with_past else 'dynamo'}-{recipe}"
-                    row, why = _row(family, exporter, recipe, export, out, counts)
+                    row, why = _row(family, exporter, recipe, export, out, counts, fp32)
                     print(f"{family} / {exporter} / {recipe}: {row['compiled']}", flush=True)
                     rows_why.append((row, why))
     text = "\n".join([

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.core.linear_sites import LinearSite, output_bias
+from lowbit.core.linear_sites import ELEMENTWISE_OPS, LinearSite, output_bias, private_initializer
 
 __all__ = ["SHAPE_ONLY_OPS", "FoldTarget", "fold_target", "producer_permutation", "set_weight_kn", "weight_kn"]
 
@@ -144,19 +144,13 @@ def _set_const(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=value.name)
 
 
-def _private_initializer(value: ir.Value | None, users: int = 1) -> bool:
-    return value is not None and value.is_initializer() and value.const_value is not None and len(value.uses()) == users
-
-
 def _weights_private(sites: list[LinearSite]) -> bool:
-    return all(_private_initializer(s.weight) for s in sites)
+    return all(private_initializer(s.weight) for s in sites)
 
 
-# act(gate) as exporters write it: SiLU = x * Sigmoid(x), GELU via Erf/Tanh arithmetic
 # Consumers that read only a tensor's shape: folding a per-channel transform cannot affect them
 # (optimum's with-past exports read the norm output's shape to build the attention reshapes).
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
-_ELEMENTWISE = frozenset({"Sigmoid", "Mul", "Silu", "Gelu", "FastGelu", "Tanh", "Erf", "Div", "Add", "Relu", "Softplus", "Pow"})
 
 
 def _channel_preserving_chain(start: ir.Value, end: ir.Value) -> bool:
@@ -184,7 +178,7 @@ _CHANNEL_LAYOUT_OPS = frozenset({"Reshape", "Identity", "Squeeze", "Unsqueeze"})
 
 def _elementwise_only(value: ir.Value) -> bool:
     """Every consumer of the gate output is elementwise (a column permutation commutes)."""
-    return all(c.op_type in _ELEMENTWISE for c in value.consumers())
+    return all(c.op_type in ELEMENTWISE_OPS for c in value.consumers())
 
 
 def _reaches_graph_output(value: ir.Value, depth: int = 8) -> bool:
@@ -244,7 +238,7 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...], *, cache_follow
         if norm.outputs[0] is not site.input and not _channel_preserving_chain(norm.outputs[0], site.input):
             return "layout ops between the norm and the sites"
         params = [v for v in norm.inputs[1:3] if v is not None]
-        if not all(_private_initializer(v) for v in params):
+        if not all(private_initializer(v) for v in params):
             return "norm gamma/beta are not private initializers"
         return FoldTarget("norm", group, norm=norm)
     producer = feeder.producer_site

@@ -24,8 +24,8 @@ import onnx_ir as ir
 
 from lowbit.core.analyses import Key
 
-__all__ = ["FLOAT_SITE_KEY", "LINEAR_SITES", "Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS", "find_linear_sites",
-           "output_bias", "selected_sites", "site_name"]
+__all__ = ["ELEMENTWISE_OPS", "FLOAT_SITE_KEY", "LINEAR_SITES", "Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS",
+           "find_linear_sites", "output_bias", "private_initializer", "selected_sites", "site_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +127,14 @@ def site_name(node: ir.Node, weight: ir.Value) -> str:
     return name
 
 
+def private_initializer(value: ir.Value | None, users: int = 1) -> bool:
+    """An initializer with a constant value and exactly ``users`` uses (a fold may rewrite it)."""
+    return value is not None and value.is_initializer() and value.const_value is not None and len(value.uses()) == users
+
+
 def _channel_bias(value: ir.Value | None, channels: int) -> bool:
     """A private constant of one value per output channel ([N] or [1, N])."""
-    return (value is not None and value.is_initializer() and value.const_value is not None
-            and len(value.uses()) == 1 and tuple(value.const_value.shape) in ((channels,), (1, channels)))  # fmt: skip
+    return private_initializer(value) and tuple(value.const_value.shape) in ((channels,), (1, channels))
 
 
 def output_bias(site: LinearSite) -> ir.Value | str | None:
@@ -199,7 +203,7 @@ def _computed_elementwise_from(value: ir.Value, source: ir.Value, depth: int = 8
     if value is source:
         return True
     node = value.producer()
-    if depth == 0 or node is None or node.domain != "" or node.op_type not in _ELEMENTWISE_ACT:
+    if depth == 0 or node is None or node.domain != "" or node.op_type not in ELEMENTWISE_OPS:
         return False
     ins = [v for v in node.inputs if v is not None]
     if any(v.const_value is not None and v.const_value.size != 1 for v in ins):
@@ -208,8 +212,9 @@ def _computed_elementwise_from(value: ir.Value, source: ir.Value, depth: int = 8
     return bool(variable) and all(_computed_elementwise_from(v, source, depth - 1) for v in variable)
 
 
-_ELEMENTWISE_ACT = frozenset({"Sigmoid", "Mul", "Silu", "Gelu", "FastGelu", "Tanh", "Erf", "Div", "Add", "Relu",
-                              "Softplus", "Pow"})  # fmt: skip
+# act(gate) as exporters write it: SiLU = x * Sigmoid(x), GELU via Erf/Tanh arithmetic
+ELEMENTWISE_OPS = frozenset({"Sigmoid", "Mul", "Silu", "Gelu", "FastGelu", "Tanh", "Erf", "Div", "Add", "Relu",
+                             "Softplus", "Pow"})  # fmt: skip
 
 
 def _walk_up(value: ir.Value) -> ir.Node | None:
@@ -332,7 +337,7 @@ class LinearSiteMap:
                 halves = [r.outputs[0] for r in readers if r.op_type == "Slice"]
             if len(halves) != 1 or len(readers) != 1 or set(map(id, source.consumers())) != {id(cut), id(readers[0])}:
                 continue
-            if list(operand.consumers()) != [mul] or not all(c.op_type in _ELEMENTWISE_ACT for c in halves[0].consumers()):
+            if list(operand.consumers()) != [mul] or not all(c.op_type in ELEMENTWISE_OPS for c in halves[0].consumers()):
                 continue  # another reader of a half would see its columns move
             gate_found = _column_slice(halves[0])
             if gate_found is None or gate_found[0] is not source:

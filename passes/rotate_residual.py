@@ -44,7 +44,7 @@ import onnx_ir as ir
 
 from lowbit.core.folding import SHAPE_ONLY_OPS, set_weight_kn, weight_kn
 from lowbit.core.initializers import add_initializer
-from lowbit.core.linear_sites import FLOAT_SITE_KEY, NORM_OPS, LinearSite, LinearSiteMap, matches_any
+from lowbit.core.linear_sites import FLOAT_SITE_KEY, NORM_OPS, LinearSite, LinearSiteMap, matches_any, private_initializer
 from lowbit.core.pass_base import LowbitPass
 from lowbit.runtime_ext.hadamard import Rotation, rotation
 
@@ -64,10 +64,6 @@ class ResidualStream:
     tied: list[LinearSite] = field(default_factory=list)  # heads whose weight is the table
 
 
-def _private(value: ir.Value | None) -> bool:
-    return value is not None and value.is_initializer() and value.const_value is not None and len(value.uses()) == 1
-
-
 def _embedding(graph: ir.Graph) -> tuple[ir.Node, ir.Value] | str:
     gathers = [n for n in graph if n.op_type == "Gather" and n.domain == "" and n.inputs[0] is not None
                and n.inputs[0].is_initializer() and n.inputs[0].const_value is not None
@@ -82,14 +78,14 @@ def _writer(value: ir.Value, sites: LinearSiteMap, hidden: int) -> tuple[LinearS
     node, bias = value.producer(), None
     if node is not None and node.op_type == "Add" and node.domain == "" and len(value.consumers()) == 1:
         consts = [v for v in node.inputs if v is not None and v.const_value is not None]
-        if len(consts) == 1 and _private(consts[0]) and consts[0].const_value.shape == (hidden,):
+        if len(consts) == 1 and private_initializer(consts[0]) and consts[0].const_value.shape == (hidden,):
             bias = consts[0]
             value = node.inputs[1] if node.inputs[0] is bias else node.inputs[0]
             node = value.producer()
     site = sites.by_node.get(id(node)) if node is not None else None
     if site is None:
         return f"{node.op_type if node else 'a graph input'} {node.name if node else value.name} adds into the residual stream"
-    if site.out_features != hidden or not _private(site.weight) or len(value.consumers()) != 1:
+    if site.out_features != hidden or not private_initializer(site.weight) or len(value.consumers()) != 1:
         return f"{site.name} writes into the residual stream but its weight or output is shared"
     return site, bias
 
@@ -156,7 +152,7 @@ def find_residual_stream(graph: ir.Graph, sites: LinearSiteMap) -> ResidualStrea
 def _check_norm(norm: ir.Node, index: int, sites: LinearSiteMap, table: ir.Value) -> list[LinearSite] | str:
     gamma = norm.inputs[1] if len(norm.inputs) > 1 else None
     has_bias = len(norm.inputs) > 2 and norm.inputs[2] is not None
-    if index != 0 or has_bias or not _private(gamma):
+    if index != 0 or has_bias or not private_initializer(gamma):
         return f"norm {norm.name}: a bias, or a scale that is not a private initializer"
     if norm.attributes.get_int("axis", -1) not in (-1, len(norm.inputs[0].shape or ()) - 1):
         return f"norm {norm.name} does not normalize the last axis"
@@ -167,7 +163,7 @@ def _check_norm(norm: ir.Node, index: int, sites: LinearSiteMap, table: ir.Value
         site = sites.by_node.get(id(node))
         if site is None or i != 0:
             return f"norm {norm.name} feeds {node.op_type} {node.name}, not only linear layers"
-        if site.weight is not table and not _private(site.weight):
+        if site.weight is not table and not private_initializer(site.weight):
             return f"{site.name} reads norm {norm.name} through a shared weight"
         readers.append(site)
     if norm.outputs[0].is_graph_output():
