@@ -163,7 +163,10 @@ def run(args: argparse.Namespace) -> int:
         os.environ["LOWBIT_CACHE"] = str(work / "cache")  # this run's exports, not the user's cache
         for family in families:
             hf_dir = work / family
-            if not (hf_dir / "config.json").is_file():
+            if os.path.lexists(hf_dir) and not (hf_dir / "config.json").is_file():
+                raise LowbitError(f"--work {work}: {hf_dir} exists and is not a tiny model this bench wrote: "
+                                  "name another --work directory")  # fmt: skip
+            if not hf_dir.exists():  # reused when there (read only)
                 make_hf_dir(hf_dir, family)
             counts = _torch_counts(hf_dir)
             for exporter, with_past in (("torch dynamo", False), ("optimum, KV cache", True)):

@@ -21,6 +21,15 @@ def test_a_directory_as_the_report_is_refused(tmp_path, capsys):
     assert "is not a regular file" in capsys.readouterr().err
 
 
+def test_a_directory_of_the_users_in_work_is_left_alone(tmp_path, capsys):
+    mine = tmp_path / "work" / "llama"
+    mine.mkdir(parents=True)
+    (mine / "model.safetensors").write_bytes(b"the user's weights")
+    assert main(["architectures", "--families", "llama", "--work", str(tmp_path / "work"), "-o", str(tmp_path / "A.md")]) == 2
+    assert "is not a tiny model this bench wrote" in capsys.readouterr().err
+    assert (mine / "model.safetensors").read_bytes() == b"the user's weights" and not (tmp_path / "A.md").exists()
+
+
 @pytest.mark.slow
 def test_a_llama_row_counts_its_sites_norms_and_verifies(tmp_path, capsys):
     out = tmp_path / "A.md"
