@@ -8,6 +8,8 @@ absorb ``x / s`` or ``x[..., perm]``:
 - ``gated_linear``: x = act(gate) * up; up_proj's output columns absorb a scale, gate_proj's and
   up_proj's columns together absorb a permutation (act is elementwise); a fused gate_up (Phi-3,
   one weight whose output is split in halves) the same, on the halves of its columns;
+- ``activated_linear``: x = act(fc1(x0)) with act positively homogeneous (ReLU, LeakyReLU: OPT,
+  T5): fc1's output columns absorb a positive scale or a permutation, as up_proj's do;
 - ``attention_v``: x is attention output; v_proj's output columns absorb a scale. With GQA each
   v channel is replicated to ``g`` query heads, so a scale must be one value per *v* channel:
   ``channel_map[c]`` is the v channel that o_proj input channel c reads. A permutation must keep
@@ -42,7 +44,7 @@ __all__ = ["SHAPE_ONLY_OPS", "FoldTarget", "fold_target", "producer_permutation"
 
 @dataclass
 class FoldTarget:
-    kind: str  # "norm" | "gated_linear" | "attention_v"
+    kind: str  # "norm" | "gated_linear" | "activated_linear" | "attention_v"
     group: list[LinearSite]
     norm: ir.Node | None = None
     producer: LinearSite | None = None  # v_proj or up_proj
@@ -266,6 +268,14 @@ def fold_target(group: list[LinearSite], kinds: tuple[str, ...], *, cache_follow
             return gate_bias
         return FoldTarget("gated_linear", group, producer=producer, gate=siblings[0], channel_map=np.arange(site.in_features),
                           producer_bias=bias, gate_bias=gate_bias)  # fmt: skip
+    if feeder.kind == "activated_linear":
+        act = feeder.node
+        if list(act.inputs[0].consumers()) != [act] or act.inputs[0].is_graph_output():
+            return "the activation's input is read elsewhere"
+        if act.outputs[0] is not site.input and not _channel_preserving_chain(act.outputs[0], site.input):
+            return "layout ops between the activation and the sites"
+        return FoldTarget("activated_linear", group, producer=producer, channel_map=np.arange(site.in_features),
+                          producer_bias=bias)  # fmt: skip
     if not cache_follows and _reaches_graph_output(producer.node.outputs[0]):
         return "v_proj output is also a KV-cache output (present.*): scaling it would change the cache"
     head_dim = _head_dim(feeder.node)

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from lowbit.core.analyses import Key
 
 __all__ = ["ELEMENTWISE_OPS", "FLOAT_SITE_KEY", "LINEAR_SITES", "Feeder", "LinearSite", "LinearSiteMap", "NORM_OPS",
-           "find_linear_sites", "output_bias", "private_initializer", "selected_sites", "site_name"]
+           "POSITIVELY_HOMOGENEOUS_OPS", "find_linear_sites", "output_bias", "private_initializer", "selected_sites", "site_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +37,17 @@ _WEIGHT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast"})
 # Expand is GQA's repeat_kv: each kv channel is replicated to its query heads, so o_proj's input
 # stays linear in v_proj's output channels (a folded scale must then agree across the replicas).
 _ACT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Expand"})
+# act(s * x) = s * act(x) for every s > 0: a positive per-channel scale (and any permutation)
+# passes through unchanged, so a linear before the activation can absorb it
+POSITIVELY_HOMOGENEOUS_OPS = frozenset({"Relu", "LeakyRelu"})
 _WRAPPER_PREFIXES = ("inner.",)  # lowbit's export wrapper holds the HF model as `inner`
 
 
 @dataclass
 class Feeder:
-    kind: str  # "norm" | "attention_v" | "gated_linear" | "other"
-    node: ir.Node | None  # the norm node, the attention/matmul node, or the gating Mul
-    producer_site: LinearSite | None = None  # v_proj for attention_v, up_proj for gated_linear
+    kind: str  # "norm" | "attention_v" | "gated_linear" | "activated_linear" | "other"
+    node: ir.Node | None  # the norm node, the attention/matmul node, the gating Mul or the activation
+    producer_site: LinearSite | None = None  # v_proj (attention_v), up_proj (gated_linear), fc1 (activated_linear)
     # a fused producer (Phi-3's gate_up_proj and qkv_proj, split on the last axis): the producer's output
     # columns this input is linear in (up, or V), and a fused gate_up's gate columns
     producer_columns: slice | None = None
@@ -290,6 +293,10 @@ class LinearSiteMap:
             fused = self._fused_v(node.inputs[1])
             if fused is not None:
                 return Feeder("attention_v", node, fused[0], producer_columns=fused[1])
+        if node.op_type in POSITIVELY_HOMOGENEOUS_OPS and node.domain == "":  # OPT's fc1 -> ReLU -> fc2
+            producer = self.site_of_output(node.inputs[0])
+            if producer is not None:
+                return Feeder("activated_linear", node, producer)
         if node.op_type == "Mul":
             for operand in node.inputs:
                 up = self.site_of_output(operand)

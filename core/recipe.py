@@ -198,6 +198,8 @@ class CalibrationSpec(_Spec):
     windows: int = _doc("number of calibration windows at seq_len", 8)
     slac_lengths: tuple[int, ...] = _doc("extra sequence lengths probed for the SLAC range table", (64, 128, 256))
     slac_windows: int = _doc("windows per extra SLAC length", 2)
+    sequential: bool = _doc("GPTQ-style: compile block by block, each block observed on the outputs of the blocks before "
+                            "it as quantized (one extra run of each block; any model size)", False)
 
     def _validate(self) -> None:
         _require(self.seq_len >= 1, "calibration.seq_len", "must be >= 1")
@@ -221,14 +223,15 @@ class SiteSpec(_Spec):
         _require(self.embeddings in ("float", "int8"), "sites.embeddings", f"{_show(self.embeddings)} is not float or int8")
 
 
-FEEDER_KINDS = ("norm", "attention_v", "gated_linear")
+FEEDER_KINDS = ("norm", "attention_v", "gated_linear", "activated_linear")
 
 
 @dataclass(frozen=True)
 class SmoothSpec(_Spec):
     method: str = _doc("equivalent per-channel scaling folded into producers: none | smoothquant | awq | aqas", "none")
     alpha_grid: tuple[float, ...] = _doc("migration strengths searched per input group (the output-error objective picks one)", (0.0, 0.15, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85))
-    feeders: tuple[str, ...] = _doc("producer kinds scales may be folded into: norm | attention_v | gated_linear", FEEDER_KINDS)
+    feeders: tuple[str, ...] = _doc("producer kinds scales may be folded into: norm | attention_v | gated_linear | activated_linear "
+                                    "(fc1 before a ReLU)", FEEDER_KINDS)
     sample_tokens: int = _doc("calibration rows kept per input group for the scale search (and OPTQ's X^T X uses all rows)", 512)
 
     def _validate(self) -> None:
@@ -242,7 +245,7 @@ class SmoothSpec(_Spec):
 class ReorderSpec(_Spec):
     clusters: int = _doc("RPTQ: K-means clusters of channels by calibrated (min, max) per site input; 0 = off", 0)
     # attention_v is opt-in: on SmolLM2 w4a8-dint4 it measured 17.19 vs 17.09 without (BASIC, 8 x 512)
-    feeders: tuple[str, ...] = _doc("inputs to reorder, by producer kind: norm (Gather + permuted gamma), gated_linear (permuted gate/up columns), attention_v (o_proj inputs sorted inside each head: v_proj columns + o_proj rows); every other quantized input gets per-cluster ranges without reordering", ("norm", "gated_linear"))
+    feeders: tuple[str, ...] = _doc("inputs to reorder, by producer kind: norm (Gather + permuted gamma), gated_linear (permuted gate/up columns), activated_linear (fc1's columns before a ReLU), attention_v (o_proj inputs sorted inside each head: v_proj columns + o_proj rows); every other quantized input gets per-cluster ranges without reordering", ("norm", "gated_linear"))
 
     def _validate(self) -> None:
         _require(self.clusters >= 0, "reorder.clusters", "must be >= 0")

@@ -67,10 +67,24 @@ class ResidualStream:
 def _embedding(graph: ir.Graph) -> tuple[ir.Node, ir.Value] | str:
     gathers = [n for n in graph if n.op_type == "Gather" and n.domain == "" and n.inputs[0] is not None
                and n.inputs[0].is_initializer() and n.inputs[0].const_value is not None
-               and len(n.inputs[0].const_value.shape) == 2 and n.inputs[1].const_value is None]  # fmt: skip
+               and len(n.inputs[0].const_value.shape) == 2 and _from_graph_input(n.inputs[1])]  # fmt: skip
     if len(gathers) != 1:
-        return f"{len(gathers)} embedding lookups (Gather of a 2-D table by token ids), expected 1"
+        return f"{len(gathers)} embedding lookups (Gather of a 2-D table by a graph input), expected 1"
     return gathers[0], gathers[0].inputs[0]
+
+
+def _from_graph_input(ids: ir.Value) -> bool:
+    """The lookup's indices are a graph input (token ids) up to layout ops and casts -- not indices
+    the graph computes, such as T5's relative-position buckets into its attention-bias table."""
+    while not ids.is_graph_input():
+        node = ids.producer()
+        if node is None or node.domain != "" or node.op_type not in _ID_LAYOUT_OPS:
+            return False
+        ids = node.inputs[0]
+    return True
+
+
+_ID_LAYOUT_OPS = frozenset({"Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"})
 
 
 def _writer(value: ir.Value, sites: LinearSiteMap, hidden: int) -> tuple[LinearSite, ir.Value | None] | str:

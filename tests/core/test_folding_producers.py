@@ -200,3 +200,49 @@ def test_a_fused_qkv_takes_scales_permutations_and_head_rotations_on_its_v_colum
         rotate_heads(target, rotation(hd, seed=5).matrix)
     after = _logits(model, ids)
     assert np.abs(after - before).max() / np.abs(before).max() < RTOL
+
+
+def _relu_mlp(act: str, rng) -> ir.Model:
+    """x -> fc1 (+ bias) -> act -> fc2, the MLP of OPT (ReLU) and T5 (ReLU, no bias)."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 8]))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18}, name="mlp")
+    w1 = add_initializer(graph, rng.normal(0, 1, (8, 12)).astype(np.float32), "fc1.weight")
+    b1 = add_initializer(graph, rng.normal(0, 1, 12).astype(np.float32), "fc1.bias")
+    w2 = add_initializer(graph, rng.normal(0, 1, (12, 6)).astype(np.float32), "fc2.weight")
+    fc1 = ir.node("MatMul", [x, w1], name="fc1")
+    add = ir.node("Add", [fc1.outputs[0], b1], name="fc1.bias_add")
+    relu = ir.node(act, [add.outputs[0]], name="act", attributes={"alpha": 0.1} if act == "LeakyRelu" else None)
+    fc2 = ir.node("MatMul", [relu.outputs[0], w2], name="fc2")
+    graph.extend([fc1, add, relu, fc2])
+    fc2.outputs[0].name, fc2.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(fc2.outputs[0])
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("act", ["Relu", "LeakyRelu"])
+def test_scales_and_permutations_fold_through_a_relu_into_fc1(act):
+    """OPT's fc2 input is ReLU(fc1 x + b): fc1's columns and bias absorb fc2's scale (positive)
+    and permutation; the function is unchanged."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    model = _relu_mlp(act, rng)
+    x = rng.normal(0, 1, (2, 5, 8)).astype(np.float32)
+
+    def run():
+        proto = ir.serde.serialize_model(model)
+        return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run()
+    group = next(g for g in find_linear_sites(model.graph).input_groups() if g[0].name == "fc2")
+    assert group[0].feeder.kind == "activated_linear"
+    assert isinstance(fold_target(group, ("norm", "gated_linear")), str)  # only where the recipe allows it
+    target = fold_target(group, ("activated_linear",))
+    assert not isinstance(target, str), target
+    assert target.producer.name == "fc1" and target.producer_bias.name == "fc1.bias"
+    target.apply_scale(rng.uniform(0.25, 4.0, 12))
+    target.apply_permutation(rng.permutation(12))
+    np.testing.assert_allclose(run(), before, rtol=RTOL, atol=1e-5)
+    # a second reader of fc1's output would see its columns move: refused
+    model.graph.outputs.append(group[0].feeder.node.inputs[0])
+    assert "read elsewhere" in fold_target(find_linear_sites(model.graph).input_groups()[1], ("activated_linear",))
