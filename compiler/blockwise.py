@@ -15,6 +15,11 @@ as the whole-model pipeline observes them, and that the accumulators tap every s
 segment with no tap is not run, so its sites would get no block). Guarantees: the compiled model is the one the
 whole-model pipeline writes (tests compare them byte for byte on a model small enough for both).
 ``--verify`` does not check the passes inside a block-wise run (it would run the whole model).
+
+Sequential (``calibration.sequential``, GPTQ-style): each segment, once compiled, is run again as
+compiled and the later segments are observed on its quantized outputs
+(:class:`lowbit.ort.segments.Segmented`, ``requantized``); the output then differs from the
+whole-model pipeline's by design.
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ class BlockwisePass(LowbitPass):
     PRESERVES_FUNCTION = False
 
     def __init__(self, ctx: CompileContext, accumulators: Sequence[Accumulator], inner: Sequence[LowbitPass],
-                 segment_bytes: int | None = None) -> None:  # fmt: skip
+                 segment_bytes: int | None = None, *, sequential: bool = False) -> None:  # fmt: skip
         super().__init__(ctx)
+        self.sequential = sequential
         if not all(p.BLOCKWISE for p in inner):
             raise ValueError(f"not block-wise passes: {[type(p).__name__ for p in inner if not p.BLOCKWISE]}")
         self.accumulators, self.inner = list(accumulators), list(inner)
@@ -81,9 +87,10 @@ class BlockwisePass(LowbitPass):
             rss.append(_resident_mb())
             blocks["peak_block_sites"] = max(blocks["peak_block_sites"], len(sites))
 
-        runner = Segmented(self.segment_bytes)
+        runner = Segmented(self.segment_bytes, requantized=self.sequential)
         observe(self.ctx, model, self.accumulators, runner=runner, after_each=each)
         self.ctx.report["blockwise"] = {**blocks, "segment_bytes": self.segment_bytes, "spilled_bytes": spill.bytes,
+                                        "sequential": self.sequential, "sessions": runner.sessions,
                                         "passes": {k: round(v, 3) for k, v in seconds.items()}, "resident_mb": rss}  # fmt: skip
         logger.info("block-wise: %d segments, %.0f MB spilled", blocks["segments"], spill.bytes / 2**20)
         return ir.passes.PassResult(model, modified=True)

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+
+import lowbit
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lowbit.core.context import CompileContext
 from lowbit.ort.session import run_on_tokens
 from lowbit.errors import LowbitError
 from lowbit.core.recipe import Recipe
+from lowbit.core.resume import ResumeStore, resume_store
 from lowbit.core.tensor_spill import TensorSpill
 from lowbit.files.scratch import run_dir
 from lowbit.compiler.blockwise import BlockwisePass
@@ -239,19 +242,27 @@ def build_pipeline(ctx: CompileContext) -> list[ir.passes.PassBase]:
 def _blockwise(ctx: CompileContext, steps: list[ir.passes.PassBase],
                finishing: list[ir.passes.PassBase]) -> list[ir.passes.PassBase]:  # fmt: skip
     """A model too large to run whole (``WHOLE_MODEL_BYTES``) whose per-site passes all work
-    block by block is compiled block by block (:mod:`lowbit.compiler.blockwise`); otherwise the
-    steps stay as they are (a recipe with a model-wide step, e.g. FGMP's global budget, then
-    holds the whole model's statistics: logged)."""
+    block by block is compiled block by block (:mod:`lowbit.compiler.blockwise`), and so is any
+    model under ``calibration.sequential``; otherwise the steps stay as they are (a recipe with a
+    model-wide step, e.g. FGMP's global budget, then holds the whole model's statistics: logged)."""
+    sequential = ctx.recipe.calibration.sequential
     observing = [i for i, p in enumerate(steps) if isinstance(p, ObservePass)]
-    if not observing or model_weight_bytes(ctx.model) <= observation.WHOLE_MODEL_BYTES:
+    if not sequential and (not observing or model_weight_bytes(ctx.model) <= observation.WHOLE_MODEL_BYTES):
         return steps + finishing
-    first = observing[0]
+    first = observing[0] if observing else len(steps)
     inner = steps[first + 1:]
-    if not inner or not all(getattr(p, "BLOCKWISE", False) for p in inner):
-        logger.warning("%s cannot run block by block (%s): its memory grows with the model", ctx.recipe.name,
-                       ", ".join(type(p).__name__ for p in inner if not getattr(p, "BLOCKWISE", False)))  # fmt: skip
+    serial = [type(p).__name__ for p in inner if not getattr(p, "BLOCKWISE", False)]
+    if sequential and (not inner or serial):  # refused now, before any calibration
+        raise LowbitError(f"recipe {ctx.recipe.name}: calibration.sequential needs a recipe whose passes after observation all "
+                          f"run block by block ({', '.join(serial) or 'it observes nothing'} cannot)")  # fmt: skip
+    if not inner or serial:
+        logger.warning("%s cannot run block by block (%s): its memory grows with the model", ctx.recipe.name, ", ".join(serial))
         return steps + finishing
-    return [*steps[:first], BlockwisePass(ctx, steps[first].accumulators, inner), *finishing]
+    # sequential: every piece between two norms is its own block, so each half-layer sees the
+    # quantized output of the one before
+    segment_bytes = 0 if sequential else None
+    return [*steps[:first], BlockwisePass(ctx, steps[first].accumulators, inner, segment_bytes, sequential=sequential),
+            *finishing]  # fmt: skip
 
 
 def preserves_function(p: ir.passes.PassBase) -> bool:
@@ -271,9 +282,12 @@ def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions
         # they rewrite to one scratch file (lowbit.core.tensor_spill)
         ctx.spill = TensorSpill(run_dir())
     verifier = _Verifier(ctx, options.verify_tokens) if options.verify else None
+    steps = build_pipeline(ctx)
+    if ctx.resume is None and any(isinstance(p, BlockwisePass) for p in steps):
+        ctx.resume = _resume_store(ctx)  # a long compile: an interrupted one restarts where it stopped
     wrapped = [
         Instrumented(p, ctx, i, preserving=preserves_function(p), options=options, verifier=verifier)
-        for i, p in enumerate(build_pipeline(ctx))
+        for i, p in enumerate(steps)
     ]
     try:
         ir.passes.PassManager(wrapped, steps=1)(ctx.model)
@@ -284,3 +298,22 @@ def run_pipeline(ctx: CompileContext, options: PipelineOptions = PipelineOptions
         if cause is not None:  # bad input found inside a pass: surface the user's message
             raise cause from e
         raise
+    except KeyboardInterrupt:
+        if ctx.resume is not None and ctx.resume.hits + ctx.resume.stored:
+            logger.warning("interrupted: %d rounded site groups are kept in %s; the same command resumes from them",
+                           ctx.resume.hits + ctx.resume.stored, ctx.resume.directory)  # fmt: skip
+        raise
+    if ctx.resume is not None:
+        ctx.report["resume"] = {"reused": ctx.resume.hits, "computed": ctx.resume.stored}
+        ctx.resume.finish()
+
+
+def _resume_store(ctx: CompileContext) -> ResumeStore:
+    """The store of this compile (lowbit.core.resume): its input, recipe and calibration windows."""
+    data = ctx.calibration
+    windows = [np.asarray(w) for w in data.windows] + [np.asarray(w) for _, ws in sorted(data.probes.items()) for w in ws] \
+        if data is not None else []  # fmt: skip
+    store = resume_store(lowbit.__version__, ctx.report.get("input"), repr(ctx.recipe), *windows)
+    if store.found:
+        logger.warning("resuming an interrupted compile: %d rounded site groups found in %s", store.found, store.directory)
+    return store

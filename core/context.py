@@ -23,6 +23,7 @@ from lowbit.core.linear_sites import LINEAR_SITES, LinearSiteMap, find_linear_si
 from lowbit.core.model_checks import check_ir_external_data, check_token_ids, ir_vocab_limits
 from lowbit.core.float_types import check_float_types
 from lowbit.core.recipe import Recipe
+from lowbit.core.resume import ResumeStore
 from lowbit.core.tensor_spill import TensorSpill, unmap_external
 
 __all__ = ["CalibrationData", "CompileContext"]
@@ -70,6 +71,9 @@ class CompileContext:
         # a model too large to hold twice (set by the pipeline): what passes rewrite goes to one
         # scratch data file as they go, so memory is bounded by what a pass works on, not the model
         self.spill: TensorSpill | None = None
+        # a long (block-wise) compile: results of its costly steps kept until it finishes, so an
+        # interrupted compile restarts where it stopped (set by the pipeline; lowbit.core.resume)
+        self.resume: ResumeStore | None = None
 
     def release_rewritten(self) -> None:
         """Within a model-wide rewrite of a large model (rotations), after each piece of it (a

@@ -37,6 +37,7 @@ two scale candidates whose errors tie to the last bit, could in principle come o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
@@ -52,6 +53,7 @@ from lowbit import formats
 from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.linear_sites import selected_sites
 from lowbit.core.pass_base import LowbitPass
+from lowbit.core.resume import content_key
 from lowbit.core.statistics import SITE_CAPTURE
 from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
@@ -267,6 +269,23 @@ class OptqPass(LowbitPass):
         wspec, rspec = self.ctx.recipe.weights, self.ctx.recipe.rounding
         k = batch[0][1].shape[0]  # one shape per batch
         block = min(wspec.block_size, k) if wspec.block_size else None  # a longer block is the whole axis
+        memo, keys = self.ctx.resume, {}
+        if memo is not None:  # an interrupted compile's results, reused where nothing they came from changed
+            settings = (wspec.format, block, wspec.scale_method, rspec.damp, rspec.act_order, rspec.refit_scales)
+            todo = []
+            for problem in batch:
+                sites, w, h = problem
+                key = content_key("optq", settings, [(s.name, s.out_features, s.reduction_axis) for s in sites], w, h)
+                stored = memo.load(key)
+                if stored is None:
+                    keys[id(problem)] = key
+                    todo.append(problem)
+                    continue
+                for name, enc, entry in _unpack_entries(stored):
+                    encodings[name], report[name] = enc, entry
+            batch = todo
+            if not batch:
+                return
         results = _optq_solve([w for _, w, _ in batch], [h for _, _, h in batch], wspec.format, block,
                               damp=rspec.damp, scale_method=wspec.scale_method, act_order=rspec.act_order)  # fmt: skip
         element = formats.get_format(wspec.format).element
@@ -300,6 +319,8 @@ class OptqPass(LowbitPass):
                 enc = formats.encode_sliced(stored, wspec.format, axis=site.reduction_axis,
                                             block_size=block, scale=stored_scale)  # fmt: skip
                 out.append((site.name, enc, {"rtn_proxy_error": rtn_site, "optq_proxy_error": float(optq_err[cols].sum())}))
+            if memo is not None:
+                memo.save(keys[id(problem[0])], _pack_entries(out))
             return out
 
         # BLAS threads per problem as the caller set them (one with a full batch), problems side by side
@@ -307,3 +328,33 @@ class OptqPass(LowbitPass):
             for entries in pool.map(finish, zip(batch, results)):
                 for name, enc, entry in entries:
                     encodings[name], report[name] = enc, entry
+
+
+def _pack_entries(entries: list[tuple[str, formats.Encoded, dict]]) -> dict[str, np.ndarray]:
+    """One problem's sites (name, encoding, report entry) as arrays for the resume store; 4-bit
+    codes two per byte."""
+    arrays: dict[str, np.ndarray] = {}
+    meta = []
+    for i, (name, enc, entry) in enumerate(entries):
+        nibbles = formats.get_format(enc.fmt).bits <= 4
+        arrays[f"{i}.codes"] = formats.pack_nibbles(enc.codes) if nibbles else enc.codes
+        arrays[f"{i}.scale"] = enc.scale
+        if enc.zero_point is not None:
+            arrays[f"{i}.zero_point"] = enc.zero_point
+        meta.append({"name": name, "fmt": enc.fmt, "shape": list(enc.shape), "axis": enc.axis, "block_size": enc.block_size,
+                     "global_scale": float(enc.global_scale), "nibbles": nibbles, "report": entry})  # fmt: skip
+    arrays["meta"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def _unpack_entries(arrays: dict[str, np.ndarray]) -> list[tuple[str, formats.Encoded, dict]]:
+    out = []
+    for i, m in enumerate(json.loads(str(arrays["meta"]))):
+        shape = tuple(m["shape"])
+        codes = arrays[f"{i}.codes"]
+        if m["nibbles"]:
+            codes = formats.unpack_nibbles(codes, int(np.prod(shape))).reshape(shape)
+        enc = formats.Encoded(m["fmt"], shape, m["axis"], m["block_size"], codes, arrays[f"{i}.scale"],
+                              np.float32(m["global_scale"]), arrays.get(f"{i}.zero_point"))  # fmt: skip
+        out.append((m["name"], enc, m["report"]))
+    return out

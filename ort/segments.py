@@ -21,6 +21,11 @@ outputs are never computed (a tied lm_head would cost a transposed copy of the e
 Guarantees: each segment's taps equal the whole model's up to ONNX Runtime's float32 rounding of
 fusions that a cut prevents (e.g. a norm fused with the residual Add before it); on the tiny
 synthetic Llama they are bit-identical (tests).
+
+Sequential (``requantized=True``, GPTQ-style calibration): once the consumer has rewritten a
+segment (the block-wise compile quantizes it between two segments), the segment is run again, as
+rewritten, over every window, and what later segments read from it is replaced by those outputs:
+each segment is then observed on the outputs of the quantized model before it, not the float one.
 """
 
 from __future__ import annotations
@@ -190,12 +195,38 @@ def _segment_model(model: ir.Model, seg: Segment, outputs: Sequence[ir.Value], s
     return out, borrowed
 
 
+def _rewritten(model: ir.Model, seg: Segment) -> Segment:
+    """The segment as the graph holds it now: the nodes its kept values depend on, back to what
+    it reads from outside (the rewrites inserted and replaced nodes but kept its boundary)."""
+    boundary = {v.name for v in seg.reads}
+    wanted, nodes = list(seg.keeps), set()
+    while wanted:
+        value = wanted.pop()
+        node = value.producer()
+        if value.name in boundary or node is None or node in nodes:
+            continue
+        nodes.add(node)
+        wanted += [v for v in _node_reads(node) if not _is_constant(v)]
+    return Segment([n for n in model.graph if n in nodes], seg.reads, seg.keeps, 0)
+
+
+def _needs_native_ops(model: ir.Model, nodes: list[ir.Node]) -> bool:
+    """Some node is a lowbit op with no function body in the model (a kernel of the native library)."""
+    from lowbit.runtime_ext.functions import DOMAIN
+
+    return any(n.domain == DOMAIN and (n.domain, n.op_type, n.overload) not in model.functions for n in nodes)
+
+
 class _SegmentRun:
     def __init__(self, model: ir.Model, seg: Segment, outputs: list[ir.Value], cache: dict[int, dict[str, np.ndarray]],
                  graph_inputs: list) -> None:  # fmt: skip
         samples = next(iter(cache.values()), {})
         proto, self.borrowed = _segment_model(model, seg, outputs, samples)  # alive as long as the session
         opts = ort.SessionOptions()
+        if _needs_native_ops(model, seg.nodes):  # a rewritten segment of the ort-cpu target
+            from lowbit.runtime_ext.library import session_options
+
+            session_options(opts)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as lowbit.ort.session
         opts.log_severity_level = 3
         if self.borrowed:
@@ -206,12 +237,14 @@ class _SegmentRun:
         self.keeps = {v.name for v in seg.keeps}
         self.cache, self.graph_inputs = cache, graph_inputs
         self.nodes = seg.nodes
+        self.windows: list = []  # every window run, in order (a sequential run replays them)
 
     def close(self) -> None:
         """Free the session and the weights it borrowed (every window has run)."""
         self.session = self.borrowed = None
 
     def __call__(self, window) -> dict[str, np.ndarray]:
+        self.windows.append(window)
         known = self.cache.setdefault(window.index, {})
         missing = [n for n in self.reads if n not in known]
         feed = {n: known[n] for n in self.reads if n in known}
@@ -226,10 +259,12 @@ class _SegmentRun:
 class Segmented:
     """A :class:`lowbit.ort.observe.WindowRunner` that runs the model segment by segment (module
     doc). ``budget_bytes``: the weights merged into one segment at most (a piece that is larger on
-    its own is its own segment)."""
+    its own is its own segment). ``requantized``: later segments read each segment's outputs as
+    rewritten by the consumer, not as the float model computed them (module doc, sequential)."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, *, requantized: bool = False) -> None:
         self.budget_bytes = budget_bytes
+        self.requantized = requantized
         self.sessions = 0
         self.segments = 0
 
@@ -251,10 +286,23 @@ class Segmented:
             self.sessions += 1
             logger.debug("segment %d/%d: %d nodes, %.0f MB of weights", i + 1, len(segments), len(seg.nodes), seg.weight_bytes / 2**20)
             yield run
+            if self.requantized and seg.keeps and i + 1 < len(segments):
+                self._rerun(model, seg, cache, graph_inputs, run.windows)
             del run
             for known in cache.values():  # values no later segment reads
                 for name in [n for n in known if n not in read_later[i]]:
                     del known[name]
+
+
+    def _rerun(self, model: ir.Model, seg: Segment, cache: dict[int, dict[str, np.ndarray]], graph_inputs: list,
+               windows: list) -> None:  # fmt: skip
+        """Run the segment as rewritten over ``windows``: its kept values in ``cache`` become the
+        rewritten segment's outputs."""
+        rerun = _SegmentRun(model, _rewritten(model, seg), list(seg.keeps), cache, graph_inputs)
+        self.sessions += 1
+        for window in windows:
+            rerun(window)  # overwrites the window's kept values
+        rerun.close()
 
 
 _ORT_TYPES = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(float16)",

@@ -93,3 +93,91 @@ def test_each_block_releases_its_statistics_and_encodings(tiny_dir, monkeypatch)
     monkeypatch.setattr(blockwise.BlockwisePass, "_release", checked)
     _compile(tiny_dir, "w4a8-dint4", blockwise=True, monkeypatch=monkeypatch)
     assert len(left) > 4 and set(left) == {(0, 0)}
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-rptq", "w4a8-dint4@ort-cpu"])
+def test_sequential_calibration_compiles_block_by_block_whatever_the_size(tiny_dir, recipe, tmp_path, monkeypatch):
+    """calibration.sequential: a model small enough to run whole is compiled one half-layer at a
+    time, each observed on the quantized outputs before it (one extra session per block)."""
+    name, _, target = recipe.partition("@")
+    compiled = lowbit_compile(tiny_dir, name, target=target or None,
+                              overrides=(*SMALL_CALIBRATION, "calibration.sequential=true"))  # fmt: skip
+    info = compiled.report["blockwise"]
+    assert info["sequential"] and info["segments"] == 2 * 2 + 2  # embedding, two halves per layer, head
+    assert info["sessions"] == 2 * info["segments"] - 1 and compiled.report["observation"]["runs"] == 1
+    whole = _compile(tiny_dir, recipe, blockwise=False, monkeypatch=monkeypatch)
+    assert _weights(compiled.model).keys() == _weights(whole.model).keys()
+    assert _weights(compiled.model) != _weights(whole.model)  # later blocks saw quantized inputs
+    out = compiled.save(tmp_path / "out")
+    opts = ort.SessionOptions()
+    if target == "ort-cpu":
+        from lowbit.runtime_ext.library import session_options
+
+        session_options(opts)
+    session = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ids = np.arange(12, dtype=np.int64)[None]
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    assert np.isfinite(logits).all()
+
+
+def test_sequential_calibration_of_a_model_wide_recipe_is_refused_before_calibrating(tiny_dir):
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match=r"calibration.sequential needs .*AssignPrecisionPass"):
+        lowbit_compile(tiny_dir, "fgmp-nvfp4-fp8", overrides=(*SMALL_CALIBRATION, "calibration.sequential=true"))
+
+
+def test_an_interrupted_compile_resumes_to_the_same_bytes(tiny_dir, monkeypatch, tmp_path, caplog):
+    """A block-wise compile stopped after its third block keeps what it rounded; the same compile
+    started again reuses it (no OPTQ for those blocks) and writes the uninterrupted compile's
+    bytes; once it succeeds, nothing is left in the cache."""
+    from lowbit.compiler import blockwise
+    from lowbit.encode import optq
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    uninterrupted = _compile(tiny_dir, "w4a8-dint4", blockwise=True, monkeypatch=monkeypatch)
+    assert uninterrupted.report["resume"]["reused"] == 0
+    assert not list((tmp_path / "cache" / "resume").iterdir())  # removed on success
+
+    release, done = blockwise.BlockwisePass._release, []
+
+    def stop_after_three(self, sites):
+        release(self, sites)
+        done.append(len(sites))
+        if len(done) == 3:  # the embedding, then two blocks with sites
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(blockwise.BlockwisePass, "_release", stop_after_three)
+        with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+            _compile(tiny_dir, "w4a8-dint4", blockwise=True, monkeypatch=monkeypatch)
+    assert "the same command resumes" in caplog.text
+    kept = list((tmp_path / "cache" / "resume").glob("*/*.npz"))
+    assert len(kept) == 4  # q/k/v and o_proj of layer 0, gate/up and down_proj of layer 0
+
+    solved = []
+    solve = optq._optq_solve
+    monkeypatch.setattr(optq, "_optq_solve", lambda w, *a, **k: solved.append(len(w)) or solve(w, *a, **k))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resumed = _compile(tiny_dir, "w4a8-dint4", blockwise=True, monkeypatch=monkeypatch)
+    assert "resuming an interrupted compile: 4 rounded site groups" in caplog.text
+    assert resumed.report["resume"] == {"reused": 4, "computed": uninterrupted.report["resume"]["computed"] - 4}
+    assert sum(solved) == uninterrupted.report["resume"]["computed"] - 4  # only the unfinished blocks were rounded
+    assert _weights(resumed.model) == _weights(uninterrupted.model)
+    assert resumed.report["optq"] == uninterrupted.report["optq"]
+    assert not list((tmp_path / "cache" / "resume").iterdir())
+
+
+def test_a_changed_setting_does_not_reuse_kept_results(tiny_dir, monkeypatch, tmp_path):
+    from lowbit.core.resume import ResumeStore, content_key
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    store = ResumeStore(tmp_path / "store")
+    store.save(content_key("a", np.zeros(3, np.float32)), {"x": np.arange(3)})
+    assert store.load(content_key("a", np.zeros(3, np.float32)))["x"].tolist() == [0, 1, 2]
+    assert store.load(content_key("a", np.zeros(3, np.float64))) is None  # same values, other dtype
+    assert store.load(content_key("b", np.zeros(3, np.float32))) is None
+    (tmp_path / "store" / f"{content_key('c')}.npz").write_bytes(b"truncated")
+    assert store.load(content_key("c")) is None  # unreadable: computed again
+    assert not list(tmp_path.glob("store/.*.tmp.npz"))

@@ -17,13 +17,21 @@ from lowbit.passes.canonicalize import canonicalize_passes
 
 
 @pytest.fixture(scope="module")
-def canonical(tmp_path_factory) -> ir.Model:
-    """The tiny synthetic Llama (rotary, GQA, causal mask, tied head; external weights), canonicalized."""
-    directory = write_decoder("tiny", tmp_path_factory.mktemp("seg") / "tiny", progress=False)
+def tiny_dir(tmp_path_factory):
+    """The tiny synthetic Llama (rotary, GQA, causal mask, tied head; external weights)."""
+    return write_decoder("tiny", tmp_path_factory.mktemp("seg") / "tiny", progress=False)
+
+
+def _canonical(directory) -> ir.Model:
     model = load_onnx(directory / "model.onnx")
     for p in canonicalize_passes():
         p(model)
     return model
+
+
+@pytest.fixture(scope="module")
+def canonical(tiny_dir) -> ir.Model:
+    return _canonical(tiny_dir)
 
 
 def _site_taps(model: ir.Model) -> dict[str, ir.Value]:
@@ -102,3 +110,40 @@ def test_nodes_no_output_needs_are_not_run(canonical):
     proto, borrowed = _segment_model(canonical, last, [norm_out], {})
     assert [n.op_type for n in proto.graph.node] == [last.nodes[0].op_type]
     assert not any("embed" in name for name in borrowed)
+
+
+def _scale_activations(model: ir.Model, nodes: list[ir.Node]) -> None:
+    """A stand-in for quantizing a segment: every MatMul's activation input goes through a new Mul."""
+    for node in [n for n in nodes if n.op_type == "MatMul" and n.inputs[1].is_initializer()]:
+        half = ir.Value(name=f"{node.name}.half", const_value=ir.tensor(np.float32(0.5), name=f"{node.name}.half"))
+        model.graph.register_initializer(half)
+        mul = ir.node("Mul", [node.inputs[0], half], name=f"{node.name}.mul")
+        model.graph.insert_before(node, mul)
+        node.replace_input_with(0, mul.outputs[0])
+
+
+@pytest.mark.parametrize("requantized", [True, False])
+def test_requantized_segments_read_the_rewritten_model_before_them(canonical, tiny_dir, requantized):
+    """Sequential calibration: each segment's taps are what the model, rewritten up to that
+    segment, computes -- the float model's when not requantized."""
+    model = _canonical(tiny_dir)
+    taps = _site_taps(model)
+    windows = [Window(0, np.random.default_rng(1).integers(0, 49152, 16))]
+    seen: dict = {}
+    runner = Segmented(budget_bytes=1, requantized=requantized)
+    for run in runner.subgraphs(model, taps):
+        seen.update({k: v for k, v in run(windows[0]).items() if k in taps})
+        run.close()
+        _scale_activations(model, run.nodes)  # the consumer rewrites the segment it just observed
+    assert runner.sessions == (2 * runner.segments - 1 if requantized else runner.segments)  # the head is not rerun
+    rewritten = _run(WholeModel(), model, taps, windows)
+    floats = _run(WholeModel(), canonical, taps, windows)
+    moved = [k for k in taps if not np.array_equal(seen[k], floats[(0, k)])]
+    # all but the first attention half's two inputs (q/k/v and o_proj), observed before any rewrite
+    assert len(moved) == (len(taps) - 2 if requantized else 0)
+    # a segment's inputs (its norm's output) are what the model rewritten up to it computes (a
+    # tap after a rewritten node of its own segment was observed before the rewrite, as it must be)
+    inputs = [k for k, v in taps.items() if (v.producer().domain, v.producer().op_type) in NORM_OPS]
+    assert len(inputs) == 2 * 2 + 1  # two per layer, and the final norm (the head's input)
+    for name in inputs:
+        np.testing.assert_allclose(seen[name], (rewritten if requantized else floats)[(0, name)], rtol=1e-5, atol=1e-6)
