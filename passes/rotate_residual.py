@@ -210,7 +210,7 @@ def rotate_stream(graph: ir.Graph, stream: ResidualStream, rot: Rotation, *, kee
                 site.node.replace_input_with(1, add_initializer(graph, head, f"{stream.table.name}.rotated_head"))
                 del table, head  # a large model's maps and copies are released by after_each
             else:
-                set_weight_kn(site, rot.left_t(gamma[:, None] * weight_kn(site)))
+                _rotate_reader(site, gamma, rot)
         norm.inputs[1].const_value = ir.tensor(np.ones_like(gamma, dtype=np.float32), name=norm.inputs[1].name)
         after_each()
     for site, bias in stream.writers:
@@ -233,6 +233,31 @@ _CHUNK_ROWS = 4096  # vocabulary rows per product: float64 temporaries of 4096 x
 
 def _chunks(n: int) -> list[slice]:
     return [slice(start, min(start + _CHUNK_ROWS, n)) for start in range(0, n, _CHUNK_ROWS)]
+
+
+_SLICE_BYTES = 256 << 20  # float64 bytes of one product: an untied 8B head is 4 GB in float64
+
+
+def _rotate_reader(site: LinearSite, gamma: np.ndarray, rot: Rotation) -> None:
+    """W -> Q^T diag(gamma) W, written in the weight's stored layout; a wide weight (an untied
+    vocabulary head) a slice of output columns at a time, so the float64 temporaries are a
+    slice's. Columns are independent, and a weight within one slice is computed as one product."""
+    w = weight_kn(site)
+    k, n = w.shape
+    width = max(1, _SLICE_BYTES // (8 * k))
+    if n <= width:
+        set_weight_kn(site, rot.left_t(gamma[:, None] * w))
+        return
+    out = np.empty(site.weight.const_value.shape, np.float32)
+    for start in range(0, n, width):
+        cols = slice(start, min(start + width, n))
+        part = rot.left_t(gamma[:, None] * w[:, cols])
+        if site.reduction_axis == 0:
+            out[:, cols] = part
+        else:
+            out[cols] = part.T
+    del w
+    site.weight.const_value = ir.tensor(out, name=site.weight.name)
 
 
 def _bridge(graph: ir.Graph, site: LinearSite, matrix: np.ndarray, name: str) -> None:

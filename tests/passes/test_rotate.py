@@ -96,6 +96,41 @@ def test_rotations_of_a_large_model_spill_what_they_rewrite_as_they_go(tiny_dirs
     assert _rel(reference.run(None, build_feeds(reference, ids))[0], after.run(None, build_feeds(after, ids))[0]) < RTOL
 
 
+def test_wide_readers_are_rotated_a_slice_of_columns_at_a_time(tiny_dirs, monkeypatch):
+    """An untied head (Llama-3-8B's: 4 GB in float64 whole) is rotated a slice of its output
+    columns at a time, in either stored layout: the same weights as one product, to float32
+    rounding, and the same function."""
+    from lowbit.passes import rotate_residual
+
+    _, _, whole, _ = _rotated(tiny_dirs["qwen"], "rotate.residual=true")
+    monkeypatch.setattr(rotate_residual, "_SLICE_BYTES", 8 * 64 * 100)  # 100 columns of hidden 64
+    before, after, sliced, report = _rotated(tiny_dirs["qwen"], "rotate.residual=true")
+    assert sliced.graph.initializers["lm_head.weight"].const_value.shape == (64, 49152)  # 492 slices of its columns
+    for name, value in whole.graph.initializers.items():
+        np.testing.assert_allclose(sliced.graph.initializers[name].const_value.numpy(), value.const_value.numpy(),
+                                   rtol=0, atol=1e-6, err_msg=name)  # fmt: skip
+    ids = np.random.default_rng(2).integers(5, 40000, (1, 16))
+    assert _rel(before.run(None, build_feeds(before, ids))[0], after.run(None, build_feeds(after, ids))[0]) < RTOL
+
+
+def test_a_transposed_wide_reader_is_sliced_in_its_own_layout(monkeypatch):
+    """A weight stored [N, K] (a Gemm with transB, torch's Linear layout) is written back [N, K]."""
+    import onnx_ir as ir
+
+    from lowbit.core.linear_sites import LinearSite
+    from lowbit.passes import rotate_residual
+    from lowbit.runtime_ext.hadamard import rotation
+
+    rng = np.random.default_rng(4)
+    w_nk = rng.normal(0, 1, (300, 64)).astype(np.float32)
+    gamma, rot = rng.uniform(0.5, 2, 64), rotation(64, 0)
+    site = LinearSite(None, ir.Value(name="w", const_value=ir.tensor(w_nk, name="w")), (), 1, "w")
+    monkeypatch.setattr(rotate_residual, "_SLICE_BYTES", 8 * 64 * 100)
+    rotate_residual._rotate_reader(site, gamma, rot)
+    expected = (rot.matrix.T @ (gamma[:, None] * w_nk.T.astype(np.float64))).T
+    np.testing.assert_allclose(site.weight.const_value.numpy(), expected, rtol=0, atol=1e-5)
+
+
 def test_each_rotation_alone_preserves_function(tiny_dirs):
     ids = np.random.default_rng(1).integers(5, 40000, 16)
     for one in (*ALL[:2], 'rotate.online=["gated_linear"]', 'rotate.online=["attention_qk"]'):
