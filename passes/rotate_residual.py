@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.core.float_types import widened_source
 from lowbit.core.folding import SHAPE_ONLY_OPS, set_weight_kn, weight_kn
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import FLOAT_SITE_KEY, NORM_OPS, LinearSite, LinearSiteMap, matches_any, private_initializer
@@ -203,7 +204,7 @@ def rotate_stream(graph: ir.Graph, stream: ResidualStream, rot: Rotation, *, kee
                 _bridge(graph, site, np.ascontiguousarray(rot.left_t(gamma[:, None] * rot.matrix), dtype=np.float32),
                         f"{stream.table.name}.tied_head_bridge")  # fmt: skip
             elif site.weight is stream.table:  # the tied head: a weight of its own, [hidden, vocab]
-                table = stream.table.const_value.numpy()  # never widened whole: 1 GB in float32 at 1B
+                table = _rows_of(stream.table.const_value)  # never widened whole: 1 GB in float32 at 1B
                 head = np.empty(table.shape[::-1], np.float32)
                 for rows in _chunks(len(table)):
                     head[:, rows] = rot.right(table[rows] * gamma).T  # (Q^T diag(gamma) E^T)[:, rows]
@@ -218,7 +219,7 @@ def rotate_stream(graph: ir.Graph, stream: ResidualStream, rot: Rotation, *, kee
         if bias is not None:
             bias.const_value = ir.tensor(rot.right(bias.const_value.numpy()).astype(np.float32), name=bias.name)
         after_each()
-    table = stream.table.const_value.numpy()
+    table = _rows_of(stream.table.const_value)
     rotated = np.empty(table.shape, np.float32)
     for rows in _chunks(len(table)):
         rotated[rows] = rot.right(table[rows])
@@ -229,6 +230,14 @@ def rotate_stream(graph: ir.Graph, stream: ResidualStream, rot: Rotation, *, kee
 
 
 _CHUNK_ROWS = 4096  # vocabulary rows per product: float64 temporaries of 4096 x hidden, not vocab x hidden
+
+
+def _rows_of(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A table's rows, read a chunk at a time without a whole float32 copy: the float16 source of
+    a lazily widened table (2 GB in float32 at 8B; each chunk is widened exactly as the whole
+    would be), else the tensor's own array (a memory map when it is external data)."""
+    source = widened_source(tensor)
+    return (source if source is not None else tensor).numpy()
 
 
 def _chunks(n: int) -> list[slice]:
@@ -242,12 +251,13 @@ def _rotate_reader(site: LinearSite, gamma: np.ndarray, rot: Rotation) -> None:
     """W -> Q^T diag(gamma) W, written in the weight's stored layout; a wide weight (an untied
     vocabulary head) a slice of output columns at a time, so the float64 temporaries are a
     slice's. Columns are independent, and a weight within one slice is computed as one product."""
-    w = weight_kn(site)
-    k, n = w.shape
+    k, n = site.in_features, site.out_features
     width = max(1, _SLICE_BYTES // (8 * k))
     if n <= width:
-        set_weight_kn(site, rot.left_t(gamma[:, None] * w))
+        set_weight_kn(site, rot.left_t(gamma[:, None] * weight_kn(site)))
         return
+    stored = _rows_of(site.weight.const_value)  # a float16 head is read as stored, not widened whole
+    w = stored if site.reduction_axis == 0 else stored.T
     out = np.empty(site.weight.const_value.shape, np.float32)
     for start in range(0, n, width):
         cols = slice(start, min(start + width, n))
@@ -256,7 +266,7 @@ def _rotate_reader(site: LinearSite, gamma: np.ndarray, rot: Rotation) -> None:
             out[:, cols] = part
         else:
             out[cols] = part.T
-    del w
+    del w, stored
     site.weight.const_value = ir.tensor(out, name=site.weight.name)
 
 

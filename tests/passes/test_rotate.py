@@ -131,6 +131,34 @@ def test_a_transposed_wide_reader_is_sliced_in_its_own_layout(monkeypatch):
     np.testing.assert_allclose(site.weight.const_value.numpy(), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_float16_table_is_rotated_from_its_source_not_a_widened_copy(tmp_path, monkeypatch, tied):
+    """A float16-stored model: R1 reads the table's rows (and an untied head's columns) from the
+    float16 source a chunk at a time (an 8B table is 2 GB widened), and writes what rotating the
+    widened table writes."""
+    from lowbit.core.float_types import widened_source
+    from lowbit.passes import rotate_residual
+
+    shape = replace(SHAPES["tiny"], name="tiny-untied", tied=False) if not tied else "tiny"
+    directory = write_decoder(shape, tmp_path / "fp16", dtype="float16", progress=False)
+    rotated = {}
+    for chunked in (True, False):
+        model = load_onnx(directory / "model.onnx")
+        for p in canonicalize_passes():
+            p(model)
+        table = model.graph.initializers["model.embed_tokens.weight"].const_value
+        assert widened_source(table) is not None  # lazily widened
+        with monkeypatch.context() as m:
+            m.setattr(rotate_residual, "_SLICE_BYTES", 8 * 64 * 1000)  # the untied head: 50 slices
+            if not chunked:  # the whole widened table and head, as before
+                m.setattr(rotate_residual, "_rows_of", lambda tensor: tensor.numpy())
+            RotateResidualPass(CompileContext(model, load_recipe("w4a8-dint4", ["rotate.residual=true"])))(model)
+        rotated[chunked] = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()}
+    assert rotated[True].keys() == rotated[False].keys()
+    for name, array in rotated[True].items():
+        np.testing.assert_array_equal(array, rotated[False][name], err_msg=name)
+
+
 def test_each_rotation_alone_preserves_function(tiny_dirs):
     ids = np.random.default_rng(1).integers(5, 40000, 16)
     for one in (*ALL[:2], 'rotate.online=["gated_linear"]', 'rotate.online=["attention_qk"]'):
