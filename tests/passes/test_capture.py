@@ -3,6 +3,7 @@ the same windows yields, so the pipeline runs the windows once; X^T X (symmetric
 upper triangle, float32 flushed to float64) equals the float64 X^T X."""
 
 import numpy as np
+import pytest
 
 from lowbit.core.context import CalibrationData, CompileContext
 from lowbit.core.recipe import load_recipe
@@ -65,3 +66,17 @@ def test_accumulated_hessian_equals_float64_x_transpose_x_across_flushes():
         assert capture.hessian.dtype == np.float64 and capture.tokens == 19 * 24
         np.testing.assert_array_equal(capture.hessian, capture.hessian.T)  # both triangles filled
         np.testing.assert_allclose(capture.hessian, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("k", [1, 5, 511, 512, 513, 1300])
+def test_upper_triangle_is_mirrored_band_by_band(k):
+    """X^T X comes from rank-k updates of its upper triangle; the band-wise mirror (no K^2/2
+    index arrays) gives what mirroring through tril_indices gives."""
+    from lowbit.passes.capture import _mirror_upper
+
+    h = np.triu(np.random.default_rng(k).standard_normal((k, k)))
+    expected = h.copy()
+    lower = np.tril_indices(k, -1)
+    expected[lower] = expected.T[lower]
+    _mirror_upper(h)
+    np.testing.assert_array_equal(h, expected)
