@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 _LAZY_BATCH = 128  # per-channel scales: rows whose updates are applied lazily, as one matrix product
 _RTN_REPORT_COLUMNS = 128  # output columns per site on which the report estimates RTN's error
-_BATCH_BYTES = 384 << 20  # float64 weights stepped together (bounds the pass's extra memory)
+_BATCH_BYTES = 384 << 20  # float64 weights and inverse-Hessian factors stepped together (bounds the pass's extra memory)
 _THREADS = os.cpu_count() or 1  # problems factored, updated and refit side by side, one BLAS thread each
 
 
@@ -268,7 +268,7 @@ class OptqPass(LowbitPass):
                 by_shape[shape].append([sites, None, captures[group[0].input.name].hessian])
         batches = []
         for (k, n), problems in by_shape.items():
-            size = max(1, _BATCH_BYTES // (8 * k * n))
+            size = max(1, _BATCH_BYTES // (8 * k * (n + k)))  # each problem: (K, N) weights and a K x K factor
             batches += [problems[i:i + size] for i in range(0, len(problems), size)]
         # a block-wise compile calls the pass once per block: earlier blocks' entries stay
         encodings = self.ctx.analyses.find(WEIGHT_ENCODINGS) or {}
