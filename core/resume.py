@@ -5,7 +5,7 @@ on disk until the compile finishes, so the same compile started again after an i
 Assumes the steps it serves are deterministic functions of what their key hashes.
 Guarantees:
 - a result is reused only when everything it was computed from hashes the same (the weights,
-  the statistics, the settings, lowbit's version), so a resumed compile writes the bytes an
+  the statistics, the settings, the source code that computes it), so a resumed compile writes the bytes an
   uninterrupted one writes, and a changed input, recipe or calibration text simply misses;
 - writes are atomic (a temporary file renamed into place): a kill leaves a whole result or none;
 - one directory per compile (input, recipe and calibration data), inside lowbit's cache, never
@@ -33,11 +33,25 @@ import numpy as np
 
 from lowbit.files.paths import cache_root
 
-__all__ = ["STALE_DAYS", "ResumeStore", "content_key", "resume_store"]
+__all__ = ["STALE_DAYS", "ResumeStore", "code_digest", "content_key", "resume_store"]
 
 logger = logging.getLogger(__name__)
 
 STALE_DAYS = 14
+
+
+def code_digest(*packages: str) -> str:
+    """A hash of the source files of ``packages`` (dotted names under lowbit): a result computed
+    by other code -- an upgrade between the interruption and the resume -- never matches."""
+    import importlib
+
+    h = hashlib.blake2b(digest_size=20)
+    for name in packages:
+        folder = Path(importlib.import_module(name).__file__).parent
+        for path in sorted(folder.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def content_key(*parts: object) -> str:

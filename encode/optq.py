@@ -53,7 +53,7 @@ from lowbit import formats
 from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.linear_sites import selected_sites
 from lowbit.core.pass_base import LowbitPass
-from lowbit.core.resume import content_key
+from lowbit.core.resume import code_digest, content_key
 from lowbit.core.statistics import SITE_CAPTURE
 from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 _LAZY_BATCH = 128  # per-channel scales: rows whose updates are applied lazily, as one matrix product
 _RTN_REPORT_COLUMNS = 128  # output columns per site on which the report estimates RTN's error
 _BATCH_BYTES = 384 << 20  # float64 weights and inverse-Hessian factors stepped together (bounds the pass's extra memory)
+# the code whose results the resume store keeps (rounding, refit, formats): a change misses
+_CODE = code_digest("lowbit.encode", "lowbit.formats")
 _THREADS = os.cpu_count() or 1  # problems factored, updated and refit side by side, one BLAS thread each
 
 
@@ -302,7 +304,7 @@ class OptqPass(LowbitPass):
         block = min(wspec.block_size, k) if wspec.block_size else None  # a longer block is the whole axis
         memo, keys = self.ctx.resume, {}
         if memo is not None:  # an interrupted compile's results, reused where nothing they came from changed
-            settings = (wspec.format, block, wspec.scale_method, rspec.damp, rspec.act_order, rspec.refit_scales)
+            settings = (_CODE, wspec.format, block, wspec.scale_method, rspec.damp, rspec.act_order, rspec.refit_scales)
             todo = []
             for problem in batch:
                 sites, w, h = problem
