@@ -166,16 +166,56 @@ def _constant_ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in value.const_value.numpy().reshape(-1)]
 
 
+def _linear_behind(value: ir.Value) -> ir.Node | None:
+    """The MatMul / Gemm whose output ``value`` is, directly or through layout ops that keep the
+    last axis whole and a per-channel bias ``Add`` right after the linear (where
+    :func:`output_bias` finds it; GPT-2's Conv1D: Gemm with C, then a Reshape back to [batch, seq,
+    3 x hidden]), each value on the way read by the next step only -- so the linear's output
+    columns are ``value``'s last axis, one to one."""
+    while True:
+        node = value.producer()
+        if node is None or node.domain != "":
+            return None
+        if node.op_type in ("MatMul", "Gemm"):
+            return node
+        if node.op_type == "Add":
+            consts = [v for v in node.inputs if v is not None and v.const_value is not None]
+            inner = [v for v in node.inputs if v is not None and v.const_value is None]
+            width = _last_dim(value)
+            if len(consts) != 1 or len(inner) != 1 or width is None or not _channel_bias(consts[0], width):
+                return None
+            source = inner[0]
+            linear = source.producer()  # the bias right after the linear, where output_bias finds it
+            if linear is None or linear.domain != "" or linear.op_type not in ("MatMul", "Gemm") or (
+                    linear.op_type == "Gemm" and len(linear.inputs) > 2 and linear.inputs[2] is not None):
+                return None
+        elif node.op_type in _CHANNEL_KEEPING_OPS and _last_dim(node.inputs[0]) == _last_dim(value) is not None:
+            source = node.inputs[0]
+        else:
+            return None
+        if source.is_graph_output() or len(source.consumers()) != 1:
+            return None
+        value = source
+
+
+_CHANNEL_KEEPING_OPS = frozenset({"Reshape", "Identity", "Squeeze", "Unsqueeze"})
+
+
+def _last_dim(value: ir.Value) -> int | None:
+    dims = tuple(value.shape) if value.shape is not None else ()
+    return dims[-1] if dims and isinstance(dims[-1], int) else None
+
+
 def _column_slice(value: ir.Value) -> tuple[ir.Value, slice] | None:
-    """(the linear output, its columns) when ``value`` is a constant Slice or Split of the last
-    axis of a linear layer's output (the MatMul's own output: no layout op in between)."""
+    """(the sliced value, its columns) when ``value`` is a constant Slice or Split of the last
+    axis of a linear layer's output -- the MatMul's own, or behind a bias and channel-keeping
+    layout ops (:func:`_linear_behind`)."""
     node = value.producer()
     if node is None or node.domain != "" or node.op_type not in ("Slice", "Split"):
         return None
     source = node.inputs[0]
     dims = tuple(source.shape) if source is not None and source.shape is not None else ()
-    producer = source.producer() if source is not None else None
-    if not dims or not isinstance(dims[-1], int) or producer is None or producer.op_type not in ("MatMul", "Gemm"):
+    if not dims or not isinstance(dims[-1], int) or _linear_behind(source) is None:
         return None
     width, last = dims[-1], len(dims) - 1
     if node.op_type == "Split":
@@ -320,7 +360,7 @@ class LinearSiteMap:
         found = _column_slice(value)
         if found is None:
             return None
-        site = self.by_node.get(id(found[0].producer()))
+        site = self.by_node.get(id(_linear_behind(found[0])))
         if site is None or not all(c.op_type in ("Slice", "Split") for c in found[0].consumers()) or value.is_graph_output():
             return None
         return site, found[1]
@@ -331,7 +371,7 @@ class LinearSiteMap:
         is one operand directly, the gate half reaches the other through elementwise ops only."""
         for operand in mul.inputs:
             found = _column_slice(operand) if operand is not None else None
-            site = self.by_node.get(id(found[0].producer())) if found is not None else None
+            site = self.by_node.get(id(_linear_behind(found[0]))) if found is not None else None
             if site is None:
                 continue
             source, up = found

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from lowbit.compiler.api import load_onnx
-from lowbit.core.folding import fold_target
+from lowbit.core.folding import fold_target, weight_kn
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import find_linear_sites, output_bias
 from lowbit.models.synthetic_llm import SHAPES, write_decoder
@@ -246,3 +246,49 @@ def test_scales_and_permutations_fold_through_a_relu_into_fc1(act):
     # a second reader of fc1's output would see its columns move: refused
     model.graph.outputs.append(group[0].feeder.node.inputs[0])
     assert "read elsewhere" in fold_target(find_linear_sites(model.graph).input_groups()[1], ("activated_linear",))
+
+
+@pytest.fixture(scope="module")
+def gpt2_export(tmp_path_factory):
+    """A tiny random GPT-2 exported by torch dynamo: Conv1D c_attn is a Gemm with its bias as C,
+    reshaped back to [batch, seq, 3 x hidden] and split into Q, K and V."""
+    import os
+
+    from lowbit.models.export import export_model
+    from lowbit.models.tiny_hf import make_hf_dir
+
+    root = tmp_path_factory.mktemp("gpt2")
+    old = os.environ.get("LOWBIT_CACHE")
+    os.environ["LOWBIT_CACHE"] = str(root / "cache")  # this test's export, not the user's cache
+    try:
+        return export_model(str(make_hf_dir(root / "hf", "gpt2")), with_past=False)
+    finally:
+        if old is None:
+            del os.environ["LOWBIT_CACHE"]
+        else:
+            os.environ["LOWBIT_CACHE"] = old
+
+
+def test_gpt2_c_proj_folds_into_c_attn_v_columns_behind_bias_and_reshape(gpt2_export):
+    """c_proj's input is attention over V, and V is the last third of c_attn's output behind its
+    Gemm bias and a Reshape: c_attn's V columns and its bias's take the scale and an in-head
+    permutation; Q and K columns are left as they are; the function is unchanged."""
+    rng = np.random.default_rng(5)
+    model = _model(gpt2_export.parent if gpt2_export.is_file() else gpt2_export)
+    ids = rng.integers(1, 96, (2, 12))  # the tiny vocabulary
+    before = _logits(model, ids)
+    folded = 0
+    for group in find_linear_sites(model.graph).input_groups():
+        if not group[0].name.endswith("attn.c_proj"):
+            continue
+        target = fold_target(group, ("attention_v",))
+        assert not isinstance(target, str), target
+        assert target.producer.name.endswith("attn.c_attn") and target.producer_columns == slice(64, 96)
+        q_k = weight_kn(target.producer)[:, :64].copy()
+        target.apply_scale(rng.uniform(0.25, 4.0, target.channels))
+        hd = target.head_dim
+        target.apply_permutation(np.concatenate([h * hd + rng.permutation(hd) for h in range(target.channels // hd)]))
+        np.testing.assert_array_equal(weight_kn(target.producer)[:, :64], q_k)
+        folded += 1
+    assert folded == 2
+    np.testing.assert_allclose(_logits(model, ids), before, rtol=RTOL, atol=1e-5)
