@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-
-import lowbit
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+import lowbit
 from lowbit.core.context import CompileContext
 from lowbit.ort.session import run_on_tokens
 from lowbit.errors import LowbitError

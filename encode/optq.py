@@ -68,6 +68,9 @@ logger = logging.getLogger(__name__)
 _LAZY_BATCH = 128  # per-channel scales: rows whose updates are applied lazily, as one matrix product
 _RTN_REPORT_COLUMNS = 128  # output columns per site on which the report estimates RTN's error
 _BATCH_BYTES = 384 << 20  # float64 weights and inverse-Hessian factors stepped together (bounds the pass's extra memory)
+# float64 weights of one step through the columns (a wider problem -- an 8B down_proj, a head -- is
+# stepped in slices of columns; the slice's updates and codes scale with it)
+_SLICE_BYTES = 128 << 20
 # the code whose results the resume store keeps (rounding, refit, formats): a change misses
 _CODE = code_digest("lowbit.encode", "lowbit.formats")
 _THREADS = os.cpu_count() or 1  # problems factored, updated and refit side by side, one BLAS thread each
@@ -172,7 +175,7 @@ def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str,
     u = np.empty((n_prob, k, k))
     # output columns round independently given H: a wide problem (a vocabulary-sized head) is
     # stepped in slices of columns, so its float64 copy stays within the batch budget
-    width = max(1, min(n, _BATCH_BYTES // (8 * k * n_prob)))
+    width = max(1, min(n, _SLICE_BYTES // (8 * k * n_prob)))
     with ThreadPoolExecutor(_THREADS) as pool:  # LAPACK and BLAS release the GIL
         order = act_order and block is None
         factored = list(pool.map(lambda p: _factor(hessians[p], damp, order, u[p]), range(n_prob)))

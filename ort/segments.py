@@ -293,7 +293,6 @@ class Segmented:
                 for name in [n for n in known if n not in read_later[i]]:
                     del known[name]
 
-
     def _rerun(self, model: ir.Model, seg: Segment, cache: dict[int, dict[str, np.ndarray]], graph_inputs: list,
                windows: list) -> None:  # fmt: skip
         """Run the segment as rewritten over ``windows``: its kept values in ``cache`` become the

@@ -289,7 +289,7 @@ def test_wide_problems_step_in_column_slices_with_the_same_result(fmt, block, ac
     weights = [rng.standard_normal((k, n)).astype(np.float32) for _ in range(2)]
     args = dict(damp=0.01, scale_method="mse", act_order=act_order)
     whole = optq._optq_solve(weights, [h, 2 * h], fmt, block, **args)
-    monkeypatch.setattr(optq, "_BATCH_BYTES", 8 * k * 2 * 70)  # 70 columns per slice: 5 slices
+    monkeypatch.setattr(optq, "_SLICE_BYTES", 8 * k * 2 * 70)  # 70 columns per slice: 5 slices
     sliced = optq._optq_solve(weights, [h, 2 * h], fmt, block, **args)
     for a, b in zip(whole, sliced):
         for x_a, x_b in zip(a, b):
