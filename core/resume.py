@@ -117,9 +117,17 @@ def resume_store(*identity: object, root: Path | None = None) -> ResumeStore:
 
 
 def _sweep(root: Path) -> None:
+    """Remove the stores (directories named by a content key) nobody touched for STALE_DAYS;
+    anything else under ``root`` is not lowbit's and stays."""
     cutoff = time.time() - STALE_DAYS * 86400
     with contextlib.suppress(OSError):
         for entry in root.iterdir():
+            if not _is_key(entry.name):
+                continue
             with contextlib.suppress(OSError):
                 if entry.is_dir() and not entry.is_symlink() and entry.stat().st_mtime < cutoff:
                     shutil.rmtree(entry, ignore_errors=True)
+
+
+def _is_key(name: str) -> bool:
+    return len(name) == 40 and all(c in "0123456789abcdef" for c in name)

@@ -169,10 +169,9 @@ def test_an_interrupted_compile_resumes_to_the_same_bytes(tiny_dir, monkeypatch,
     assert not list((tmp_path / "cache" / "resume").iterdir())
 
 
-def test_a_changed_setting_does_not_reuse_kept_results(tiny_dir, monkeypatch, tmp_path):
+def test_a_changed_setting_does_not_reuse_kept_results(tmp_path):
     from lowbit.core.resume import ResumeStore, content_key
 
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     store = ResumeStore(tmp_path / "store")
     store.save(content_key("a", np.zeros(3, np.float32)), {"x": np.arange(3)})
     assert store.load(content_key("a", np.zeros(3, np.float32)))["x"].tolist() == [0, 1, 2]
@@ -181,3 +180,22 @@ def test_a_changed_setting_does_not_reuse_kept_results(tiny_dir, monkeypatch, tm
     (tmp_path / "store" / f"{content_key('c')}.npz").write_bytes(b"truncated")
     assert store.load(content_key("c")) is None  # unreadable: computed again
     assert not list(tmp_path.glob("store/.*.tmp.npz"))
+
+
+def test_only_stale_stores_are_swept(tmp_path):
+    """Stores untouched for STALE_DAYS go; a fresh store, and anything not named like a store
+    (not lowbit's), stay."""
+    import os
+
+    from lowbit.core.resume import STALE_DAYS, content_key, resume_store
+
+    root = tmp_path / "resume"
+    stale, fresh, other = root / content_key("old"), root / content_key("new"), root / "my notes"
+    for d in (stale, fresh, other):
+        d.mkdir(parents=True)
+    old = os.stat(stale).st_mtime - (STALE_DAYS + 1) * 86400
+    for d in (stale, other):
+        os.utime(d, (old, old))
+    store = resume_store("this compile", root=root)
+    assert not stale.exists() and fresh.is_dir() and other.is_dir()
+    assert store.directory.parent == root and store.found == 0
