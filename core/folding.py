@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.linear_sites import ELEMENTWISE_OPS, LinearSite, output_bias, private_initializer
+from lowbit.core.weight_io import transformed_stored
 
 __all__ = ["SHAPE_ONLY_OPS", "FoldTarget", "fold_target", "producer_permutation", "set_weight_kn", "weight_kn"]
 
@@ -67,8 +68,8 @@ class FoldTarget:
 
     # --- scales: x -> x / s ------------------------------------------------------------------
     def apply_scale(self, s: np.ndarray) -> None:
-        for site in self.group:
-            set_weight_kn(site, weight_kn(site) * s[:, None].astype(np.float32))
+        for site in self.group:  # streamed: a vocabulary head gets no whole temporary copy
+            _set_const(site.weight, transformed_stored(site, scale=s))
         if self.kind == "norm":
             for i in (1, 2):
                 if len(self.norm.inputs) > i and self.norm.inputs[i] is not None:
@@ -86,7 +87,7 @@ class FoldTarget:
         :func:`producer_permutation` accepts."""
         pperm = producer_permutation(self, perm) if self.kind == "attention_v" else perm
         for site in self.group:
-            set_weight_kn(site, weight_kn(site)[perm])
+            _set_const(site.weight, transformed_stored(site, perm=perm))
         if self.kind == "gated_linear" and self.producer_columns is not None:  # fused gate_up: both halves alike
             pperm = np.arange(self.producer.out_features)
             for cols in (self.producer_columns, self.gate_columns):

@@ -25,9 +25,11 @@ Speed: the algorithm is K sequential steps per problem, so the cost was numpy ca
   (:mod:`lowbit.encode.optq_kernel`, numba, parallel over problems and column chunks); the
   batch's errors reach the later channels as one matrix product (GPTQ's lazy batch update).
 - The inverse-Hessian factor comes from one Cholesky factorization and a triangular inverse.
-- Threads (one BLAS thread each): the problems of a batch are factored side by side, their lazy
-  batch products split between the threads, and refit, report and encoding run per problem; each
-  product is the one a single thread computes, so the result does not depend on the thread count.
+- Threads (one BLAS thread each): the problems of a batch are factored side by side (K >= 2048:
+  one at a time on two BLAS threads), their lazy batch products split between the threads, each
+  problem's refit runs in column slices side by side, and report and encoding per problem. The
+  work is partitioned by the problem's shape, never by the thread count or the batch, so the
+  result does not depend on either.
 
 The result equals the plain numpy formulation kept in ``tests/encode/test_optq.py`` (the first
 implementation; ~2000 s for SmolLM2 where this takes ~100 s on the same loaded machine): same codes and scales on synthetic problems and on a real SmolLM2
@@ -74,6 +76,12 @@ _SLICE_BYTES = 128 << 20
 # the code whose results the resume store keeps (rounding, refit, formats): a change misses
 _CODE = code_digest("lowbit.encode", "lowbit.formats")
 _THREADS = os.cpu_count() or 1  # problems factored, updated and refit side by side, one BLAS thread each
+# A factor of K >= this many channels runs alone on _FACTOR_THREADS BLAS threads (1.9x faster at
+# K = 8192 on 2 cores; an 8B down_proj's is a minute on one). A constant, not the core count:
+# OpenBLAS's Cholesky gives other bits on another thread count (the same on every run), and the
+# rounding must not depend on the machine's cores or on how the compile batched its sites.
+_THREADED_FACTOR_MIN = 2048
+_FACTOR_THREADS = 2
 
 
 def _inverse_hessian_factor(h: np.ndarray, damp: float, out: np.ndarray) -> None:
@@ -178,7 +186,11 @@ def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str,
     width = max(1, min(n, _SLICE_BYTES // (8 * k * n_prob)))
     with ThreadPoolExecutor(_THREADS) as pool:  # LAPACK and BLAS release the GIL
         order = act_order and block is None
-        factored = list(pool.map(lambda p: _factor(hessians[p], damp, order, u[p]), range(n_prob)))
+        if k >= _THREADED_FACTOR_MIN:  # one problem at a time, on a fixed number of BLAS threads
+            with threadpool_limits(_FACTOR_THREADS, user_api="blas"):
+                factored = [_factor(hessians[p], damp, order, u[p]) for p in range(n_prob)]
+        else:
+            factored = list(pool.map(lambda p: _factor(hessians[p], damp, order, u[p]), range(n_prob)))
         perms = [perm for perm, _ in factored]
         if width == n:
             w = np.empty((n_prob, k, n))  # float64, error-compensated in place
@@ -329,11 +341,9 @@ class OptqPass(LowbitPass):
         ratios, elem_max, vmax = search_ratios(wspec.scale_method), np.float32(element.scale_max), np.float32(vmax)
 
         def finish(problem: tuple[list, tuple]) -> list[tuple[str, object, dict]]:
-            """Refit, report and encode one problem (its sites' entries, in order)."""
+            """Report and encode one problem (its sites' entries, in order)."""
             (sites, w, h), (q_all, scale_all, optq_err) = problem
             out = []
-            if rspec.refit_scales:
-                q_all, scale_all, optq_err = refit_block_scales(w, q_all, scale_all, h, rspec.damp, block, optq_err)
             # RTN's error for the report, on evenly spaced columns of each site (columns round
             # independently): the exact figure cost a fifth of the pass
             sample = [np.linspace(0, s.out_features - 1, min(s.out_features, _RTN_REPORT_COLUMNS)).astype(np.int64)
@@ -359,8 +369,12 @@ class OptqPass(LowbitPass):
                 memo.save(keys[id(problem[0])], _pack_entries(out))
             return out
 
-        # BLAS threads per problem as the caller set them (one with a full batch), problems side by side
+        # BLAS threads as the caller set them (one): each problem's refit in column slices side by
+        # side (a block-wise compile's batch is one problem), then the problems' reports and codes
         with ThreadPoolExecutor(_THREADS) as pool:
+            if rspec.refit_scales:
+                results = [refit_block_scales(w, q, scale, h, rspec.damp, block, err, pool=pool)
+                           for (_, w, h), (q, scale, err) in zip(batch, results)]  # fmt: skip
             for entries in pool.map(finish, zip(batch, results)):
                 for name, enc, entry in entries:
                     encodings[name], report[name] = enc, entry

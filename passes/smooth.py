@@ -42,7 +42,8 @@ from lowbit.formats.dint import DintElement
 from lowbit.formats.integer import IntElement
 from lowbit.core.statistics import ACTIVATION_STATS, SITE_CAPTURE, transform_channels
 from lowbit.encode.activations import activation_qparams, dynamic_fake_quant, dynamic_group_qmax, dynamic_group_size
-from lowbit.core.folding import FoldTarget, fold_target, weight_kn
+from lowbit.core.folding import FoldTarget, fold_target
+from lowbit.core.weight_io import column_sample_kn, row_absmax_kn
 from lowbit.core.linear_sites import matches_any
 from lowbit.encode.optq_kernel import element_kind, rtn_round
 
@@ -158,13 +159,14 @@ class SmoothPass(LowbitPass):
         stats = self.ctx.analyses.get(ACTIVATION_STATS)[target.input.name]
         x = self.ctx.analyses.get(SITE_CAPTURE)[target.input.name].sample
         rng = np.random.default_rng(0)
-        weights = [weight_kn(s).astype(np.float32) for s in target.group]
-        w_cat = np.concatenate(weights, axis=1)
         # the objective on a random subset of output columns: per-column weight scales make the
-        # error a sum over columns, and quantizing every column of every candidate dominates cost
-        per_site = max(1, _OBJECTIVE_COLUMNS // len(weights))
-        weights = [w[:, np.sort(rng.choice(w.shape[1], per_site, replace=False))] if w.shape[1] > per_site else w
-                   for w in weights]  # fmt: skip
+        # error a sum over columns, and quantizing every column of every candidate dominates cost.
+        # Weights are streamed (no whole float32 copy: an 8B head is 2.1 GB)
+        per_site = max(1, _OBJECTIVE_COLUMNS // len(target.group))
+        weights = [column_sample_kn(s, np.sort(rng.choice(s.out_features, per_site, replace=False))
+                                    if s.out_features > per_site else np.arange(s.out_features))
+                   for s in target.group]  # fmt: skip
+        amax_w = np.max([row_absmax_kn(s) for s in target.group], axis=0)
         # the group's sampled columns as one matrix: per-column weight blocks and per-column
         # products make quantizing and multiplying it whole equal to doing it site by site
         w_obj = np.concatenate(weights, axis=1)
@@ -177,7 +179,7 @@ class SmoothPass(LowbitPass):
             wspec = SimpleNamespace(format="int8", block_size=0, symmetric=True, scale_method="absmax")
         use_w = spec.method in ("awq", "aqas")
         cands = candidate_scales(spec.method, spec.alpha_grid, stats.absmax.astype(np.float64),
-                                 np.abs(x).mean(axis=0).astype(np.float64), np.abs(w_cat).max(axis=1).astype(np.float64),
+                                 np.abs(x).mean(axis=0).astype(np.float64), amax_w.astype(np.float64),
                                  target.channel_map if target.channel_map is not None else np.arange(x.shape[1]))  # fmt: skip
         # the distinct candidates (e.g. awq:0.0 is the identity; the first of equal ones wins ties
         # anyway), evaluated side by side (the caller limits BLAS to one thread): on 2 cores SmolLM2's

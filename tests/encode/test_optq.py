@@ -213,7 +213,7 @@ def test_optq_equals_the_reference_and_beats_rtn_on_a_real_site(smollm2_export, 
     from lowbit.encode.optq import _proxy_errors
     from lowbit.encode.scale_refit import refit_block_scales
 
-    refit, _, refit_err = refit_block_scales(w, q, scale, h, 0.01, 32, _proxy_errors(w, q, h, 0.01))
+    refit, _, refit_err = refit_block_scales(w, q.copy(), scale, h, 0.01, 32, _proxy_errors(w, q, h, 0.01))
     before, after = _proxy_errors(w, q, h, 0.01), _proxy_errors(w, refit, h, 0.01)
     assert np.all(after <= before * (1 + 1e-5)) and after.sum() < 0.99 * before.sum()
     np.testing.assert_allclose(refit_err, after, rtol=1e-3)
@@ -294,3 +294,21 @@ def test_wide_problems_step_in_column_slices_with_the_same_result(fmt, block, ac
     for a, b in zip(whole, sliced):
         for x_a, x_b in zip(a, b):
             np.testing.assert_array_equal(x_a, x_b)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_large_factors_on_two_blas_threads_do_not_depend_on_the_batch(act_order, monkeypatch):
+    """A large problem's inverse-Hessian factor runs alone on two BLAS threads: a batch of
+    problems gives each problem what it gives alone (a block-wise compile batches one), and the
+    rounding still equals the reference's."""
+    monkeypatch.setattr(optq, "_THREADED_FACTOR_MIN", 64)
+    problems = [_problem(k=192, n=40, seed=s) for s in range(2)]
+    hessians = [x.T.astype(np.float64) @ x for x, _ in problems]
+    args = dict(scale_method="mse", act_order=act_order)
+    batch = optq_round_batch([w for _, w in problems], hessians, "int4", None, **args)
+    for (_, w), h, (q, scale) in zip(problems, hessians, batch):
+        q1, scale1 = optq_round(w, h, "int4", None, **args)
+        np.testing.assert_array_equal(q, q1)
+        np.testing.assert_array_equal(scale, scale1)
+        q_ref, _ = reference_optq_round(w, h, "int4", None, **args)
+        assert np.mean(q != q_ref) <= 1e-3

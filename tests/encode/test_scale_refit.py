@@ -29,7 +29,7 @@ def test_refit_keeps_the_codes_and_never_raises_a_columns_error(fmt, k, block):
     if block:
         q[32:64, 0] = 0.0  # a block whose codes are all zero (still on the grid)
         err = _proxy_errors(w, q, h, 0.01)
-    q2, scale2, err2 = refit_block_scales(w, q, scale, h, 0.01, block, err)
+    q2, scale2, err2 = refit_block_scales(w, q.copy(), scale, h, 0.01, block, err)
     rows = np.arange(k) // (block or k)
     np.testing.assert_array_equal(np.rint(2 * q2 / scale2[rows]), np.rint(2 * q / scale[rows]))
     assert np.all(np.isfinite(scale2)) and np.all(scale2 > 0)
@@ -65,7 +65,8 @@ def test_wide_problems_are_refit_in_column_slices(monkeypatch):
     h = (x.T @ x).astype(np.float64)
     w = rng.standard_normal((k, n)).astype(np.float32)
     q, s, e = optq._optq_solve([w], [h], "dint4", 32, damp=0.01, scale_method="mse", act_order=False)[0]
-    whole = scale_refit.refit_block_scales(w, q, s, h, 0.01, 32, e)
+    monkeypatch.setattr(scale_refit, "_MIN_SLICES", 1)
+    whole = scale_refit.refit_block_scales(w, q.copy(), s, h, 0.01, 32, e)
     monkeypatch.setattr(scale_refit, "_SLICE_BYTES", 16 * 8 * 8 * 100)  # 100 columns per slice
     sliced = scale_refit.refit_block_scales(w, q, s, h, 0.01, 32, e)
     assert sliced[0] is q  # written in place: no second (K, N) array for a vocabulary head
@@ -73,3 +74,20 @@ def test_wide_problems_are_refit_in_column_slices(monkeypatch):
     np.testing.assert_array_equal(np.rint(2 * sliced[0] / sliced[1][expand]), np.rint(2 * whole[0] / whole[1][expand]))
     np.testing.assert_allclose(sliced[1], whole[1], rtol=1e-6)
     np.testing.assert_allclose(sliced[2], whole[2], rtol=1e-5, atol=1e-3 * float(np.abs(whole[2]).max()))
+
+
+def test_slices_on_threads_give_the_sequential_result():
+    """The refit's slices run side by side give, bit for bit, what they give one after another:
+    the partition is the shape's, and every slice's products are the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    h, w = _problem(96, 301, seed=3)
+    q, s, e = _optq_solve([w], [h], "dint4", 32, damp=0.01, scale_method="mse", act_order=False)[0]
+    with threadpool_limits(1, user_api="blas"):
+        alone = refit_block_scales(w, q.copy(), s, h, 0.01, 32, e)
+        with ThreadPoolExecutor(2) as pool:
+            side_by_side = refit_block_scales(w, q.copy(), s, h, 0.01, 32, e, pool=pool)
+    for a, b in zip(alone, side_by_side):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,110 @@
+"""Linear-site weights of any size, read and rewritten in bounded memory.
+
+A vocabulary head is the one weight larger than a block (Llama-3-8B's untied head: 4096 x 128256,
+2.1 GB in float32): reading it whole for a statistic, or rescaling and permuting it as one array,
+costs whole float32 copies beside the memory-mapped pages of its source. Here a 2-D weight is
+streamed a slice of stored rows (``_CHUNK_BYTES`` of float32) at a time:
+
+- external data through a memory map of each slice's own, closed again, so read pages do not
+  stay resident (a whole-tensor map keeps every page it touched while it lives);
+- a lazily widened float16 / bfloat16 constant from its narrow source, each slice widened to
+  float32 as the whole would be (:mod:`lowbit.core.float_types`);
+- an in-memory array by slicing.
+
+Guarantees: every function returns exactly what its whole-array formulation returns (elementwise
+float32 products, exact maxima and gathers), in (K, N) orientation -- K the reduction axis --
+whatever the stored layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.core.float_types import widened_source
+from lowbit.core.linear_sites import LinearSite
+
+__all__ = ["column_sample_kn", "row_absmax_kn", "transformed_stored"]
+
+_CHUNK_BYTES = 64 << 20
+
+
+def _stored(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    """The tensor whose bytes hold ``tensor``'s elements (a lazily widened constant's source)."""
+    source = widened_source(tensor)
+    return source if source is not None else tensor
+
+
+def _read(tensor: ir.TensorProtocol, rows: slice | np.ndarray) -> np.ndarray:
+    """Float32 copy of stored rows ``rows`` (a slice, or indices) of the 2-D ``tensor``."""
+    source = _stored(tensor)
+    if not isinstance(source, ir.ExternalTensor):
+        return np.array(source.numpy()[rows], dtype=np.float32)
+    n_rows, n_cols = source.shape.numpy()
+    if isinstance(rows, slice):  # map only the slice's bytes
+        start, stop, _ = rows.indices(n_rows)
+        row_bytes = n_cols * int(source.dtype.itemsize)
+        view = ir.ExternalTensor(source.location, (source.offset or 0) + start * row_bytes, (stop - start) * row_bytes,
+                                 source.dtype, shape=ir.Shape([stop - start, n_cols]), name=source.name,
+                                 base_dir=source.base_dir)  # fmt: skip
+        rows = slice(None)
+    else:
+        view = ir.ExternalTensor(source.location, source.offset, source.length, source.dtype, shape=source.shape,
+                                 name=source.name, base_dir=source.base_dir)  # fmt: skip
+    try:
+        return np.array(view.numpy()[rows], dtype=np.float32)
+    finally:
+        view.release()
+
+
+def _row_slices(n_rows: int, n_cols: int) -> list[slice]:
+    step = max(1, _CHUNK_BYTES // (4 * max(1, n_cols)))
+    return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
+def _shape(site: LinearSite) -> tuple[int, int]:
+    rows, cols = site.weight.const_value.shape.numpy()
+    return int(rows), int(cols)
+
+
+def row_absmax_kn(site: LinearSite) -> np.ndarray:
+    """max |W| over output columns, per input channel: (K,) float32."""
+    tensor = site.weight.const_value
+    rows, cols = _shape(site)
+    if site.reduction_axis == 0:  # stored (K, N): one maximum per stored row
+        return np.concatenate([np.abs(_read(tensor, part)).max(axis=1) for part in _row_slices(rows, cols)])
+    out = np.zeros(cols, np.float32)  # stored (N, K): the maximum over stored rows
+    for part in _row_slices(rows, cols):
+        np.maximum(out, np.abs(_read(tensor, part)).max(axis=0), out=out)
+    return out
+
+
+def column_sample_kn(site: LinearSite, columns: np.ndarray) -> np.ndarray:
+    """W[:, columns] in (K, N) orientation: (K, len(columns)) float32."""
+    tensor = site.weight.const_value
+    rows, cols = _shape(site)
+    if site.reduction_axis == 1:  # stored (N, K): the columns are stored rows
+        return _read(tensor, np.asarray(columns)).T.copy()
+    return np.concatenate([_read(tensor, part)[:, columns] for part in _row_slices(rows, cols)])
+
+
+def transformed_stored(site: LinearSite, *, perm: np.ndarray | None = None, scale: np.ndarray | None = None) -> np.ndarray:
+    """diag(scale) W[perm] (W in (K, N) orientation: ``perm`` reorders and ``scale`` multiplies
+    input channels, either may be None) as a new float32 array in the weight's stored layout."""
+    tensor = site.weight.const_value
+    rows, cols = _shape(site)
+    out = np.empty((rows, cols), np.float32)
+    scale32 = None if scale is None else np.asarray(scale, dtype=np.float32)
+    for part in _row_slices(rows, cols):
+        if site.reduction_axis == 0:  # stored (K, N): output rows are input channels
+            chunk = _read(tensor, part if perm is None else perm[part])
+            if scale32 is not None:
+                chunk *= scale32[part, None]
+        else:  # stored (N, K): columns are input channels
+            chunk = _read(tensor, part)
+            if perm is not None:
+                chunk = chunk[:, perm]
+            if scale32 is not None:
+                chunk *= scale32[None, :]
+        out[part] = chunk
+    return out
