@@ -75,19 +75,42 @@ class ActivationStats:
 class GroupCapture:
     """Second moment and a row sample of one linear-site input (channels on the last axis)."""
 
-    hessian: np.ndarray  # float64 [K, K], sum over tokens of x x^T
+    hessian: np.ndarray  # float64 [K, K], sum over tokens of x x^T (float32 once OPTQ, its last reader, factored it)
     sample: np.ndarray  # float32 [T, K], rows drawn uniformly from the calibration tokens
     tokens: int = 0
 
     def transform(self, scale: np.ndarray | None, perm: np.ndarray | None) -> None:
-        """Channels become x / scale (then reordered by perm, new[i] = old[perm[i]])."""
+        """Channels become x / scale (then reordered by perm, new[i] = old[perm[i]]). X^T X is
+        rewritten in place (an 8B down_proj's is 1.6 GB: no K x K temporary), with the same
+        products as ``h * inv[:, None] * inv[None, :]`` and the same elements as
+        ``h[np.ix_(perm, perm)]``."""
         if scale is not None:
             inv = 1.0 / scale.astype(np.float64)
-            self.hessian = self.hessian * inv[:, None] * inv[None, :]
+            self.hessian *= inv[:, None]
+            self.hessian *= inv[None, :]
             self.sample = (self.sample / scale.astype(np.float32)).astype(np.float32)
         if perm is not None:
-            self.hessian = self.hessian[np.ix_(perm, perm)]
+            _permute_symmetric(self.hessian, perm)
             self.sample = self.sample[:, perm]
+
+
+def _permute_symmetric(h: np.ndarray, perm: np.ndarray) -> None:
+    """``h[...] = h[np.ix_(perm, perm)]`` with temporaries of a band of rows: columns band by band,
+    then rows along perm's cycles."""
+    step = max(1, (64 << 20) // (h.itemsize * len(h)))
+    for r in range(0, len(h), step):
+        h[r:r + step] = h[r:r + step][:, perm]
+    moved = np.zeros(len(perm), bool)
+    for start in np.flatnonzero(perm != np.arange(len(perm))):
+        if moved[start]:
+            continue
+        first, i = h[start].copy(), start
+        while perm[i] != start:  # new row i is old row perm[i]
+            h[i] = h[perm[i]]
+            moved[i] = True
+            i = perm[i]
+        h[i] = first
+        moved[i] = True
 
 
 ACTIVATION_STATS: Key[ActivationStats] = Key(

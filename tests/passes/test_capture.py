@@ -80,3 +80,24 @@ def test_upper_triangle_is_mirrored_band_by_band(k):
     expected[lower] = expected.T[lower]
     _mirror_upper(h)
     np.testing.assert_array_equal(h, expected)
+
+
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_capture_transforms_in_place_equal_the_copying_formulas(k):
+    """A fold's scale and a reorder's permutation rewrite X^T X in place (no K x K temporary at
+    an 8B down_proj) with exactly the elements of the copying formulas."""
+    from lowbit.core.statistics import GroupCapture
+
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((50, k))
+    h, sample = x.T @ x, x[:5].astype(np.float32)
+    scale, perm = rng.uniform(0.3, 3.0, k), rng.permutation(k)
+    capture = GroupCapture(h.copy(), sample.copy())
+    buffer = capture.hessian
+    capture.transform(scale, None)
+    capture.transform(None, perm)
+    inv = 1.0 / scale
+    expected = (h * inv[:, None] * inv[None, :])[np.ix_(perm, perm)]
+    assert capture.hessian is buffer
+    np.testing.assert_array_equal(capture.hessian, expected)
+    np.testing.assert_array_equal(capture.sample, (sample / scale.astype(np.float32))[:, perm])
