@@ -17,7 +17,8 @@ import numpy as np
 from lowbit.core.analyses import Key
 from lowbit.core.context import CompileContext
 
-__all__ = ["ACTIVATION_STATS", "SITE_CAPTURE", "ActivationStats", "ChannelStats", "GroupCapture", "transform_channels"]
+__all__ = ["ACTIVATION_STATS", "SITE_CAPTURE", "ActivationStats", "ChannelStats", "GroupCapture", "permute_symmetric",
+           "transform_channels"]
 
 
 @dataclass
@@ -90,11 +91,11 @@ class GroupCapture:
             self.hessian *= inv[None, :]
             self.sample = (self.sample / scale.astype(np.float32)).astype(np.float32)
         if perm is not None:
-            _permute_symmetric(self.hessian, perm)
+            permute_symmetric(self.hessian, perm)
             self.sample = self.sample[:, perm]
 
 
-def _permute_symmetric(h: np.ndarray, perm: np.ndarray) -> None:
+def permute_symmetric(h: np.ndarray, perm: np.ndarray) -> None:
     """``h[...] = h[np.ix_(perm, perm)]`` with temporaries of a band of rows: columns band by band,
     then rows along perm's cycles."""
     step = max(1, (64 << 20) // (h.itemsize * len(h)))

@@ -56,7 +56,7 @@ from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.linear_sites import selected_sites
 from lowbit.core.pass_base import LowbitPass
 from lowbit.core.resume import code_digest, content_key
-from lowbit.core.statistics import SITE_CAPTURE
+from lowbit.core.statistics import SITE_CAPTURE, permute_symmetric
 from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
 from lowbit.core.folding import weight_kn
@@ -142,13 +142,19 @@ def _row_scales(rows: np.ndarray, fmt: str, scale_method: str) -> np.ndarray:
 def _factor(hessian: np.ndarray, damp: float, order: bool, u_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Write one problem's inverse-Hessian factor into ``u_out``; returns the input-channel order
     (by decreasing H_jj with ``order``) and which channels are dead (H_jj <= 0, taken as 1), in
-    that order. ``hessian`` is only read: its reversed (reordered) copy is made in ``u_out``."""
+    that order. ``hessian`` is only read and its reversed (reordered) copy made in ``u_out``, or
+    ``u_out`` is ``hessian``'s own buffer, reordered in place (the same elements)."""
     diag = np.diag(hessian).astype(np.float64)
     dead = diag <= 0
     diag[dead] = 1.0
     perm = np.argsort(-diag, kind="stable") if order else np.arange(len(diag))
     diag, dead = diag[perm], dead[perm]
-    if order:  # J P^T H P J, a slice of rows at a time (no second K x K temporary)
+    if np.shares_memory(hessian, u_out):  # J P^T H P J in place
+        if order:
+            permute_symmetric(u_out, perm[::-1])
+        else:
+            _reverse_in_place(u_out.reshape(-1))
+    elif order:  # J P^T H P J, a slice of rows at a time (no second K x K temporary)
         rows = perm[::-1]
         step = max(1, (64 << 20) // (8 * len(rows)))
         for r in range(0, len(rows), step):
@@ -170,21 +176,31 @@ def optq_round_batch(weights: list[np.ndarray], hessians: list[np.ndarray], fmt:
                      damp: float = 0.01, scale_method: str = "absmax", act_order: bool = False,
                      ) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     """:func:`optq_round` of P problems of one shape (K, N), stepped together."""
-    results = _optq_solve(weights, list(hessians), fmt, block, damp=damp, scale_method=scale_method, act_order=act_order)
+    results = _optq_solve(weights, list(hessians), fmt, block, damp=damp, scale_method=scale_method,
+                          act_order=act_order, consume=False)  # fmt: skip
     return [(q, scale) for q, scale, _ in results]
 
 
 def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str, block: int | None, *,
-                damp: float, scale_method: str, act_order: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                damp: float, scale_method: str, act_order: bool, consume: bool = False,
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
     """(rounded weights, scales, proxy error per output column) of each problem. The proxy error
     tr(D^T H_damped D) comes free from the loop: it is the sum over steps of the squared scaled
     errors ((w_j - q_j) / U_jj)^2 (the Cholesky form of GPTQ's objective).
 
-    ``hessians`` is narrowed in place: once a problem's factor is built, its entry becomes the
-    float32 X^T X, all that the refit and the report read. A caller holding no other reference
-    frees the float64 one before the steps (1.6 GB at an 8B down_proj, beside its factor's 1.6)."""
+    ``hessians`` is narrowed in place: its entries become the float32 X^T X, all that the refit
+    and the report read. With ``consume`` the caller gives up its float64 arrays (it holds no
+    other reference): a lone problem's factor is then built inside X^T X's own buffer once the
+    float32 copy is taken, so an 8B down_proj holds 1.6 + 0.8 GB instead of 1.6 (H) + 1.6 (factor)
+    + 0.8; a batch's float64 X^T X is freed as each factor is built."""
     n_prob, (k, n) = len(weights), weights[0].shape
-    u = np.empty((n_prob, k, k))
+    own = consume and n_prob == 1
+    if own:  # the factor replaces X^T X in its buffer
+        sources = [hessians[0]]
+        hessians[0] = sources[0].astype(np.float32)
+        u = sources[0].reshape(1, k, k)
+    else:
+        sources, u = hessians, np.empty((n_prob, k, k))
     # output columns round independently given H: a wide problem (a vocabulary-sized head) is
     # stepped in slices of columns, so its float64 copy stays within the batch budget
     width = max(1, min(n, _SLICE_BYTES // (8 * k * n_prob)))
@@ -194,11 +210,13 @@ def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str,
             with threadpool_limits(_FACTOR_THREADS, user_api="blas"):
                 factored = []
                 for p in range(n_prob):
-                    factored.append(_factor(hessians[p], damp, order, u[p]))
-                    hessians[p] = hessians[p].astype(np.float32)
+                    factored.append(_factor(sources[p], damp, order, u[p]))
+                    if not own:
+                        hessians[p] = hessians[p].astype(np.float32)
         else:
-            factored = list(pool.map(lambda p: _factor(hessians[p], damp, order, u[p]), range(n_prob)))
-            hessians[:] = [h.astype(np.float32) for h in hessians]
+            factored = list(pool.map(lambda p: _factor(sources[p], damp, order, u[p]), range(n_prob)))
+            if not own:
+                hessians[:] = [h.astype(np.float32) for h in hessians]
         perms = [perm for perm, _ in factored]
         if width == n:
             w = np.empty((n_prob, k, n))  # float64, error-compensated in place
@@ -343,14 +361,14 @@ class OptqPass(LowbitPass):
             batch = todo
             if not batch:
                 return
-        # OPTQ is X^T X's last reader: the solve holds the only reference to each float64 one and
-        # narrows it to float32 once factored; the captures get the float32 ones back
+        # OPTQ is X^T X's last reader: the solve holds the only reference to each float64 one (it
+        # builds a factor in its buffer); the captures get float32 ones back
         hessians = [capture.hessian for _, _, capture in batch]
         for _, _, capture in batch:
             capture.hessian = None
         try:
-            results = _optq_solve([w for _, w, _ in batch], hessians, wspec.format, block,
-                                  damp=rspec.damp, scale_method=wspec.scale_method, act_order=rspec.act_order)  # fmt: skip
+            results = _optq_solve([w for _, w, _ in batch], hessians, wspec.format, block, damp=rspec.damp,
+                                  scale_method=wspec.scale_method, act_order=rspec.act_order, consume=True)  # fmt: skip
         finally:
             for (_, _, capture), h in zip(batch, hessians):
                 capture.hessian = h

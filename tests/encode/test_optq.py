@@ -312,3 +312,24 @@ def test_large_factors_on_two_blas_threads_do_not_depend_on_the_batch(act_order,
         np.testing.assert_array_equal(scale, scale1)
         q_ref, _ = reference_optq_round(w, h, "int4", None, **args)
         assert np.mean(q != q_ref) <= 1e-3
+
+
+@pytest.mark.parametrize("act_order,threaded", [(False, False), (True, False), (False, True), (True, True)])
+def test_a_consumed_hessian_gives_the_same_rounding_in_its_own_buffer(act_order, threaded, monkeypatch):
+    """The pass gives up its float64 X^T X: a lone problem's factor is built inside it, and the
+    result is what the copying solve gives; the list comes back with float32 X^T X."""
+    if threaded:
+        monkeypatch.setattr(optq, "_THREADED_FACTOR_MIN", 64)
+    x, w = _problem(k=160, n=24, seed=11)
+    x[:, 7] = 0.0  # a dead channel
+    h = x.T.astype(np.float64) @ x
+    args = dict(damp=0.01, scale_method="mse", act_order=act_order)
+    kept = [h.copy()]
+    copied = optq._optq_solve([w], kept, "int4", None, **args)
+    given = [h.copy()]
+    consumed = optq._optq_solve([w], given, "int4", None, consume=True, **args)
+    for a, b in zip(copied[0], consumed[0]):
+        np.testing.assert_array_equal(a, b)
+    for hs in (kept, given):
+        assert hs[0].dtype == np.float32
+        np.testing.assert_array_equal(hs[0], h.astype(np.float32))
