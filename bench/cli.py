@@ -4,7 +4,7 @@ product's ``lowbit`` command so that nothing in the product imports ``lowbit.ben
 Commands: ``run`` (every contender side by side -> ``bench/RESULTS.md``), ``demo`` (what
 ``make demo`` runs), ``compile-time`` (-> ``bench/COMPILE_TIME.md``), ``rotation`` (-> ``bench/ROTATION.md``), ``deploy`` (->
 ``bench/DEPLOY.md``), ``scale`` (-> ``bench/SCALE.md``), ``architectures`` (->
-``bench/ARCHITECTURES.md``) and ``synth`` (a
+``bench/ARCHITECTURES.md``), ``optq-layer`` (OPTQ's parts on one layer) and ``synth`` (a
 real-shaped synthetic decoder for scale tests, :mod:`lowbit.models.synthetic_llm`). Errors,
 signals and scratch files behave exactly as in ``lowbit``.
 """
@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "deploy": ("lowbit.bench.deploy_bench", "the flagship recipe's deployed form vs FP32, ORT int4, llama.cpp and ORT GenAI: speed, size, faithfulness (bench/DEPLOY.md)"),
     "scale": ("lowbit.bench.scale_bench", "peak memory and compile time against model size on synthetic decoders (bench/SCALE.md)"),
     "architectures": ("lowbit.bench.architectures", "every architecture family x exporter x recipe on tiny random models: compiles, sites, norms, folding, --verify, ORT defaults (bench/ARCHITECTURES.md)"),
+    "optq-layer": ("lowbit.bench.optq_layer", "OPTQ's factor, steps and refit on one decoder layer of a real shape, as a block-wise compile runs them"),
     "kernels": ("lowbit.bench.kernel_bench", "per-op time of the W4A8 MatMulLowbit kernels on SmolLM2's shapes against ORT's FP32 MatMul and the bandwidth bound"),
     "synth": ("lowbit.models.synthetic_llm", "write a real-shaped synthetic decoder (Llama / Qwen2 shapes) to a new directory"),
 }
