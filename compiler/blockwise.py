@@ -89,7 +89,7 @@ class BlockwisePass(LowbitPass):
 
         runner = Segmented(self.segment_bytes, requantized=self.sequential)
         observe(self.ctx, model, self.accumulators, runner=runner, after_each=each)
-        self.ctx.report["blockwise"] = {**blocks, "segment_bytes": self.segment_bytes, "spilled_bytes": spill.bytes,
+        self.ctx.report["blockwise"] = {**blocks, "segment_bytes": self.segment_bytes, "spilled_bytes": spill.bytes, "reclaimed_bytes": spill.reclaimed,
                                         "sequential": self.sequential, "sessions": runner.sessions,
                                         "passes": {k: round(v, 3) for k, v in seconds.items()}, "resident_mb": rss}  # fmt: skip
         logger.info("block-wise: %d segments, %.0f MB spilled", blocks["segments"], spill.bytes / 2**20)

@@ -6,7 +6,11 @@ After each block, :meth:`TensorSpill.spill` writes every in-memory initializer o
 data file and replaces it by an ``ir.ExternalTensor`` reading it back (memory-mapped, on demand),
 and :func:`drop_unused_initializers` removes the initializers no node reads any more (the float
 weights the codes replaced), releasing their memory maps; :func:`unmap_external` closes the maps
-that reading the kept ones left open.
+that reading the kept ones left open. A spilled tensor that no initializer holds any more (dropped,
+or replaced by a later rewrite: the rotated weights a block's codes replaced) gives its disk space
+back at the next spill: its range of the file becomes a hole (Linux ``fallocate`` punch; elsewhere,
+or on a file system without holes, the file only grows). An 8B model's rotated float32 weights
+are 32 GB of scratch at first and shrink block by block.
 
 Guarantees: tensor contents are unchanged (the bytes written are ``tobytes()``, read back with the
 same dtype and shape); the scratch file lives as long as the process (``lowbit.files.scratch``),
@@ -15,6 +19,8 @@ so a compiled model can be saved after the compile.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import tempfile
 from pathlib import Path
@@ -25,22 +31,26 @@ import onnx_ir as ir
 __all__ = ["TensorSpill", "drop_unused_initializers", "unmap_external"]
 
 _ALIGN = 64
+MIN_BYTES = 64 << 10  # smaller initializers stay in memory (norms, biases, a block's scales)
 
 
 class TensorSpill:
     """One append-only scratch data file of spilled initializers, a new file in ``directory``
     (each compile its own: a compiled model keeps reading its spill after the compile)."""
 
-    def __init__(self, directory: Path, min_bytes: int = 64 << 10) -> None:
+    def __init__(self, directory: Path, min_bytes: int | None = None) -> None:
         fd, name = tempfile.mkstemp(prefix="spill-", suffix=".data", dir=directory)
         os.close(fd)
-        self.path, self.min_bytes = Path(name), min_bytes
+        self.path, self.min_bytes = Path(name), MIN_BYTES if min_bytes is None else min_bytes
         self.offset = 0
         self.bytes = 0  # spilled so far
+        self.reclaimed = 0  # bytes whose tensors died, punched out of the file
+        self._live: dict[int, int] = {}  # offset -> length of each spilled tensor not yet reclaimed
 
     def spill(self, graph: ir.Graph) -> int:
         """Move the graph's in-memory initializers of ``min_bytes`` or more to the file; returns
         how many."""
+        self._reclaim(graph)
         moved = 0
         with open(self.path, "ab") as f:
             for value in graph.initializers.values():
@@ -56,10 +66,42 @@ class TensorSpill:
                 value.const_value = ir.ExternalTensor(self.path.name, self.offset, len(data), tensor.dtype,
                                                       shape=tensor.shape, name=tensor.name or value.name,
                                                       base_dir=self.path.parent)  # fmt: skip
+                self._live[self.offset] = len(data)
                 self.offset += len(data)
                 self.bytes += len(data)
                 moved += 1
         return moved
+
+    def _reclaim(self, graph: ir.Graph) -> None:
+        """Punch out the ranges of spilled tensors no initializer of ``graph`` holds any more."""
+        held = {tensor.offset for value in graph.initializers.values()
+                if isinstance(tensor := value.const_value, ir.ExternalTensor) and Path(tensor.path) == self.path}  # fmt: skip
+        dead = [offset for offset in self._live if offset not in held]
+        if not dead:
+            return
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for offset in dead:
+                length = self._live.pop(offset)
+                if _punch_hole(fd, offset, length):
+                    self.reclaimed += length
+        finally:
+            os.close(fd)
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
+_fallocate = getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks of ``length`` bytes at ``offset`` (they read as zeros; the size stays);
+    False where the system or file system cannot."""
+    if _fallocate is None:
+        return False
+    return _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 def _raw_bytes(tensor: ir.TensorProtocol) -> memoryview | bytes:

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from lowbit.compiler.api import compile as lowbit_compile
+from lowbit.core import tensor_spill
 from lowbit.models.synthetic_llm import write_decoder
 from lowbit.ort import observe as observation
 
@@ -27,9 +28,10 @@ def tiny_dir(tmp_path_factory) -> Path:
 def _compile(source: Path, recipe: str, *, blockwise: bool, monkeypatch):
     recipe, _, target = recipe.partition("@")  # "recipe@target"
     with monkeypatch.context() as m:
-        if blockwise:  # the tiny model counts as large, every norm starts a block
+        if blockwise:  # the tiny model counts as large, every norm starts a block, every rewrite is spilled
             m.setattr(observation, "WHOLE_MODEL_BYTES", 0)
             m.setattr(observation, "SEGMENT_BYTES", 1)
+            m.setattr(tensor_spill, "MIN_BYTES", 1)
         return lowbit_compile(source, recipe, target=target or None, overrides=SMALL_CALIBRATION)
 
 
@@ -42,6 +44,8 @@ def test_blockwise_output_equals_whole_model_output(tiny_dir, recipe, monkeypatc
     whole = _compile(tiny_dir, recipe, blockwise=False, monkeypatch=monkeypatch)
     block = _compile(tiny_dir, recipe, blockwise=True, monkeypatch=monkeypatch)
     assert "blockwise" not in whole.report and block.report["blockwise"]["segments"] > 4
+    if recipe.startswith("w4a8-dint4"):  # the rotated weights spilled before their blocks: punched out
+        assert block.report["blockwise"]["reclaimed_bytes"] > 0  # once replaced, and nothing read them since
     assert _weights(block.model) == _weights(whole.model)
     assert Counter((n.domain, n.op_type) for n in block.model.graph) == Counter((n.domain, n.op_type) for n in whole.model.graph)
     for section in ("sites", "smooth", "reorder", "optq", "capture", "calibration", "slac", "ort_cpu", "merged_matmuls"):

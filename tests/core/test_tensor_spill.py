@@ -1,0 +1,50 @@
+"""lowbit.core.tensor_spill: spilled tensors read back unchanged, and the range of a spilled
+tensor that no initializer holds any more (replaced by a later rewrite, or dropped) is punched
+out of the scratch file at the next spill, while the live ones still read back."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.core import tensor_spill
+from lowbit.core.tensor_spill import TensorSpill, drop_unused_initializers
+
+
+def _holes_supported(directory) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"\1" * (1 << 20))
+    fd = os.open(probe, os.O_WRONLY)
+    try:
+        return tensor_spill._punch_hole(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)
+
+
+def test_dead_spilled_ranges_become_holes_and_live_ones_read_back(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {name: rng.standard_normal((256, 512)).astype(np.float32) for name in ("a", "b", "c")}
+    values = {name: ir.Value(name=name, const_value=ir.tensor(array, name=name)) for name, array in arrays.items()}
+    total = ir.node("Sum", list(values.values()))
+    graph = ir.Graph([], total.outputs, nodes=[total], name="g")
+    for value in values.values():
+        graph.register_initializer(value)
+    spill = TensorSpill(tmp_path, min_bytes=1)
+    assert spill.spill(graph) == 3
+    size, blocks = spill.path.stat().st_size, spill.path.stat().st_blocks
+    graph.initializers["a"].const_value = ir.tensor(arrays["a"] * 2, name="a")  # a later rewrite
+    total.replace_input_with(2, values["a"])  # "c" is read no more: dropped
+    assert drop_unused_initializers(graph) == 1
+    assert spill.spill(graph) == 1  # the new "a"
+    nbytes = arrays["b"].nbytes
+    if _holes_supported(tmp_path):
+        assert spill.reclaimed == 2 * nbytes
+        # two tensors' blocks freed, one appended (a block of slack at each unaligned edge)
+        assert spill.path.stat().st_blocks * 512 <= blocks * 512 - nbytes + 4 * 4096
+    else:  # a file system without holes: the file only grows
+        assert spill.reclaimed == 0
+    assert spill.path.stat().st_size == size + nbytes  # offsets never move
+    np.testing.assert_array_equal(graph.initializers["b"].const_value.numpy(), arrays["b"])
+    np.testing.assert_array_equal(graph.initializers["a"].const_value.numpy(), arrays["a"] * 2)
