@@ -75,6 +75,14 @@ class CompileContext:
         # interrupted compile restarts where it stopped (set by the pipeline; lowbit.core.resume)
         self.resume: ResumeStore | None = None
 
+    @property
+    def defer_rewrites(self) -> bool:
+        """Whether model-wide weight rewrites (rotations) are deferred to the reads of the weights
+        (:func:`lowbit.core.folding.rewrite_weight_kn`): for a model large enough to spill, whose
+        rewritten float32 copies would otherwise fill the scratch disk (32 GB at 8B) before the
+        block-wise passes replace them."""
+        return self.spill is not None
+
     def release_rewritten(self) -> None:
         """Within a model-wide rewrite of a large model (rotations), after each piece of it (a
         layer, a group): the weights rewritten so far go to the scratch file and the memory maps

@@ -62,7 +62,7 @@ import onnx_ir as ir
 from lowbit.errors import LowbitError
 
 __all__ = ["LAZY_BYTES", "NON_FLOAT32", "FloatTypesPass", "check_float_types", "first_non_float32",
-           "fold_float_storage", "widened_source"]
+           "fold_float_storage", "read_float32", "widened_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _foldable(model: ir.Model, *, unknown_ok: bool = False) -> list[_Fold]:
     return found
 
 
-def _to_float32(source: ir.TensorProtocol) -> np.ndarray:
+def read_float32(source: ir.TensorProtocol) -> np.ndarray:
     """``source``'s elements as a new float32 array. External data is read through a memory map of
     this call's own, closed again: the pages read do not stay resident, and two reads share nothing."""
     if not isinstance(source, ir.ExternalTensor):
@@ -157,7 +157,7 @@ def _to_float32(source: ir.TensorProtocol) -> np.ndarray:
 
 def _read_widened(source: ir.TensorProtocol, name: str | None) -> ir.Tensor:
     """A lazily widened constant's contents: read-only, since a write would be lost."""
-    array = _to_float32(source)
+    array = read_float32(source)
     array.flags.writeable = False
     return ir.Tensor(array, name=name)
 
@@ -165,7 +165,7 @@ def _read_widened(source: ir.TensorProtocol, name: str | None) -> ir.Tensor:
 def _widened(source: ir.TensorProtocol, name: str | None) -> ir.TensorProtocol:
     """The float32 constant replacing ``source`` (module doc, step 1): lazy when large."""
     if source.size * FLOAT.itemsize < LAZY_BYTES:
-        return ir.Tensor(_to_float32(source), name=name)
+        return ir.Tensor(read_float32(source), name=name)
     shape = ir.Shape(source.shape.numpy())
     return ir.LazyTensor(functools.partial(_read_widened, source, name), dtype=FLOAT, shape=shape, name=name)
 

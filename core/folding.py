@@ -32,11 +32,13 @@ reduction (input-channel) axis -- whatever the stored layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.core.float_types import read_float32
 from lowbit.core.linear_sites import ELEMENTWISE_OPS, LinearSite, output_bias, private_initializer
 from lowbit.core.weight_io import transformed_stored
 
@@ -137,6 +139,25 @@ def weight_kn(site: LinearSite) -> np.ndarray:
 def set_weight_kn(site: LinearSite, w_kn: np.ndarray) -> None:
     w = w_kn if site.reduction_axis == 0 else w_kn.T
     _set_const(site.weight, np.ascontiguousarray(w, dtype=np.float32))
+
+
+def rewrite_weight_kn(site: LinearSite, fn: Callable[[np.ndarray], np.ndarray], *, defer: bool = False) -> None:
+    """W -> fn(W), W in (K, N) orientation (float32 in, any float out; shape kept). ``defer``: not
+    computed now -- the weight becomes a lazy float32 constant computing fn(W) from the current
+    one at every read, so a large model's model-wide rewrites (rotations) hold no rewritten copy,
+    in memory or on disk, before a block reads it; deferred rewrites of one weight compose. Every
+    read gives the bytes the eager rewrite gives."""
+    if not defer:
+        set_weight_kn(site, fn(weight_kn(site)))
+        return
+    source, axis, name = site.weight.const_value, site.reduction_axis, site.weight.name
+
+    def compute() -> ir.Tensor:
+        w = read_float32(source)  # external data through a map of its own, closed again
+        out = fn(w if axis == 0 else w.T)
+        return ir.tensor(np.ascontiguousarray(out if axis == 0 else out.T, dtype=np.float32), name=name)
+
+    site.weight.const_value = ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=source.shape, name=name)
 
 
 def _const(value: ir.Value) -> np.ndarray:

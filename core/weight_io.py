@@ -9,7 +9,8 @@ streamed a slice of stored rows (``_CHUNK_BYTES`` of float32) at a time:
   stay resident (a whole-tensor map keeps every page it touched while it lives);
 - a lazily widened float16 / bfloat16 constant from its narrow source, each slice widened to
   float32 as the whole would be (:mod:`lowbit.core.float_types`);
-- an in-memory array by slicing.
+- an in-memory array by slicing; a deferred rewrite (:func:`lowbit.core.folding.rewrite_weight_kn`)
+  computed once per call.
 
 Guarantees: every function returns exactly what its whole-array formulation returns (elementwise
 float32 products, exact maxima and gathers), in (K, N) orientation -- K the reduction axis --
@@ -17,6 +18,8 @@ whatever the stored layout.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -35,11 +38,18 @@ def _stored(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     return source if source is not None else tensor
 
 
-def _read(tensor: ir.TensorProtocol, rows: slice | np.ndarray) -> np.ndarray:
-    """Float32 copy of stored rows ``rows`` (a slice, or indices) of the 2-D ``tensor``."""
+def _row_reader(tensor: ir.TensorProtocol) -> Callable[[slice | np.ndarray], np.ndarray]:
+    """A function giving a float32 copy of stored rows (a slice, or indices) of the 2-D ``tensor``:
+    external bytes through a map of each read's own; anything else (in memory, or computed by a
+    deferred rewrite) from its array, computed once here."""
     source = _stored(tensor)
     if not isinstance(source, ir.ExternalTensor):
-        return np.array(source.numpy()[rows], dtype=np.float32)
+        array = source.numpy()
+        return lambda rows: np.array(array[rows], dtype=np.float32)
+    return lambda rows: _read_external(source, rows)
+
+
+def _read_external(source: ir.ExternalTensor, rows: slice | np.ndarray) -> np.ndarray:
     n_rows, n_cols = source.shape.numpy()
     if isinstance(rows, slice):  # map only the slice's bytes
         start, stop, _ = rows.indices(n_rows)
@@ -69,39 +79,39 @@ def _shape(site: LinearSite) -> tuple[int, int]:
 
 def row_absmax_kn(site: LinearSite) -> np.ndarray:
     """max |W| over output columns, per input channel: (K,) float32."""
-    tensor = site.weight.const_value
+    read = _row_reader(site.weight.const_value)
     rows, cols = _shape(site)
     if site.reduction_axis == 0:  # stored (K, N): one maximum per stored row
-        return np.concatenate([np.abs(_read(tensor, part)).max(axis=1) for part in _row_slices(rows, cols)])
+        return np.concatenate([np.abs(read(part)).max(axis=1) for part in _row_slices(rows, cols)])
     out = np.zeros(cols, np.float32)  # stored (N, K): the maximum over stored rows
     for part in _row_slices(rows, cols):
-        np.maximum(out, np.abs(_read(tensor, part)).max(axis=0), out=out)
+        np.maximum(out, np.abs(read(part)).max(axis=0), out=out)
     return out
 
 
 def column_sample_kn(site: LinearSite, columns: np.ndarray) -> np.ndarray:
     """W[:, columns] in (K, N) orientation: (K, len(columns)) float32."""
-    tensor = site.weight.const_value
+    read = _row_reader(site.weight.const_value)
     rows, cols = _shape(site)
     if site.reduction_axis == 1:  # stored (N, K): the columns are stored rows
-        return _read(tensor, np.asarray(columns)).T.copy()
-    return np.concatenate([_read(tensor, part)[:, columns] for part in _row_slices(rows, cols)])
+        return read(np.asarray(columns)).T.copy()
+    return np.concatenate([read(part)[:, columns] for part in _row_slices(rows, cols)])
 
 
 def transformed_stored(site: LinearSite, *, perm: np.ndarray | None = None, scale: np.ndarray | None = None) -> np.ndarray:
     """diag(scale) W[perm] (W in (K, N) orientation: ``perm`` reorders and ``scale`` multiplies
     input channels, either may be None) as a new float32 array in the weight's stored layout."""
-    tensor = site.weight.const_value
+    read = _row_reader(site.weight.const_value)
     rows, cols = _shape(site)
     out = np.empty((rows, cols), np.float32)
     scale32 = None if scale is None else np.asarray(scale, dtype=np.float32)
     for part in _row_slices(rows, cols):
         if site.reduction_axis == 0:  # stored (K, N): output rows are input channels
-            chunk = _read(tensor, part if perm is None else perm[part])
+            chunk = read(part if perm is None else perm[part])
             if scale32 is not None:
                 chunk *= scale32[part, None]
         else:  # stored (N, K): columns are input channels
-            chunk = _read(tensor, part)
+            chunk = read(part)
             if perm is not None:
                 chunk = chunk[:, perm]
             if scale32 is not None:

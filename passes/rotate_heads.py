@@ -23,7 +23,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.core.folding import FoldTarget, fold_target, set_weight_kn, weight_kn
+from lowbit.core.folding import FoldTarget, fold_target, rewrite_weight_kn
 from lowbit.core.pass_base import LowbitPass
 from lowbit.runtime_ext.hadamard import rotation
 
@@ -32,22 +32,30 @@ __all__ = ["RotateHeadsPass", "rotate_heads"]
 logger = logging.getLogger(__name__)
 
 
-def rotate_heads(target: FoldTarget, r: np.ndarray) -> None:
-    """V columns of every head -> V R, o_proj rows of every head -> R^T W (module doc)."""
+def rotate_heads(target: FoldTarget, r: np.ndarray, *, defer: bool = False) -> None:
+    """V columns of every head -> V R, o_proj rows of every head -> R^T W (module doc); ``defer``:
+    the weights' rewrites are deferred to their reads (:func:`lowbit.core.folding.rewrite_weight_kn`)."""
     hd = r.shape[0]
     cols = target.producer_columns or slice(None)  # a fused QKV: its V columns only
-    v = weight_kn(target.producer).astype(np.float64)
-    part = v[:, cols]
-    v[:, cols] = (part.reshape(part.shape[0], -1, hd) @ r).reshape(part.shape)
-    set_weight_kn(target.producer, v)
+
+    def rotate_v(w: np.ndarray) -> np.ndarray:
+        v = w.astype(np.float64)
+        part = v[:, cols]
+        v[:, cols] = (part.reshape(part.shape[0], -1, hd) @ r).reshape(part.shape)
+        return v
+
+    def rotate_o(w: np.ndarray) -> np.ndarray:
+        w = w.astype(np.float64)
+        return np.einsum("ji,hjn->hin", r, w.reshape(-1, hd, w.shape[1])).reshape(w.shape)
+
+    rewrite_weight_kn(target.producer, rotate_v, defer=defer)
     if target.producer_bias is not None:  # v_proj's bias (Qwen, BERT) is rotated with its columns
         b = target.producer_bias.const_value.numpy().astype(np.float64).copy()
         flat = b.reshape(-1)
         flat[cols] = (flat[cols].reshape(-1, hd) @ r).reshape(-1)
         target.producer_bias.const_value = ir.tensor(b.astype(np.float32), name=target.producer_bias.name)
     for site in target.group:
-        w = weight_kn(site).astype(np.float64)
-        set_weight_kn(site, np.einsum("ji,hjn->hin", r, w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
+        rewrite_weight_kn(site, rotate_o, defer=defer)
 
 
 class RotateHeadsPass(LowbitPass):
@@ -71,7 +79,7 @@ class RotateHeadsPass(LowbitPass):
                 skipped[group[0].name] = "o_proj channels do not map head to head"
                 continue
             rot = rotation(target.head_dim, self.ctx.recipe.rotate.seed)
-            rotate_heads(target, rot.matrix)
+            rotate_heads(target, rot.matrix, defer=self.ctx.defer_rewrites)
             self.ctx.release_rewritten()
             rotated, kind = rotated + 1, rot.kind
         report["heads"] = {"rotated_groups": rotated, "matrix": kind, "skipped": skipped}

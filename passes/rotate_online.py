@@ -30,7 +30,7 @@ import logging
 
 import onnx_ir as ir
 
-from lowbit.core.folding import set_weight_kn, weight_kn
+from lowbit.core.folding import rewrite_weight_kn
 from lowbit.core.initializers import add_initializer
 from lowbit.core.kv_sites import kv_inputs
 from lowbit.core.pass_base import LowbitPass
@@ -119,7 +119,7 @@ class RotateOnlinePass(LowbitPass):
             h = rotation(n, seed=None)  # H / sqrt(n), the op's transform; its products are fast
             for site in group:
                 site.node.replace_input_with(0, y)
-                set_weight_kn(site, h.left_t(weight_kn(site)))
+                rewrite_weight_kn(site, h.left_t, defer=self.ctx.defer_rewrites)
             rotated.append(group[0].name)
             self.ctx.release_rewritten()
 

@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.float_types import widened_source
-from lowbit.core.folding import SHAPE_ONLY_OPS, set_weight_kn, weight_kn
+from lowbit.core.folding import SHAPE_ONLY_OPS, rewrite_weight_kn
 from lowbit.core.initializers import add_initializer
 from lowbit.core.linear_sites import FLOAT_SITE_KEY, NORM_OPS, LinearSite, LinearSiteMap, matches_any, private_initializer
 from lowbit.core.pass_base import LowbitPass
@@ -190,13 +190,15 @@ TIED_BRIDGE_REASON = "R1's bridge to the tied LM head (Q^T diag(gamma) Q), kept 
 
 
 def rotate_stream(graph: ir.Graph, stream: ResidualStream, rot: Rotation, *, keep_tied: bool = False,
-                  after_each: Callable[[], None] = lambda: None) -> None:
+                  after_each: Callable[[], None] = lambda: None, defer: bool = False) -> None:
     """Apply h -> h Q to ``stream`` (module doc), Q = ``rot`` (products by Q through its fast
     transform, :class:`lowbit.runtime_ext.hadamard.Rotation`).
     ``keep_tied``: a tied head keeps reading the table, behind the float bridge B (module doc).
     ``after_each`` runs after each norm's readers and after each writer (a large model's compile
     spills the weights rewritten so far: ``CompileContext.release_rewritten``); vocabulary-sized
-    products are computed a chunk of rows at a time, so the float64 temporaries are a chunk's."""
+    products are computed a chunk of rows at a time, so the float64 temporaries are a chunk's.
+    ``defer``: the writers' and the block-sized readers' rewrites are deferred to their reads
+    (:func:`lowbit.core.folding.rewrite_weight_kn`); the table and a wide head are rotated now."""
     for norm, readers in stream.norms:
         gamma = norm.inputs[1].const_value.numpy().astype(np.float64)
         for site in readers:
@@ -211,11 +213,11 @@ def rotate_stream(graph: ir.Graph, stream: ResidualStream, rot: Rotation, *, kee
                 site.node.replace_input_with(1, add_initializer(graph, head, f"{stream.table.name}.rotated_head"))
                 del table, head  # a large model's maps and copies are released by after_each
             else:
-                _rotate_reader(site, gamma, rot)
+                _rotate_reader(site, gamma, rot, defer)
         norm.inputs[1].const_value = ir.tensor(np.ones_like(gamma, dtype=np.float32), name=norm.inputs[1].name)
         after_each()
     for site, bias in stream.writers:
-        set_weight_kn(site, rot.right(weight_kn(site)))
+        rewrite_weight_kn(site, rot.right, defer=defer)
         if bias is not None:
             bias.const_value = ir.tensor(rot.right(bias.const_value.numpy()).astype(np.float32), name=bias.name)
         after_each()
@@ -247,14 +249,14 @@ def _chunks(n: int) -> list[slice]:
 _SLICE_BYTES = 256 << 20  # float64 bytes of one product: an untied 8B head is 4 GB in float64
 
 
-def _rotate_reader(site: LinearSite, gamma: np.ndarray, rot: Rotation) -> None:
+def _rotate_reader(site: LinearSite, gamma: np.ndarray, rot: Rotation, defer: bool = False) -> None:
     """W -> Q^T diag(gamma) W, written in the weight's stored layout; a wide weight (an untied
     vocabulary head) a slice of output columns at a time, so the float64 temporaries are a
     slice's. Columns are independent, and a weight within one slice is computed as one product."""
     k, n = site.in_features, site.out_features
     width = max(1, _SLICE_BYTES // (8 * k))
     if n <= width:
-        set_weight_kn(site, rot.left_t(gamma[:, None] * weight_kn(site)))
+        rewrite_weight_kn(site, lambda w: rot.left_t(gamma[:, None] * w), defer=defer)
         return
     stored = _rows_of(site.weight.const_value)  # a float16 head is read as stored, not widened whole
     w = stored if site.reduction_axis == 0 else stored.T
@@ -296,7 +298,8 @@ class RotateResidualPass(LowbitPass):
         rot = rotation(stream.hidden, recipe.rotate.seed)
         keep_tied = bool(stream.tied) and recipe.sites.embeddings == "int8" and all(
             matches_any(s, recipe.sites.int8_weights) for s in stream.tied)
-        rotate_stream(model.graph, stream, rot, keep_tied=keep_tied, after_each=self.ctx.release_rewritten)
+        rotate_stream(model.graph, stream, rot, keep_tied=keep_tied, after_each=self.ctx.release_rewritten,
+                      defer=self.ctx.defer_rewrites)
         report["residual"] = {"rotated": True, "hidden": stream.hidden, "matrix": rot.kind,
                               "writers": len(stream.writers), "norms": len(stream.norms),
                               "readers": sum(len(r) for _, r in stream.norms),

@@ -74,23 +74,36 @@ def test_rotations_preserve_tiny_decoders(tiny_dirs, family):
     assert all(np.all(n.inputs[1].const_value.numpy() == 1) for n in norms)  # gammas folded away
 
 
-def test_rotations_of_a_large_model_spill_what_they_rewrite_as_they_go(tiny_dirs, tmp_path):
-    """With a spill (a model too large to hold twice), every weight a rotation rewrites is on disk
-    when the passes end -- none is held in memory -- and the function is the same."""
+def test_rotations_of_a_large_model_defer_or_spill_what_they_rewrite(tiny_dirs, tmp_path):
+    """With a spill (a model too large to hold twice), no weight a rotation rewrites is held in
+    memory when the passes end: the block weights' rewrites are deferred to their reads (nothing
+    on disk either: 32 GB of float32 at 8B) and give the eager rotations' bytes, the table is on
+    disk, and the function is the same."""
     import onnx_ir as ir
 
     from lowbit.core.tensor_spill import TensorSpill
 
-    model = load_onnx(tiny_dirs["llama"] / "model.onnx")
-    for p in canonicalize_passes():
-        p(model)
-    ctx = CompileContext(model, load_recipe("w4a8-dint4", list(ALL)))
-    ctx.spill = TensorSpill(tmp_path, min_bytes=1)
-    reference = ort_session(model)
-    for cls in (RotateResidualPass, RotateHeadsPass, RotateOnlinePass):
-        cls(ctx)(model)
-    weights = [s.weight for s in ctx.sites] + [model.graph.initializers["model.embed_tokens.weight"]]
-    assert all(isinstance(w.const_value, ir.ExternalTensor) and w.const_value.base_dir == tmp_path for w in weights)
+    def rotated(spill: bool):
+        model = load_onnx(tiny_dirs["llama"] / "model.onnx")
+        for p in canonicalize_passes():
+            p(model)
+        ctx = CompileContext(model, load_recipe("w4a8-dint4", list(ALL)))
+        if spill:
+            ctx.spill = TensorSpill(tmp_path, min_bytes=1)
+        reference = ort_session(model)
+        for cls in (RotateResidualPass, RotateHeadsPass, RotateOnlinePass):
+            cls(ctx)(model)
+        return ctx, model, reference
+
+    ctx, model, reference = rotated(spill=True)
+    assert ctx.defer_rewrites
+    table = model.graph.initializers["model.embed_tokens.weight"]
+    assert isinstance(table.const_value, ir.ExternalTensor) and table.const_value.base_dir == tmp_path
+    blocks = [s for s in ctx.sites if s.weight is not table]  # the tied head reads the table
+    assert len(blocks) == 14 and all(isinstance(s.weight.const_value, ir.LazyTensor) for s in blocks)
+    eager_ctx, eager, _ = rotated(spill=False)
+    for site, eager_site in zip(ctx.sites, eager_ctx.sites):
+        assert site.weight.const_value.tobytes() == eager_site.weight.const_value.tobytes(), site.name
     ids = np.arange(5, 29)[None]
     after = ort_session(model)
     assert _rel(reference.run(None, build_feeds(reference, ids))[0], after.run(None, build_feeds(after, ids))[0]) < RTOL
