@@ -247,16 +247,20 @@ def _chunks(n: int) -> list[slice]:
 
 
 _SLICE_BYTES = 256 << 20  # float64 bytes of one product: an untied 8B head is 4 GB in float64
+# A deferred rewrite is recomputed, whole, at every read: weights above this (a vocabulary head)
+# are rotated now and spilled once instead
+_DEFER_MAX_BYTES = 512 << 20
 
 
 def _rotate_reader(site: LinearSite, gamma: np.ndarray, rot: Rotation, defer: bool = False) -> None:
-    """W -> Q^T diag(gamma) W, written in the weight's stored layout; a wide weight (an untied
-    vocabulary head) a slice of output columns at a time, so the float64 temporaries are a
-    slice's. Columns are independent, and a weight within one slice is computed as one product."""
+    """W -> Q^T diag(gamma) W, written in the weight's stored layout; a wide weight (an 8B
+    gate/up_proj, an untied vocabulary head) a slice of output columns at a time, so the float64
+    temporaries are a slice's. Columns are independent, and a weight within one slice is computed
+    as one product. ``defer``: a weight up to ``_DEFER_MAX_BYTES`` is rewritten at its reads."""
     k, n = site.in_features, site.out_features
     width = max(1, _SLICE_BYTES // (8 * k))
-    if n <= width:
-        rewrite_weight_kn(site, lambda w: rot.left_t(gamma[:, None] * w), defer=defer)
+    if n <= width or (defer and 4 * k * n <= _DEFER_MAX_BYTES):
+        rewrite_weight_kn(site, lambda w: _rotated_columns(w, gamma, rot, width), defer=defer)
         return
     stored = _rows_of(site.weight.const_value)  # a float16 head is read as stored, not widened whole
     w = stored if site.reduction_axis == 0 else stored.T
@@ -270,6 +274,17 @@ def _rotate_reader(site: LinearSite, gamma: np.ndarray, rot: Rotation, defer: bo
             out[cols] = part.T
     del w, stored
     site.weight.const_value = ir.tensor(out, name=site.weight.name)
+
+
+def _rotated_columns(w: np.ndarray, gamma: np.ndarray, rot: Rotation, width: int) -> np.ndarray:
+    """Q^T diag(gamma) W of a (K, N) ``w``, ``width`` columns per product (one product when they fit)."""
+    if w.shape[1] <= width:
+        return rot.left_t(gamma[:, None] * w)
+    out = np.empty(w.shape, np.float32)
+    for start in range(0, w.shape[1], width):
+        cols = slice(start, start + width)
+        out[:, cols] = rot.left_t(gamma[:, None] * w[:, cols])
+    return out
 
 
 def _bridge(graph: ir.Graph, site: LinearSite, matrix: np.ndarray, name: str) -> None:

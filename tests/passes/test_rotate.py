@@ -74,14 +74,20 @@ def test_rotations_preserve_tiny_decoders(tiny_dirs, family):
     assert all(np.all(n.inputs[1].const_value.numpy() == 1) for n in norms)  # gammas folded away
 
 
-def test_rotations_of_a_large_model_defer_or_spill_what_they_rewrite(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_rotations_of_a_large_model_defer_or_spill_what_they_rewrite(tiny_dirs, tmp_path, sliced, monkeypatch):
     """With a spill (a model too large to hold twice), no weight a rotation rewrites is held in
     memory when the passes end: the block weights' rewrites are deferred to their reads (nothing
-    on disk either: 32 GB of float32 at 8B) and give the eager rotations' bytes, the table is on
+    on disk either: 32 GB of float32 at 8B) and give the eager rotations' bytes -- also where R1
+    rotates a wide reader a slice of columns at a time (an 8B gate/up_proj) --, the table is on
     disk, and the function is the same."""
     import onnx_ir as ir
 
     from lowbit.core.tensor_spill import TensorSpill
+    from lowbit.passes import rotate_residual
+
+    if sliced:
+        monkeypatch.setattr(rotate_residual, "_SLICE_BYTES", 8 * 64 * 40)  # 40 columns per product
 
     def rotated(spill: bool):
         model = load_onnx(tiny_dirs["llama"] / "model.onnx")
