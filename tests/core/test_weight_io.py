@@ -55,3 +55,39 @@ def test_streamed_reads_and_rewrites_equal_the_whole_array(kind, axis, tmp_path,
     np.testing.assert_array_equal(transformed_stored(site), stored)
     # every read mapped its own slice and closed it: no page of the file stays mapped
     assert "w.data" not in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_deferred_rewrites_compose_read_privately_and_are_computed_once_per_stream(axis, tmp_path, monkeypatch):
+    """rewrite_weight_kn(defer=True) twice gives the eager composition's bytes at every read, reads
+    an external source through a map of its own (none left open), and the streamed reads compute
+    a deferred weight once per call, not once per slice."""
+    from lowbit.core.folding import rewrite_weight_kn, weight_kn
+
+    rng = np.random.default_rng(7)
+    w_kn = rng.standard_normal((K, N)).astype(np.float32)
+    stored = w_kn if axis == 0 else w_kn.T
+    first, second = rng.standard_normal((K, K)), rng.uniform(0.5, 2.0, K)
+    calls = []
+
+    def rotate(w):
+        calls.append(1)
+        return first.T @ w
+
+    def site_of(tensor):
+        return LinearSite(node=None, weight=ir.Value(name="w", const_value=tensor), weight_path=(), reduction_axis=axis, name="w")
+
+    eager = site_of(ir.tensor(stored.copy(), name="w"))
+    rewrite_weight_kn(eager, rotate)
+    rewrite_weight_kn(eager, lambda w: second[:, None] * w)
+    deferred = site_of(_tensor("float32-external", stored, tmp_path))
+    rewrite_weight_kn(deferred, rotate, defer=True)
+    rewrite_weight_kn(deferred, lambda w: second[:, None] * w, defer=True)
+    assert isinstance(deferred.weight.const_value, ir.LazyTensor)
+    for _ in range(2):  # every read computes the same bytes
+        assert deferred.weight.const_value.tobytes() == eager.weight.const_value.tobytes()
+    assert "w.data" not in Path("/proc/self/maps").read_text()
+    calls.clear()
+    monkeypatch.setattr(weight_io, "_CHUNK_BYTES", 4 * N * 3)  # many slices
+    np.testing.assert_array_equal(row_absmax_kn(deferred), np.abs(weight_kn(eager)).max(axis=1))
+    assert len(calls) == 1
