@@ -32,6 +32,7 @@ reduction (input-channel) axis -- whatever the stored layout.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -150,14 +151,16 @@ def rewrite_weight_kn(site: LinearSite, fn: Callable[[np.ndarray], np.ndarray], 
     if not defer:
         set_weight_kn(site, fn(weight_kn(site)))
         return
-    source, axis, name = site.weight.const_value, site.reduction_axis, site.weight.name
-
-    def compute() -> ir.Tensor:
-        w = read_float32(source)  # external data through a map of its own, closed again
-        out = fn(w if axis == 0 else w.T)
-        return ir.tensor(np.ascontiguousarray(out if axis == 0 else out.T, dtype=np.float32), name=name)
-
+    source, name = site.weight.const_value, site.weight.name
+    # a partial over the source tensor: the scratch spill sees what a lazy constant still reads
+    compute = functools.partial(_rewritten, source, fn, site.reduction_axis, name)
     site.weight.const_value = ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=source.shape, name=name)
+
+
+def _rewritten(source: ir.TensorProtocol, fn: Callable[[np.ndarray], np.ndarray], axis: int, name: str) -> ir.Tensor:
+    w = read_float32(source)  # external data through a map of its own, closed again
+    out = fn(w if axis == 0 else w.T)
+    return ir.tensor(np.ascontiguousarray(out if axis == 0 else out.T, dtype=np.float32), name=name)
 
 
 def _const(value: ir.Value) -> np.ndarray:

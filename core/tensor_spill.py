@@ -6,11 +6,10 @@ After each block, :meth:`TensorSpill.spill` writes every in-memory initializer o
 data file and replaces it by an ``ir.ExternalTensor`` reading it back (memory-mapped, on demand),
 and :func:`drop_unused_initializers` removes the initializers no node reads any more (the float
 weights the codes replaced), releasing their memory maps; :func:`unmap_external` closes the maps
-that reading the kept ones left open. A spilled tensor that no initializer holds any more (dropped,
-or replaced by a later rewrite: the rotated weights a block's codes replaced) gives its disk space
-back at the next spill: its range of the file becomes a hole (Linux ``fallocate`` punch; elsewhere,
-or on a file system without holes, the file only grows). An 8B model's rotated float32 weights
-are 32 GB of scratch at first and shrink block by block.
+that reading the kept ones left open. A spilled tensor that no initializer holds any more, directly
+or as the source of a lazy constant (a ``functools.partial`` over it: a widened float16 weight, a
+deferred rewrite), gives its disk space back at the next spill: its range of the file becomes a hole
+(Linux ``fallocate`` punch; elsewhere, or on a file system without holes, the file only grows).
 
 Guarantees: tensor contents are unchanged (the bytes written are ``tobytes()``, read back with the
 same dtype and shape); the scratch file lives as long as the process (``lowbit.files.scratch``),
@@ -21,7 +20,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
+from collections.abc import Iterator
 import tempfile
 from pathlib import Path
 
@@ -74,8 +75,7 @@ class TensorSpill:
 
     def _reclaim(self, graph: ir.Graph) -> None:
         """Punch out the ranges of spilled tensors no initializer of ``graph`` holds any more."""
-        held = {tensor.offset for value in graph.initializers.values()
-                if isinstance(tensor := value.const_value, ir.ExternalTensor) and Path(tensor.path) == self.path}  # fmt: skip
+        held = {offset for value in graph.initializers.values() for offset in self._offsets(value.const_value)}
         dead = [offset for offset in self._live if offset not in held]
         if not dead:
             return
@@ -87,6 +87,15 @@ class TensorSpill:
                     self.reclaimed += length
         finally:
             os.close(fd)
+
+    def _offsets(self, tensor: ir.TensorProtocol | None) -> Iterator[int]:
+        """The offsets in this file that ``tensor`` reads, itself or through its lazy sources."""
+        if isinstance(tensor, ir.ExternalTensor):
+            if Path(tensor.path) == self.path:
+                yield tensor.offset
+        elif isinstance(tensor, ir.LazyTensor) and isinstance(tensor.raw, functools.partial):
+            for arg in tensor.raw.args:
+                yield from self._offsets(arg)
 
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02

@@ -48,3 +48,22 @@ def test_dead_spilled_ranges_become_holes_and_live_ones_read_back(tmp_path):
     assert spill.path.stat().st_size == size + nbytes  # offsets never move
     np.testing.assert_array_equal(graph.initializers["b"].const_value.numpy(), arrays["b"])
     np.testing.assert_array_equal(graph.initializers["a"].const_value.numpy(), arrays["a"] * 2)
+
+
+def test_a_spilled_tensor_read_by_a_lazy_constant_is_kept(tmp_path):
+    """A deferred rewrite over a spilled weight still reads it: its range is not punched out."""
+    from lowbit.core.folding import rewrite_weight_kn
+    from lowbit.core.linear_sites import LinearSite
+
+    array = np.random.default_rng(1).standard_normal((128, 256)).astype(np.float32)
+    value = ir.Value(name="w", const_value=ir.tensor(array, name="w"))
+    user = ir.node("Identity", [value])
+    graph = ir.Graph([], user.outputs, nodes=[user], name="g")
+    graph.register_initializer(value)
+    spill = TensorSpill(tmp_path, min_bytes=1)
+    assert spill.spill(graph) == 1
+    site = LinearSite(node=user, weight=value, weight_path=(), reduction_axis=0, name="w")
+    rewrite_weight_kn(site, lambda w: 2 * w, defer=True)
+    spill.spill(graph)
+    assert spill.reclaimed == 0
+    np.testing.assert_array_equal(value.const_value.numpy(), 2 * array)
