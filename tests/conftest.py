@@ -93,3 +93,21 @@ def optq_rounded(token_windows):
         return ctx, model
 
     return build
+
+
+@pytest.fixture
+def holes_supported(tmp_path) -> bool:
+    """Whether the temporary directory's file system frees a punched range (the spill's reclaim;
+    tmpfs, ext4 and xfs do)."""
+    import os
+
+    from lowbit.core import tensor_spill
+
+    probe = tmp_path / "hole-probe"
+    probe.write_bytes(b"\1" * (1 << 20))
+    fd = os.open(probe, os.O_WRONLY)
+    try:
+        return tensor_spill._punch_hole(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)
+        probe.unlink()

@@ -40,12 +40,12 @@ def _weights(model: ir.Model) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("recipe", ["w8a8-rptq", "w4a8-dint4", "w8a8-smooth", "w4a8-dint4@ort-cpu"])
-def test_blockwise_output_equals_whole_model_output(tiny_dir, recipe, monkeypatch):
+def test_blockwise_output_equals_whole_model_output(tiny_dir, recipe, monkeypatch, holes_supported):
     whole = _compile(tiny_dir, recipe, blockwise=False, monkeypatch=monkeypatch)
     block = _compile(tiny_dir, recipe, blockwise=True, monkeypatch=monkeypatch)
     assert "blockwise" not in whole.report and block.report["blockwise"]["segments"] > 4
-    if recipe.startswith("w4a8-dint4"):  # spilled tensors that later rewrites replaced were punched
-        assert block.report["blockwise"]["reclaimed_bytes"] > 0  # out of the file, and nothing read them since
+    if recipe.startswith("w4a8-dint4") and holes_supported:  # spilled tensors that later
+        assert block.report["blockwise"]["reclaimed_bytes"] > 0  # rewrites replaced were punched out, unread since
     assert _weights(block.model) == _weights(whole.model)
     assert Counter((n.domain, n.op_type) for n in block.model.graph) == Counter((n.domain, n.op_type) for n in whole.model.graph)
     for section in ("sites", "smooth", "reorder", "optq", "capture", "calibration", "slac", "ort_cpu", "merged_matmuls"):

@@ -4,26 +4,13 @@ out of the scratch file at the next spill, while the live ones still read back."
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.core import tensor_spill
 from lowbit.core.tensor_spill import TensorSpill, drop_unused_initializers
 
 
-def _holes_supported(directory) -> bool:
-    probe = directory / "probe"
-    probe.write_bytes(b"\1" * (1 << 20))
-    fd = os.open(probe, os.O_WRONLY)
-    try:
-        return tensor_spill._punch_hole(fd, 0, 1 << 20)
-    finally:
-        os.close(fd)
-
-
-def test_dead_spilled_ranges_become_holes_and_live_ones_read_back(tmp_path):
+def test_dead_spilled_ranges_become_holes_and_live_ones_read_back(tmp_path, holes_supported):
     rng = np.random.default_rng(0)
     arrays = {name: rng.standard_normal((256, 512)).astype(np.float32) for name in ("a", "b", "c")}
     values = {name: ir.Value(name=name, const_value=ir.tensor(array, name=name)) for name, array in arrays.items()}
@@ -39,7 +26,7 @@ def test_dead_spilled_ranges_become_holes_and_live_ones_read_back(tmp_path):
     assert drop_unused_initializers(graph) == 1
     assert spill.spill(graph) == 1  # the new "a"
     nbytes = arrays["b"].nbytes
-    if _holes_supported(tmp_path):
+    if holes_supported:
         assert spill.reclaimed == 2 * nbytes
         # two tensors' blocks freed, one appended (a block of slack at each unaligned edge)
         assert spill.path.stat().st_blocks * 512 <= blocks * 512 - nbytes + 4 * 4096
