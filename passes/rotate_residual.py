@@ -263,24 +263,20 @@ def _rotate_reader(site: LinearSite, gamma: np.ndarray, rot: Rotation, defer: bo
         rewrite_weight_kn(site, lambda w: _rotated_columns(w, gamma, rot, width), defer=defer)
         return
     stored = _rows_of(site.weight.const_value)  # a float16 head is read as stored, not widened whole
-    w = stored if site.reduction_axis == 0 else stored.T
-    out = np.empty(site.weight.const_value.shape, np.float32)
-    for start in range(0, n, width):
-        cols = slice(start, min(start + width, n))
-        part = rot.left_t(gamma[:, None] * w[:, cols])
-        if site.reduction_axis == 0:
-            out[:, cols] = part
-        else:
-            out[cols] = part.T
-    del w, stored
+    out = np.empty(site.weight.const_value.shape, np.float32)  # written in its stored layout
+    axis = site.reduction_axis
+    _rotated_columns(stored if axis == 0 else stored.T, gamma, rot, width, out if axis == 0 else out.T)
+    del stored
     site.weight.const_value = ir.tensor(out, name=site.weight.name)
 
 
-def _rotated_columns(w: np.ndarray, gamma: np.ndarray, rot: Rotation, width: int) -> np.ndarray:
-    """Q^T diag(gamma) W of a (K, N) ``w``, ``width`` columns per product (one product when they fit)."""
-    if w.shape[1] <= width:
+def _rotated_columns(w: np.ndarray, gamma: np.ndarray, rot: Rotation, width: int,
+                     out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Q^T diag(gamma) W of a (K, N) ``w``, ``width`` columns per product (one product when they
+    fit), into float32 ``out`` (K, N) when given (a transposed view writes the stored layout)."""
+    if w.shape[1] <= width and out is None:
         return rot.left_t(gamma[:, None] * w)
-    out = np.empty(w.shape, np.float32)
+    out = np.empty(w.shape, np.float32) if out is None else out
     for start in range(0, w.shape[1], width):
         cols = slice(start, start + width)
         out[:, cols] = rot.left_t(gamma[:, None] * w[:, cols])
