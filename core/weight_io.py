@@ -12,6 +12,9 @@ streamed a slice of stored rows (``_CHUNK_BYTES`` of float32) at a time:
 - an in-memory array by slicing; a deferred rewrite (:func:`lowbit.core.folding.rewrite_weight_kn`)
   computed once per call.
 
+:class:`KnColumns` reads a slice of output columns at a time, for a reader that works on column
+slices (OPTQ's rounding and refit of a head): only the pages holding those columns are touched.
+
 Guarantees: every function returns exactly what its whole-array formulation returns (elementwise
 float32 products, exact maxima and gathers), in (K, N) orientation -- K the reduction axis --
 whatever the stored layout.
@@ -19,7 +22,8 @@ whatever the stored layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -27,7 +31,7 @@ import onnx_ir as ir
 from lowbit.core.float_types import widened_source
 from lowbit.core.linear_sites import LinearSite
 
-__all__ = ["column_sample_kn", "row_absmax_kn", "transformed_stored"]
+__all__ = ["KnColumns", "column_sample_kn", "row_absmax_kn", "transformed_stored"]
 
 _CHUNK_BYTES = 64 << 20
 
@@ -38,18 +42,20 @@ def _stored(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     return source if source is not None else tensor
 
 
-def _row_reader(tensor: ir.TensorProtocol) -> Callable[[slice | np.ndarray], np.ndarray]:
-    """A function giving a float32 copy of stored rows (a slice, or indices) of the 2-D ``tensor``:
-    external bytes through a map of each read's own; anything else (in memory, or computed by a
-    deferred rewrite) from its array, computed once here."""
+def _row_reader(tensor: ir.TensorProtocol) -> Callable[..., np.ndarray]:
+    """A function ``read(rows, cols=slice(None))`` giving a float32 copy of stored rows (a slice,
+    or indices) of the 2-D ``tensor``, restricted to stored columns ``cols``: external bytes
+    through a map of each read's own (only the pages holding the selected elements are touched);
+    anything else (in memory, or computed by a deferred rewrite) from its array, computed once
+    here."""
     source = _stored(tensor)
     if not isinstance(source, ir.ExternalTensor):
         array = source.numpy()
-        return lambda rows: np.array(array[rows], dtype=np.float32)
-    return lambda rows: _read_external(source, rows)
+        return lambda rows, cols=slice(None): np.array(array[rows][:, cols], dtype=np.float32)
+    return lambda rows, cols=slice(None): _read_external(source, rows, cols)
 
 
-def _read_external(source: ir.ExternalTensor, rows: slice | np.ndarray) -> np.ndarray:
+def _read_external(source: ir.ExternalTensor, rows: slice | np.ndarray, cols: slice | np.ndarray) -> np.ndarray:
     n_rows, n_cols = source.shape.numpy()
     if isinstance(rows, slice):  # map only the slice's bytes
         start, stop, _ = rows.indices(n_rows)
@@ -57,12 +63,12 @@ def _read_external(source: ir.ExternalTensor, rows: slice | np.ndarray) -> np.nd
         view = ir.ExternalTensor(source.location, (source.offset or 0) + start * row_bytes, (stop - start) * row_bytes,
                                  source.dtype, shape=ir.Shape([stop - start, n_cols]), name=source.name,
                                  base_dir=source.base_dir)  # fmt: skip
-        rows = slice(None)
+        rows = slice(None, None, rows.step)
     else:
         view = ir.ExternalTensor(source.location, source.offset, source.length, source.dtype, shape=source.shape,
                                  name=source.name, base_dir=source.base_dir)  # fmt: skip
     try:
-        return np.array(view.numpy()[rows], dtype=np.float32)
+        return np.array(view.numpy()[rows][:, cols], dtype=np.float32)
     finally:
         view.release()
 
@@ -89,13 +95,60 @@ def row_absmax_kn(site: LinearSite) -> np.ndarray:
     return out
 
 
-def column_sample_kn(site: LinearSite, columns: np.ndarray) -> np.ndarray:
+def column_sample_kn(site: LinearSite, columns: slice | np.ndarray) -> np.ndarray:
     """W[:, columns] in (K, N) orientation: (K, len(columns)) float32."""
-    read = _row_reader(site.weight.const_value)
-    rows, cols = _shape(site)
-    if site.reduction_axis == 1:  # stored (N, K): the columns are stored rows
-        return read(np.asarray(columns)).T.copy()
-    return np.concatenate([read(part)[:, columns] for part in _row_slices(rows, cols)])
+    return _columns_kn(_row_reader(site.weight.const_value), site.reduction_axis, columns)
+
+
+def _columns_kn(read: Callable[..., np.ndarray], axis: int, columns: slice | np.ndarray) -> np.ndarray:
+    if axis == 1:  # stored (N, K): the columns are stored rows
+        return read(columns).T.copy()
+    return read(slice(None), columns)
+
+
+class KnColumns:
+    """The (K, N) weight of sites reading one input, their output columns side by side, read a
+    slice of columns at a time: ``w[:, cols]`` (a slice or indices) is a new float32 array, and
+    nothing of the weight is held between reads -- a vocabulary head's mapped pages, or its
+    widened float32 copy, would be 1-2 GB beside the work on it. (A weight computed by a deferred
+    rewrite is computed once, here, and held while this object lives.) ``digest`` identifies the
+    elements, whatever their storage."""
+
+    def __init__(self, sites: Sequence[LinearSite]) -> None:
+        self._reads = [(_row_reader(s.weight.const_value), s.reduction_axis, _shape(s)) for s in sites]
+        self._offsets = np.cumsum([0] + [s.out_features for s in sites])
+        self.shape = (sites[0].in_features, int(self._offsets[-1]))
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: tuple[slice, slice | np.ndarray]) -> np.ndarray:
+        rows, cols = key
+        if rows != slice(None):
+            raise IndexError("KnColumns reads whole columns: w[:, cols]")
+        if isinstance(cols, slice) and cols.step in (None, 1):
+            start, stop, _ = cols.indices(self.shape[1])
+            parts = [(read, axis, slice(max(start, o0) - o0, min(stop, o1) - o0))
+                     for (read, axis, _), o0, o1 in zip(self._reads, self._offsets, self._offsets[1:]) if start < o1 and stop > o0]  # fmt: skip
+        else:
+            picked = np.arange(self.shape[1])[cols]
+            site_of = np.searchsorted(self._offsets, picked, side="right") - 1
+            parts, runs = [], np.flatnonzero(np.diff(site_of)) + 1  # runs of one site, in order
+            for run in np.split(np.arange(len(picked)), runs):
+                if len(run):
+                    i = site_of[run[0]]
+                    parts.append((self._reads[i][0], self._reads[i][1], picked[run] - self._offsets[i]))
+        if not parts:
+            return np.empty((self.shape[0], 0), np.float32)
+        pieces = [_columns_kn(read, axis, c) for read, axis, c in parts]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
+
+    def digest(self) -> str:
+        """A hash of the float32 elements, read a slice of stored rows at a time."""
+        h = hashlib.blake2b(digest_size=20)
+        for read, axis, (rows, cols) in self._reads:
+            h.update(f"{axis}{rows}x{cols}".encode())
+            for part in _row_slices(rows, cols):
+                h.update(read(part).tobytes())
+        return h.hexdigest()
 
 
 def transformed_stored(site: LinearSite, *, perm: np.ndarray | None = None, scale: np.ndarray | None = None) -> np.ndarray:

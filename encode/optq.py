@@ -30,6 +30,9 @@ Speed: the algorithm is K sequential steps per problem, so the cost was numpy ca
   problem's refit runs in column slices side by side, and report and encoding per problem. The
   work is partitioned by the problem's shape, never by the thread count or the batch, so the
   result does not depend on either.
+- Memory: a problem's weight is read a slice of output columns at a time
+  (:class:`lowbit.core.weight_io.KnColumns`) and never held whole, so a vocabulary head costs its
+  float32 codes and one slice's float64 copy, not its mapped or widened pages as well.
 
 The result equals the plain numpy formulation kept in ``tests/encode/test_optq.py`` (the first
 implementation; ~2000 s for SmolLM2 where this takes ~100 s on the same loaded machine): same codes and scales on synthetic problems and on a real SmolLM2
@@ -57,9 +60,9 @@ from lowbit.core.linear_sites import selected_sites
 from lowbit.core.pass_base import LowbitPass
 from lowbit.core.resume import code_digest, content_key
 from lowbit.core.statistics import SITE_CAPTURE, permute_symmetric
+from lowbit.core.weight_io import KnColumns
 from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
-from lowbit.core.folding import weight_kn
 from lowbit.encode.optq_kernel import element_kind, optq_batch, rtn_round
 from lowbit.encode.scale_refit import refit_block_scales
 
@@ -73,6 +76,7 @@ _BATCH_BYTES = 384 << 20  # float64 weights and inverse-Hessian factors stepped 
 # float64 weights of one step through the columns (a wider problem -- an 8B down_proj, a head -- is
 # stepped in slices of columns; the slice's updates and codes scale with it)
 _SLICE_BYTES = 128 << 20
+_READ_BYTES = 16 << 20  # float32 columns of a problem's weight read at a time into its float64 copy
 # the code whose results the resume store keeps (rounding, refit, formats): a change misses
 _CODE = code_digest("lowbit.encode", "lowbit.formats")
 _THREADS = os.cpu_count() or 1  # problems factored, updated and refit side by side, one BLAS thread each
@@ -165,14 +169,19 @@ def _factor(hessian: np.ndarray, damp: float, order: bool, u_out: np.ndarray) ->
     return perm, dead
 
 
-def _columns(w_kn: np.ndarray, perm: np.ndarray, dead: np.ndarray, cols: slice, out: np.ndarray) -> None:
+def _columns(w_kn: np.ndarray | KnColumns, perm: np.ndarray, dead: np.ndarray, cols: slice, out: np.ndarray) -> None:
     """Write the problem's float64 weights of output columns ``cols`` (rows in ``perm`` order, dead
-    rows zero) into ``out``."""
-    out[...] = w_kn[perm, cols]
+    rows zero) into ``out``, read a narrow slice of columns at a time (a streamed weight's float32
+    copies stay small)."""
+    k = out.shape[0]
+    start, stop, _ = cols.indices(w_kn.shape[1])
+    step = max(1, _READ_BYTES // (4 * k))
+    for c in range(start, stop, step):
+        out[:, c - start:min(c + step, stop) - start] = w_kn[:, c:min(c + step, stop)][perm]
     out[dead, :] = 0.0
 
 
-def optq_round_batch(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str, block: int | None, *,
+def optq_round_batch(weights: list[np.ndarray | KnColumns], hessians: list[np.ndarray], fmt: str, block: int | None, *,
                      damp: float = 0.01, scale_method: str = "absmax", act_order: bool = False,
                      ) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     """:func:`optq_round` of P problems of one shape (K, N), stepped together."""
@@ -181,7 +190,7 @@ def optq_round_batch(weights: list[np.ndarray], hessians: list[np.ndarray], fmt:
     return [(q, scale) for q, scale, _ in results]
 
 
-def _optq_solve(weights: list[np.ndarray], hessians: list[np.ndarray], fmt: str, block: int | None, *,
+def _optq_solve(weights: list[np.ndarray | KnColumns], hessians: list[np.ndarray], fmt: str, block: int | None, *,
                 damp: float, scale_method: str, act_order: bool, consume: bool = False,
                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
     """(rounded weights, scales, proxy error per output column) of each problem. The proxy error
@@ -321,9 +330,8 @@ class OptqPass(LowbitPass):
         with tqdm(total=sum(len(b) for b in batches), desc="OPTQ", unit="group", leave=False, disable=None) as bar, \
                 threadpool_limits(1, user_api="blas"):
             for batch in batches:
-                for problem in batch:  # one site (a head): its weight as it is, no concatenated copy
-                    sites = problem[0]
-                    problem[1] = weight_kn(sites[0]) if len(sites) == 1 else np.concatenate([weight_kn(s) for s in sites], axis=1)
+                for problem in batch:  # read a slice of columns at a time: no whole copy of a head
+                    problem[1] = KnColumns(problem[0])
                 # Still one BLAS thread for a batch of one problem (one block of a block-wise
                 # compile): on two threads OpenBLAS's Haswell kernels give other bits (measured: a
                 # 576 x 576 Cholesky; the tiny decoder's lm_head refit), and the rounding must not
@@ -349,8 +357,8 @@ class OptqPass(LowbitPass):
             todo = []
             for problem in batch:
                 sites, w, capture = problem
-                key = content_key("optq", settings, [(s.name, s.out_features, s.reduction_axis) for s in sites], w,
-                                  capture.hessian)  # fmt: skip
+                key = content_key("optq", settings, [(s.name, s.out_features, s.reduction_axis) for s in sites],
+                                  w.digest(), capture.hessian)  # fmt: skip
                 stored = memo.load(key)
                 if stored is None:
                     keys[id(problem)] = key

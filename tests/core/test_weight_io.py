@@ -91,3 +91,58 @@ def test_deferred_rewrites_compose_read_privately_and_are_computed_once_per_stre
     monkeypatch.setattr(weight_io, "_CHUNK_BYTES", 4 * N * 3)  # many slices
     np.testing.assert_array_equal(row_absmax_kn(deferred), np.abs(weight_kn(eager)).max(axis=1))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,), (0, 1, 0)])
+def test_kn_columns_reads_sites_side_by_side_and_digests_the_elements(axes, tmp_path, monkeypatch):
+    """KnColumns of sites reading one input (each stored in either layout, external, lazily
+    widened or in memory) gives w[:, cols] of their side-by-side (K, N) concatenation for slices
+    across site boundaries and for index arrays, holds no map open, reads a deferred rewrite once,
+    and its digest depends on the elements only: the same for every storage, another for a change."""
+    from lowbit.core.folding import rewrite_weight_kn
+
+    monkeypatch.setattr(float_types, "LAZY_BYTES", 0)
+    monkeypatch.setattr(weight_io, "_CHUNK_BYTES", 4 * 40 * 3)
+    rng = np.random.default_rng(len(axes))
+    widths = [N, 5, 11][: len(axes)]
+    parts = [rng.standard_normal((K, n)).astype(np.float16).astype(np.float32) for n in widths]
+    whole = np.concatenate(parts, axis=1)
+
+    def sites(kind: str) -> list[LinearSite]:
+        out = []
+        for i, (axis, w_kn) in enumerate(zip(axes, parts)):
+            directory = tmp_path / f"{kind}{i}"
+            directory.mkdir(exist_ok=True)
+            tensor = _tensor(kind, w_kn if axis == 0 else w_kn.T, directory)
+            out.append(LinearSite(node=None, weight=ir.Value(name=f"w{i}", const_value=tensor), weight_path=(),
+                                  reduction_axis=axis, name=f"w{i}"))  # fmt: skip
+        return out
+
+    digests = set()
+    for kind in ("memory", "float32-external", "float16-lazy"):
+        w = weight_io.KnColumns(sites(kind))
+        assert w.shape == whole.shape
+        for cols in (slice(None), slice(3, N + 4), slice(N - 1, N), slice(7, 7), np.array([whole.shape[1] - 1, 0, N - 1, 1, N - 2])):
+            got = w[:, cols]
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, whole[:, cols])
+        digests.add(w.digest())
+        assert "w.data" not in Path("/proc/self/maps").read_text()
+    assert len(digests) == 1
+    changed = sites("memory")
+    changed[-1].weight.const_value.numpy()[0, 0] += 1.0
+    assert weight_io.KnColumns(changed).digest() not in digests
+
+    deferred, calls = sites("float32-external"), []
+
+    def negate(w):
+        calls.append(1)
+        return -w
+
+    rewrite_weight_kn(deferred[0], negate, defer=True)
+    w = weight_io.KnColumns(deferred)
+    for cols in (slice(0, 4), slice(None), np.array([2, 1])):
+        expected = whole[:, cols].copy()
+        expected[:, np.arange(whole.shape[1])[cols] < N] *= -1
+        np.testing.assert_array_equal(w[:, cols], expected)
+    assert len(calls) == 1
