@@ -8,18 +8,22 @@ Process-wide duties of the command line: bad input (:class:`LowbitError`) become
 stderr and exit code 2, with control characters from model-controlled text (file and tensor
 names) escaped; SIGTERM and SIGHUP unwind like SIGINT (exit 128 + signal number), so every
 ``finally`` and the scratch directory's removal run; Python's temporary files go into this run's
-scratch directory (:mod:`lowbit.files.scratch`).
+scratch directory (:mod:`lowbit.files.scratch`). A signal that stops the program's own run (not an
+in-process call with its arguments given) while a worker thread is inside a native call it cannot
+stop (:mod:`lowbit.core.workers`) exits once the exit handlers have run, without waiting for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import logging
 import os
 import signal
 import sys
 import tempfile
+import threading
 
 from lowbit.errors import LowbitError, printable
 
@@ -69,6 +73,19 @@ def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+def _exit_past_busy_workers(code: int) -> None:
+    """Exit with ``code`` now if a worker thread is still running (a LAPACK factor of an 8B
+    model's down_proj is a minute): the interpreter would join it before its exit handlers. They
+    run here first, as on a normal exit (the scratch directory's removal, a swap's cleanup)."""
+    main_thread = threading.main_thread()
+    if not any(t.is_alive() and not t.daemon and t is not main_thread for t in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()  # noqa: SLF001 -- the documented handlers, run before os._exit skips them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class _PrintableFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return printable(super().format(record))
@@ -78,6 +95,7 @@ def main(argv: list[str] | None = None, *, commands: dict[str, tuple[str, str]] 
          prog: str = "lowbit", description: str | None = None) -> int:  # fmt: skip
     """Run one command of ``commands`` (name -> (module, help)) with the process-wide duties of
     the module doc; the ``lowbit-bench`` command (bench/cli.py) runs its own commands through it."""
+    owns_process = argv is None  # the program's own run, not an in-process call
     argv = sys.argv[1:] if argv is None else argv
     # Import only the chosen command's module (cheap --help, no torch for `compile`).
     chosen = next((a for a in argv if a in commands), None)
@@ -102,6 +120,8 @@ def main(argv: list[str] | None = None, *, commands: dict[str, tuple[str, str]] 
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         print(f"{prog} {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        if owns_process:
+            _exit_past_busy_workers(128 + signum)
         return 128 + signum
     except BrokenPipeError:  # `lowbit recipes | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -61,6 +61,7 @@ from lowbit.core.pass_base import LowbitPass
 from lowbit.core.resume import code_digest, content_key
 from lowbit.core.statistics import SITE_CAPTURE, permute_symmetric
 from lowbit.core.weight_io import KnColumns
+from lowbit.core.workers import call_on, worker_pool
 from lowbit.errors import LowbitError
 from lowbit.formats.choosers import search_ratios
 from lowbit.encode.optq_kernel import element_kind, optq_batch, rtn_round
@@ -213,13 +214,13 @@ def _optq_solve(weights: list[np.ndarray | KnColumns], hessians: list[np.ndarray
     # output columns round independently given H: a wide problem (a vocabulary-sized head) is
     # stepped in slices of columns, so its float64 copy stays within the batch budget
     width = max(1, min(n, _SLICE_BYTES // (8 * k * n_prob)))
-    with ThreadPoolExecutor(_THREADS) as pool:  # LAPACK and BLAS release the GIL
+    with worker_pool(_THREADS) as pool:  # LAPACK and BLAS release the GIL
         order = act_order and block is None
         if k >= _THREADED_FACTOR_MIN:  # one problem at a time, on a fixed number of BLAS threads
             with threadpool_limits(_FACTOR_THREADS, user_api="blas"):
                 factored = []
                 for p in range(n_prob):
-                    factored.append(_factor(sources[p], damp, order, u[p]))
+                    factored.append(call_on(pool, _factor, sources[p], damp, order, u[p]))  # a signal stops the wait
                     if not own:
                         hessians[p] = hessians[p].astype(np.float32)
         else:
@@ -415,7 +416,7 @@ class OptqPass(LowbitPass):
 
         # BLAS threads as the caller set them (one): each problem's refit in column slices side by
         # side (a block-wise compile's batch is one problem), then the problems' reports and codes
-        with ThreadPoolExecutor(_THREADS) as pool:
+        with worker_pool(_THREADS) as pool:
             if rspec.refit_scales:
                 results = [refit_block_scales(w, q, scale, capture.hessian, rspec.damp, block, err, pool=pool)
                            for (_, w, capture), (q, scale, err) in zip(batch, results)]  # fmt: skip

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,6 +43,7 @@ from lowbit.core.statistics import ACTIVATION_STATS, SITE_CAPTURE, transform_cha
 from lowbit.encode.activations import activation_qparams, dynamic_fake_quant, dynamic_group_qmax, dynamic_group_size
 from lowbit.core.folding import FoldTarget, fold_target
 from lowbit.core.weight_io import column_sample_kn, row_absmax_kn
+from lowbit.core.workers import worker_pool
 from lowbit.core.linear_sites import matches_any
 from lowbit.encode.optq_kernel import element_kind, rtn_round
 
@@ -196,7 +196,7 @@ class SmoothPass(LowbitPass):
             out = xs @ (_fake_weights(ws, wspec) if use_w else ws)
             return float(np.sum((out - ref).astype(np.float64) ** 2)) / norm
 
-        with ThreadPoolExecutor(_THREADS) as pool:
+        with worker_pool(_THREADS) as pool:
             errors = list(pool.map(error, [s for _, s in distinct]))
         best = 0
         for i in range(1, len(distinct)):
