@@ -37,7 +37,10 @@ __all__ = ["refit_block_scales"]
 
 _RIDGE = 1e-6
 _SLICE_BYTES = 256 << 20  # float64 normal equations held at once (8B's head: 128256 columns x 128 blocks)
-_COLUMN_BYTES = 256 << 20  # one (K, columns) float32 temporary (SmolLM2's 576 x 49152 head: 113 MB, one slice)
+# one (K, columns) float32 temporary; a slice makes about six, and two slices run side by side
+# (a 3B head's refit at 256 MB held 2 GB of them). SmolLM2's 576 x 49152 head (113 MB) is split
+# in two by _MIN_SLICES either way, so its scales do not depend on this.
+_COLUMN_BYTES = 64 << 20
 # Every problem is refit in at least this many column slices, run side by side on the caller's
 # pool. A constant, not the thread count: float32 products of a subset of columns round
 # differently from the whole product, so the partition must depend on the problem's shape only
