@@ -85,8 +85,9 @@ class CompileContext:
 
     def release_rewritten(self) -> None:
         """Within a model-wide rewrite of a large model (rotations), after each piece of it (a
-        layer, a group): the weights rewritten so far go to the scratch file and the memory maps
-        reading left open are closed. Does nothing when the model is held in memory (no ``spill``)."""
+        layer, a group), and before a pass that reads weights a slice at a time (OPTQ): the
+        weights rewritten so far go to the scratch file and the memory maps reading left open are
+        closed. Does nothing when the model is held in memory (no ``spill``)."""
         if self.spill is not None:
             self.spill.spill(self.model.graph)
             unmap_external(self.model.graph)

@@ -312,6 +312,10 @@ class OptqPass(LowbitPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         recipe = self.ctx.recipe
         captures = self.ctx.analyses.get(SITE_CAPTURE)  # the recipe was checked: symmetric int/dint weights
+        # A large model's weights that earlier passes rewrote in memory (smoothed, permuted) go to
+        # the scratch file first: the problems read them a slice at a time from there, so an 8B
+        # head permuted by the reorder is not 2.1 GB of float32 beside its own codes.
+        self.ctx.release_rewritten()
         # one problem per input group (its sites' columns side by side), batched by shape
         by_shape: dict[tuple[int, int], list[list]] = defaultdict(list)
         for group in self.ctx.sites.input_groups():

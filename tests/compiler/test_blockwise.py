@@ -73,6 +73,23 @@ def test_blockwise_spills_and_drops_as_it_goes(tiny_dir, tmp_path, monkeypatch):
     assert np.isfinite(logits).all()
 
 
+def test_optq_reads_rewritten_weights_from_the_spill_file(tiny_dir, monkeypatch):
+    """Block by block, the weights that smoothing or the reorder rewrote in memory are spilled
+    before OPTQ, which then reads them a slice at a time: none is an in-memory array there."""
+    from lowbit.encode import optq
+
+    kinds = []
+
+    class Recording(optq.KnColumns):
+        def __init__(self, sites):
+            kinds.extend(type(s.weight.const_value).__name__ for s in sites)
+            super().__init__(sites)
+
+    monkeypatch.setattr(optq, "KnColumns", Recording)
+    _compile(tiny_dir, "w8a8-rptq", blockwise=True, monkeypatch=monkeypatch)
+    assert kinds and set(kinds) <= {"ExternalTensor", "LazyTensor"}
+
+
 def test_recipe_with_a_model_wide_step_runs_whole(tiny_dir, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         compiled = _compile(tiny_dir, "fgmp-nvfp4-fp8", blockwise=True, monkeypatch=monkeypatch)
