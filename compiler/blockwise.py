@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from lowbit.core.analyses import WEIGHT_ENCODINGS
 from lowbit.core.context import CompileContext
+from lowbit.core.folding import materialize_deferred
 from lowbit.core.pass_base import LowbitPass
 from lowbit.core.statistics import SITE_CAPTURE
 from lowbit.core.tensor_spill import TensorSpill, drop_unused_initializers, unmap_external
@@ -65,7 +66,7 @@ class BlockwisePass(LowbitPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         seconds: dict[str, float] = defaultdict(float)
         spill = self.ctx.spill or TensorSpill(run_dir())
-        blocks = {"segments": 0, "dropped_initializers": 0, "peak_block_sites": 0}
+        blocks = {"segments": 0, "dropped_initializers": 0, "peak_block_sites": 0, "materialized_bytes": 0}
         rss: list[int] = []  # resident memory after each block, MB: flat when memory is bounded
 
         def each(run: SubgraphRun) -> None:
@@ -73,6 +74,9 @@ class BlockwisePass(LowbitPass):
             try:
                 # names now: a site reads its node's current input, which emission replaces
                 sites = [(site.name, site.input.name) for site in self.ctx.sites]
+                # deferred rotations computed once for the block's several reads; OPTQ spills
+                # them before its own (lowbit.encode.optq), so they do not add to its peak
+                blocks["materialized_bytes"] += materialize_deferred(list(self.ctx.sites))
                 for p in self.inner:
                     start = time.perf_counter()
                     p(model)  # a LowbitPass: marks the structural analyses stale when it edits

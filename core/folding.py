@@ -43,7 +43,8 @@ from lowbit.core.float_types import read_float32
 from lowbit.core.linear_sites import ELEMENTWISE_OPS, LinearSite, output_bias, private_initializer
 from lowbit.core.weight_io import transformed_stored
 
-__all__ = ["SHAPE_ONLY_OPS", "FoldTarget", "fold_target", "producer_permutation", "set_weight_kn", "weight_kn"]
+__all__ = ["SHAPE_ONLY_OPS", "FoldTarget", "fold_target", "materialize_deferred", "producer_permutation", "set_weight_kn",
+           "weight_kn"]
 
 
 @dataclass
@@ -155,6 +156,20 @@ def rewrite_weight_kn(site: LinearSite, fn: Callable[[np.ndarray], np.ndarray], 
     # a partial over the source tensor: the scratch spill sees what a lazy constant still reads
     compute = functools.partial(_rewritten, source, fn, site.reduction_axis, name)
     site.weight.const_value = ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=source.shape, name=name)
+
+
+def materialize_deferred(sites: list[LinearSite]) -> int:
+    """Compute the deferred rewrites of ``sites``' weights once, now, into memory; returns the
+    bytes made. A block's passes read each weight several times (smoothing's statistics, sample
+    and fold, the reorder, OPTQ) and every read of a deferred weight recomputes its rotations
+    (smoothing a 4-layer 8B took 185 s where eager rotations took 44)."""
+    made = 0
+    for site in sites:
+        tensor = site.weight.const_value
+        if isinstance(tensor, ir.LazyTensor) and getattr(tensor.raw, "func", None) is _rewritten:
+            site.weight.const_value = tensor.raw()
+            made += site.weight.const_value.nbytes
+    return made
 
 
 def _rewritten(source: ir.TensorProtocol, fn: Callable[[np.ndarray], np.ndarray], axis: int, name: str) -> ir.Tensor:

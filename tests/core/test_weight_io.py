@@ -146,3 +146,24 @@ def test_kn_columns_reads_sites_side_by_side_and_digests_the_elements(axes, tmp_
         expected[:, np.arange(whole.shape[1])[cols] < N] *= -1
         np.testing.assert_array_equal(w[:, cols], expected)
     assert len(calls) == 1
+
+
+def test_materialize_deferred_computes_only_deferred_rewrites_with_their_bytes(tmp_path, monkeypatch):
+    from lowbit.core.folding import materialize_deferred, rewrite_weight_kn
+
+    monkeypatch.setattr(float_types, "LAZY_BYTES", 0)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((K, N)).astype(np.float16).astype(np.float32)
+    sites = []
+    for i, kind in enumerate(["float32-external", "float16-lazy", "memory"]):
+        (tmp_path / kind).mkdir()
+        tensor = _tensor(kind, w, tmp_path / kind)
+        sites.append(LinearSite(node=None, weight=ir.Value(name=f"w{i}", const_value=tensor), weight_path=(),
+                                reduction_axis=0, name=f"w{i}"))  # fmt: skip
+    rewrite_weight_kn(sites[0], lambda x: 2 * x, defer=True)
+    deferred_bytes = sites[0].weight.const_value.tobytes()
+    untouched = [s.weight.const_value for s in sites[1:]]
+    assert materialize_deferred(sites) == K * N * 4
+    assert isinstance(sites[0].weight.const_value, ir.Tensor)
+    assert sites[0].weight.const_value.tobytes() == deferred_bytes
+    assert [s.weight.const_value for s in sites[1:]] == untouched  # a widened source stays lazy
