@@ -31,7 +31,7 @@ import onnx_ir as ir
 from lowbit.core.float_types import widened_source
 from lowbit.core.linear_sites import LinearSite
 
-__all__ = ["KnColumns", "column_sample_kn", "row_absmax_kn", "transformed_stored"]
+__all__ = ["KnColumns", "StoredSlices", "column_sample_kn", "row_absmax_kn", "transformed_stored"]
 
 _CHUNK_BYTES = 64 << 20
 
@@ -149,6 +149,34 @@ class KnColumns:
             for part in _row_slices(rows, cols):
                 h.update(read(part).tobytes())
         return h.hexdigest()
+
+
+class StoredSlices:
+    """A site's weight in its stored layout, for readers that go along its output channels
+    (:func:`lowbit.formats.encode_sliced`): ``shape``, and basic slices as float32 copies --
+    ``w[i:j]`` of a stored (N, K) weight, ``w[:, i:j]`` of a stored (K, N) one -- read as
+    :class:`KnColumns` reads them."""
+
+    def __init__(self, site: LinearSite) -> None:
+        self._columns, self._axis = KnColumns([site]), site.reduction_axis
+        self.shape = _shape(site)
+
+    def __getitem__(self, key: slice | tuple[slice, slice]) -> np.ndarray:
+        if self._axis == 0:  # stored (K, N): output channels are stored columns
+            return self._columns[key]
+        if not isinstance(key, slice):
+            raise IndexError("a stored (N, K) weight is sliced along its rows: w[i:j]")
+        return self._columns[:, key].T
+
+    def output_slices(self, max_bytes: int = _CHUNK_BYTES) -> list[slice]:
+        """Output-channel slices of about ``max_bytes`` of float32 each."""
+        n, k = (self.shape[1], self.shape[0]) if self._axis == 0 else self.shape
+        step = max(1, max_bytes // (4 * max(1, k)))
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def output_slice(self, cols: slice) -> np.ndarray:
+        """Output channels ``cols`` in the stored layout."""
+        return self[:, cols] if self._axis == 0 else self[cols]
 
 
 def transformed_stored(site: LinearSite, *, perm: np.ndarray | None = None, scale: np.ndarray | None = None) -> np.ndarray:

@@ -30,13 +30,13 @@ from lowbit.core.context import CompileContext
 from lowbit.core.pass_base import LowbitPass
 from lowbit.core.folding import weight_kn
 from lowbit.core.linear_sites import LinearSite, matches_any, selected_sites
+from lowbit.core.weight_io import StoredSlices
 from lowbit.errors import LowbitError
 
 __all__ = ["EncodeWeightsPass", "encode_weights", "power_of_two", "transposed"]
 
 logger = logging.getLogger(__name__)
 
-_CHECK_ROWS = 8192  # rows per NaN/Inf check: a boolean temporary of a slice, not of the weight
 
 def power_of_two(scale: np.ndarray, mode: str) -> np.ndarray:
     """``scale`` rounded to powers of two: ``ceil`` (up), ``nearest`` (in log2), ``none``."""
@@ -60,8 +60,9 @@ def transposed(enc: formats.Encoded) -> formats.Encoded:
 def _rtn(ctx: CompileContext, site: LinearSite) -> formats.Encoded:
     recipe = ctx.recipe
     wspec = recipe.weights
-    w = site.weight.const_value.numpy()
-    bad = sum(int((~np.isfinite(w[i:i + _CHECK_ROWS])).sum()) for i in range(0, len(w), _CHECK_ROWS))
+    # read a slice of output channels at a time: an 8B vocabulary head is 2.1 GB in float32
+    w = StoredSlices(site)
+    bad = sum(int((~np.isfinite(w.output_slice(cols))).sum()) for cols in w.output_slices())
     if bad:
         raise LowbitError(f"weight {site.name} has {bad} NaN/Inf values")
     if recipe.target == "npu":  # symmetric per output channel of the (K, N) matrix
@@ -70,7 +71,7 @@ def _rtn(ctx: CompileContext, site: LinearSite) -> formats.Encoded:
         scale = power_of_two(scale, recipe.npu.power_of_two_scales)
         enc = formats.encode(w_kn, wspec.format, axis=0, scale=scale)
         return enc if site.reduction_axis == 0 else transposed(enc)
-    # a slice of output channels at a time (the same codes): a 1-8B vocabulary head is 1-2 GB
+    # a slice of output channels at a time (the same codes as one call)
     if matches_any(site, recipe.sites.int8_weights):  # one scale per output channel, as the w8 recipe
         return formats.encode_sliced(w, "int8", axis=site.reduction_axis, symmetric=True, scale_method="absmax")
     block = formats.get_format(wspec.format).block_size(wspec.block_size)

@@ -135,31 +135,38 @@ def encode(x: np.ndarray, fmt: str, axis: int | None = -1, block_size: int | Non
                    blocking.from_blocks(codes_b), lay.scale, lay.global_scale, lay.zero_point)
 
 
-def encode_sliced(x: np.ndarray, fmt: str, axis: int, block_size: int | None = None, *,
+def encode_sliced(x: Any, fmt: str, axis: int, block_size: int | None = None, *,
                   slice_bytes: int = 64 << 20, **kwargs: Any) -> Encoded:
     """:func:`encode` of a 2-D ``x`` blocked along ``axis``, a slice of the other axis at a time.
 
     Every block (and every scale the chooser fits) lies inside one row of the other axis, so the
     codes and scales are those of one call, while the float temporaries are a slice's (about
-    ``slice_bytes`` of ``x``) instead of several copies of a vocabulary-sized head. NVFP4, whose
+    ``slice_bytes`` of ``x``) instead of several copies of a vocabulary-sized head. ``x`` is an
+    array, or any object with a ``shape`` whose basic slices along the other axis (``x[i:j]`` or
+    ``x[:, i:j]``) are arrays -- a weight read a slice at a time, never held whole. NVFP4, whose
     per-tensor global scale depends on the whole tensor, is encoded in one call."""
-    x = np.asarray(x)
-    if x.ndim != 2 or axis not in (0, 1, -1, -2):
-        raise LowbitError(f"{fmt}: encode_sliced takes a 2-D tensor blocked along one of its axes, got {x.shape}")
+    if not hasattr(x, "shape"):
+        x = np.asarray(x)
+    if len(x.shape) != 2 or axis not in (0, 1, -1, -2):
+        raise LowbitError(f"{fmt}: encode_sliced takes a 2-D tensor blocked along one of its axes, got {tuple(x.shape)}")
     axis %= 2
     other = 1 - axis
+
+    def take(i: int, j: int) -> np.ndarray:
+        return np.asarray(x[i:j] if other == 0 else x[:, i:j])
+
     step = max(1, slice_bytes // max(1, x.shape[axis] * 4))
     if step >= x.shape[other] or get_format(fmt).scale_kind is ScaleKind.NVFP4:
-        return encode(x, fmt, axis, block_size, **kwargs)
+        return encode(take(0, x.shape[other]), fmt, axis, block_size, **kwargs)
     # arrays laid out along the other axis (weighted_mse's weights, explicit scales and zero
     # points in the scale layout) are sliced with x; anything else is passed as it is
     sliced = {key: np.asarray(kwargs.pop(key)) for key in ("weights", "scale", "zero_point") if kwargs.get(key) is not None}
     parts = []
     for i in range(0, x.shape[other], step):
-        rows = range(i, min(i + step, x.shape[other]))
-        pieces = {key: np.take(a, rows, axis=other) if a.ndim == 2 and a.shape[other] == x.shape[other] else a
+        j = min(i + step, x.shape[other])
+        pieces = {key: np.take(a, range(i, j), axis=other) if a.ndim == 2 and a.shape[other] == x.shape[other] else a
                   for key, a in sliced.items()}  # fmt: skip
-        parts.append(encode(np.take(x, rows, axis=other), fmt, axis, block_size, **pieces, **kwargs))
+        parts.append(encode(take(i, j), fmt, axis, block_size, **pieces, **kwargs))
     first = parts[0]
     zero_point = None if first.zero_point is None else np.concatenate([e.zero_point for e in parts], axis=other)
     return Encoded(first.fmt, tuple(x.shape), first.axis, first.block_size,

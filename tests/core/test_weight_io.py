@@ -167,3 +167,30 @@ def test_materialize_deferred_computes_only_deferred_rewrites_with_their_bytes(t
     assert isinstance(sites[0].weight.const_value, ir.Tensor)
     assert sites[0].weight.const_value.tobytes() == deferred_bytes
     assert [s.weight.const_value for s in sites[1:]] == untouched  # a widened source stays lazy
+
+
+@pytest.mark.parametrize("kind", ["memory", "float32-external", "float16-lazy"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_stored_slices_encode_as_the_whole_array(kind, axis, tmp_path, monkeypatch):
+    """encode_sliced reading a StoredSlices (never the whole weight) gives the codes and scales of
+    the stored array, in many slices; the output-channel slices cover the weight once."""
+    from lowbit import formats
+
+    monkeypatch.setattr(float_types, "LAZY_BYTES", 0)
+    rng = np.random.default_rng(axis)
+    w_kn = rng.standard_normal((K, N)).astype(np.float16).astype(np.float32)
+    stored = w_kn if axis == 0 else w_kn.T
+    site = LinearSite(node=None, weight=ir.Value(name="w", const_value=_tensor(kind, stored, tmp_path)), weight_path=(),
+                      reduction_axis=axis, name="w")  # fmt: skip
+    w = weight_io.StoredSlices(site)
+    assert w.shape == stored.shape
+    slices = w.output_slices(max_bytes=4 * K * 5)
+    assert len(slices) == -(-N // 5)
+    whole = np.concatenate([w.output_slice(c) for c in slices], axis=1 - axis)
+    np.testing.assert_array_equal(whole, stored)
+    for fmt, block in (("int8", None), ("int4", 8)):
+        got = formats.encode_sliced(w, fmt, axis=axis, block_size=block, slice_bytes=4 * K * 3)
+        want = formats.encode(stored, fmt, axis=axis, block_size=block)
+        np.testing.assert_array_equal(got.codes, want.codes)
+        np.testing.assert_array_equal(got.scale, want.scale)
+    assert "w.data" not in Path("/proc/self/maps").read_text()
