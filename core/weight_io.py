@@ -5,15 +5,17 @@ A vocabulary head is the one weight larger than a block (Llama-3-8B's untied hea
 costs whole float32 copies beside the memory-mapped pages of its source. Here a 2-D weight is
 streamed a slice of stored rows (``_CHUNK_BYTES`` of float32) at a time:
 
-- external data through a memory map of each slice's own, closed again, so read pages do not
-  stay resident (a whole-tensor map keeps every page it touched while it lives);
+- external data by positioned reads into fresh arrays, never a memory map, so nothing read stays
+  resident or counts as this process's memory (a whole-tensor map keeps every page it touched
+  while it lives, and a strided read through one touches every page of a wide weight);
 - a lazily widened float16 / bfloat16 constant from its narrow source, each slice widened to
   float32 as the whole would be (:mod:`lowbit.core.float_types`);
 - an in-memory array by slicing; a deferred rewrite (:func:`lowbit.core.folding.rewrite_weight_kn`)
   computed once per call.
 
 :class:`KnColumns` reads a slice of output columns at a time, for a reader that works on column
-slices (OPTQ's rounding and refit of a head): only the pages holding those columns are touched.
+slices (OPTQ's rounding and refit of a head); :class:`StoredSlices` along the output channels in
+the stored layout (the encoding of a head).
 
 Guarantees: every function returns exactly what its whole-array formulation returns (elementwise
 float32 products, exact maxima and gathers), in (K, N) orientation -- K the reduction axis --
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.float_types import widened_source
 from lowbit.core.linear_sites import LinearSite
+from lowbit.errors import LowbitError
 
 __all__ = ["KnColumns", "StoredSlices", "column_sample_kn", "row_absmax_kn", "transformed_stored"]
 
@@ -44,10 +48,9 @@ def _stored(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
 
 def _row_reader(tensor: ir.TensorProtocol) -> Callable[..., np.ndarray]:
     """A function ``read(rows, cols=slice(None))`` giving a float32 copy of stored rows (a slice,
-    or indices) of the 2-D ``tensor``, restricted to stored columns ``cols``: external bytes
-    through a map of each read's own (only the pages holding the selected elements are touched);
-    anything else (in memory, or computed by a deferred rewrite) from its array, computed once
-    here."""
+    or indices) of the 2-D ``tensor``, restricted to stored columns ``cols``: external bytes by
+    positioned reads (:func:`_read_external`); anything else (in memory, or computed by a
+    deferred rewrite) from its array, computed once here."""
     source = _stored(tensor)
     if not isinstance(source, ir.ExternalTensor):
         array = source.numpy()
@@ -56,21 +59,51 @@ def _row_reader(tensor: ir.TensorProtocol) -> Callable[..., np.ndarray]:
 
 
 def _read_external(source: ir.ExternalTensor, rows: slice | np.ndarray, cols: slice | np.ndarray) -> np.ndarray:
-    n_rows, n_cols = source.shape.numpy()
-    if isinstance(rows, slice):  # map only the slice's bytes
-        start, stop, _ = rows.indices(n_rows)
-        row_bytes = n_cols * int(source.dtype.itemsize)
-        view = ir.ExternalTensor(source.location, (source.offset or 0) + start * row_bytes, (stop - start) * row_bytes,
-                                 source.dtype, shape=ir.Shape([stop - start, n_cols]), name=source.name,
-                                 base_dir=source.base_dir)  # fmt: skip
-        rows = slice(None, None, rows.step)
+    """Stored rows ``rows``, columns ``cols`` of an external 2-D tensor as a new float32 array, read
+    with positioned reads into fresh arrays. No memory map: a map's touched pages count as this
+    process's memory while it lives, and a strided read faults in whole pages around every row (a
+    128-column sample of an 8B head mapped all of its 2.1 GB). Each row is read over the span of
+    its selected columns; a contiguous run of whole rows in pieces of ``_CHUNK_BYTES``."""
+    n_rows, n_cols = (int(d) for d in source.shape.numpy())
+    dtype = np.dtype(source.dtype.numpy()).newbyteorder("<")
+    item, base = dtype.itemsize, int(source.offset or 0)
+    row_ids = np.arange(n_rows)[rows]
+    if isinstance(cols, slice) and cols.step in (None, 1):
+        c0, c1, _ = cols.indices(n_cols)
+        picked = None
+        out = np.empty((len(row_ids), max(0, c1 - c0)), np.float32)
     else:
-        view = ir.ExternalTensor(source.location, source.offset, source.length, source.dtype, shape=source.shape,
-                                 name=source.name, base_dir=source.base_dir)  # fmt: skip
-    try:
-        return np.array(view.numpy()[rows][:, cols], dtype=np.float32)
-    finally:
-        view.release()
+        picked = np.arange(n_cols)[cols]
+        c0, c1 = (int(picked.min()), int(picked.max()) + 1) if len(picked) else (0, 0)
+        picked = picked - c0
+        out = np.empty((len(row_ids), len(picked)), np.float32)
+    if out.size == 0:
+        return out
+    with open(source.path, "rb", buffering=0) as f:
+        if picked is None and (c0, c1) == (0, n_cols) and np.all(np.diff(row_ids) == 1):
+            step = max(1, _CHUNK_BYTES // (n_cols * item))
+            for i in range(0, len(row_ids), step):
+                chunk = np.empty((min(step, len(row_ids) - i), n_cols), dtype)
+                _read_into(f, chunk, base + int(row_ids[i]) * n_cols * item)
+                out[i:i + len(chunk)] = chunk
+            return out
+        span = np.empty(c1 - c0, dtype)
+        for i, r in enumerate(row_ids):
+            _read_into(f, span, base + (int(r) * n_cols + c0) * item)
+            out[i] = span if picked is None else span[picked]
+    return out
+
+
+def _read_into(f, array: np.ndarray, offset: int) -> None:
+    """Fill the contiguous ``array`` with the bytes of ``f`` at ``offset``."""
+    view = memoryview(array).cast("B")
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise LowbitError(f"external data {Path(f.name).name}: ends before byte {offset + len(view)}")
+        done += n
 
 
 def _row_slices(n_rows: int, n_cols: int) -> list[slice]:

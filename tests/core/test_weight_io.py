@@ -194,3 +194,15 @@ def test_stored_slices_encode_as_the_whole_array(kind, axis, tmp_path, monkeypat
         np.testing.assert_array_equal(got.codes, want.codes)
         np.testing.assert_array_equal(got.scale, want.scale)
     assert "w.data" not in Path("/proc/self/maps").read_text()
+
+
+def test_external_data_shorter_than_its_tensor_is_one_error(tmp_path):
+    from lowbit.errors import LowbitError
+
+    stored = np.ones((K, N), np.float32)
+    tensor = _tensor("float32-external", stored, tmp_path)
+    with open(tmp_path / "w.data", "r+b") as f:
+        f.truncate(100 + stored.nbytes - 8)
+    site = LinearSite(node=None, weight=ir.Value(name="w", const_value=tensor), weight_path=(), reduction_axis=0, name="w")
+    with pytest.raises(LowbitError, match="w.data: ends before byte"):
+        weight_io.KnColumns([site])[:, np.array([0, N - 1])]
