@@ -76,7 +76,11 @@ class BlockwisePass(LowbitPass):
                 sites = [(site.name, site.input.name) for site in self.ctx.sites]
                 # deferred rotations computed once for the block's several reads; OPTQ spills
                 # them before its own (lowbit.encode.optq), so they do not add to its peak
-                blocks["materialized_bytes"] += materialize_deferred(list(self.ctx.sites))
+                start = time.perf_counter()
+                made = materialize_deferred(list(self.ctx.sites))
+                if made:  # timed apart from the observation it would otherwise be counted in
+                    blocks["materialized_bytes"] += made
+                    seconds["MaterializeDeferred"] += time.perf_counter() - start
                 for p in self.inner:
                     start = time.perf_counter()
                     p(model)  # a LowbitPass: marks the structural analyses stale when it edits

@@ -61,7 +61,7 @@ def test_blockwise_spills_and_drops_as_it_goes(tiny_dir, tmp_path, monkeypatch):
     assert info["dropped_initializers"] >= 7 * 2 and info["spilled_bytes"] > 0
     assert info["materialized_bytes"] > 0  # deferred rotations, computed once per block
     assert len(info["resident_mb"]) == info["segments"]
-    assert set(info["passes"]) == {"SmoothPass", "ReorderPass", "OptqPass", "EncodeWeightsPass", "EmitQDQPass"}
+    assert set(info["passes"]) == {"MaterializeDeferred", "SmoothPass", "ReorderPass", "OptqPass", "EncodeWeightsPass", "EmitQDQPass"}
     in_memory = [n for n, v in compiled.model.graph.initializers.items()
                  if not isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes >= 64 << 10]  # fmt: skip
     # codes and scales went to the spill file as each block finished; the int8 embedding's row
