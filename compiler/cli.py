@@ -80,7 +80,7 @@ def _exit_past_busy_workers(code: int) -> None:
     main_thread = threading.main_thread()
     if not any(t.is_alive() and not t.daemon and t is not main_thread for t in threading.enumerate()):
         return
-    atexit._run_exitfuncs()  # noqa: SLF001 -- the documented handlers, run before os._exit skips them
+    atexit._run_exitfuncs()  # noqa: SLF001 -- CPython's private runner of the registered handlers, which os._exit skips
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

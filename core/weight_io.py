@@ -106,8 +106,8 @@ def _read_into(f, array: np.ndarray, offset: int) -> None:
         done += n
 
 
-def _row_slices(n_rows: int, n_cols: int) -> list[slice]:
-    step = max(1, _CHUNK_BYTES // (4 * max(1, n_cols)))
+def _row_slices(n_rows: int, n_cols: int, max_bytes: int = _CHUNK_BYTES) -> list[slice]:
+    step = max(1, max_bytes // (4 * max(1, n_cols)))
     return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
 
 
@@ -204,8 +204,7 @@ class StoredSlices:
     def output_slices(self, max_bytes: int = _CHUNK_BYTES) -> list[slice]:
         """Output-channel slices of about ``max_bytes`` of float32 each."""
         n, k = (self.shape[1], self.shape[0]) if self._axis == 0 else self.shape
-        step = max(1, max_bytes // (4 * max(1, k)))
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+        return _row_slices(n, k, max_bytes)  # output channels are rows of the (N, K) view
 
     def output_slice(self, cols: slice) -> np.ndarray:
         """Output channels ``cols`` in the stored layout."""
